@@ -1,0 +1,202 @@
+//! The agent's main loop: open the datapath, wait for the desired state, reconcile, then follow
+//! every change until told to stop. Stopping leaves the datapath as it is: pinned programs and
+//! maps keep forwarding until the next agent takes them over.
+
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    time::Instant,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    datapath::{self, Datapath, PinDir, Uplink, XdpPreference},
+    desired::{Desired, Dirty},
+    model::Update,
+    netlink::Netlink,
+    reconcile::Reconciler,
+    sandbox::Sandboxes,
+    source::{Source, Status},
+};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub host: String,
+    pub uplink: String,
+    pub vtep: Ipv4Addr,
+    pub pins: PinDir,
+    pub state_dir: PathBuf,
+    pub netns_prefix: String,
+    pub xdp: XdpPreference,
+    pub debug_drops: bool,
+    /// How often to look at everything again (repairs drift nobody reported).
+    pub resync: Duration,
+}
+
+/// Most updates applied before reconciling, so a burst becomes one pass.
+const BATCH: usize = 4096;
+/// First delay before retrying what failed; doubles up to RETRY_MAX.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Reads the uplink's ifindex, MAC and MTU.
+pub async fn uplink(nl: &Netlink, name: &str) -> anyhow::Result<Uplink> {
+    let link = nl.require_link(name).await.with_context(|| format!("uplink {name}"))?;
+    Ok(Uplink { name: link.name, ifindex: link.index, mac: link.mac, mtu: link.mtu, kind: link.kind })
+}
+
+pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
+    let nl = Netlink::current()?;
+    let uplink = uplink(&nl, &cfg.uplink).await?;
+    let mut dp = Datapath::open(&datapath::Options {
+        pins: cfg.pins.clone(),
+        uplink: uplink.clone(),
+        vtep: cfg.vtep,
+        xdp: cfg.xdp,
+        debug_drops: cfg.debug_drops,
+    })?;
+    if dp.xdp {
+        if let Ok(Some(link)) = nl.link(&uplink.name).await {
+            info!(uplink = %uplink.name, mode = ?link.xdp, "XDP attached");
+        }
+        // Decapsulated frames are merged by the uplink's GRO before TC delivers them.
+        match crate::netlink::ethtool::enable_gro(&uplink.name) {
+            Ok(true) => {
+                info!(uplink = %uplink.name, "turned GRO on: XDP passes decapsulated frames up for GRO to merge")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn!(uplink = %uplink.name, error = %e, "cannot turn GRO on; decapsulated TCP will not be merged")
+            }
+        }
+    }
+    spawn_bpf_logger(&mut dp);
+    let sandboxes = Sandboxes::open(&cfg.state_dir, &cfg.netns_prefix)?;
+    let mut rec = Reconciler::new(&cfg.host, dp, nl, sandboxes)?;
+
+    let (update_tx, mut updates) = mpsc::channel::<Update>(BATCH);
+    let (status_tx, status_rx) = mpsc::channel::<Status>(BATCH);
+    let mut source_task = tokio::spawn(source.run(update_tx, status_rx));
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+
+    let mut desired = Desired::default();
+    // Nothing is reconciled before the first snapshot: an agent that cannot reach its store
+    // at startup keeps the datapath it found instead of tearing it down.
+    let mut started = false;
+    let mut retry = Dirty::default();
+    let mut retry_delay = RETRY_MIN;
+    let mut retry_at: Option<Instant> = None;
+    let mut resync = tokio::time::interval(cfg.resync);
+    resync.tick().await;
+
+    loop {
+        let mut dirty = Dirty::default();
+        tokio::select! {
+            update = updates.recv() => {
+                let Some(update) = update else {
+                    // The source ended: surface its error.
+                    return match (&mut source_task).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(e.context("desired-state source failed")),
+                        Err(e) => Err(anyhow::anyhow!("desired-state source panicked: {e}")),
+                    };
+                };
+                let snapshot = matches!(update, Update::Snapshot(_));
+                desired.apply(update, &mut dirty);
+                while dirty_len(&dirty) < BATCH {
+                    match updates.try_recv() {
+                        Ok(update) => desired.apply(update, &mut dirty),
+                        Err(_) => break,
+                    }
+                }
+                if !started {
+                    if !snapshot {
+                        warn!("updates before the first snapshot; waiting for it");
+                        continue;
+                    }
+                    started = true;
+                    dirty.full = true;
+                    info!(
+                        networks = desired.state.networks.len(),
+                        endpoints = desired.state.endpoints.len(),
+                        hosts = desired.state.hosts.len(),
+                        "desired state loaded"
+                    );
+                }
+            }
+            _ = sleep_until(retry_at) => {
+                dirty = std::mem::take(&mut retry);
+                retry_at = None;
+            }
+            _ = resync.tick(), if started => dirty.full = true,
+            _ = sigterm.recv() => { info!("SIGTERM: stopping, the datapath keeps forwarding"); return Ok(()) }
+            _ = sigint.recv() => { info!("SIGINT: stopping, the datapath keeps forwarding"); return Ok(()) }
+        }
+        if dirty.is_empty() {
+            continue;
+        }
+        let started_at = Instant::now();
+        let full = dirty.full;
+        let outcome = rec.reconcile(&desired, dirty).await;
+        if full {
+            info!(
+                took_ms = started_at.elapsed().as_millis() as u64,
+                map_endpoints = rec.endpoint_entries(),
+                "full reconcile done"
+            );
+        }
+        for status in outcome.status {
+            if status_tx.send(status).await.is_err() {
+                error!("the source stopped taking status reports");
+                break;
+            }
+        }
+        if outcome.retry.is_empty() {
+            retry_delay = RETRY_MIN;
+        } else {
+            retry.merge(outcome.retry);
+            retry_at = Some(Instant::now() + retry_delay);
+            retry_delay = (retry_delay * 2).min(RETRY_MAX);
+        }
+    }
+}
+
+fn dirty_len(d: &Dirty) -> usize {
+    d.networks.len() + d.endpoints.len() + d.containers.len() + d.hosts.len()
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Forwards the programs' aya-log records (rare events, and drops when debug logging is on)
+/// into the agent's log.
+fn spawn_bpf_logger(dp: &mut Datapath) {
+    let logger = match aya_log::EbpfLogger::init(&mut dp.ebpf) {
+        Ok(logger) => logger,
+        Err(e) => {
+            warn!(error = %e, "eBPF log forwarding unavailable");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        // SAFETY: the logger owns its ring buffer's fd and keeps it open for as long as the
+        // AsyncFd owns the logger.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let Ok(mut fd) = registered else { return };
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else { return };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

@@ -1,0 +1,171 @@
+//! overlay-agent: the privileged per-host service that makes the overlay real on its host.
+//!
+//! `overlay-agent run` is the long-running service (one per host, DaemonSet style);
+//! `overlay-agent stats` prints a host's datapath counters from its pinned maps, agent or not.
+
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use overlay_agent::{
+    agent,
+    datapath::{PinDir, XdpPreference, counters, maps, pins},
+    netlink::netns,
+    sandbox,
+    source::file::FileSource,
+};
+
+#[derive(Parser)]
+#[command(name = "overlay-agent", version, about = "eBPF VXLAN overlay agent")]
+struct Cli {
+    /// Log format.
+    #[arg(long, env = "OVERLAY_LOG_FORMAT", default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent.
+    Run(Run),
+    /// Print a host's datapath counters (packets and bytes per direction, drops per reason).
+    Stats {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a host's pinned datapath (stops its forwarding; for decommissioning).
+    Reset {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// (internal) Hold a sandbox namespace open: the long-running process of a container.
+    #[command(hide = true)]
+    Hold { netns: PathBuf },
+}
+
+/// Which host's pins to read.
+#[derive(clap::Args)]
+struct Target {
+    /// Host name (selects the default pin directory).
+    #[arg(long, env = "OVERLAY_HOST")]
+    host: Option<String>,
+    /// Pin directory (overrides --host).
+    #[arg(long, env = "OVERLAY_PIN_DIR")]
+    pin_dir: Option<PathBuf>,
+}
+
+impl Target {
+    fn pins(&self) -> anyhow::Result<PinDir> {
+        match (&self.pin_dir, &self.host) {
+            (Some(dir), _) => Ok(PinDir::new(dir)),
+            (None, Some(host)) => Ok(PinDir::new(pins::default_dir(host))),
+            (None, None) => anyhow::bail!("say which host: --host NAME or --pin-dir DIR"),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct Run {
+    /// This host's name, unique among hosts.
+    #[arg(long, env = "OVERLAY_HOST")]
+    host: String,
+    /// The interface VXLAN leaves and arrives on.
+    #[arg(long, env = "OVERLAY_UPLINK")]
+    uplink: String,
+    /// This host's VTEP: the underlay IPv4 address of the uplink.
+    #[arg(long, env = "OVERLAY_VTEP")]
+    vtep: Ipv4Addr,
+    /// Where to pin maps and attachments [default: /sys/fs/bpf/overlay/<host>].
+    #[arg(long, env = "OVERLAY_PIN_DIR")]
+    pin_dir: Option<PathBuf>,
+    /// Where the agent records what it owns [default: /run/overlay/<host>].
+    #[arg(long, env = "OVERLAY_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Prefix of the sandbox namespaces the agent creates (/run/netns/<prefix><container>).
+    #[arg(long, env = "OVERLAY_NETNS_PREFIX", default_value = "ovl-")]
+    netns_prefix: String,
+    /// XDP on the uplink.
+    #[arg(long, env = "OVERLAY_XDP_MODE", value_enum, default_value = "auto")]
+    xdp_mode: XdpPreference,
+    /// Log every dropped packet (through aya-log; costs a log record per drop).
+    #[arg(long, env = "OVERLAY_DEBUG_DROPS")]
+    debug_drops: bool,
+    /// Desired state from a JSON file (networks, endpoints, containers, hosts).
+    #[arg(long, env = "OVERLAY_STATE_FILE")]
+    state_file: PathBuf,
+    /// Seconds between full reconciles.
+    #[arg(long, env = "OVERLAY_RESYNC_SECS", default_value_t = 60)]
+    resync_secs: u64,
+    /// Run inside this network namespace (a path, or a name under /run/netns): how a host is
+    /// simulated by a namespace.
+    #[arg(long, env = "OVERLAY_NETNS")]
+    netns: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Run(run) => {
+            // Before any thread exists: every thread the runtime starts inherits the namespace.
+            if let Some(ns) = &run.netns {
+                let path = if ns.contains('/') { PathBuf::from(ns) } else { netns::named(ns) };
+                let file = netns::open(&path)?;
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .with_context(|| format!("entering {}", path.display()))?;
+            }
+            let cfg = agent::Config {
+                pins: PinDir::new(run.pin_dir.clone().unwrap_or_else(|| pins::default_dir(&run.host))),
+                state_dir: run
+                    .state_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/run/overlay").join(&run.host)),
+                host: run.host,
+                uplink: run.uplink,
+                vtep: run.vtep,
+                netns_prefix: run.netns_prefix,
+                xdp: run.xdp_mode,
+                debug_drops: run.debug_drops,
+                resync: Duration::from_secs(run.resync_secs.max(1)),
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(agent::run(cfg, FileSource::new(run.state_file)))
+        }
+        Command::Stats { target, json } => {
+            let stats = maps::open_stats(&target.pins()?)?;
+            let totals = maps::read_stats(&stats)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&counters::json(&totals))?);
+            } else {
+                print!("{}", counters::table(&totals));
+            }
+            Ok(())
+        }
+        Command::Reset { target } => {
+            let pins = target.pins()?;
+            pins.remove_all().with_context(|| format!("removing {}", pins.root().display()))
+        }
+        Command::Hold { netns } => sandbox::hold(&netns),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OVERLAY_LOG")
+        // netlink-packet-route warns about every attribute newer kernels add; not our concern.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

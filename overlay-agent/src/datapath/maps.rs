@@ -1,0 +1,101 @@
+//! Typed handles on the pinned maps, and the check that a pinned map has the layout this build
+//! expects before the agent writes a byte into it.
+
+use std::mem::size_of;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
+};
+use overlay_common::{
+    maps::{
+        Config, Counter, Endpoint, EndpointKey, Iface, MAP_CONFIG, MAP_ENDPOINTS, MAP_IFACES, MAP_NETWORKS,
+        MAP_PEERS, MAP_STATS, Network, PINNED_MAPS, Peer, PeerKey,
+    },
+    stats::STATS_LEN,
+};
+
+use super::{Error, pins::PinDir};
+
+pub struct Maps {
+    pub endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+    pub ifaces: HashMap<MapData, u32, Iface>,
+    pub peers: HashMap<MapData, PeerKey, Peer>,
+    pub networks: HashMap<MapData, u32, Network>,
+    pub config: Array<MapData, Config>,
+    pub stats: PerCpuArray<MapData, Counter>,
+}
+
+/// Key and value sizes of each pinned map, as this build lays them out.
+fn expected_layout(name: &str) -> (usize, usize) {
+    match name {
+        MAP_ENDPOINTS => (size_of::<EndpointKey>(), size_of::<Endpoint>()),
+        MAP_IFACES => (size_of::<u32>(), size_of::<Iface>()),
+        MAP_PEERS => (size_of::<PeerKey>(), size_of::<Peer>()),
+        MAP_NETWORKS => (size_of::<u32>(), size_of::<Network>()),
+        MAP_CONFIG => (size_of::<u32>(), size_of::<Config>()),
+        MAP_STATS => (size_of::<u32>(), size_of::<Counter>()),
+        _ => unreachable!("not one of PINNED_MAPS: {name}"),
+    }
+}
+
+/// Refuses to reuse a pinned map whose layout differs from this build's: writing today's
+/// structs into yesterday's map would corrupt what the running programs read.
+pub fn check_pinned(pins: &PinDir) -> Result<(), Error> {
+    for name in PINNED_MAPS {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path).map_err(|e| Error::Map(name, e))?;
+        let (key, value) = expected_layout(name);
+        if info.key_size() as usize != key || info.value_size() as usize != value {
+            return Err(Error::Layout {
+                map: name,
+                path: path.display().to_string(),
+                found: (info.key_size(), info.value_size()),
+                expected: (key as u32, value as u32),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Maps {
+    /// Takes the maps out of a loaded object (they are already pinned by the loader).
+    pub fn take(ebpf: &mut Ebpf) -> Result<Self, Error> {
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name).ok_or(Error::Map(name, MapError::InvalidName { name: name.into() }))
+        };
+        Ok(Self {
+            endpoints: HashMap::try_from(take(MAP_ENDPOINTS)?).map_err(|e| Error::Map(MAP_ENDPOINTS, e))?,
+            ifaces: HashMap::try_from(take(MAP_IFACES)?).map_err(|e| Error::Map(MAP_IFACES, e))?,
+            peers: HashMap::try_from(take(MAP_PEERS)?).map_err(|e| Error::Map(MAP_PEERS, e))?,
+            networks: HashMap::try_from(take(MAP_NETWORKS)?).map_err(|e| Error::Map(MAP_NETWORKS, e))?,
+            config: Array::try_from(take(MAP_CONFIG)?).map_err(|e| Error::Map(MAP_CONFIG, e))?,
+            stats: PerCpuArray::try_from(take(MAP_STATS)?).map_err(|e| Error::Map(MAP_STATS, e))?,
+        })
+    }
+}
+
+/// Counters summed over CPUs, indexed by counter code.
+pub type Totals = Vec<Counter>;
+
+/// Reads the per-CPU counters and sums them.
+pub fn read_stats(stats: &PerCpuArray<MapData, Counter>) -> Result<Totals, MapError> {
+    let mut out = vec![Counter::default(); STATS_LEN as usize];
+    for (code, slot) in out.iter_mut().enumerate() {
+        let per_cpu: PerCpuValues<Counter> = stats.get(&(code as u32), 0)?;
+        for c in per_cpu.iter() {
+            slot.packets += c.packets;
+            slot.bytes += c.bytes;
+        }
+    }
+    Ok(out)
+}
+
+/// Opens the counters of a host from its pins, for `overlay-agent stats` (no agent needed).
+pub fn open_stats(pins: &PinDir) -> Result<PerCpuArray<MapData, Counter>, Error> {
+    let data = MapData::from_pin(pins.map(MAP_STATS)).map_err(|e| Error::Map(MAP_STATS, e))?;
+    PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(|e| Error::Map(MAP_STATS, e))
+}

@@ -1,0 +1,48 @@
+//! Where the desired state comes from.
+//!
+//! A source runs as its own task. It sends a full snapshot first and then every change, in
+//! order, into a channel the agent reads; it may send a new snapshot whenever it lost track (a
+//! file rewritten, an etcd watch that fell behind a compaction), and the agent then reconciles
+//! only what differs. While the source cannot reach its backing store it simply sends nothing,
+//! and the datapath keeps forwarding with what it has. In the other direction the agent reports
+//! what it made real, which the store publishes for the CLI to wait on.
+
+pub mod file;
+
+use std::{future::Future, path::PathBuf};
+
+use tokio::sync::mpsc;
+
+use crate::model::Update;
+
+/// What a host made real (or took down), as the agent reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// A local endpoint's interface exists and the datapath forwards for it.
+    EndpointReady {
+        id: String,
+        container: String,
+        ifname: String,
+    },
+    EndpointGone {
+        id: String,
+    },
+    /// A container's sandbox exists.
+    ContainerReady {
+        name: String,
+        netns: PathBuf,
+        pid: Option<u32>,
+    },
+    ContainerGone {
+        name: String,
+    },
+}
+
+pub trait Source: Send + 'static {
+    /// Runs until the agent stops or the source fails for good.
+    fn run(
+        self,
+        updates: mpsc::Sender<Update>,
+        status: mpsc::Receiver<Status>,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+}

@@ -1,0 +1,122 @@
+//! VXLAN encapsulation toward another host.
+//!
+//! The frame is grown in place with bpf_skb_adjust_room and the encap flags, which tell the
+//! kernel where the inner headers now are and that this is a UDP tunnel carrying Ethernet. That
+//! is what keeps a GSO/TSO super-packet from the container valid: when it is segmented later
+//! (by the uplink or anything on the way), every segment gets its own outer headers and the
+//! inner checksums are finished per segment.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_REDIRECT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
+    helpers::{bpf_get_hash_recalc, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use overlay_common::{
+    VXLAN_OVERHEAD, VXLAN_PORT, VXLAN_SRC_PORT_MAX, VXLAN_SRC_PORT_MIN,
+    maps::{Config, Endpoint},
+    stats,
+    wire::{ETH_P_IP, EthHdr, IPPROTO_UDP, IPV4_DF, Ipv4Hdr, UdpHdr, VxlanEncap, VxlanHdr},
+};
+
+use crate::stats::{Drop, count};
+
+/// Outer TTL, as the kernel's vxlan device uses by default.
+const OUTER_TTL: u8 = 64;
+
+/// bpf_skb_adjust_room flags for VXLAN over IPv4.
+/// FIXED_GSO: container MTUs already leave room for the 50 bytes we add, so the segment size
+/// the container's TCP chose stays right and must not be shrunk by the kernel.
+const ENCAP_FLAGS: u64 = (BPF_F_ADJ_ROOM_FIXED_GSO
+    | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+    | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+    | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64
+    // Length of the inner L2 header, so the kernel's inner_mac_header points at it.
+    | ((EthHdr::LEN as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT);
+
+/// Encapsulates the frame for the remote endpoint `ep` on network `vni` and hands it to the
+/// uplink, with the outer MACs filled from the host's neighbour table.
+#[inline(always)]
+pub fn to_remote(
+    ctx: &TcContext,
+    cfg: &Config,
+    vni: u32,
+    ep: &Endpoint,
+    inner_eth: EthHdr,
+    inner_tos: u8,
+) -> Result<i32, Drop> {
+    let skb = ctx.skb.skb;
+    let len = ctx.len();
+    // SAFETY: reading fields of the context the kernel gave us.
+    let gso = unsafe { (*skb).gso_size } != 0;
+    // A frame that would not fit the uplink once encapsulated would be dropped silently by the
+    // device; drop it here where it is counted. (Only possible if a container raised its MTU;
+    // GSO packets are segmented to the container's MSS, which fits.)
+    if !gso && len - EthHdr::LEN as u32 + VXLAN_OVERHEAD > cfg.uplink_mtu {
+        return Err(Drop(stats::DROP_TOO_BIG));
+    }
+    // Hash of the inner flow, taken before the headers change, for the UDP source port.
+    // SAFETY: plain helper call on our skb.
+    let hash = unsafe { bpf_get_hash_recalc(skb) };
+
+    ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
+        .map_err(|_| Drop(stats::DROP_ENCAP_FAILED))?;
+
+    let outer_len = len + VXLAN_OVERHEAD - EthHdr::LEN as u32;
+    // A GSO super-packet can be longer than an IPv4 length can say; segmentation rewrites the
+    // outer lengths of every segment, so clamping here only affects the unsegmented view.
+    let ip_len = if outer_len > 0xffff { 0xffff } else { outer_len as u16 };
+    let udp_len = ip_len - Ipv4Hdr::LEN as u16;
+    let span = (VXLAN_SRC_PORT_MAX - VXLAN_SRC_PORT_MIN) as u64 + 1;
+    let src_port = VXLAN_SRC_PORT_MIN + ((hash as u64 * span) >> 32) as u16;
+
+    let mut hdr = VxlanEncap {
+        outer_eth: EthHdr {
+            // bpf_redirect_neigh fills in the next hop's MAC.
+            dst: [0; 6],
+            src: cfg.uplink_mac,
+            ether_type: ETH_P_IP.to_be_bytes(),
+        },
+        outer_ip: Ipv4Hdr {
+            version_ihl: 0x45,
+            // DSCP and ECN of the inner packet (RFC 6040 normal mode), so the underlay can
+            // honour its class and mark congestion.
+            tos: inner_tos,
+            tot_len: ip_len.to_be_bytes(),
+            id: [0; 2],
+            // VTEPs must not fragment (RFC 7348 section 4.3); DF also makes an ID unnecessary.
+            frag_off: IPV4_DF.to_be_bytes(),
+            ttl: OUTER_TTL,
+            protocol: IPPROTO_UDP,
+            check: [0; 2],
+            src: cfg.vtep,
+            dst: ep.vtep,
+        },
+        udp: UdpHdr {
+            src_port: src_port.to_be_bytes(),
+            dst_port: VXLAN_PORT.to_be_bytes(),
+            len: udp_len.to_be_bytes(),
+            // Zero UDP checksum is allowed for VXLAN over IPv4 (RFC 7348); the inner packet
+            // carries its own checksums end to end.
+            check: [0; 2],
+        },
+        vxlan: VxlanHdr::new(vni),
+        inner_eth,
+    };
+    hdr.outer_ip.check = hdr.outer_ip.checksum().to_be_bytes();
+
+    ctx.store(0, &hdr, 0).map_err(|_| Drop(stats::DROP_ENCAP_FAILED))?;
+
+    // SAFETY: plain helper call; a null params pointer asks for a FIB lookup on the outer
+    // destination, which resolves the next hop whether it is the peer or a router.
+    let verdict = unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) };
+    if verdict == TC_ACT_REDIRECT as i64 {
+        count(stats::TX_ENCAP, len + VXLAN_OVERHEAD);
+        Ok(TC_ACT_REDIRECT as i32)
+    } else {
+        Err(Drop(stats::DROP_ENCAP_FAILED))
+    }
+}

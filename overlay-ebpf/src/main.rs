@@ -1,0 +1,87 @@
+//! The overlay's datapath. Three programs, all driven by the maps the agent fills:
+//!
+//! - `from_container` (TC ingress on the host side of every endpoint veth): the container's
+//!   egress. ARP answers, local delivery, VXLAN encapsulation, anti-spoofing.
+//! - `uplink_xdp` (XDP on the uplink): VXLAN validation, drops and decapsulation.
+//! - `uplink_tc` (TC ingress on the uplink): delivery of decapsulated frames into containers,
+//!   and the whole decapsulation where XDP could not do it.
+//!
+//! Each entry point is a thin wrapper that turns the result of its `try` function into a
+//! verdict and counts drops with their reason, so no error is ever passed on silently.
+#![no_std]
+#![no_main]
+
+mod arp;
+mod decap;
+mod encap;
+mod from_container;
+mod maps;
+mod packet;
+mod skb;
+mod stats;
+mod uplink;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use aya_log_ebpf::debug;
+use overlay_common::maps::CONFIG_DEBUG_DROPS;
+
+use crate::stats::{Drop, count};
+
+#[classifier]
+pub fn from_container(ctx: TcContext) -> i32 {
+    match from_container::process(&ctx) {
+        Ok(verdict) => verdict,
+        Err(drop) => {
+            dropped(&ctx, drop, ctx.len());
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[xdp]
+pub fn uplink_xdp(ctx: XdpContext) -> u32 {
+    match uplink::xdp(&ctx) {
+        Ok(verdict) => verdict,
+        Err(drop) => {
+            dropped(&ctx, drop, (ctx.data_end() - ctx.data()) as u32);
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+#[classifier]
+pub fn uplink_tc(ctx: TcContext) -> i32 {
+    match uplink::tc(&ctx) {
+        Ok(verdict) => verdict,
+        Err(drop) => {
+            dropped(&ctx, drop, ctx.len());
+            TC_ACT_SHOT
+        }
+    }
+}
+
+/// Counts a drop by reason; logs it only when the operator switched drop logging on, so the
+/// fast path carries no log call by default.
+#[inline(always)]
+fn dropped<C: aya_ebpf::EbpfContext>(ctx: &C, drop: Drop, len: u32) {
+    count(drop.0, len);
+    if let Some(cfg) = maps::CONFIG.get(0)
+        && cfg.flags & CONFIG_DEBUG_DROPS != 0
+    {
+        debug!(ctx, "drop reason={} len={}", drop.0, len);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

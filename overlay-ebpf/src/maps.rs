@@ -1,0 +1,53 @@
+//! The maps, declared with BTF so `bpftool map dump` prints named fields.
+//! Layouts live in overlay-common, where the agent sees the same definitions.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, HashMap, PerCpuArray},
+    macros::btf_map,
+};
+use overlay_common::{
+    maps::{
+        Config, Counter, Endpoint, EndpointKey, Iface, MAX_ENDPOINTS, MAX_IFACES, MAX_NETWORKS, MAX_PEERS,
+        Network, Peer, PeerKey,
+    },
+    stats::STATS_LEN,
+};
+
+/// (VNI, IPv4) -> where that endpoint is. Local and remote endpoints of every network this host
+/// takes part in.
+#[btf_map]
+pub static ENDPOINTS: HashMap<
+    EndpointKey,
+    Endpoint,
+    { MAX_ENDPOINTS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Host-side veth ifindex -> the endpoint behind it (network, address, MAC).
+#[btf_map]
+pub static IFACES: HashMap<u32, Iface, { MAX_IFACES as usize }> = HashMap::new();
+
+/// VTEP addresses of the other hosts.
+#[btf_map]
+pub static PEERS: HashMap<PeerKey, Peer, { MAX_PEERS as usize }> = HashMap::new();
+
+/// VNI -> network, for the networks that have an endpoint on this host.
+#[btf_map]
+pub static NETWORKS: HashMap<u32, Network, { MAX_NETWORKS as usize }> = HashMap::new();
+
+/// This host's tunnel configuration (one entry, index 0).
+#[btf_map]
+pub static CONFIG: Array<Config, 1> = Array::new();
+
+/// Packets and bytes per counter code (see overlay_common::stats), per CPU.
+#[btf_map]
+pub static STATS: PerCpuArray<Counter, { STATS_LEN as usize }> = PerCpuArray::new();
+
+/// The host configuration, or None before the agent wrote it.
+#[inline(always)]
+pub fn config() -> Option<&'static Config> {
+    let cfg = CONFIG.get(0)?;
+    // A zero VTEP means the agent has not configured this host yet.
+    if cfg.vtep == [0; 4] { None } else { Some(cfg) }
+}

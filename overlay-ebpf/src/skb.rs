@@ -1,0 +1,35 @@
+//! What the TC programs share: the packet view of an skb and delivery into a container.
+
+use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect_peer, programs::TcContext};
+
+use crate::{
+    packet::Packet,
+    stats::{Drop, count},
+};
+
+/// linux/if_packet.h: the frame is for this host.
+const PACKET_HOST: u32 = 0;
+
+/// Hands the frame to the container behind the host-side veth `ifindex`.
+///
+/// The frame was received on another device whose MAC it does not carry, so the stack marked
+/// it PACKET_OTHERHOST; the container's IP layer would discard it as such. It is for that
+/// container, so mark it PACKET_HOST first.
+#[inline(always)]
+pub fn deliver(ctx: &TcContext, ifindex: u32, counter: u32, failure: u32) -> Result<i32, Drop> {
+    let len = ctx.len();
+    ctx.change_type(PACKET_HOST).map_err(|_| Drop(failure))?;
+    // SAFETY: plain helper call.
+    let verdict = unsafe { bpf_redirect_peer(ifindex, 0) };
+    if verdict == TC_ACT_REDIRECT as i64 {
+        count(counter, len);
+        Ok(TC_ACT_REDIRECT as i32)
+    } else {
+        Err(Drop(failure))
+    }
+}
+
+#[inline(always)]
+pub fn packet(ctx: &TcContext) -> Packet {
+    Packet { start: ctx.data(), end: ctx.data_end() }
+}

@@ -1,0 +1,143 @@
+//! The uplink: where VXLAN from other hosts arrives.
+//!
+//! XDP runs first, on every frame the uplink receives. It classifies the frame, drops anything
+//! malformed or unauthorised at the earliest and cheapest point, strips the outer headers of a
+//! valid frame and leaves the endpoint it belongs to in the metadata area.
+//!
+//! Delivery into the container is left to TC ingress, because XDP cannot do it without
+//! damage: XDP_REDIRECT into a veth turns the frame into a bare xdp_frame, which loses the
+//! skb's checksum state (a CHECKSUM_PARTIAL frame from a local or virtual sender then fails
+//! the container's checksum check) and bypasses GRO. Passing the decapsulated frame up instead
+//! lets the driver's GRO merge the inner TCP segments, and TC then moves the merged skb into
+//! the container with bpf_redirect_peer, metadata intact.
+//!
+//! TC also covers what XDP cannot: a driver without metadata support, or no XDP program at all;
+//! then TC classifies and decapsulates the frame itself with the same rules.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
+    },
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
+    programs::{TcContext, XdpContext},
+};
+use overlay_common::{
+    VXLAN_OVERHEAD,
+    maps::{XDP_META_MAGIC, XdpMeta},
+    stats,
+    wire::{EthHdr, INNER_ETH_OFF},
+};
+
+use crate::{
+    decap::{self, Verdict},
+    maps::config,
+    packet::Packet,
+    skb::{deliver, packet},
+    stats::{Drop, count},
+};
+
+/// What XDP leaves for TC when it has already decided the frame is not ours.
+const META_PASS: u32 = 0;
+
+/// The XDP half: classify, drop, decapsulate.
+#[inline(always)]
+pub fn xdp(ctx: &XdpContext) -> Result<u32, Drop> {
+    // Not configured yet: the uplink is just the host's interface.
+    let Some(cfg) = config() else { return Ok(xdp_action::XDP_PASS) };
+    let pkt = Packet { start: ctx.data(), end: ctx.data_end() };
+    match decap::classify(pkt, pkt.len(), false, cfg) {
+        Verdict::Pass => {
+            count(stats::UPLINK_PASS, pkt.len() as u32);
+            // Tell TC it need not look at this frame again (best effort: without metadata TC
+            // just classifies it once more).
+            let _ = set_meta(ctx, META_PASS);
+            Ok(xdp_action::XDP_PASS)
+        }
+        Verdict::Drop(drop) => Err(drop),
+        Verdict::Deliver(ifindex) => {
+            // Without room for metadata (the driver has none) TC cannot be told where the frame
+            // goes; leave it encapsulated and let TC decapsulate it.
+            if set_meta(ctx, ifindex).is_err() {
+                return Ok(xdp_action::XDP_PASS);
+            }
+            // SAFETY: plain helper call; the metadata moves along with the data start.
+            if unsafe { bpf_xdp_adjust_head(ctx.ctx, VXLAN_OVERHEAD as i32) } != 0 {
+                return Err(Drop(stats::DROP_DECAP_FAILED));
+            }
+            count(stats::RX_DECAP, (pkt.len() - VXLAN_OVERHEAD as usize) as u32);
+            Ok(xdp_action::XDP_PASS)
+        }
+    }
+}
+
+/// Writes the metadata TC reads: which endpoint veth the frame is for (or META_PASS).
+#[inline(always)]
+fn set_meta(ctx: &XdpContext, ifindex: u32) -> Result<(), ()> {
+    // SAFETY: plain helper call; it fails without touching the frame if there is no room.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -(size_of::<XdpMeta>() as i32)) } != 0 {
+        return Err(());
+    }
+    let meta = ctx.metadata();
+    if meta + size_of::<XdpMeta>() > ctx.data() {
+        return Err(());
+    }
+    // SAFETY: bounds-checked against the start of the packet data just above.
+    unsafe { *(meta as *mut XdpMeta) = XdpMeta { magic: XDP_META_MAGIC, ifindex } };
+    Ok(())
+}
+
+/// The TC half: deliver what XDP decapsulated, or do all of it when XDP could not.
+#[inline(always)]
+pub fn tc(ctx: &TcContext) -> Result<i32, Drop> {
+    if let Some(meta) = meta(ctx) {
+        if meta.ifindex == META_PASS {
+            return Ok(TC_ACT_OK);
+        }
+        return deliver(ctx, meta.ifindex, stats::RX_DELIVER, stats::DROP_DECAP_FAILED);
+    }
+
+    let Some(cfg) = config() else { return Ok(TC_ACT_OK) };
+    let mut pkt = packet(ctx);
+    let len = ctx.len();
+    if pkt.len() < decap::HEADERS && len as usize >= decap::HEADERS {
+        // Headers in a paged fragment: bring them into the linear part.
+        ctx.pull_data(decap::HEADERS as u32).map_err(|_| Drop(stats::DROP_TRUNCATED))?;
+        pkt = packet(ctx);
+    }
+    // SAFETY: reading a field of the context the kernel gave us.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    match decap::classify(pkt, len as usize, gso, cfg) {
+        Verdict::Pass => Ok(TC_ACT_OK),
+        Verdict::Drop(drop) => Err(drop),
+        Verdict::Deliver(ifindex) => {
+            // Remove outer IPv4, UDP, VXLAN and inner Ethernet from behind the outer Ethernet
+            // header, then put the inner Ethernet header where the outer one was.
+            let inner_eth = pkt.header::<EthHdr>(INNER_ETH_OFF).ok_or(Drop(stats::DROP_TRUNCATED))?;
+            // SAFETY: bounds-checked above.
+            let inner_eth = unsafe { *inner_eth };
+            ctx.adjust_room(
+                -(VXLAN_OVERHEAD as i32),
+                BPF_ADJ_ROOM_MAC,
+                (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) as u64,
+            )
+            .map_err(|_| Drop(stats::DROP_DECAP_FAILED))?;
+            ctx.store(0, &inner_eth, 0).map_err(|_| Drop(stats::DROP_DECAP_FAILED))?;
+            count(stats::RX_DECAP, len - VXLAN_OVERHEAD);
+            deliver(ctx, ifindex, stats::RX_DELIVER, stats::DROP_DECAP_FAILED)
+        }
+    }
+}
+
+/// The metadata our XDP program left on this frame, if any.
+#[inline(always)]
+fn meta(ctx: &TcContext) -> Option<XdpMeta> {
+    // SAFETY: reading fields of the context the kernel gave us.
+    let (meta, data) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).data as usize) };
+    if meta + size_of::<XdpMeta>() > data {
+        return None;
+    }
+    // SAFETY: bounds-checked against the start of the packet data just above.
+    let m = unsafe { *(meta as *const XdpMeta) };
+    if m.magic == XDP_META_MAGIC { Some(m) } else { None }
+}
