@@ -354,14 +354,20 @@ impl Reconciler {
 
     async fn remove_local(&mut self, id: &str, have: &Local) -> anyhow::Result<()> {
         // Stop forwarding to it first, then take the interface away.
+        self.forget_local(id, have)?;
+        self.host.delete_link(have.ifindex).await?;
+        info!(endpoint = %id, veth = %have.host_name, "endpoint down");
+        Ok(())
+    }
+
+    /// Removes everything the datapath knows of a local endpoint (not its interface).
+    fn forget_local(&mut self, id: &str, have: &Local) -> anyhow::Result<()> {
         self.remove_entry(id)?;
         if self.ifaces.remove(&have.ifindex).is_some() {
             self.dp.remove_iface(have.ifindex)?;
         }
         self.dp.detach_endpoint(have.ifindex)?;
-        self.host.delete_link(have.ifindex).await?;
         self.local.remove(id);
-        info!(endpoint = %id, veth = %have.host_name, "endpoint down");
         Ok(())
     }
 
@@ -483,6 +489,18 @@ impl Reconciler {
                 return;
             }
         };
+        // Interfaces that disappeared behind our back (a namespace deleted, a veth removed by
+        // hand): forget them and their map entries, so this pass makes them again.
+        let present: BTreeSet<u32> = links.iter().map(|l| l.index).collect();
+        let vanished: Vec<(String, Local)> =
+            self.local.iter().filter(|(_, l)| !present.contains(&l.ifindex)).map(|(id, l)| (id.clone(), l.clone())).collect();
+        for (id, l) in vanished {
+            warn!(endpoint = %id, veth = %l.host_name, "endpoint interface vanished; recreating it");
+            if let Err(e) = self.forget_local(&id, &l) {
+                warn!(endpoint = %id, error = %e, "cannot clear the vanished endpoint");
+                out.retry.full = true;
+            }
+        }
         for link in links.iter().filter(|l| veth::is_endpoint_veth(l)) {
             let owner = veth::endpoint_of(link).map(str::to_owned);
             let known =

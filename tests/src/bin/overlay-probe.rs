@@ -1,0 +1,171 @@
+//! overlay-probe: traffic for the end-to-end tests, with answers a test can assert on.
+//!
+//! Runs inside a container namespace (`ip netns exec <ns> overlay-probe ...`):
+//! - `serve PORT`: TCP echo (every connection) and UDP echo on PORT, forever.
+//! - `tcp IP:PORT` / `udp IP:PORT`: one request, exit 0 iff the echo came back in time.
+//! - `sink PORT`: accept one TCP connection, read to EOF, print "<bytes> <sha256>".
+//! - `send IP:PORT BYTES`: send BYTES of deterministic data, print "<bytes> <sha256>".
+//! - `session IP:PORT SECONDS`: one TCP connection, a numbered echo every 10 ms for SECONDS;
+//!   prints "<round trips> <longest gap ms>", exit 1 if the connection broke.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use sha2::{Digest, Sha256};
+
+const TIMEOUT: Duration = Duration::from_millis(1500);
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match args.as_slice() {
+        ["serve", port] => serve(port.parse().expect("port")),
+        ["tcp", to] => tcp(to.parse().expect("address")),
+        ["udp", to] => udp(to.parse().expect("address")),
+        ["sink", port] => sink(port.parse().expect("port")),
+        ["send", to, bytes] => send(to.parse().expect("address"), bytes.parse().expect("bytes")),
+        ["session", to, secs] => session(to.parse().expect("address"), secs.parse().expect("seconds")),
+        _ => Err("usage: overlay-probe serve|tcp|udp|sink|send|session ...".into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("overlay-probe: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result = std::result::Result<(), String>;
+
+fn serve(port: u16) -> Result {
+    let udp = UdpSocket::bind(("0.0.0.0", port)).map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok((n, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(&buf[..n], from);
+        }
+    });
+    let tcp = TcpListener::bind(("0.0.0.0", port)).map_err(|e| e.to_string())?;
+    for conn in tcp.incoming().flatten() {
+        std::thread::spawn(move || {
+            let _ = conn.set_nodelay(true);
+            let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+            let mut writer = conn;
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                if writer.write_all(line.as_bytes()).is_err() {
+                    break;
+                }
+                line.clear();
+            }
+        });
+    }
+    Ok(())
+}
+
+fn tcp(to: SocketAddr) -> Result {
+    let mut conn = TcpStream::connect_timeout(&to, TIMEOUT).map_err(|e| format!("connect {to}: {e}"))?;
+    conn.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+    conn.write_all(b"hello over tcp\n").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(conn).read_line(&mut line).map_err(|e| format!("reading echo from {to}: {e}"))?;
+    if line == "hello over tcp\n" { Ok(()) } else { Err(format!("bad echo from {to}: {line:?}")) }
+}
+
+fn udp(to: SocketAddr) -> Result {
+    let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(Duration::from_millis(300))).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + TIMEOUT;
+    let mut buf = [0u8; 64];
+    // UDP may lose the first datagram while neighbours resolve; retry until the deadline.
+    while Instant::now() < deadline {
+        sock.send_to(b"hello over udp", to).map_err(|e| e.to_string())?;
+        if let Ok((n, from)) = sock.recv_from(&mut buf)
+            && from == to
+            && &buf[..n] == b"hello over udp"
+        {
+            return Ok(());
+        }
+    }
+    Err(format!("no UDP echo from {to}"))
+}
+
+fn sink(port: u16) -> Result {
+    let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| e.to_string())?;
+    let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
+    let mut hash = Sha256::new();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = conn.read(&mut buf).map_err(|e| format!("after {total} bytes: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        total += n as u64;
+    }
+    println!("{total} {:x}", hash.finalize());
+    Ok(())
+}
+
+/// Deterministic, incompressible data: xorshift64.
+fn fill(buf: &mut [u8], state: &mut u64) {
+    for chunk in buf.chunks_mut(8) {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+fn send(to: SocketAddr, bytes: u64) -> Result {
+    let mut conn = TcpStream::connect_timeout(&to, TIMEOUT).map_err(|e| format!("connect {to}: {e}"))?;
+    let mut hash = Sha256::new();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        fill(&mut buf[..n], &mut state);
+        conn.write_all(&buf[..n]).map_err(|e| format!("after {} bytes: {e}", bytes - left))?;
+        hash.update(&buf[..n]);
+        left -= n as u64;
+    }
+    conn.shutdown(std::net::Shutdown::Write).map_err(|e| e.to_string())?;
+    // Wait for the sink to close, so the bytes are known to have arrived.
+    let _ = conn.read(&mut buf);
+    println!("{bytes} {:x}", hash.finalize());
+    Ok(())
+}
+
+fn session(to: SocketAddr, secs: u64) -> Result {
+    let conn = TcpStream::connect_timeout(&to, TIMEOUT).map_err(|e| format!("connect {to}: {e}"))?;
+    conn.set_nodelay(true).map_err(|e| e.to_string())?;
+    // Longer than any pause the test provokes: a stalled connection is reported, not hung.
+    conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(conn.try_clone().map_err(|e| e.to_string())?);
+    let mut writer = conn;
+    let end = Instant::now() + Duration::from_secs(secs);
+    let (mut trips, mut gap, mut last) = (0u64, Duration::ZERO, Instant::now());
+    let mut line = String::new();
+    while Instant::now() < end {
+        let msg = format!("{trips}\n");
+        writer.write_all(msg.as_bytes()).map_err(|e| format!("connection broke after {trips} round trips: {e}"))?;
+        line.clear();
+        let n = reader.read_line(&mut line).map_err(|e| format!("connection broke after {trips} round trips: {e}"))?;
+        if n == 0 || line != msg {
+            return Err(format!("connection broke after {trips} round trips (got {line:?})"));
+        }
+        trips += 1;
+        gap = gap.max(last.elapsed());
+        last = Instant::now();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("{trips} {}", gap.as_millis());
+    Ok(())
+}

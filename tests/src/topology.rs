@@ -1,0 +1,162 @@
+//! Simulated hosts: each a network namespace whose `eth0` is a veth into a bridge in an
+//! "underlay" namespace (the switch), with an underlay address in 198.18.0.0/15. Each host runs
+//! its own agent with its own pin directory, state directory and sandbox prefix, so several
+//! agents share the kernel without touching each other's objects.
+
+use std::{
+    fs::File,
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use crate::{Proc, Run, binary, in_ns, sh, wait_for};
+
+pub struct Host {
+    pub name: String,
+    /// The host's network namespace.
+    pub ns: String,
+    pub vtep: Ipv4Addr,
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub netns_prefix: String,
+    pub log: PathBuf,
+    pub agent: Option<Proc>,
+}
+
+impl Host {
+    /// The namespace of container `name` on this host (as the agent names its sandboxes).
+    pub fn container_ns(&self, name: &str) -> String {
+        format!("{}{name}", self.netns_prefix)
+    }
+
+    /// `overlay-agent stats --json` of this host, as (counter -> packets).
+    pub fn counters(&self) -> serde_json::Value {
+        let out = sh(Command::new(binary("overlay-agent")).args(["stats", "--json", "--pin-dir"]).arg(&self.pin_dir));
+        serde_json::from_str(&out).expect("stats JSON")
+    }
+
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters()[name]["packets"].as_u64().unwrap_or(0)
+    }
+}
+
+/// Where an agent reads its desired state from.
+pub enum Source<'a> {
+    File(&'a std::path::Path),
+    Etcd(&'a str),
+}
+
+pub struct Topology {
+    pub hosts: Vec<Host>,
+    pub underlay: String,
+    /// Dropped last: removes everything named after the run.
+    pub run: Run,
+}
+
+impl Topology {
+    /// Builds the underlay and `n` hosts (h1..hn at 198.18.0.1..n).
+    pub fn new(tag: &str, n: usize) -> Self {
+        let run = Run::new(tag);
+        let underlay = run.ns("ul");
+        sh(Command::new("ip").args(["netns", "add", &underlay]));
+        sh(&mut in_ns(&underlay, &["ip", "link", "add", "br0", "type", "bridge"]));
+        sh(&mut in_ns(&underlay, &["ip", "link", "set", "br0", "up"]));
+        let mut hosts = Vec::new();
+        for i in 1..=n {
+            let name = format!("h{i}");
+            let ns = run.ns(&name);
+            let port = format!("{}p{i}", run.id);
+            let vtep = Ipv4Addr::new(198, 18, 0, i as u8);
+            sh(Command::new("ip").args(["netns", "add", &ns]));
+            sh(Command::new("ip").args(["link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns", &underlay]));
+            sh(&mut in_ns(&underlay, &["ip", "link", "set", &port, "master", "br0", "up"]));
+            // A switch port has a buffer: give the bridge port a queue, so a burst toward a
+            // host whose veth runs native XDP (which receives through a 256-slot ring) backs
+            // up instead of being dropped.
+            sh(&mut in_ns(&underlay, &["ip", "link", "set", &port, "txqueuelen", "1000"]));
+            sh(&mut in_ns(&underlay, &["tc", "qdisc", "replace", "dev", &port, "root", "pfifo", "limit", "1000"]));
+            sh(&mut in_ns(&ns, &["ip", "addr", "add", &format!("{vtep}/24"), "dev", "eth0"]));
+            sh(&mut in_ns(&ns, &["ip", "link", "set", "eth0", "up"]));
+            sh(&mut in_ns(&ns, &["ip", "link", "set", "lo", "up"]));
+            hosts.push(Host {
+                pin_dir: run.pin_root().join(&name),
+                state_dir: run.path(&format!("state-{name}")),
+                netns_prefix: format!("{}-{name}-", run.id),
+                log: run.path(&format!("agent-{name}.log")),
+                name,
+                ns,
+                vtep,
+                agent: None,
+            });
+        }
+        Self { hosts, underlay, run }
+    }
+
+    pub fn host(&self, name: &str) -> &Host {
+        self.hosts.iter().find(|h| h.name == name).unwrap_or_else(|| panic!("no host {name}"))
+    }
+
+    pub fn host_mut(&mut self, name: &str) -> &mut Host {
+        self.hosts.iter_mut().find(|h| h.name == name).unwrap_or_else(|| panic!("no host {name}"))
+    }
+
+    /// Starts (or restarts) the agent of `host`; `extra` are more `run` flags.
+    pub fn start_agent(&mut self, host: &str, source: Source<'_>, extra: &[&str]) {
+        let h = self.host_mut(host);
+        if let Some(mut old) = h.agent.take() {
+            old.kill();
+        }
+        let log = File::options().create(true).append(true).open(&h.log).expect("agent log");
+        let mut cmd = Command::new(binary("overlay-agent"));
+        cmd.arg("run")
+            .args(["--host", &h.name, "--uplink", "eth0", "--vtep", &h.vtep.to_string(), "--netns", &h.ns])
+            .arg("--pin-dir")
+            .arg(&h.pin_dir)
+            .arg("--state-dir")
+            .arg(&h.state_dir)
+            .args(["--netns-prefix", &h.netns_prefix])
+            .args(extra)
+            .env("OVERLAY_LOG", "info,netlink_packet_route=error")
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log));
+        match source {
+            Source::File(path) => drop(cmd.arg("--state-file").arg(path)),
+            Source::Etcd(url) => drop(cmd.args(["--etcd-endpoints", url])),
+        }
+        h.agent = Some(Proc::spawn(&format!("agent {host}"), &mut cmd));
+    }
+
+    /// Waits until the agent of `host` logged `needle` (e.g. "full reconcile done").
+    pub fn wait_log(&self, host: &str, needle: &str, timeout: Duration) -> bool {
+        let h = self.host(host);
+        wait_for(timeout, || std::fs::read_to_string(&h.log).ok().filter(|l| l.contains(needle)).map(|_| ())).is_some()
+    }
+
+    /// Prints every agent's log (called when a test fails, so the failure can be understood).
+    pub fn dump_logs(&self) {
+        for h in &self.hosts {
+            let log = std::fs::read_to_string(&h.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("----- agent {} (last {} lines) -----", h.name, tail.len());
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for h in &mut self.hosts {
+            if let Some(mut agent) = h.agent.take() {
+                agent.kill();
+            }
+        }
+        // `run` is dropped after this: namespaces (and the sandboxes' holders), pins, files.
+    }
+}

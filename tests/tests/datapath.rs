@@ -1,0 +1,326 @@
+//! End to end over the eBPF datapath, with the agents reading a state file: three hosts on an
+//! underlay bridge, two networks with different VNIs, containers on every host.
+//!
+//! The hosts run the three uplink modes at once (h1 `auto`, which on a veth uplink is TC only;
+//! h2 native XDP; h3 generic XDP), so every cross-host pair exercises two receive paths.
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use overlay_tests::{
+    Proc, in_ns, pcap,
+    scenario::{Scenario, network},
+    sh, skip_unless_privileged, try_sh,
+    topology::{Source, Topology},
+    wait_for,
+};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_overlay-probe");
+const PORT: u16 = 7000;
+
+/// (container, host, network, address)
+const PLACEMENT: &[(&str, &str, &str, [u8; 4])] = &[
+    ("b1", "h1", "blue", [10, 10, 0, 11]),
+    ("b2", "h1", "blue", [10, 10, 0, 12]),
+    ("b3", "h2", "blue", [10, 10, 0, 13]),
+    ("b4", "h3", "blue", [10, 10, 0, 14]),
+    ("r1", "h1", "red", [10, 20, 0, 21]),
+    ("r2", "h2", "red", [10, 20, 0, 22]),
+    ("r3", "h3", "red", [10, 20, 0, 23]),
+];
+const BLUE_VNI: u32 = 4097;
+const RED_VNI: u32 = 4098;
+
+fn build(tag: &str) -> (Topology, Scenario, std::path::PathBuf) {
+    let mut topo = Topology::new(tag, 3);
+    let mut s =
+        Scenario::new(&topo, &[network("blue", BLUE_VNI, "10.10.0.0/24"), network("red", RED_VNI, "10.20.0.0/24")]);
+    for (c, h, n, ip) in PLACEMENT {
+        s.attach(c, h, n, Ipv4Addr::from(*ip));
+    }
+    let state = topo.run.path("state.json");
+    s.write(&state);
+    for (host, mode) in [("h1", "auto"), ("h2", "native"), ("h3", "generic")] {
+        topo.start_agent(host, Source::File(&state), &["--xdp-mode", mode]);
+    }
+    (topo, s, state)
+}
+
+/// The namespace of a placed container.
+fn ns_of(topo: &Topology, container: &str) -> String {
+    let (_, host, _, _) = PLACEMENT.iter().find(|p| p.0 == container).expect("placed");
+    topo.host(host).container_ns(container)
+}
+
+fn ip_of(container: &str) -> Ipv4Addr {
+    Ipv4Addr::from(PLACEMENT.iter().find(|p| p.0 == container).expect("placed").3)
+}
+
+/// Waits until every container has its address (the agents finished setting up).
+fn wait_ready(topo: &Topology) {
+    for (c, _, _, ip) in PLACEMENT {
+        let ns = ns_of(topo, c);
+        let ip = Ipv4Addr::from(*ip).to_string();
+        let ok = wait_for(Duration::from_secs(20), || {
+            let out = try_sh(&mut in_ns(&ns, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"]));
+            String::from_utf8_lossy(&out.stdout).contains(&ip).then_some(())
+        });
+        assert!(ok.is_some(), "container {c} never got {ip}");
+    }
+}
+
+fn start_servers(topo: &mut Topology) {
+    for (c, _, _, _) in PLACEMENT {
+        let ns = ns_of(topo, c);
+        let server = Proc::spawn(
+            &format!("echo server in {c}"),
+            in_ns(&ns, &[PROBE, "serve", &PORT.to_string()]).stdout(Stdio::null()),
+        );
+        topo.run.procs.push(server);
+    }
+    // Servers listening before anyone probes (probing from the container itself).
+    for (c, _, _, ip) in PLACEMENT {
+        let ns = ns_of(topo, c);
+        let to = format!("{}:{PORT}", Ipv4Addr::from(*ip));
+        let up = wait_for(Duration::from_secs(5), || {
+            try_sh(&mut in_ns(&ns, &[PROBE, "tcp", &to])).status.success().then_some(())
+        });
+        assert!(up.is_some(), "echo server in {c} did not come up");
+    }
+}
+
+/// Runs many probes at once; returns (description, succeeded) for each.
+fn probe_all(topo: &Topology, pairs: &[(&str, &str)]) -> Vec<(String, bool)> {
+    let mut running: Vec<(String, Child)> = Vec::new();
+    for (from, to) in pairs {
+        let ns = ns_of(topo, from);
+        let dst = ip_of(to);
+        let addr = format!("{dst}:{PORT}");
+        for (what, mut cmd) in [
+            ("tcp", in_ns(&ns, &[PROBE, "tcp", &addr])),
+            ("udp", in_ns(&ns, &[PROBE, "udp", &addr])),
+            ("icmp", in_ns(&ns, &["ping", "-c", "1", "-W", "1", &dst.to_string()])),
+        ] {
+            let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("probe");
+            running.push((format!("{what} {from} -> {to}"), child));
+        }
+    }
+    running.into_iter().map(|(what, mut child)| (what, child.wait().expect("wait").success())).collect()
+}
+
+fn pairs(filter: impl Fn(&str, &str) -> bool) -> Vec<(&'static str, &'static str)> {
+    let mut out = Vec::new();
+    for (a, _, na, _) in PLACEMENT {
+        for (b, _, nb, _) in PLACEMENT {
+            if a != b && filter(na, nb) {
+                out.push((*a, *b));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn containers_reach_their_network_and_nothing_else() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let (mut topo, _scenario, _state) = build("dp");
+    wait_ready(&topo);
+
+    // Each host runs the uplink mode it was asked for.
+    for (host, expect) in [("h1", None), ("h2", Some("xdp ")), ("h3", Some("xdpgeneric"))] {
+        let out = sh(&mut in_ns(&topo.host(host).ns, &["ip", "link", "show", "dev", "eth0"]));
+        match expect {
+            Some(mode) => assert!(out.contains(mode), "{host}: expected {mode:?} on eth0: {out}"),
+            None => assert!(!out.contains("xdp"), "{host}: auto on a veth uplink must not attach XDP: {out}"),
+        }
+    }
+
+    // The hosts' own traffic crosses the uplinks the programs sit on; this also resolves the
+    // underlay neighbours before the capture starts.
+    for a in &topo.hosts {
+        for b in &topo.hosts {
+            if a.name != b.name {
+                sh(&mut in_ns(&a.ns, &["ping", "-c", "1", "-W", "2", &b.vtep.to_string()]));
+            }
+        }
+    }
+
+    start_servers(&mut topo);
+    let capture_file = topo.run.path("underlay.pcap");
+    let mut capture = Proc::spawn(
+        "tcpdump",
+        in_ns(&topo.underlay, &["tcpdump", "-i", "br0", "-U", "-s", "128", "-w"])
+            .arg(&capture_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let before: Vec<u64> = topo.hosts.iter().map(|h| h.counter("drop/no_endpoint")).collect();
+
+    // Same network: everything reaches everything, across hosts and on one host.
+    let same = probe_all(&topo, &pairs(|a, b| a == b));
+    let failed: Vec<_> = same.iter().filter(|(_, ok)| !ok).map(|(w, _)| w.as_str()).collect();
+    assert!(failed.is_empty(), "same-network probes failed: {failed:#?}");
+    assert_eq!(same.len(), 3 * (4 * 3 + 3 * 2), "probes run");
+
+    // Different networks: nothing crosses.
+    let cross = probe_all(&topo, &pairs(|a, b| a != b));
+    let leaked: Vec<_> = cross.iter().filter(|(_, ok)| *ok).map(|(w, _)| w.as_str()).collect();
+    assert!(leaked.is_empty(), "traffic crossed networks: {leaked:#?}");
+    let after: Vec<u64> = topo.hosts.iter().map(|h| h.counter("drop/no_endpoint")).collect();
+    for (i, h) in topo.hosts.iter().enumerate() {
+        assert!(after[i] > before[i], "{}: cross-network attempts were not dropped as no_endpoint", h.name);
+    }
+
+    std::thread::sleep(Duration::from_millis(300));
+    // SIGTERM lets tcpdump flush and close the file.
+    capture.terminate(Duration::from_secs(5));
+    let frames = pcap::read(&std::fs::read(&capture_file).expect("capture"));
+    let mut vnis = BTreeSet::new();
+    let mut vxlan = 0;
+    for f in &frames {
+        assert!(
+            !(f.ether_type() == 0x0806 && f.is_broadcast()),
+            "ARP broadcast on the underlay: {:02x?}",
+            &f.data[..42.min(f.data.len())]
+        );
+        if let Some((vni, inner)) = f.vxlan() {
+            vxlan += 1;
+            vnis.insert(vni);
+            let inner_type = u16::from_be_bytes([inner[12], inner[13]]);
+            assert_eq!(inner_type, 0x0800, "non-IPv4 inside VXLAN (an ARP would mean flooding)");
+            // The inner source address says which network the frame belongs to.
+            let src = Ipv4Addr::new(inner[26], inner[27], inner[28], inner[29]);
+            let want = if src.octets()[1] == 10 { BLUE_VNI } else { RED_VNI };
+            assert_eq!(vni, want, "frame from {src} carried VNI {vni}");
+        }
+    }
+    assert!(vxlan > 50, "only {vxlan} VXLAN frames captured");
+    assert_eq!(vnis, BTreeSet::from([BLUE_VNI, RED_VNI]));
+
+    // No kernel VXLAN device and no bridge on any host: the datapath is the programs.
+    for h in &topo.hosts {
+        let out = sh(&mut in_ns(&h.ns, &["ip", "-d", "-o", "link", "show"]));
+        for kind in ["vxlan", "bridge"] {
+            assert!(
+                !out.lines().any(|l| l.contains(&format!(" {kind} "))),
+                "{}: found a {kind} device:\n{out}",
+                h.name
+            );
+        }
+    }
+
+    // The hosts' own TCP works with the programs attached (ping above proved ICMP).
+    let server =
+        Proc::spawn("host server", in_ns(&topo.host("h2").ns, &[PROBE, "serve", "7100"]).stdout(Stdio::null()));
+    topo.run.procs.push(server);
+    let to = format!("{}:7100", topo.host("h2").vtep);
+    let host_tcp = wait_for(Duration::from_secs(5), || {
+        try_sh(&mut in_ns(&topo.host("h1").ns, &[PROBE, "tcp", &to])).status.success().then_some(())
+    });
+    assert!(host_tcp.is_some(), "host-to-host TCP failed with the programs attached");
+}
+
+/// A 1 GiB transfer arrives intact across each receive path: GSO, checksums and MTU are right.
+#[test]
+fn a_gigabyte_arrives_intact_on_every_uplink_mode() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let (topo, _scenario, _state) = build("gb");
+    wait_ready(&topo);
+    const GIB: u64 = 1 << 30;
+    // Into h1 (TC only), into h2 (native XDP), into h3 (generic XDP).
+    for (from, to) in [("b3", "b1"), ("b4", "b3"), ("b1", "b4")] {
+        let port = "7200";
+        let sink = in_ns(&ns_of(&topo, to), &[PROBE, "sink", port]).stdout(Stdio::piped()).spawn().expect("sink");
+        std::thread::sleep(Duration::from_millis(200));
+        let addr = format!("{}:{port}", ip_of(to));
+        let sent = sh(&mut in_ns(&ns_of(&topo, from), &[PROBE, "send", &addr, &GIB.to_string()]));
+        let got = sink.wait_with_output().expect("sink");
+        let got = String::from_utf8_lossy(&got.stdout).into_owned();
+        assert_eq!(sent.trim(), got.trim(), "{from} -> {to}: sent (bytes sha256) != received");
+        assert!(sent.starts_with(&format!("{GIB} ")), "{from} -> {to}: {sent}");
+    }
+    // The transfers crossed the overlay, and nothing was dropped on the way.
+    for h in &topo.hosts {
+        let c = h.counters();
+        assert!(c["rx_decap"]["bytes"].as_u64().unwrap_or(0) > GIB, "{}: {c}", h.name);
+        let drops: Vec<_> = c
+            .as_object()
+            .expect("object")
+            .iter()
+            .filter(|(k, v)| k.starts_with("drop/") && v["packets"].as_u64() > Some(0))
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert!(drops.is_empty(), "{}: drops during bulk transfer: {drops:?}", h.name);
+    }
+}
+
+/// Killing an agent (SIGKILL, as a crash) and starting it again interrupts no connection:
+/// the pinned programs and maps keep forwarding, and the new agent takes them over in place.
+#[test]
+fn agent_restart_keeps_established_connections() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let (mut topo, _scenario, state) = build("rs");
+    wait_ready(&topo);
+    start_servers(&mut topo);
+    // Two long-lived connections: across hosts (h1 -> h2) and on one host (h1).
+    let mut sessions: Vec<(String, Child)> = [("b1", "b3"), ("b2", "b1")]
+        .iter()
+        .map(|(from, to)| {
+            let addr = format!("{}:{PORT}", ip_of(to));
+            let child = in_ns(&ns_of(&topo, from), &[PROBE, "session", &addr, "6"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("session");
+            (format!("{from} -> {to}"), child)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    // Crash both ends' agents, leave them down a moment, start them again.
+    for host in ["h1", "h2"] {
+        topo.host_mut(host).agent.as_mut().expect("agent").kill();
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    for (host, mode) in [("h1", "auto"), ("h2", "native")] {
+        topo.start_agent(host, Source::File(&state), &["--xdp-mode", mode]);
+    }
+    for host in ["h1", "h2"] {
+        let log = std::fs::read_to_string(&topo.host(host).log).unwrap_or_default();
+        let starts = log.matches("datapath attached").count();
+        assert!(
+            topo.wait_log(host, "full reconcile done", Duration::from_secs(20)) && starts >= 1,
+            "{host} did not come back"
+        );
+    }
+    for (what, child) in sessions.drain(..) {
+        let out = child.wait_with_output().expect("session");
+        let report = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+        let (trips, gap) = report.trim().split_once(' ').expect("report");
+        let (trips, gap): (u64, u64) = (trips.parse().expect("n"), gap.parse().expect("ms"));
+        assert!(trips > 300, "{what}: only {trips} round trips");
+        // A 10 ms echo loop that kept going through the restart: no pause a person would notice.
+        assert!(gap < 500, "{what}: traffic paused for {gap} ms during the restart");
+    }
+    // The restarted agents adopted what was there instead of recreating it.
+    for host in ["h1", "h2"] {
+        let log = std::fs::read_to_string(&topo.host(host).log).expect("log");
+        let second_start = log.rfind("datapath attached").expect("second start");
+        assert!(
+            !log[second_start..].contains("endpoint up"),
+            "{host}: the restarted agent recreated endpoints:\n{}",
+            &log[second_start..]
+        );
+    }
+}
