@@ -46,7 +46,8 @@ pub const DROP_TRUNCATED: u32 = 27;
 pub const DROP_BAD_LENGTH: u32 = 28;
 /// A fragment of a VXLAN frame (VTEPs never fragment; RFC 7348 lets receivers discard them).
 pub const DROP_FRAGMENT: u32 = 29;
-/// Outer IPv4 header with options or a bad checksum.
+/// VXLAN for this host whose outer IPv4 header checksum is wrong. (An outer header with
+/// options is not taken for VXLAN at all: VTEPs never send one, and it goes to the host stack.)
 pub const DROP_BAD_OUTER_IP: u32 = 30;
 /// Inner frame that is not IPv4 (the overlay never sends anything else).
 pub const DROP_INNER_NOT_IPV4: u32 = 31;

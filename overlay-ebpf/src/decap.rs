@@ -111,11 +111,11 @@ fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option
         return Err(Drop(stats::DROP_INNER_NOT_IPV4));
     }
 
-    // The inner source must be an endpoint that lives behind the VTEP the frame came from: a
-    // host can only speak for its own containers.
+    // The inner source must be an endpoint that lives behind the VTEP the frame came from, with
+    // its own MAC: a host can only speak for its own containers, as they are.
     let src = unsafe { ENDPOINTS.get(EndpointKey { vni, ip: inner_ip.src }) };
     match src {
-        Some(src) if src.flags & ENDPOINT_LOCAL == 0 && src.vtep == ip.src => {}
+        Some(src) if src.flags & ENDPOINT_LOCAL == 0 && src.vtep == ip.src && src.mac == inner_eth.src => {}
         _ => return Err(Drop(stats::DROP_INNER_SPOOFED)),
     }
     let dst = unsafe { ENDPOINTS.get(EndpointKey { vni, ip: inner_ip.dst }) };

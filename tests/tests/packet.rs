@@ -1,0 +1,1322 @@
+//! Packet-level tests: the real programs, loaded into the kernel, run on frames built byte by
+//! byte here (BPF_PROG_TEST_RUN), with their output and their counters checked exactly.
+//!
+//! What is checked is what VXLAN (RFC 7348) requires and what the programs promise: the
+//! encapsulated frame is byte for byte a VXLAN frame around the original one; decapsulation
+//! gives back the inner frame exactly; ARP replies are correct; every malformed or unauthorised
+//! frame is dropped and counted under its own reason and no other; frames that are not VXLAN
+//! for this host pass untouched.
+//!
+//! Each test loads its own copy of the object with its own pinned maps, in its own network
+//! namespace: test_run resolves `__sk_buff.ifindex` in the calling thread's namespace, and the
+//! from-container program finds the sending endpoint by that ifindex. The namespace holds one
+//! veth per endpoint (its host side) and one for the uplink. Redirect helpers only record the
+//! target in test_run (nothing is sent), so a delivered frame shows as TC_ACT_REDIRECT.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CString,
+    mem::{offset_of, size_of},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use aya::programs::{SchedClassifier, TcAttachType, TestRun, TestRunAttrs, TestRunOptions, Xdp};
+use overlay_agent::{
+    datapath::{
+        Loaded, PROG_FROM_CONTAINER, PROG_UPLINK_TC, PROG_UPLINK_XDP, PinDir, maps::read_stats, program,
+    },
+    netlink::netns::NetnsGuard,
+};
+use overlay_common::{
+    maps::{Config, ENDPOINT_LOCAL, Endpoint, EndpointKey, Iface, Network, Peer, PeerKey, XDP_META_MAGIC},
+    stats::{self, *},
+    wire::{
+        ARP_OP_REPLY, ARP_OP_REQUEST, ETH_P_ARP, ETH_P_IP, EthHdr, INNER_ETH_OFF, INNER_IP_OFF, IPPROTO_ICMP,
+        IPPROTO_TCP, IPPROTO_UDP, IPV4_DF, IPV4_MF, Ipv4Hdr, OUTER_IP_OFF, OUTER_UDP_OFF, UdpHdr, VXLAN_OFF,
+        VxlanHdr,
+    },
+};
+use overlay_tests::{Run, frames::*, in_ns, sh, skip_unless_privileged, wait_for};
+
+// linux/pkt_cls.h and linux/bpf.h verdicts.
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_REDIRECT: i32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+// ---------------------------------------------------------------------------------------------
+// The host under test: addresses, networks and endpoints.
+// ---------------------------------------------------------------------------------------------
+
+/// This host's VTEP, and the uplink's MAC (the outer source of every encapsulated frame).
+const VTEP: Ip = [198, 18, 0, 1];
+const UPLINK_MAC: Mac = [0x02, 0x00, 0x00, 0x00, 0xff, 0x01];
+/// Known peers: PEER2 hosts R (blue) and Q (red), PEER3 hosts S (blue).
+const PEER2: Ip = [198, 18, 0, 2];
+const PEER3: Ip = [198, 18, 0, 3];
+const PEER2_MAC: Mac = [0x02, 0x00, 0x00, 0x00, 0xff, 0x02];
+/// An underlay address that is not a peer.
+const STRANGER: Ip = [198, 18, 0, 99];
+
+/// VNIs with three different bytes, so a byte-order mistake cannot go unnoticed.
+const BLUE: u32 = 0x0a_0b_0c;
+const RED: u32 = 0x01_02_03;
+const BLUE_GATEWAY: Ip = [10, 1, 0, 254];
+const BLUE_GATEWAY_MAC: Mac = [0x02, 0x00, 0x00, 0x00, 0x01, 0xfe];
+
+#[derive(Clone, Copy, Debug)]
+struct Ep {
+    ip: Ip,
+    mac: Mac,
+}
+
+/// Local endpoints: A and B on blue, X on red.
+const A: Ep = Ep { ip: [10, 1, 0, 1], mac: [0x02, 0x00, 0x00, 0x00, 0x01, 0x01] };
+const B: Ep = Ep { ip: [10, 1, 0, 2], mac: [0x02, 0x00, 0x00, 0x00, 0x01, 0x02] };
+const X: Ep = Ep { ip: [10, 2, 0, 1], mac: [0x02, 0x00, 0x00, 0x00, 0x02, 0x01] };
+/// Remote endpoints: R (blue, PEER2), S (blue, PEER3), Q (red, PEER2). Q's address looks like
+/// a blue one on purpose: only the VNI says it is not.
+const R: Ep = Ep { ip: [10, 1, 0, 3], mac: [0x02, 0x00, 0x00, 0x00, 0x01, 0x03] };
+const S: Ep = Ep { ip: [10, 1, 0, 4], mac: [0x02, 0x00, 0x00, 0x00, 0x01, 0x04] };
+const Q: Ep = Ep { ip: [10, 1, 0, 9], mac: [0x02, 0x00, 0x00, 0x00, 0x02, 0x09] };
+/// An address no endpoint has.
+const NOBODY: Ip = [10, 1, 0, 77];
+
+/// Interfaces in the test namespace: the host-side veths of A, B and X, the uplink, and one
+/// that no endpoint is registered on.
+const IFACE_NAMES: [&str; 5] = ["veth-a", "veth-b", "veth-x", "uplink", "stray"];
+
+/// A `struct __sk_buff` (include/uapi/linux/bpf.h) as test_run takes it for TC programs. The
+/// pointer members (`flow_keys`, `sk`) are `__bpf_md_ptr`, 8 bytes aligned to 8. The kernel
+/// accepts non-zero values only in mark, priority, ingress_ifindex, ifindex, cb, tstamp,
+/// wire_len, gso_segs, gso_size and hwtstamp.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct SkBuff {
+    len: u32,
+    pkt_type: u32,
+    mark: u32,
+    queue_mapping: u32,
+    protocol: u32,
+    vlan_present: u32,
+    vlan_tci: u32,
+    vlan_proto: u32,
+    priority: u32,
+    ingress_ifindex: u32,
+    ifindex: u32,
+    tc_index: u32,
+    cb: [u32; 5],
+    hash: u32,
+    tc_classid: u32,
+    data: u32,
+    data_end: u32,
+    napi_id: u32,
+    family: u32,
+    remote_ip4: u32,
+    local_ip4: u32,
+    remote_ip6: [u32; 4],
+    local_ip6: [u32; 4],
+    remote_port: u32,
+    local_port: u32,
+    data_meta: u32,
+    flow_keys: u64,
+    tstamp: u64,
+    wire_len: u32,
+    gso_segs: u32,
+    sk: u64,
+    gso_size: u32,
+    tstamp_type: u8,
+    _bitfield: [u8; 3],
+    hwtstamp: u64,
+}
+
+/// A `struct xdp_md` as test_run takes and returns it: `data` and `data_end` are offsets from
+/// the start of the metadata area.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct XdpMd {
+    data: u32,
+    data_end: u32,
+    data_meta: u32,
+    ingress_ifindex: u32,
+    rx_queue_index: u32,
+    egress_ifindex: u32,
+}
+
+// The layouts as the kernel has them (checked against aya-ebpf-bindings' generated __sk_buff
+// and xdp_md): a wrong offset would put ifindex where the kernel rejects it.
+const _: () = {
+    assert!(size_of::<SkBuff>() == 192);
+    assert!(offset_of!(SkBuff, ifindex) == 40);
+    assert!(offset_of!(SkBuff, cb) == 48);
+    assert!(offset_of!(SkBuff, data_meta) == 140);
+    assert!(offset_of!(SkBuff, flow_keys) == 144);
+    assert!(offset_of!(SkBuff, tstamp) == 152);
+    assert!(offset_of!(SkBuff, wire_len) == 160);
+    assert!(offset_of!(SkBuff, sk) == 168);
+    assert!(offset_of!(SkBuff, gso_size) == 176);
+    assert!(offset_of!(SkBuff, hwtstamp) == 184);
+    assert!(size_of::<XdpMd>() == 24);
+};
+
+/// Context structs are plain integers with no padding (checked above), so their bytes are
+/// fully initialised.
+trait Ctx: Copy + Default {
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: see the trait comment.
+        unsafe { std::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>()) }
+    }
+    fn as_bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above; every byte pattern is a valid value.
+        unsafe { std::slice::from_raw_parts_mut((self as *mut Self).cast::<u8>(), size_of::<Self>()) }
+    }
+}
+impl Ctx for SkBuff {}
+impl Ctx for XdpMd {}
+
+/// What a TC program did with a frame.
+#[derive(Debug)]
+struct TcOut {
+    verdict: i32,
+    frame: Vec<u8>,
+}
+
+/// What the XDP program did with a frame: the metadata area in front of the data, and the data.
+#[derive(Debug)]
+struct XdpOut {
+    verdict: u32,
+    meta: Vec<u8>,
+    frame: Vec<u8>,
+}
+
+/// Counters that changed, by name: (packets, bytes).
+type Counts = BTreeMap<&'static str, (u64, u64)>;
+
+/// The counts a test expects: one packet of `bytes` bytes under each code.
+fn one_each(codes: &[(u32, usize)]) -> Counts {
+    codes.iter().map(|&(code, bytes)| (stats::name(code).expect("known code"), (1, bytes as u64))).collect()
+}
+
+struct Host {
+    dp: Loaded,
+    /// ifindex of each of IFACE_NAMES.
+    ifindex: BTreeMap<&'static str, u32>,
+    /// The test namespace, which this thread is in.
+    ns: String,
+    /// Dropped after the programs and maps are closed, before the namespace is removed.
+    _netns: NetnsGuard,
+    run: Run,
+}
+
+impl Host {
+    /// A configured host with the endpoints, networks and peers above.
+    fn new(tag: &str) -> Self {
+        let mut h = Self::unconfigured(tag);
+        let cfg = Config {
+            vtep: VTEP,
+            uplink_ifindex: h.ifindex["uplink"],
+            uplink_mac: UPLINK_MAC,
+            _pad: [0; 2],
+            flags: 0,
+            uplink_mtu: 1500,
+        };
+        h.dp.maps.config.set(0, cfg, 0).expect("CONFIG");
+        h
+    }
+
+    /// The same host before the agent wrote its configuration (CONFIG all zero).
+    fn unconfigured(tag: &str) -> Self {
+        let run = Run::new(tag);
+        let ns = run.ns("pkt");
+        sh(Command::new("ip").args(["netns", "add", &ns]));
+        let netns =
+            NetnsGuard::enter_path(&Path::new("/run/netns").join(&ns)).expect("entering the test netns");
+        // Created from inside: the `ip` child inherits this thread's namespace.
+        let mut ifindex = BTreeMap::new();
+        for name in IFACE_NAMES {
+            // veth pairs (this kernel has no dummy devices); the `-p` ends stand for the containers'
+            // and the underlay's ends in the tests that send real frames.
+            let peer = format!("{name}-p");
+            sh(Command::new("ip").args(["link", "add", name, "type", "veth", "peer", "name", &peer]));
+            let idx = if_index(name);
+            assert!(idx > 1, "{name} is not in the test namespace");
+            ifindex.insert(name, idx);
+        }
+
+        let mut dp = Loaded::load(&PinDir::new(run.pin_root().join("h"))).expect("loading the datapath");
+        let m = &mut dp.maps;
+        for (vni, net) in [
+            (BLUE, Network { gateway: BLUE_GATEWAY, gateway_mac: BLUE_GATEWAY_MAC, _pad: [0; 2] }),
+            // Red has no gateway.
+            (RED, Network { gateway: [0; 4], gateway_mac: [0; 6], _pad: [0; 2] }),
+        ] {
+            m.networks.insert(vni, net, 0).expect("NETWORKS");
+        }
+        for peer in [PEER2, PEER3] {
+            m.peers.insert(PeerKey { vtep: peer }, Peer::default(), 0).expect("PEERS");
+        }
+        for (vni, ep, dev) in [(BLUE, A, "veth-a"), (BLUE, B, "veth-b"), (RED, X, "veth-x")] {
+            let local = Endpoint { mac: ep.mac, flags: ENDPOINT_LOCAL, ifindex: ifindex[dev], vtep: [0; 4] };
+            m.endpoints.insert(EndpointKey { vni, ip: ep.ip }, local, 0).expect("ENDPOINTS");
+            m.ifaces
+                .insert(ifindex[dev], Iface { vni, ip: ep.ip, mac: ep.mac, _pad: [0; 2] }, 0)
+                .expect("IFACES");
+        }
+        for (vni, ep, vtep) in [(BLUE, R, PEER2), (BLUE, S, PEER3), (RED, Q, PEER2)] {
+            let remote = Endpoint { mac: ep.mac, flags: 0, ifindex: 0, vtep };
+            m.endpoints.insert(EndpointKey { vni, ip: ep.ip }, remote, 0).expect("ENDPOINTS");
+        }
+        Self { dp, ifindex, ns, _netns: netns, run }
+    }
+
+    /// For the tests that send real frames: no IPv6 in the namespace (its router solicitations
+    /// and reports would reach the programs and be counted), and `links` up.
+    fn bring_up(&self, links: &[&str]) {
+        sh(&mut in_ns(&self.ns, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]));
+        for link in links {
+            sh(Command::new("ip").args(["link", "set", link, "up"]));
+        }
+    }
+
+    /// Attaches a TC program at the ingress of `dev`, as the agent does (the link lives as long
+    /// as the loaded object).
+    fn attach_tc(&mut self, name: &str, dev: &str) {
+        let prog: &mut SchedClassifier = program(&mut self.dp.ebpf, name).expect("program");
+        prog.attach(dev, TcAttachType::Ingress).unwrap_or_else(|e| panic!("attaching {name} to {dev}: {e}"));
+    }
+
+    fn stats(&self) -> Vec<overlay_common::maps::Counter> {
+        read_stats(&self.dp.maps.stats).expect("reading STATS")
+    }
+
+    /// Runs `f` and returns what it returned with the counters that changed meanwhile.
+    fn counting<T>(&self, f: impl FnOnce(&Self) -> T) -> (T, Counts) {
+        let before = self.stats();
+        let out = f(self);
+        let after = self.stats();
+        let mut changed = Counts::new();
+        for (code, (b, a)) in before.iter().zip(&after).enumerate() {
+            if a.packets != b.packets || a.bytes != b.bytes {
+                let name = stats::name(code as u32).unwrap_or("unnamed code");
+                changed.insert(name, (a.packets - b.packets, a.bytes - b.bytes));
+            }
+        }
+        (out, changed)
+    }
+
+    fn run_tc(&self, name: &str, ifindex: u32, frame: &[u8]) -> TcOut {
+        let prog: &SchedClassifier =
+            self.dp.ebpf.program(name).expect("program").try_into().expect("a TC program");
+        let ctx_in = SkBuff { ifindex, ..Default::default() };
+        let mut ctx_out = SkBuff::default();
+        let mut out = vec![0u8; 4096];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(ctx_in.as_bytes()),
+                ctx_out: Some(ctx_out.as_bytes_mut()),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name} on a {}-byte frame: {e}", frame.len()));
+        out.truncate(r.data_size_out as usize);
+        TcOut { verdict: r.return_value as i32, frame: out }
+    }
+
+    /// The from-container program, on the host-side veth `dev`.
+    #[expect(clippy::wrong_self_convention, reason = "named after the program it runs, not a conversion")]
+    fn from_container(&self, dev: &str, frame: &[u8]) -> TcOut {
+        self.run_tc(PROG_FROM_CONTAINER, self.ifindex[dev], frame)
+    }
+
+    /// The uplink TC program on its own (no XDP before it, so no metadata).
+    fn uplink_tc(&self, frame: &[u8]) -> TcOut {
+        self.run_tc(PROG_UPLINK_TC, self.ifindex["uplink"], frame)
+    }
+
+    fn uplink_xdp(&self, frame: &[u8]) -> XdpOut {
+        let prog: &Xdp = self.dp.ebpf.program(PROG_UPLINK_XDP).expect("program").try_into().expect("XDP");
+        // With a context, the kernel insists that it describe the input exactly: no metadata,
+        // data_end = the frame's length.
+        let ctx_in = XdpMd { data: 0, data_end: frame.len() as u32, ..Default::default() };
+        let mut ctx_out = XdpMd::default();
+        let mut out = vec![0u8; 4096];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(ctx_in.as_bytes()),
+                ctx_out: Some(ctx_out.as_bytes_mut()),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| {
+                panic!("BPF_PROG_TEST_RUN of uplink_xdp on a {}-byte frame: {e}", frame.len())
+            });
+        out.truncate(r.data_size_out as usize);
+        // test_run copies from data_meta to data_end and reports, in the returned xdp_md, where
+        // data starts and ends relative to data_meta.
+        assert_eq!(ctx_out.data_end as usize, out.len(), "xdp_md.data_end is the end of the copied bytes");
+        assert!(ctx_out.data <= ctx_out.data_end);
+        let data = ctx_out.data as usize;
+        XdpOut { verdict: r.return_value, meta: out[..data].to_vec(), frame: out[data..].to_vec() }
+    }
+
+    /// Runs the XDP program in test_run's "live frames" mode, as if `frame` arrived on the
+    /// uplink: frames it passes are turned into skbs (metadata included) and received on the
+    /// uplink, where its TC ingress program sees them. The kernel returns neither data nor
+    /// verdict in this mode; the counters and the receivers tell what happened.
+    fn uplink_xdp_live(&self, frame: &[u8]) {
+        let prog: &Xdp = self.dp.ebpf.program(PROG_UPLINK_XDP).expect("program").try_into().expect("XDP");
+        let ctx_in = XdpMd {
+            data: 0,
+            data_end: frame.len() as u32,
+            ingress_ifindex: self.ifindex["uplink"],
+            ..Default::default()
+        };
+        prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(ctx_in.as_bytes()),
+            attrs: TestRunAttrs::new().xdp_live_frames(1),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| {
+            panic!("live BPF_PROG_TEST_RUN of uplink_xdp on a {}-byte frame: {e}", frame.len())
+        });
+    }
+}
+
+/// The ifindex of `name` in this thread's namespace, 0 if there is none.
+fn if_index(name: &str) -> u32 {
+    let cname = CString::new(name).expect("interface name");
+    // SAFETY: a valid C string; the lookup goes through a socket of this thread's namespace.
+    unsafe { libc::if_nametoindex(cname.as_ptr()) }
+}
+
+/// linux/if_packet.h
+const PACKET_HOST: u8 = 0;
+const PACKET_OUTGOING: u8 = 4;
+
+/// An AF_PACKET socket on one interface of the namespace it was opened in: sends frames into
+/// the interface as a container's stack would, and receives every frame the interface sees.
+struct PacketSocket(OwnedFd);
+
+impl PacketSocket {
+    fn open(dev: &str) -> Self {
+        let all = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2); the descriptor is owned at once.
+        let fd =
+            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(all)) };
+        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain data; all zero is a valid start.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = all;
+        sll.sll_ifindex = if_index(dev) as i32;
+        assert!(sll.sll_ifindex > 0, "{dev} is not in this namespace");
+        // SAFETY: a valid sockaddr_ll of the stated length.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&raw const sll).cast::<libc::sockaddr>(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "binding to {dev}: {}", std::io::Error::last_os_error());
+        let timeout = libc::timeval { tv_sec: 5, tv_usec: 0 };
+        // SAFETY: a valid timeval of the stated length.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const timeout).cast::<libc::c_void>(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+        Self(fd)
+    }
+
+    fn send(&self, frame: &[u8]) {
+        // SAFETY: sending from a valid buffer on a bound socket.
+        let n = unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(n, frame.len() as isize, "send: {}", std::io::Error::last_os_error());
+    }
+
+    /// The next frame that arrived (not one this side sent) with its packet type, or None after
+    /// the timeout.
+    fn recv(&self) -> Option<(Vec<u8>, u8)> {
+        loop {
+            let mut buf = vec![0u8; 4096];
+            // SAFETY: as in open.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            // SAFETY: valid buffers of the stated lengths.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.0.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                    (&raw mut sll).cast::<libc::sockaddr>(),
+                    &mut len,
+                )
+            };
+            if n < 0 {
+                return None;
+            }
+            if sll.sll_pkttype != PACKET_OUTGOING {
+                buf.truncate(n as usize);
+                return Some((buf, sll.sll_pkttype));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frames.
+// ---------------------------------------------------------------------------------------------
+
+/// An Ethernet frame carrying an IPv4 packet from `src` to `dst` with `l4` as payload.
+fn ip_frame(src: Ep, dst: Ep, ip: Ipv4, l4: &[u8]) -> Vec<u8> {
+    ethernet(dst.mac, src.mac, ETH_P_IP, &ip.packet(l4))
+}
+
+fn udp_frame(src: Ep, dst: Ep, dport: u16, len: usize) -> Vec<u8> {
+    ip_frame(
+        src,
+        dst,
+        Ipv4::new(src.ip, dst.ip, IPPROTO_UDP),
+        &udp(src.ip, dst.ip, 40000, dport, &payload(len)),
+    )
+}
+
+fn tcp_frame(src: Ep, dst: Ep, len: usize) -> Vec<u8> {
+    ip_frame(src, dst, Ipv4::new(src.ip, dst.ip, IPPROTO_TCP), &tcp(src.ip, dst.ip, 43210, 80, &payload(len)))
+}
+
+/// An ARP frame from a container (Ethernet source `eth_src`).
+fn arp_frame(eth_src: Mac, op: u16, sha: Mac, spa: Ip, tpa: Ip) -> Vec<u8> {
+    ethernet(BROADCAST, eth_src, ETH_P_ARP, &arp(op, sha, spa, [0; 6], tpa))
+}
+
+/// The tunnel PEER2 uses to send to this host on `vni`.
+fn from_peer2(vni: u32) -> Tunnel {
+    Tunnel { src_mac: PEER2_MAC, dst_mac: UPLINK_MAC, src_vtep: PEER2, dst_vtep: VTEP, src_port: 51234, vni }
+}
+
+/// A valid VXLAN frame: R (blue, behind PEER2) sends UDP to A (blue, local).
+fn valid_vxlan() -> Vec<u8> {
+    vxlan(&from_peer2(BLUE), &udp_frame(R, A, 7000, 64))
+}
+
+/// What VXLAN requires `from_container` to send for `inner` from a container on network `vni`
+/// to an endpoint behind `remote_vtep` (RFC 7348 section 5, with this datapath's choices for
+/// what the RFC leaves open: DF, TTL 64, the inner TOS copied, a zero UDP checksum). The IPv4
+/// identification and the UDP source port are the sender's to choose; they are taken from
+/// `actual` (the source port is checked separately).
+fn expected_encap(inner: &[u8], vni: u32, remote_vtep: Ip, actual: &[u8]) -> Vec<u8> {
+    let actual_ip: Ipv4Hdr = read(actual, OUTER_IP_OFF);
+    let actual_udp: UdpHdr = read(actual, OUTER_UDP_OFF);
+    let inner_tos = inner[EthHdr::LEN + 1];
+    let outer_ip = Ipv4 {
+        src: VTEP,
+        dst: remote_vtep,
+        protocol: IPPROTO_UDP,
+        tos: inner_tos,
+        id: u16::from_be_bytes(actual_ip.id),
+        frag_off: IPV4_DF,
+        ttl: 64,
+    };
+    let udp_len = UdpHdr::LEN + VxlanHdr::LEN + inner.len();
+    let mut f = Vec::new();
+    // Destination MAC zero: bpf_redirect_neigh fills in the next hop's when the frame leaves.
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&UPLINK_MAC);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(bytes_of(&outer_ip.header(udp_len)));
+    f.extend_from_slice(&actual_udp.src_port);
+    f.extend_from_slice(&[0x12, 0xb5]); // 4789
+    f.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    let v = vni.to_be_bytes();
+    f.extend_from_slice(&[0x08, 0, 0, 0, v[1], v[2], v[3], 0]);
+    f.extend_from_slice(inner);
+    f
+}
+
+/// Runs `inner` from A through `from_container` and checks that it went out as exactly the
+/// VXLAN frame for the endpoint behind `remote_vtep`, counted as encapsulated. Returns the UDP
+/// source port.
+fn check_encap(h: &Host, inner: &[u8], remote_vtep: Ip) -> u16 {
+    let (out, counts) = h.counting(|h| h.from_container("veth-a", inner));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "verdict for {} bytes", inner.len());
+    assert_eq!(out.frame.len(), inner.len() + 50, "VXLAN adds 50 bytes");
+    let expected = expected_encap(inner, BLUE, remote_vtep, &out.frame);
+    assert_eq!(out.frame, expected, "encapsulation of a {}-byte frame", inner.len());
+    // The checksum the program wrote, checked on its own (expected_encap computed its own).
+    assert!(ipv4_checksum_ok(&out.frame[OUTER_IP_OFF..OUTER_UDP_OFF]), "outer IPv4 checksum");
+    let sport = u16::from_be_bytes([out.frame[OUTER_UDP_OFF], out.frame[OUTER_UDP_OFF + 1]]);
+    assert!((49152..=65535).contains(&sport), "UDP source port {sport} outside 49152-65535");
+    assert_eq!(counts, one_each(&[(TX_ENCAP, inner.len() + 50)]));
+    sport
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encapsulation.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn encap_udp_is_exactly_vxlan() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkenu");
+    // From the smallest datagram to the largest that fits a 1500-byte uplink once encapsulated
+    // (IPv4 packet of 1450 bytes), with DSCP and ECN bits that must reach the outer header.
+    for (len, tos) in [(0, 0x00), (1, 0x00), (18, 0xb8), (512, 0x02), (1000, 0x03), (1422, 0x28)] {
+        let inner = ip_frame(
+            A,
+            R,
+            Ipv4::new(A.ip, R.ip, IPPROTO_UDP).tos(tos),
+            &udp(A.ip, R.ip, 5000, 53, &payload(len)),
+        );
+        check_encap(&h, &inner, PEER2);
+    }
+}
+
+#[test]
+fn encap_tcp_is_exactly_vxlan() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkent");
+    for len in [0, 100, 1410] {
+        check_encap(&h, &tcp_frame(A, R, len), PEER2);
+    }
+    // Another peer's endpoint goes to that peer's VTEP.
+    check_encap(&h, &tcp_frame(A, S, 10), PEER3);
+    // ICMP is carried the same way.
+    let ping = ip_frame(A, R, Ipv4::new(A.ip, R.ip, IPPROTO_ICMP), &icmp_echo(7, 1, &payload(56)));
+    check_encap(&h, &ping, PEER2);
+}
+
+#[test]
+fn encap_source_port_follows_the_flow() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkport");
+    // One flow, packets of different sizes: one source port, so the underlay keeps the flow's
+    // packets on one path and in order.
+    let ports: BTreeSet<u16> =
+        [0, 10, 700, 1400].iter().map(|&len| check_encap(&h, &tcp_frame(A, R, len), PEER2)).collect();
+    assert_eq!(ports.len(), 1, "one flow used several source ports: {ports:?}");
+    // Different flows spread over the range (RFC 7348: a hash of the inner headers). Sixteen
+    // flows all hashing to one port would take a broken hash.
+    let spread: BTreeSet<u16> = (0..16)
+        .map(|i| {
+            let inner =
+                ip_frame(A, R, Ipv4::new(A.ip, R.ip, IPPROTO_UDP), &udp(A.ip, R.ip, 30000 + i, 53, b"x"));
+            check_encap(&h, &inner, PEER2)
+        })
+        .collect();
+    assert!(spread.len() > 1, "sixteen flows, one source port: {spread:?}");
+}
+
+#[test]
+fn encap_drops_what_would_not_fit_the_uplink() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkmtu");
+    // A 1450-byte IPv4 packet makes a 1500-byte outer packet: the uplink's MTU exactly.
+    let fits = udp_frame(A, R, 53, 1450 - 28);
+    check_encap(&h, &fits, PEER2);
+    // One byte more would be dropped by the uplink without a trace; the program counts it.
+    let too_big = udp_frame(A, R, 53, 1451 - 28);
+    let (out, counts) = h.counting(|h| h.from_container("veth-a", &too_big));
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(counts, one_each(&[(DROP_TOO_BIG, too_big.len())]));
+}
+
+#[test]
+fn unconfigured_host_does_not_encapsulate() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::unconfigured("pkncfg");
+    let frame = udp_frame(A, R, 53, 20);
+    let (out, counts) = h.counting(|h| h.from_container("veth-a", &frame));
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(counts, one_each(&[(DROP_NO_CONFIG, frame.len())]));
+    // Delivery on the host needs no tunnel configuration.
+    let local = udp_frame(A, B, 53, 20);
+    let (out, counts) = h.counting(|h| h.from_container("veth-a", &local));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(counts, one_each(&[(TX_LOCAL, local.len())]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decapsulation.
+// ---------------------------------------------------------------------------------------------
+
+/// Inner frames of several kinds and sizes that R may send to A.
+fn inner_frames() -> Vec<Vec<u8>> {
+    vec![
+        udp_frame(R, A, 7000, 0),
+        udp_frame(R, A, 7000, 64),
+        udp_frame(R, A, 7000, 1422),
+        tcp_frame(R, A, 0),
+        tcp_frame(R, A, 1410),
+        ip_frame(R, A, Ipv4::new(R.ip, A.ip, IPPROTO_ICMP).tos(0xb8), &icmp_echo(9, 3, &payload(56))),
+    ]
+}
+
+/// The metadata the XDP program leaves for TC: XdpMeta { magic, ifindex } in host byte order.
+fn xdp_meta(ifindex: u32) -> Vec<u8> {
+    [XDP_META_MAGIC.to_ne_bytes(), ifindex.to_ne_bytes()].concat()
+}
+
+#[test]
+fn xdp_decap_restores_the_inner_frame() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkxdec");
+    for inner in inner_frames() {
+        let frame = vxlan(&from_peer2(BLUE), &inner);
+        let (out, counts) = h.counting(|h| h.uplink_xdp(&frame));
+        assert_eq!(out.verdict, XDP_PASS, "a valid frame passes on to TC");
+        assert_eq!(out.frame, inner, "decapsulated frame");
+        assert_eq!(out.meta, xdp_meta(h.ifindex["veth-a"]), "metadata for TC: A's veth");
+        assert_eq!(counts, one_each(&[(RX_DECAP, inner.len())]));
+    }
+}
+
+#[test]
+fn tc_decap_restores_the_inner_frame() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pktdec");
+    for inner in inner_frames() {
+        let frame = vxlan(&from_peer2(BLUE), &inner);
+        let (out, counts) = h.counting(|h| h.uplink_tc(&frame));
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "delivered into the container");
+        assert_eq!(out.frame, inner, "decapsulated frame");
+        assert_eq!(counts, one_each(&[(RX_DECAP, inner.len()), (RX_DELIVER, inner.len())]));
+    }
+}
+
+#[test]
+fn decap_ignores_what_rfc7348_says_receivers_ignore() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkrsv");
+    let inner = udp_frame(R, A, 7000, 100);
+    // Reserved flag bits and reserved fields: "MUST be ignored on receipt" (RFC 7348 section 5).
+    let mut reserved = vxlan(&from_peer2(BLUE), &inner);
+    edit::<VxlanHdr>(&mut reserved, VXLAN_OFF, |v| {
+        v.flags = 0xff;
+        v.reserved1 = [0xaa, 0xbb, 0xcc];
+        v.reserved2 = 0xdd;
+    });
+    // A non-zero UDP checksum, correctly computed over the whole datagram: receivers MAY verify
+    // it, and must then accept it.
+    let mut checksummed = vxlan(&from_peer2(BLUE), &inner);
+    let udp_part = checksummed[OUTER_UDP_OFF..].to_vec();
+    let summed = udp(PEER2, VTEP, 51234, 4789, &udp_part[UdpHdr::LEN..]);
+    assert_eq!(summed.len(), udp_part.len());
+    checksummed[OUTER_UDP_OFF..].copy_from_slice(&summed);
+    assert_ne!(read::<UdpHdr>(&checksummed, OUTER_UDP_OFF).check, [0, 0]);
+    // Any source port: it is the sender's flow hash.
+    let mut low_port = vxlan(&from_peer2(BLUE), &inner);
+    edit::<UdpHdr>(&mut low_port, OUTER_UDP_OFF, |u| u.src_port = 1024u16.to_be_bytes());
+
+    for (what, frame) in
+        [("reserved bits", reserved), ("UDP checksum", checksummed), ("source port", low_port)]
+    {
+        let (out, counts) = h.counting(|h| h.uplink_xdp(&frame));
+        assert_eq!((out.verdict, &out.frame), (XDP_PASS, &inner), "XDP, {what}");
+        assert_eq!(out.meta, xdp_meta(h.ifindex["veth-a"]), "XDP, {what}");
+        assert_eq!(counts, one_each(&[(RX_DECAP, inner.len())]), "XDP, {what}");
+        let (out, counts) = h.counting(|h| h.uplink_tc(&frame));
+        assert_eq!((out.verdict, &out.frame), (TC_ACT_REDIRECT, &inner), "TC, {what}");
+        assert_eq!(counts, one_each(&[(RX_DECAP, inner.len()), (RX_DELIVER, inner.len())]), "TC, {what}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Uplink drops: every one through XDP and through the TC fallback, which apply the same rules.
+// ---------------------------------------------------------------------------------------------
+
+/// Checks that `frame` is dropped on the uplink for `reason`, by XDP and by TC, and that
+/// nothing else is counted.
+fn check_uplink_drop(h: &Host, what: &str, frame: &[u8], reason: u32) {
+    let (out, counts) = h.counting(|h| h.uplink_xdp(frame));
+    assert_eq!(out.verdict, XDP_DROP, "XDP verdict: {what}");
+    assert_eq!(counts, one_each(&[(reason, frame.len())]), "XDP counters: {what}");
+    let (out, counts) = h.counting(|h| h.uplink_tc(frame));
+    assert_eq!(out.verdict, TC_ACT_SHOT, "TC verdict: {what}");
+    assert_eq!(counts, one_each(&[(reason, frame.len())]), "TC counters: {what}");
+}
+
+#[test]
+fn uplink_drops_vxlan_from_unknown_peers() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkpeer");
+    // Everything else about them is right, including an inner source that exists (behind PEER2).
+    for (what, src_vtep) in [("source VTEP not a peer", STRANGER), ("source is this host's own VTEP", VTEP)] {
+        let t = Tunnel { src_vtep, ..from_peer2(BLUE) };
+        check_uplink_drop(&h, what, &vxlan(&t, &udp_frame(R, A, 7000, 64)), DROP_UNKNOWN_PEER);
+    }
+}
+
+#[test]
+fn uplink_drops_unknown_vni() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkvni");
+    let frame = vxlan(&from_peer2(0x00_99_99), &udp_frame(R, A, 7000, 64));
+    check_uplink_drop(&h, "VNI of no network here", &frame, DROP_UNKNOWN_VNI);
+}
+
+#[test]
+fn uplink_drops_inner_destinations_that_are_not_local() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pknl");
+    let cases = [
+        ("destination is a remote endpoint", vxlan(&from_peer2(BLUE), &udp_frame(R, S, 7000, 64))),
+        (
+            "destination unknown",
+            vxlan(&from_peer2(BLUE), &udp_frame(R, Ep { ip: NOBODY, mac: A.mac }, 7000, 64)),
+        ),
+        // Isolation on receive: A's address, but on red, where A does not exist.
+        ("destination on another network", vxlan(&from_peer2(RED), &udp_frame(Q, A, 7000, 64))),
+    ];
+    for (what, frame) in cases {
+        check_uplink_drop(&h, what, &frame, DROP_NOT_LOCAL);
+    }
+}
+
+#[test]
+fn uplink_drops_vxlan_without_the_i_flag() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkflag");
+    for flags in [0x00, 0xf7] {
+        let mut frame = valid_vxlan();
+        edit::<VxlanHdr>(&mut frame, VXLAN_OFF, |v| v.flags = flags);
+        check_uplink_drop(&h, &format!("VXLAN flags {flags:#04x}"), &frame, DROP_BAD_FLAGS);
+    }
+}
+
+#[test]
+fn uplink_drops_truncated_frames() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pktrunc");
+    // Each cut leaves length fields that agree with the frame, so it is the missing header, not
+    // a lying length, that must get it dropped.
+    let cuts = [
+        ("inside the UDP header", OUTER_UDP_OFF + 4),
+        ("inside the VXLAN header", VXLAN_OFF + 4),
+        ("inside the inner Ethernet header", INNER_ETH_OFF + 10),
+        ("inside the inner IPv4 header", INNER_IP_OFF + 10),
+    ];
+    for (what, len) in cuts {
+        let mut frame = valid_vxlan();
+        truncate_consistently(&mut frame, len);
+        check_uplink_drop(&h, what, &frame, DROP_TRUNCATED);
+    }
+}
+
+#[test]
+fn uplink_drops_lengths_that_do_not_match_the_frame() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pklen");
+    let ip_len = |frame: &mut Vec<u8>, delta: i32| {
+        edit::<Ipv4Hdr>(frame, OUTER_IP_OFF, |ip| {
+            ip.tot_len = ((i32::from(u16::from_be_bytes(ip.tot_len)) + delta) as u16).to_be_bytes();
+        });
+        reseal_ipv4(frame, OUTER_IP_OFF);
+    };
+    let udp_len = |frame: &mut Vec<u8>, delta: i32| {
+        edit::<UdpHdr>(frame, OUTER_UDP_OFF, |u| {
+            u.len = ((i32::from(u16::from_be_bytes(u.len)) + delta) as u16).to_be_bytes();
+        });
+    };
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    for (what, delta) in [("IPv4 total length one too long", 1), ("IPv4 total length one too short", -1)] {
+        let mut f = valid_vxlan();
+        ip_len(&mut f, delta);
+        cases.push((what, f));
+    }
+    for (what, delta) in [("UDP length one too long", 1), ("UDP length one too short", -1)] {
+        let mut f = valid_vxlan();
+        udp_len(&mut f, delta);
+        cases.push((what, f));
+    }
+    // Bytes after the end the IPv4 header gives (a VXLAN frame is never short enough to need
+    // Ethernet padding).
+    let mut trailing = valid_vxlan();
+    trailing.extend_from_slice(&[0; 4]);
+    cases.push(("bytes after the IPv4 packet", trailing));
+    for (what, frame) in cases {
+        check_uplink_drop(&h, what, &frame, DROP_BAD_LENGTH);
+    }
+}
+
+#[test]
+fn uplink_drops_fragmented_vxlan() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkfrag");
+    // A first fragment carries the UDP header, so it is recognisably VXLAN; VTEPs never
+    // fragment (RFC 7348 section 4.3) and the receiver may discard fragments.
+    let mut first = valid_vxlan();
+    edit::<Ipv4Hdr>(&mut first, OUTER_IP_OFF, |ip| ip.frag_off = IPV4_MF.to_be_bytes());
+    reseal_ipv4(&mut first, OUTER_IP_OFF);
+    check_uplink_drop(&h, "first fragment (MF, offset 0)", &first, DROP_FRAGMENT);
+}
+
+#[test]
+fn uplink_drops_bad_outer_checksum() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkcsum");
+    let mut frame = valid_vxlan();
+    frame[OUTER_IP_OFF + 10] ^= 0x01;
+    assert!(!ipv4_checksum_ok(&frame[OUTER_IP_OFF..OUTER_UDP_OFF]));
+    check_uplink_drop(&h, "outer IPv4 checksum off by one bit", &frame, DROP_BAD_OUTER_IP);
+}
+
+#[test]
+fn uplink_drops_inner_frames_that_are_not_ipv4() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkinner");
+    let inner_arp = ethernet(BROADCAST, R.mac, ETH_P_ARP, &arp(ARP_OP_REQUEST, R.mac, R.ip, [0; 6], A.ip));
+    let inner_v6 = ethernet(A.mac, R.mac, ETH_P_IPV6, &ipv6_udp(1, 2, b"v6"));
+    // IPv4 ethertype, but the header says version 6.
+    let mut not_v4 = udp_frame(R, A, 7000, 64);
+    not_v4[EthHdr::LEN] = 0x65;
+    // RFC 7348 section 6.1: a decapsulated frame with an inner VLAN tag SHOULD be discarded.
+    let tagged = ethernet(
+        A.mac,
+        R.mac,
+        0x8100,
+        &[[0, 5, 0x08, 0x00].as_slice(), &udp_frame(R, A, 7000, 64)[14..]].concat(),
+    );
+    for (what, inner) in [
+        ("ARP", inner_arp),
+        ("IPv6", inner_v6),
+        ("IPv4 ethertype, version 6", not_v4),
+        ("802.1Q tagged", tagged),
+    ] {
+        check_uplink_drop(&h, what, &vxlan(&from_peer2(BLUE), &inner), DROP_INNER_NOT_IPV4);
+    }
+}
+
+#[test]
+fn uplink_drops_inner_sources_the_peer_does_not_own() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkspoof");
+    let cases = [
+        // S lives behind PEER3: PEER2 cannot speak for it.
+        ("source behind another peer", udp_frame(S, A, 7000, 64)),
+        ("source unknown", udp_frame(Ep { ip: NOBODY, mac: R.mac }, A, 7000, 64)),
+        // B lives on this host: nothing from outside may claim to be it.
+        ("source is a local endpoint", udp_frame(B, A, 7000, 64)),
+        // Q is PEER2's, but on red: it does not exist on blue.
+        ("source from another network", udp_frame(Q, A, 7000, 64)),
+        // R's address is PEER2's to use, but only with R's MAC.
+        ("source address with another MAC", udp_frame(Ep { ip: R.ip, mac: S.mac }, A, 7000, 64)),
+    ];
+    for (what, inner) in cases {
+        check_uplink_drop(&h, what, &vxlan(&from_peer2(BLUE), &inner), DROP_INNER_SPOOFED);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Uplink frames that are not VXLAN for this host.
+// ---------------------------------------------------------------------------------------------
+
+/// Frames the uplink receives that are none of the overlay's business.
+fn not_ours() -> Vec<(&'static str, Vec<u8>)> {
+    let host = |l4: &[u8], protocol| {
+        ethernet(UPLINK_MAC, PEER2_MAC, ETH_P_IP, &Ipv4::new(PEER2, VTEP, protocol).packet(l4))
+    };
+    let mut later_fragment = valid_vxlan();
+    edit::<Ipv4Hdr>(&mut later_fragment, OUTER_IP_OFF, |ip| ip.frag_off = 0x00b9u16.to_be_bytes());
+    reseal_ipv4(&mut later_fragment, OUTER_IP_OFF);
+    // Options move the UDP header; decap.rs leaves such frames to the host's stack.
+    let with_options = {
+        let inner = udp_frame(R, A, 7000, 64);
+        let vx = [&[0x08, 0, 0, 0], &BLUE.to_be_bytes()[1..], &[0], &inner[..]].concat();
+        let mut dgram = udp(PEER2, VTEP, 51234, 4789, &vx);
+        dgram[6..8].copy_from_slice(&[0, 0]);
+        let mut ip = bytes_of(&Ipv4::new(PEER2, VTEP, IPPROTO_UDP).header(0)).to_vec();
+        ip[0] = 0x46;
+        ip.extend_from_slice(&[0x01, 0x01, 0x01, 0x00]); // NOP, NOP, NOP, end of options
+        let tot = (ip.len() + dgram.len()) as u16;
+        ip[2..4].copy_from_slice(&tot.to_be_bytes());
+        let mut f = ethernet(UPLINK_MAC, PEER2_MAC, ETH_P_IP, &[ip, dgram].concat());
+        reseal_ipv4(&mut f, OUTER_IP_OFF);
+        f
+    };
+    let mut to_other_ip = valid_vxlan();
+    edit::<Ipv4Hdr>(&mut to_other_ip, OUTER_IP_OFF, |ip| ip.dst = [198, 18, 0, 50]);
+    reseal_ipv4(&mut to_other_ip, OUTER_IP_OFF);
+    vec![
+        ("UDP to another port of the VTEP", host(&udp(PEER2, VTEP, 51234, 53, b"query"), IPPROTO_UDP)),
+        ("TCP to port 4789 of the VTEP", host(&tcp(PEER2, VTEP, 51234, 4789, b"hello"), IPPROTO_TCP)),
+        ("ICMP to the VTEP", host(&icmp_echo(1, 1, b"ping"), IPPROTO_ICMP)),
+        ("VXLAN to another address", to_other_ip),
+        (
+            "ARP for the VTEP",
+            ethernet(BROADCAST, PEER2_MAC, ETH_P_ARP, &arp(ARP_OP_REQUEST, PEER2_MAC, PEER2, [0; 6], VTEP)),
+        ),
+        ("IPv6 UDP to 4789", ethernet(UPLINK_MAC, PEER2_MAC, ETH_P_IPV6, &ipv6_udp(51234, 4789, b"v6"))),
+        ("a later fragment (no UDP header to judge)", later_fragment),
+        ("IPv4 with options", with_options),
+    ]
+}
+
+#[test]
+fn uplink_passes_what_is_not_vxlan_for_this_host_untouched() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkpass");
+    for (what, frame) in not_ours() {
+        let (out, counts) = h.counting(|h| h.uplink_xdp(&frame));
+        assert_eq!(out.verdict, XDP_PASS, "XDP verdict: {what}");
+        assert_eq!(out.frame, frame, "XDP output: {what}");
+        // Metadata ifindex 0 tells TC the frame was looked at and is not ours.
+        assert_eq!(out.meta, xdp_meta(0), "XDP metadata: {what}");
+        assert_eq!(counts, one_each(&[(UPLINK_PASS, frame.len())]), "XDP counters: {what}");
+
+        let (out, counts) = h.counting(|h| h.uplink_tc(&frame));
+        assert_eq!(out.verdict, TC_ACT_OK, "TC verdict: {what}");
+        assert_eq!(out.frame, frame, "TC output: {what}");
+        assert_eq!(counts, Counts::new(), "TC counters: {what}");
+    }
+}
+
+#[test]
+fn unconfigured_uplink_passes_everything_untouched() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::unconfigured("pkupnc");
+    // Until the agent configured the host, the uplink is just the host's interface: even a
+    // frame that would be valid VXLAN is left alone.
+    let mut frames = not_ours();
+    frames.push(("valid VXLAN", valid_vxlan()));
+    for (what, frame) in frames {
+        let (out, counts) = h.counting(|h| h.uplink_xdp(&frame));
+        assert_eq!((out.verdict, &out.frame, &out.meta[..]), (XDP_PASS, &frame, &[][..]), "XDP: {what}");
+        assert_eq!(counts, Counts::new(), "XDP counters: {what}");
+        let (out, counts) = h.counting(|h| h.uplink_tc(&frame));
+        assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, &frame), "TC: {what}");
+        assert_eq!(counts, Counts::new(), "TC counters: {what}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ARP responder.
+// ---------------------------------------------------------------------------------------------
+
+/// The reply RFC 826 calls for when `owner` (with `owner_mac`) answers `requester`.
+fn arp_reply(requester: Ep, owner_ip: Ip, owner_mac: Mac) -> Vec<u8> {
+    ethernet(
+        requester.mac,
+        owner_mac,
+        ETH_P_ARP,
+        &arp(ARP_OP_REPLY, owner_mac, owner_ip, requester.mac, requester.ip),
+    )
+}
+
+#[test]
+fn arp_requests_are_answered_for_every_address_on_the_network() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkarpok");
+    let cases = [
+        ("a remote endpoint", R.ip, R.mac),
+        ("a local endpoint", B.ip, B.mac),
+        ("the gateway", BLUE_GATEWAY, BLUE_GATEWAY_MAC),
+    ];
+    for (what, target, owner_mac) in cases {
+        let request = arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, target);
+        let (out, counts) = h.counting(|h| h.from_container("veth-a", &request));
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "verdict: {what}");
+        assert_eq!(out.frame, arp_reply(A, target, owner_mac), "reply: {what}");
+        assert_eq!(counts, one_each(&[(ARP_REPLY, request.len())]), "counters: {what}");
+    }
+    // A request padded to the Ethernet minimum (60 bytes) is answered the same; the padding
+    // stays where it was.
+    let mut padded = arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, R.ip);
+    padded.resize(60, 0);
+    let (out, counts) = h.counting(|h| h.from_container("veth-a", &padded));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let mut expected = arp_reply(A, R.ip, R.mac);
+    expected.resize(60, 0);
+    assert_eq!(out.frame, expected);
+    assert_eq!(counts, one_each(&[(ARP_REPLY, 60)]));
+}
+
+#[test]
+fn arp_requests_that_cannot_be_answered_are_dropped() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkarpno");
+    let mut not_ethernet = arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, R.ip);
+    not_ethernet[EthHdr::LEN + 1] = 6; // hardware type 6 (IEEE 802)
+    let cases: Vec<(&str, &str, Vec<u8>, u32)> = vec![
+        ("unknown address", "veth-a", arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, NOBODY), DROP_ARP),
+        // Gratuitous ARP or duplicate address detection: nobody else to answer for it.
+        ("its own address", "veth-a", arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, A.ip), DROP_ARP),
+        // Isolation: Q's address exists only on red.
+        (
+            "an address of another network",
+            "veth-a",
+            arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, Q.ip),
+            DROP_ARP,
+        ),
+        // Red has no gateway, and 0.0.0.0 is nobody's.
+        (
+            "0.0.0.0 on a network without gateway",
+            "veth-x",
+            arp_frame(X.mac, ARP_OP_REQUEST, X.mac, X.ip, [0; 4]),
+            DROP_ARP,
+        ),
+        ("a reply, not a request", "veth-a", arp_frame(A.mac, ARP_OP_REPLY, A.mac, A.ip, R.ip), DROP_ARP),
+        ("not Ethernet/IPv4", "veth-a", not_ethernet, DROP_ARP),
+        ("spoofed sender MAC", "veth-a", arp_frame(A.mac, ARP_OP_REQUEST, B.mac, A.ip, R.ip), DROP_SPOOFED),
+        ("spoofed sender IPv4", "veth-a", arp_frame(A.mac, ARP_OP_REQUEST, A.mac, B.ip, R.ip), DROP_SPOOFED),
+        (
+            "spoofed Ethernet source",
+            "veth-a",
+            arp_frame(B.mac, ARP_OP_REQUEST, B.mac, B.ip, R.ip),
+            DROP_SPOOFED,
+        ),
+        (
+            "truncated",
+            "veth-a",
+            arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, R.ip)[..EthHdr::LEN + 20].to_vec(),
+            DROP_MALFORMED,
+        ),
+    ];
+    for (what, dev, frame, reason) in cases {
+        let (out, counts) = h.counting(|h| h.from_container(dev, &frame));
+        assert_eq!(out.verdict, TC_ACT_SHOT, "verdict: {what}");
+        assert_eq!(counts, one_each(&[(reason, frame.len())]), "counters: {what}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// From the container: local delivery and what is refused.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn local_delivery_leaves_the_frame_unchanged() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pklocal");
+    for (dev, frame) in [
+        ("veth-a", udp_frame(A, B, 53, 100)),
+        ("veth-a", tcp_frame(A, B, 1400)),
+        ("veth-b", udp_frame(B, A, 53, 0)),
+    ] {
+        let (out, counts) = h.counting(|h| h.from_container(dev, &frame));
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(out.frame, frame, "a frame delivered on the host is not modified");
+        assert_eq!(counts, one_each(&[(TX_LOCAL, frame.len())]));
+    }
+}
+
+/// Checks that `frame` sent on `dev` is dropped for `reason` and nothing else is counted.
+fn check_container_drop(h: &Host, what: &str, dev: &str, frame: &[u8], reason: u32) {
+    let (out, counts) = h.counting(|h| h.from_container(dev, frame));
+    assert_eq!(out.verdict, TC_ACT_SHOT, "verdict: {what}");
+    assert_eq!(counts, one_each(&[(reason, frame.len())]), "counters: {what}");
+}
+
+#[test]
+fn from_container_drops_spoofed_sources() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkcspoof");
+    let mut wrong_mac = udp_frame(A, R, 53, 20);
+    wrong_mac[6..12].copy_from_slice(&B.mac);
+    check_container_drop(&h, "B's MAC from A's veth", "veth-a", &wrong_mac, DROP_SPOOFED);
+    let wrong_ip = ip_frame(A, R, Ipv4::new(B.ip, R.ip, IPPROTO_UDP), &udp(B.ip, R.ip, 1, 53, b"x"));
+    check_container_drop(&h, "B's IPv4 from A's veth", "veth-a", &wrong_ip, DROP_SPOOFED);
+    // Local destinations get the same check.
+    let wrong_ip_local =
+        ip_frame(A, B, Ipv4::new(NOBODY, B.ip, IPPROTO_UDP), &udp(NOBODY, B.ip, 1, 53, b"x"));
+    check_container_drop(&h, "made-up IPv4 to a local endpoint", "veth-a", &wrong_ip_local, DROP_SPOOFED);
+}
+
+#[test]
+fn networks_are_isolated() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkiso");
+    // Q exists, but on red: from blue it is not there, whatever its address looks like.
+    check_container_drop(&h, "blue to red's Q", "veth-a", &udp_frame(A, Q, 53, 20), DROP_NO_ENDPOINT);
+    // Nor is a local endpoint of another network.
+    check_container_drop(&h, "blue to red's X (local)", "veth-a", &udp_frame(A, X, 53, 20), DROP_NO_ENDPOINT);
+    check_container_drop(&h, "red to blue's R", "veth-x", &udp_frame(X, R, 53, 20), DROP_NO_ENDPOINT);
+    check_container_drop(&h, "red to blue's A (local)", "veth-x", &udp_frame(X, A, 53, 20), DROP_NO_ENDPOINT);
+}
+
+#[test]
+fn from_container_drops_unknown_destinations() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkunk");
+    let frame = udp_frame(A, Ep { ip: NOBODY, mac: BLUE_GATEWAY_MAC }, 53, 20);
+    check_container_drop(&h, "no endpoint has the address", "veth-a", &frame, DROP_NO_ENDPOINT);
+    // The gateway answers ARP but is not an endpoint: traffic to it has nowhere to go.
+    let frame = udp_frame(A, Ep { ip: BLUE_GATEWAY, mac: BLUE_GATEWAY_MAC }, 53, 20);
+    check_container_drop(&h, "the gateway's own address", "veth-a", &frame, DROP_NO_ENDPOINT);
+}
+
+#[test]
+fn from_container_drops_unsupported_and_malformed_frames() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkmal");
+    let v6 = ethernet(R.mac, A.mac, ETH_P_IPV6, &ipv6_udp(1, 2, b"v6"));
+    check_container_drop(&h, "IPv6", "veth-a", &v6, DROP_UNSUPPORTED);
+    let vlan = ethernet(R.mac, A.mac, 0x8100, &[0, 5, 0x08, 0x00, 0x45, 0, 0, 20]);
+    check_container_drop(&h, "802.1Q tagged", "veth-a", &vlan, DROP_UNSUPPORTED);
+
+    // test_run refuses IPv4 frames shorter than 14 + 20 bytes before the program runs (EINVAL);
+    // truncated_ipv4_from_a_container_is_malformed sends one through a live veth instead.
+    let full = udp_frame(A, R, 53, 20);
+    let mut short_ihl = full.clone();
+    short_ihl[EthHdr::LEN] = 0x44;
+    check_container_drop(&h, "IHL 4 (16-byte header)", "veth-a", &short_ihl, DROP_MALFORMED);
+    let mut not_v4 = full.clone();
+    not_v4[EthHdr::LEN] = 0x65;
+    check_container_drop(&h, "IPv4 ethertype, version 6", "veth-a", &not_v4, DROP_MALFORMED);
+}
+
+#[test]
+fn frames_on_unregistered_veths_are_dropped() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkstray");
+    // A veth the agent has not registered (being set up or torn down): nobody vouches for it,
+    // even if it sends in A's name.
+    check_container_drop(
+        &h,
+        "A's frame on a stray veth",
+        "stray",
+        &udp_frame(A, R, 53, 20),
+        DROP_UNKNOWN_IFACE,
+    );
+    let arp = arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, R.ip);
+    check_container_drop(&h, "A's ARP on a stray veth", "stray", &arp, DROP_UNKNOWN_IFACE);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real frames on attached programs, for what test_run cannot show.
+// ---------------------------------------------------------------------------------------------
+
+/// Waits until `code` has counted a packet (a frame sent on a veth is processed asynchronously,
+/// in the receive softirq).
+fn wait_counted(h: &Host, code: u32) {
+    let seen = wait_for(Duration::from_secs(5), || (h.stats()[code as usize].packets > 0).then_some(()));
+    assert!(seen.is_some(), "{} never counted", stats::name(code).unwrap_or("?"));
+}
+
+#[test]
+fn truncated_ipv4_from_a_container_is_malformed() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let mut h = Host::new("pktr4");
+    // test_run refuses an IPv4 frame shorter than an IPv4 header, but a container can send one:
+    // inject it into the container's end of A's veth, with from_container attached as the agent
+    // attaches it.
+    h.bring_up(&["veth-a", "veth-a-p"]);
+    h.attach_tc(PROG_FROM_CONTAINER, "veth-a");
+    let frame = udp_frame(A, R, 53, 20)[..EthHdr::LEN + 10].to_vec();
+    let ((), counts) = h.counting(|h| {
+        PacketSocket::open("veth-a-p").send(&frame);
+        wait_counted(h, DROP_MALFORMED);
+    });
+    assert_eq!(counts, one_each(&[(DROP_MALFORMED, frame.len())]));
+}
+
+#[test]
+fn xdp_hands_decapsulated_frames_to_tc_which_delivers_them() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let mut h = Host::new("pkhand");
+    // A's container: its end of the veth in a namespace of its own, as the agent sets it up
+    // (bpf_redirect_peer only delivers into another namespace).
+    let ctr = h.run.ns("ctr-a");
+    sh(Command::new("ip").args(["netns", "add", &ctr]));
+    sh(&mut in_ns(
+        &ctr,
+        &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"],
+    ));
+    sh(Command::new("ip").args(["link", "set", "veth-a-p", "netns", &ctr]));
+    sh(Command::new("ip").args(["-n", &ctr, "link", "set", "veth-a-p", "up"]));
+    h.bring_up(&["veth-a", "uplink", "uplink-p"]);
+    h.attach_tc(PROG_UPLINK_TC, "uplink");
+    let container = {
+        let _in_ctr =
+            NetnsGuard::enter_path(&Path::new("/run/netns").join(&ctr)).expect("entering the container");
+        PacketSocket::open("veth-a-p")
+    };
+
+    let inner = udp_frame(R, A, 7000, 300);
+    let frame = vxlan(&from_peer2(BLUE), &inner);
+    let ((), counts) = h.counting(|h| h.uplink_xdp_live(&frame));
+    // XDP decapsulated it; TC found the endpoint in the metadata and delivered it without
+    // classifying or decapsulating it a second time.
+    assert_eq!(counts, one_each(&[(RX_DECAP, inner.len()), (RX_DELIVER, inner.len())]));
+    let (got, pkt_type) = container.recv().expect("nothing arrived in the container");
+    assert_eq!(got, inner, "the container receives the inner frame");
+    // Addressed to the container's MAC, not the uplink's: without PACKET_HOST the container's
+    // IP layer would discard it.
+    assert_eq!(pkt_type, PACKET_HOST);
+}
