@@ -7,6 +7,7 @@
 //! - `reconcile`: the difference between desired and actual, and the steps that close it.
 
 pub mod agent;
+pub mod cli;
 pub mod datapath;
 pub mod desired;
 pub mod model;
@@ -14,3 +15,4 @@ pub mod netlink;
 pub mod reconcile;
 pub mod sandbox;
 pub mod source;
+pub mod store;

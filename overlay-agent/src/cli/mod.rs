@@ -1,0 +1,503 @@
+//! `overlay`: the command line, shaped like `docker network`. It writes the desired state to the
+//! store; the agent of the host concerned makes it real; the CLI waits (up to --timeout) until
+//! that host reports it done, so a command that returns has taken effect.
+
+pub mod inspect;
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio::time::Instant;
+
+use crate::store::{ContainerSpec, EtcdArgs, NetworkSpec, Store, StoreError};
+
+#[derive(Parser)]
+#[command(name = "overlay", version, about = "Multi-host overlay networks and their containers")]
+pub struct Cli {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// How long to wait for hosts to make a change real (e.g. 30s, 2m; 0 = do not wait).
+    #[arg(
+        long,
+        env = "OVERLAY_TIMEOUT",
+        default_value = "30s",
+        value_parser = parse_duration,
+        global = true,
+        help_heading = "Waiting"
+    )]
+    pub timeout: Duration,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Manage networks.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Manage containers (network sandboxes on hosts).
+    #[command(subcommand)]
+    Container(ContainerCommand),
+    /// Registered hosts.
+    #[command(subcommand)]
+    Host(HostCommand),
+}
+
+#[derive(Subcommand)]
+pub enum NetworkCommand {
+    /// Create a network.
+    Create(NetworkCreate),
+    /// List networks.
+    #[command(visible_alias = "list")]
+    Ls {
+        /// Only print network ids.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Do not truncate ids.
+        #[arg(long)]
+        no_trunc: bool,
+    },
+    /// Display detailed information on one or more networks.
+    Inspect {
+        #[arg(required = true)]
+        networks: Vec<String>,
+    },
+    /// Remove one or more networks.
+    #[command(visible_alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        networks: Vec<String>,
+    },
+    /// Connect a container to a network.
+    Connect {
+        /// IPv4 address to give it (default: the lowest free one).
+        #[arg(long)]
+        ip: Option<String>,
+        network: String,
+        container: String,
+    },
+    /// Disconnect a container from a network.
+    Disconnect { network: String, container: String },
+}
+
+#[derive(Args)]
+pub struct NetworkCreate {
+    /// Driver (only "overlay").
+    #[arg(short, long, default_value = "overlay")]
+    driver: String,
+    /// Subnet in CIDR format [default: the first free /24 of 10.0.0.0/8].
+    #[arg(long)]
+    subnet: Option<String>,
+    /// Gateway of the subnet [default: its first address].
+    #[arg(long)]
+    gateway: Option<String>,
+    /// Allocate container addresses from this sub-range.
+    #[arg(long)]
+    ip_range: Option<String>,
+    /// Auxiliary address the network must never hand out (name=ip; repeatable).
+    #[arg(long = "aux-address")]
+    aux_address: Vec<String>,
+    /// Driver option: mtu=N, vni=N (repeatable).
+    #[arg(short = 'o', long = "opt")]
+    opt: Vec<String>,
+    /// Label key=value (repeatable).
+    #[arg(long)]
+    label: Vec<String>,
+    name: String,
+}
+
+#[derive(Subcommand)]
+pub enum ContainerCommand {
+    /// Create a container on a host (optionally connected to a network).
+    Create {
+        /// The host to run it on (a registered host).
+        #[arg(long)]
+        host: String,
+        /// Connect it to this network.
+        #[arg(long)]
+        network: Option<String>,
+        /// IPv4 address on --network.
+        #[arg(long)]
+        ip: Option<String>,
+        /// Use this existing network namespace instead of having the agent make one.
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        name: String,
+    },
+    /// Remove one or more containers (and disconnect them from every network).
+    #[command(visible_alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
+    /// List containers.
+    #[command(visible_alias = "list")]
+    Ls,
+    /// Run a command inside a container's network namespace (on the container's host).
+    Exec {
+        container: String,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum HostCommand {
+    /// List registered hosts.
+    #[command(visible_alias = "list")]
+    Ls,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).map_err(|e| e.to_string());
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. 30s, 500ms, 2m)"))
+}
+
+fn parse_ip(what: &'static str, s: &str) -> Result<Ipv4Addr, StoreError> {
+    s.trim().parse().map_err(|_| StoreError::Invalid {
+        what,
+        value: s.to_owned(),
+        reason: "expected an IPv4 address such as 10.0.9.2".into(),
+    })
+}
+
+/// The entry point of the `overlay` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&anyhow::Error::new(e).context("starting the runtime")),
+    };
+    let outcome = runtime.block_on(run(cli));
+    // Entering a namespace and exec'ing happen with no runtime (and so no other thread) left.
+    drop(runtime);
+    match outcome {
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(Outcome::Failed) => ExitCode::FAILURE,
+        Ok(Outcome::Exec { netns, command }) => fail(&exec_in(&netns, &command)),
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &anyhow::Error) -> ExitCode {
+    eprintln!("Error: {e:#}");
+    ExitCode::FAILURE
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OVERLAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// What is left to do once the store's part is done.
+pub enum Outcome {
+    Done,
+    /// Some of several targets failed (each already reported).
+    Failed,
+    Exec {
+        netns: PathBuf,
+        command: Vec<String>,
+    },
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let store = Store::connect(&cli.etcd.config()).await?;
+    let ctx = Ctx { store, timeout: cli.timeout };
+    match cli.command {
+        Command::Network(cmd) => ctx.network(cmd).await,
+        Command::Container(cmd) => ctx.container(cmd).await,
+        Command::Host(HostCommand::Ls) => ctx.host_ls().await,
+    }
+}
+
+struct Ctx {
+    store: Store,
+    timeout: Duration,
+}
+
+impl Ctx {
+    fn deadline(&self) -> Option<Instant> {
+        (!self.timeout.is_zero()).then(|| Instant::now() + self.timeout)
+    }
+
+    async fn network(&self, cmd: NetworkCommand) -> anyhow::Result<Outcome> {
+        let store = &self.store;
+        match cmd {
+            NetworkCommand::Create(c) => {
+                let spec = NetworkSpec {
+                    name: c.name,
+                    driver: Some(c.driver),
+                    subnet: c.subnet,
+                    gateway: c.gateway,
+                    ip_range: c.ip_range,
+                    aux_addresses: c.aux_address,
+                    options: c.opt,
+                    labels: c.label,
+                };
+                let network = store.create_network(&spec).await?;
+                println!("{}", network.id);
+            }
+            NetworkCommand::Ls { quiet, no_trunc } => {
+                let networks = store.networks().await?;
+                let id = |id: &str| if no_trunc { id.to_owned() } else { id[..12.min(id.len())].to_owned() };
+                if quiet {
+                    for n in &networks {
+                        println!("{}", id(&n.id));
+                    }
+                } else {
+                    let rows = networks.iter().map(|n| {
+                        vec![
+                            id(&n.id),
+                            n.name.clone(),
+                            n.driver.clone(),
+                            "global".into(),
+                            n.subnet.to_string(),
+                            n.vni.to_string(),
+                        ]
+                    });
+                    print_table(&["NETWORK ID", "NAME", "DRIVER", "SCOPE", "SUBNET", "VNI"], rows);
+                }
+            }
+            NetworkCommand::Inspect { networks } => {
+                let hosts = store.hosts().await?;
+                let mut out = Vec::new();
+                let mut failed = false;
+                for query in &networks {
+                    match store.network(query).await {
+                        Ok(n) => {
+                            let eps = store.network_endpoints(&n.id).await?;
+                            out.push(inspect::NetworkInspect::new(&n, &eps, &hosts));
+                        }
+                        Err(e @ (StoreError::NetworkNotFound(_) | StoreError::AmbiguousNetwork { .. })) => {
+                            eprintln!("Error: {e}");
+                            failed = true;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                println!("{}", inspect::to_json(&out));
+                return Ok(if failed { Outcome::Failed } else { Outcome::Done });
+            }
+            NetworkCommand::Rm { networks } => {
+                let mut failed = false;
+                for query in &networks {
+                    match store.remove_network(query).await {
+                        Ok(_) => println!("{query}"),
+                        Err(e) => {
+                            eprintln!("Error: {e}");
+                            failed = true;
+                        }
+                    }
+                }
+                return Ok(if failed { Outcome::Failed } else { Outcome::Done });
+            }
+            NetworkCommand::Connect { ip, network, container } => {
+                let ip = ip.as_deref().map(|s| parse_ip("--ip", s)).transpose()?;
+                let ep = store.network_connect(&network, &container, ip).await?;
+                if let Some(deadline) = self.deadline() {
+                    store.wait_endpoint_ready(&ep, &network, deadline).await.with_context(|| {
+                        format!("container {container:?} is connected to network {network:?} in the store, but not yet on its host")
+                    })?;
+                }
+            }
+            NetworkCommand::Disconnect { network, container } => {
+                let ep = store.network_disconnect(&network, &container).await?;
+                if let Some(deadline) = self.deadline() {
+                    let what = format!(
+                        "host {:?} to detach container {container:?} from network {network:?} (status {})",
+                        ep.host,
+                        store.keys().endpoint_status(&ep.id)
+                    );
+                    store.wait_gone(&store.keys().endpoint_status(&ep.id), &what, deadline).await?;
+                }
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    async fn container(&self, cmd: ContainerCommand) -> anyhow::Result<Outcome> {
+        let store = &self.store;
+        match cmd {
+            ContainerCommand::Create { host, network, ip, netns, name } => {
+                let ip = ip.as_deref().map(|s| parse_ip("--ip", s)).transpose()?;
+                let spec = ContainerSpec {
+                    name: name.clone(),
+                    host: host.clone(),
+                    netns,
+                    network: network.clone(),
+                    ip,
+                };
+                let created = store.create_container(&spec).await?;
+                if let Some(deadline) = self.deadline() {
+                    let pending = || {
+                        format!(
+                            "container {name:?} is created in the store, but not yet running on host {host:?}"
+                        )
+                    };
+                    store
+                        .wait_container_ready(&name, &host, created.revision, deadline)
+                        .await
+                        .with_context(pending)?;
+                    if let (Some(ep), Some(network)) = (&created.endpoint, &network) {
+                        store.wait_endpoint_ready(ep, network, deadline).await.with_context(pending)?;
+                    }
+                }
+                println!("{name}");
+            }
+            ContainerCommand::Rm { containers } => {
+                let mut failed = false;
+                for name in &containers {
+                    match self.container_rm(name).await {
+                        Ok(()) => println!("{name}"),
+                        Err(e) => {
+                            eprintln!("Error: {e:#}");
+                            failed = true;
+                        }
+                    }
+                }
+                return Ok(if failed { Outcome::Failed } else { Outcome::Done });
+            }
+            ContainerCommand::Ls => {
+                let (state, _) = store.load().await?;
+                let (_, statuses) = store.statuses().await?;
+                let mut networks: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+                for ep in state.endpoints.values() {
+                    let net = state
+                        .networks
+                        .get(&ep.network_id)
+                        .map_or(ep.network_id.as_str(), |n| n.name.as_str());
+                    networks.entry(ep.container.as_str()).or_default().push(format!("{net}={}", ep.ipv4));
+                }
+                let rows = state.containers.values().map(|c| {
+                    let mut nets = networks.remove(c.name.as_str()).unwrap_or_default();
+                    nets.sort();
+                    let status = match statuses.get(&c.name) {
+                        Some(s) if s.host == c.host => "ready",
+                        _ => "pending",
+                    };
+                    vec![c.name.clone(), c.host.clone(), nets.join(","), status.to_owned()]
+                });
+                print_table(&["NAME", "HOST", "NETWORKS", "STATUS"], rows);
+            }
+            ContainerCommand::Exec { container, command } => {
+                let (ctr, revision) = store.container_revision(&container).await?;
+                let deadline = Instant::now() + self.timeout;
+                let status = store
+                    .wait_container_ready(&container, &ctr.host, revision, deadline)
+                    .await
+                    .with_context(|| format!("container {container:?} is not running"))?;
+                if !status.netns.exists() {
+                    bail!(
+                        "container {container:?}'s namespace {} is not on this machine: run exec on its host {:?}",
+                        status.netns.display(),
+                        ctr.host
+                    );
+                }
+                return Ok(Outcome::Exec { netns: status.netns, command });
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    async fn container_rm(&self, name: &str) -> anyhow::Result<()> {
+        let store = &self.store;
+        let (ctr, endpoints) = store.remove_container(name).await?;
+        let Some(deadline) = self.deadline() else { return Ok(()) };
+        let keys = store.keys();
+        for ep in &endpoints {
+            let key = keys.endpoint_status(&ep.id);
+            let what = format!(
+                "host {:?} to remove container {name:?}'s endpoint {} (status {key})",
+                ep.host, ep.ipv4
+            );
+            store.wait_gone(&key, &what, deadline).await?;
+        }
+        let key = keys.container_status(name);
+        let what = format!("host {:?} to remove container {name:?}'s sandbox (status {key})", ctr.host);
+        store
+            .wait_for(&key, &what, deadline, |kv| {
+                // A status from another host is a new container of the same name, not this one.
+                let gone = kv.is_none_or(|kv| {
+                    serde_json::from_slice::<crate::store::ContainerStatus>(kv.value())
+                        .is_ok_and(|s| s.host != ctr.host)
+                });
+                gone.then_some(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn host_ls(&self) -> anyhow::Result<Outcome> {
+        let store = &self.store;
+        let mut rows = Vec::new();
+        for h in store.hosts().await? {
+            let ttl = if h.lease != 0 { store.lease_ttl(h.lease).await? } else { None };
+            rows.push(vec![
+                h.name.clone(),
+                h.vtep.to_string(),
+                h.uplink_mtu.map(|m| m.to_string()).unwrap_or_default(),
+                if h.lease != 0 { format!("{:x}", h.lease) } else { "-".into() },
+                ttl.map(|t| format!("{t}s")).unwrap_or_else(|| "-".into()),
+            ]);
+        }
+        print_table(&["NAME", "VTEP", "UPLINK MTU", "LEASE", "TTL"], rows.into_iter());
+        Ok(Outcome::Done)
+    }
+}
+
+fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows.collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}   "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for row in &rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// Enters `netns` and replaces this process with `command`; returns only on failure.
+fn exec_in(netns: &Path, command: &[String]) -> anyhow::Error {
+    let inner = || -> anyhow::Result<std::convert::Infallible> {
+        let file = std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {} (container exec needs root)", netns.display()))?;
+        let args: Vec<CString> = command
+            .iter()
+            .map(|a| CString::new(a.as_bytes()))
+            .collect::<Result<_, _>>()
+            .context("a command argument contains a NUL byte")?;
+        let program = args.first().context("no command given")?;
+        nix::unistd::execvp(program, &args).with_context(|| format!("running {}", command[0]))
+    };
+    match inner() {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}

@@ -1,0 +1,188 @@
+//! Endpoints: a container's attachment to a network, with its address. Connecting takes an
+//! address and writes the endpoint, the attachment and the address key in one transaction,
+//! all under the lease of the container's host.
+
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use etcd_client::{Compare, KeyValue, PutOptions, TxnOp};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Keys, Result, Store, StoreError,
+    etcd::{Range, Retry, absent, decode, encode, unchanged},
+    ipam::Pool,
+    network::{decode_networks, resolve},
+    new_id,
+};
+use crate::model::{Container, Endpoint, MacAddr, Network};
+
+/// The value of an address key: who holds the address.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddressHolder {
+    pub endpoint: String,
+    pub container: String,
+}
+
+pub(crate) fn put_leased(key: String, value: impl Into<Vec<u8>>, lease: i64) -> TxnOp {
+    TxnOp::put(key, value, (lease != 0).then(|| PutOptions::new().with_lease(lease)))
+}
+
+/// Decides a new endpoint of `container` on `network`: its address (the one asked for, or the
+/// lowest free one) and the compares and writes that make it. `addresses` are the network's
+/// address keys and `attachment` the container's attachment key for it, as read.
+pub(crate) fn plan(
+    keys: &Keys,
+    network: &Network,
+    container: &Container,
+    lease: i64,
+    requested: Option<Ipv4Addr>,
+    addresses: &[KeyValue],
+    attachment: Option<&KeyValue>,
+) -> Result<(Endpoint, Vec<Compare>, Vec<TxnOp>)> {
+    if attachment.is_some() {
+        return Err(StoreError::AlreadyConnected {
+            container: container.name.clone(),
+            network: network.name.clone(),
+        });
+    }
+    let prefix = keys.addresses(&network.id);
+    let mut used = BTreeSet::new();
+    for kv in addresses {
+        let key = String::from_utf8_lossy(kv.key());
+        if let Some(ip) = key.strip_prefix(&prefix).and_then(|s| s.parse::<Ipv4Addr>().ok()) {
+            used.insert(ip);
+        }
+    }
+    let pool = Pool::new(network);
+    let address_error = |error| StoreError::Address { network: network.name.clone(), error };
+    let ip = match requested {
+        Some(ip) => {
+            pool.check_request(ip).map_err(address_error)?;
+            if used.contains(&ip) {
+                let holder = addresses
+                    .iter()
+                    .find(|kv| kv.key() == keys.address(&network.id, ip).as_bytes())
+                    .and_then(|kv| decode::<AddressHolder>(kv).ok())
+                    .map_or_else(|| "?".to_owned(), |h| h.container);
+                return Err(StoreError::AddressInUse {
+                    ip,
+                    network: network.name.clone(),
+                    container: holder,
+                });
+            }
+            ip
+        }
+        None => pool.first_free(&used).map_err(address_error)?,
+    };
+    let endpoint = Endpoint {
+        id: new_id(),
+        network_id: network.id.clone(),
+        container: container.name.clone(),
+        ipv4: ip,
+        mac: MacAddr::from_ip(ip),
+        host: container.host.clone(),
+    };
+    let holder = AddressHolder { endpoint: endpoint.id.clone(), container: container.name.clone() };
+    // Only the chosen address is guarded: clients taking different addresses do not conflict,
+    // and two taking the same one cannot both succeed.
+    let compares =
+        vec![absent(&keys.address(&network.id, ip)), absent(&keys.attachment(&container.name, &network.id))];
+    let ops = vec![
+        put_leased(keys.endpoint(&network.id, &endpoint.id), encode(&endpoint), lease),
+        put_leased(keys.attachment(&container.name, &network.id), endpoint.id.as_str(), lease),
+        put_leased(keys.address(&network.id, ip), encode(&holder), lease),
+    ];
+    Ok((endpoint, compares, ops))
+}
+
+impl Store {
+    /// Connects a container to a network (`--ip` asks for a specific address). The endpoint
+    /// lives under the lease of the container's host.
+    pub async fn network_connect(
+        &self,
+        network: &str,
+        container: &str,
+        ip: Option<Ipv4Addr>,
+    ) -> Result<Endpoint> {
+        const OP: &str = "network connect";
+        let k = &self.keys;
+        let mut retry = Retry::new(OP);
+        loop {
+            let view =
+                self.view(OP, &[Range::Prefix(k.networks()), Range::Key(k.container(container))]).await?;
+            let networks = decode_networks(view.prefix(0))?;
+            let (net, net_kv) = resolve(&networks, network)?;
+            let ctr_kv = view.key(1).ok_or_else(|| StoreError::ContainerNotFound(container.to_owned()))?;
+            let ctr: Container = decode(ctr_kv)?;
+            let more = self
+                .view(
+                    OP,
+                    &[Range::Prefix(k.addresses(&net.id)), Range::Key(k.attachment(container, &net.id))],
+                )
+                .await?;
+            let (endpoint, mut compares, ops) =
+                plan(k, net, &ctr, ctr_kv.lease(), ip, more.prefix(0), more.key(1))?;
+            // The network not removed, the container neither (and so its host's lease alive).
+            compares.push(unchanged(&k.network(&net.id), Some(net_kv)));
+            compares.push(unchanged(&k.container(container), Some(ctr_kv)));
+            if self.commit(OP, compares, ops).await?.is_some() {
+                return Ok(endpoint);
+            }
+            retry.again().await?;
+        }
+    }
+
+    /// Disconnects a container from a network; its address returns to the pool.
+    pub async fn network_disconnect(&self, network: &str, container: &str) -> Result<Endpoint> {
+        const OP: &str = "network disconnect";
+        let k = &self.keys;
+        let mut retry = Retry::new(OP);
+        loop {
+            let view =
+                self.view(OP, &[Range::Prefix(k.networks()), Range::Key(k.container(container))]).await?;
+            let networks = decode_networks(view.prefix(0))?;
+            let (net, _) = resolve(&networks, network)?;
+            if view.key(1).is_none() {
+                return Err(StoreError::ContainerNotFound(container.to_owned()));
+            }
+            let attachment = k.attachment(container, &net.id);
+            let att = self.view(OP, &[Range::Key(attachment.clone())]).await?;
+            let Some(att_kv) = att.key(0) else {
+                return Err(StoreError::NotConnected {
+                    container: container.to_owned(),
+                    network: net.name.clone(),
+                });
+            };
+            let endpoint_id = String::from_utf8_lossy(att_kv.value()).into_owned();
+            let ep_key = k.endpoint(&net.id, &endpoint_id);
+            let ep_view = self.view(OP, &[Range::Key(ep_key.clone())]).await?;
+            let mut compares = vec![unchanged(&attachment, Some(att_kv))];
+            let mut ops = vec![TxnOp::delete(attachment.as_str(), None)];
+            let endpoint = match ep_view.key(0) {
+                Some(ep_kv) => {
+                    let endpoint: Endpoint = decode(ep_kv)?;
+                    // The endpoint as read, so the address deleted is still this endpoint's.
+                    compares.push(unchanged(&ep_key, Some(ep_kv)));
+                    ops.push(TxnOp::delete(ep_key.as_str(), None));
+                    ops.push(TxnOp::delete(k.address(&net.id, endpoint.ipv4), None));
+                    endpoint
+                }
+                None => {
+                    return Err(StoreError::NotConnected {
+                        container: container.to_owned(),
+                        network: net.name.clone(),
+                    });
+                }
+            };
+            if self.commit(OP, compares, ops).await?.is_some() {
+                return Ok(endpoint);
+            }
+            retry.again().await?;
+        }
+    }
+
+    /// Every endpoint of every network.
+    pub async fn endpoints(&self) -> Result<Vec<Endpoint>> {
+        self.list("endpoints", &self.keys.all_endpoints()).await?.iter().map(decode).collect()
+    }
+}

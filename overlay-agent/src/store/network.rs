@@ -1,0 +1,321 @@
+//! Networks: create (name, VNI and subnet unique, all in one transaction), look up, remove
+//! (only when no endpoint is left).
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use etcd_client::{DeleteOptions, KeyValue, TxnOp};
+
+use super::{
+    Result, Store, StoreError, check_name,
+    etcd::{Range, Retry, absent, decode, encode, range_unchanged_since, unchanged},
+    ipam::{self, Addressing},
+    new_id, now_rfc3339,
+};
+use crate::model::{DRIVER_OVERLAY, Endpoint, Network, VNI_MAX, VNI_MIN};
+
+/// Where automatic VNIs start, as in Docker's overlay driver; lower ones are left for people
+/// who pick their own with `-o vni=N`.
+pub const AUTO_VNI_START: u32 = 4096;
+
+/// The option names `-o` accepts: a short name, and Docker's.
+const OPT_MTU: [&str; 2] = ["mtu", OPTION_MTU];
+const OPT_VNI: [&str; 2] = ["vni", OPTION_VNI];
+pub const OPTION_MTU: &str = "com.docker.network.driver.mtu";
+pub const OPTION_VNI: &str = "com.docker.network.driver.overlay.vxlanid_list";
+
+/// `network create`'s arguments, as the user typed them: the store parses and checks them, so
+/// every caller gets the same refusals.
+#[derive(Clone, Debug, Default)]
+pub struct NetworkSpec {
+    pub name: String,
+    /// Only "overlay" (the default) is accepted.
+    pub driver: Option<String>,
+    /// CIDR; when absent the first free /24 of 10.0.0.0/8.
+    pub subnet: Option<String>,
+    pub gateway: Option<String>,
+    pub ip_range: Option<String>,
+    /// `name=ip`
+    pub aux_addresses: Vec<String>,
+    /// `key=value`: mtu, vni.
+    pub options: Vec<String>,
+    /// `key=value` (or `key`, for an empty value).
+    pub labels: Vec<String>,
+}
+
+/// Splits `key=value` pairs; a bare `key` has an empty value when `bare_ok`.
+fn pairs(what: &'static str, items: &[String], bare_ok: bool) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for item in items {
+        let (k, v) = match item.split_once('=') {
+            Some((k, v)) => (k.trim(), v.trim()),
+            None if bare_ok => (item.trim(), ""),
+            None => {
+                return Err(StoreError::Invalid {
+                    what,
+                    value: item.clone(),
+                    reason: "expected key=value".into(),
+                });
+            }
+        };
+        if k.is_empty() {
+            return Err(StoreError::Invalid { what, value: item.clone(), reason: "empty key".into() });
+        }
+        if out.insert(k.to_owned(), v.to_owned()).is_some() {
+            return Err(StoreError::Invalid {
+                what,
+                value: item.clone(),
+                reason: format!("{k} given twice"),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The parts of a spec that can be checked without the store.
+struct Parsed {
+    subnet: Option<ipnet::Ipv4Net>,
+    gateway: Option<Ipv4Addr>,
+    ip_range: Option<ipnet::Ipv4Net>,
+    aux: BTreeMap<String, Ipv4Addr>,
+    mtu: Option<u32>,
+    vni: Option<u32>,
+    options: BTreeMap<String, String>,
+    labels: BTreeMap<String, String>,
+}
+
+impl NetworkSpec {
+    fn parse(&self) -> Result<Parsed> {
+        check_name("network name", &self.name)?;
+        if let Some(driver) = &self.driver
+            && driver != DRIVER_OVERLAY
+        {
+            return Err(StoreError::UnsupportedDriver { driver: driver.clone() });
+        }
+        let subnet = self.subnet.as_deref().map(|s| ipam::parse_cidr("subnet", s)).transpose()?;
+        let ip_range = self.ip_range.as_deref().map(|s| ipam::parse_cidr("ip-range", s)).transpose()?;
+        let gateway = self.gateway.as_deref().map(|s| ipam::parse_addr("gateway", s)).transpose()?;
+        let aux = pairs("auxiliary address", &self.aux_addresses, false)?
+            .into_iter()
+            .map(|(name, ip)| Ok((name, ipam::parse_addr("auxiliary address", &ip)?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        if subnet.is_none() {
+            // Without a subnet these would be checked against a default one the user never saw.
+            let needs_subnet = [("gateway", self.gateway.clone()), ("ip-range", self.ip_range.clone())]
+                .into_iter()
+                .chain(self.aux_addresses.first().map(|a| ("auxiliary address", Some(a.clone()))));
+            for (what, value) in needs_subnet {
+                if let Some(value) = value {
+                    return Err(StoreError::Invalid { what, value, reason: "needs --subnet".into() });
+                }
+            }
+        }
+        let given = pairs("option", &self.options, false)?;
+        let mut mtu = None;
+        let mut vni = None;
+        // Stored under Docker's names, whichever the user typed, so inspect shows what Docker's would.
+        let mut options = BTreeMap::new();
+        for (key, value) in &given {
+            let number = |lo: u32, hi: u32| {
+                value.parse::<u32>().ok().filter(|n| (lo..=hi).contains(n)).ok_or_else(|| {
+                    StoreError::Invalid {
+                        what: "option",
+                        value: format!("{key}={value}"),
+                        reason: format!("expected a number from {lo} to {hi}"),
+                    }
+                })
+            };
+            if OPT_MTU.contains(&key.as_str()) {
+                let n = number(68, 65535)?;
+                mtu = Some(n);
+                options.insert(OPT_MTU[1].to_owned(), n.to_string());
+            } else if OPT_VNI.contains(&key.as_str()) {
+                let n = number(VNI_MIN, VNI_MAX)?;
+                vni = Some(n);
+                options.insert(OPT_VNI[1].to_owned(), n.to_string());
+            } else {
+                return Err(StoreError::Invalid {
+                    what: "option",
+                    value: key.clone(),
+                    reason: "unknown (known: mtu, vni)".into(),
+                });
+            }
+        }
+        let labels = pairs("label", &self.labels, true)?;
+        Ok(Parsed { subnet, gateway, ip_range, aux, mtu, vni, options, labels })
+    }
+}
+
+/// Finds a network by name, full id or unique id prefix (as `docker network` does).
+pub(crate) fn resolve<'a>(
+    networks: &'a [(Network, KeyValue)],
+    query: &str,
+) -> Result<&'a (Network, KeyValue)> {
+    if let Some(n) = networks.iter().find(|(n, _)| n.name == query || n.id == query) {
+        return Ok(n);
+    }
+    if !query.is_empty() && query.chars().all(|c| c.is_ascii_hexdigit()) {
+        let matches: Vec<_> = networks.iter().filter(|(n, _)| n.id.starts_with(query)).collect();
+        match matches.as_slice() {
+            [one] => return Ok(one),
+            [] => {}
+            many => {
+                let names: Vec<_> = many.iter().map(|(n, _)| format!("{:?}", n.name)).collect();
+                return Err(StoreError::AmbiguousNetwork {
+                    query: query.to_owned(),
+                    matches: names.join(", "),
+                });
+            }
+        }
+    }
+    Err(StoreError::NetworkNotFound(query.to_owned()))
+}
+
+/// Decodes network keys, by name: refusals then name the same conflicting network every time.
+pub(crate) fn decode_networks(kvs: &[KeyValue]) -> Result<Vec<(Network, KeyValue)>> {
+    let mut networks =
+        kvs.iter().map(|kv| Ok((decode::<Network>(kv)?, kv.clone()))).collect::<Result<Vec<_>>>()?;
+    networks.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    Ok(networks)
+}
+
+impl Store {
+    /// Creates a network. Its name, VNI and subnet are checked against every other network
+    /// and the write is guarded so that no network created meanwhile can make it a duplicate.
+    pub async fn create_network(&self, spec: &NetworkSpec) -> Result<Network> {
+        const OP: &str = "network create";
+        let p = spec.parse()?;
+        // Addressing that does not depend on other networks is refused before reading anything.
+        let given = p.subnet.map(|s| Addressing::new(s, p.gateway, p.ip_range, p.aux.clone())).transpose()?;
+        let k = &self.keys;
+        let mut retry = Retry::new(OP);
+        loop {
+            let view = self.view(OP, &[Range::Prefix(k.networks())]).await?;
+            let existing = decode_networks(view.prefix(0))?;
+            if existing.iter().any(|(n, _)| n.name == spec.name) {
+                return Err(StoreError::NetworkExists { name: spec.name.clone() });
+            }
+            let addressing = match &given {
+                Some(a) => a.clone(),
+                None => {
+                    let taken: Vec<_> = existing.iter().map(|(n, _)| n.subnet).collect();
+                    let subnet = ipam::default_subnet(&taken).ok_or(StoreError::NoDefaultSubnet)?;
+                    Addressing::new(subnet, p.gateway, p.ip_range, p.aux.clone())?
+                }
+            };
+            if let Some((other, _)) =
+                existing.iter().find(|(n, _)| ipam::overlaps(n.subnet, addressing.subnet))
+            {
+                return Err(StoreError::SubnetOverlap {
+                    subnet: addressing.subnet,
+                    network: other.name.clone(),
+                    other: other.subnet,
+                });
+            }
+            let vni = match p.vni {
+                Some(vni) => {
+                    if let Some((other, _)) = existing.iter().find(|(n, _)| n.vni == vni) {
+                        return Err(StoreError::VniTaken { vni, network: other.name.clone() });
+                    }
+                    vni
+                }
+                None => {
+                    let used: std::collections::BTreeSet<u32> = existing.iter().map(|(n, _)| n.vni).collect();
+                    (AUTO_VNI_START..=VNI_MAX)
+                        .chain(VNI_MIN..AUTO_VNI_START)
+                        .find(|v| !used.contains(v))
+                        .ok_or(StoreError::VnisExhausted)?
+                }
+            };
+            let network = Network {
+                id: new_id(),
+                name: spec.name.clone(),
+                driver: DRIVER_OVERLAY.to_owned(),
+                vni,
+                subnet: addressing.subnet,
+                gateway: addressing.gateway,
+                ip_range: addressing.ip_range,
+                aux_addresses: addressing.aux_addresses,
+                mtu: p.mtu,
+                options: p.options.clone(),
+                labels: p.labels.clone(),
+                created: now_rfc3339(),
+            };
+            // Any network created (or changed) since the read could collide on name, VNI or
+            // subnet; the name and VNI keys say the same thing once more, key by key.
+            let compares = vec![
+                range_unchanged_since(&k.networks(), view.rev),
+                absent(&k.network_name(&network.name)),
+                absent(&k.vni(vni)),
+            ];
+            let ops = vec![
+                TxnOp::put(k.network(&network.id), encode(&network), None),
+                TxnOp::put(k.network_name(&network.name), network.id.as_str(), None),
+                TxnOp::put(k.vni(vni), network.id.as_str(), None),
+            ];
+            if self.commit(OP, compares, ops).await?.is_some() {
+                return Ok(network);
+            }
+            retry.again().await?;
+        }
+    }
+
+    /// Removes a network that has no endpoints left.
+    pub async fn remove_network(&self, name_or_id: &str) -> Result<Network> {
+        const OP: &str = "network rm";
+        let k = &self.keys;
+        let mut retry = Retry::new(OP);
+        loop {
+            let view = self.view(OP, &[Range::Prefix(k.networks())]).await?;
+            let networks = decode_networks(view.prefix(0))?;
+            let (network, kv) = resolve(&networks, name_or_id)?;
+            let eps = self.view(OP, &[Range::Prefix(k.network_endpoints(&network.id))]).await?;
+            if !eps.prefix(0).is_empty() {
+                let mut containers = eps
+                    .prefix(0)
+                    .iter()
+                    .map(|kv| decode::<Endpoint>(kv).map(|e| e.container))
+                    .collect::<Result<Vec<_>>>()?;
+                containers.sort();
+                return Err(StoreError::NetworkInUse { network: network.name.clone(), containers });
+            }
+            // A connect that raced this read created an endpoint key after `eps.rev`.
+            let compares = vec![
+                unchanged(&k.network(&network.id), Some(kv)),
+                range_unchanged_since(&k.network_endpoints(&network.id), eps.rev),
+            ];
+            let ops = vec![
+                TxnOp::delete(k.network(&network.id), None),
+                TxnOp::delete(k.network_name(&network.name), None),
+                TxnOp::delete(k.vni(network.vni), None),
+                TxnOp::delete(k.addresses(&network.id), Some(DeleteOptions::new().with_prefix())),
+            ];
+            if self.commit(OP, compares, ops).await?.is_some() {
+                return Ok(network.clone());
+            }
+            retry.again().await?;
+        }
+    }
+
+    /// A network by name, id or unique id prefix.
+    pub async fn network(&self, name_or_id: &str) -> Result<Network> {
+        let kvs = self.list("network inspect", &self.keys.networks()).await?;
+        let networks = decode_networks(&kvs)?;
+        Ok(resolve(&networks, name_or_id)?.0.clone())
+    }
+
+    /// Every network, by name.
+    pub async fn networks(&self) -> Result<Vec<Network>> {
+        let kvs = self.list("network ls", &self.keys.networks()).await?;
+        let mut networks: Vec<Network> = kvs.iter().map(decode).collect::<Result<_>>()?;
+        networks.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(networks)
+    }
+
+    /// The endpoints of one network, by container name.
+    pub async fn network_endpoints(&self, network_id: &str) -> Result<Vec<Endpoint>> {
+        let kvs = self.list("network endpoints", &self.keys.network_endpoints(network_id)).await?;
+        let mut eps: Vec<Endpoint> = kvs.iter().map(decode).collect::<Result<_>>()?;
+        eps.sort_by(|a, b| a.container.cmp(&b.container));
+        Ok(eps)
+    }
+}
