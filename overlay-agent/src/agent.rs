@@ -34,6 +34,8 @@ pub struct Config {
     pub debug_drops: bool,
     /// How often to look at everything again (repairs drift nobody reported).
     pub resync: Duration,
+    /// Where to serve `GET /healthz`, if anywhere.
+    pub health: Option<std::net::SocketAddr>,
 }
 
 /// Most updates applied before reconciling, so a burst becomes one pass.
@@ -74,6 +76,16 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
         }
     }
     spawn_bpf_logger(&mut dp);
+    let health = crate::health::Shared::default();
+    {
+        let mut h = health.lock().expect("health");
+        h.host = cfg.host.clone();
+        h.xdp = dp.xdp;
+        h.uplink = uplink.name.clone();
+    }
+    if let Some(addr) = cfg.health {
+        crate::health::serve(addr, health.clone()).await?;
+    }
     let sandboxes = Sandboxes::open(&cfg.state_dir, &cfg.netns_prefix)?;
     let mut rec = Reconciler::new(&cfg.host, dp, nl, sandboxes)?;
 
@@ -149,6 +161,12 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
                 "full reconcile done"
             );
         }
+        if let Ok(mut h) = health.lock() {
+            h.ready |= full && outcome.retry.is_empty();
+            h.map_endpoints = rec.endpoint_entries();
+            h.last_reconcile = crate::health::now();
+            h.pending_retries = dirty_len(&outcome.retry) + dirty_len(&retry);
+        }
         for status in outcome.status {
             if status_tx.send(status).await.is_err() {
                 error!("the source stopped taking status reports");
@@ -176,10 +194,10 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Forwards the programs' aya-log records (rare events, and drops when debug logging is on)
+/// Forwards the programs' aya-log records (rare events, and drops when drop logging is on)
 /// into the agent's log.
 fn spawn_bpf_logger(dp: &mut Datapath) {
-    let logger = match aya_log::EbpfLogger::init(&mut dp.ebpf) {
+    let logger = match aya_log::EbpfLogger::init_with_logger(&mut dp.ebpf, DatapathLog) {
         Ok(logger) => logger,
         Err(e) => {
             warn!(error = %e, "eBPF log forwarding unavailable");
@@ -199,4 +217,52 @@ fn spawn_bpf_logger(dp: &mut Datapath) {
             guard.clear_ready();
         }
     });
+}
+
+/// Puts the programs' records into the agent's log under target `datapath`, with drop reasons
+/// named (the programs can only log the code).
+struct DatapathLog;
+
+impl log::Log for DatapathLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let msg = name_reason(&record.args().to_string());
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "datapath", "{msg}"),
+            log::Level::Warn => tracing::warn!(target: "datapath", "{msg}"),
+            log::Level::Info => tracing::info!(target: "datapath", "{msg}"),
+            log::Level::Debug => tracing::debug!(target: "datapath", "{msg}"),
+            log::Level::Trace => tracing::trace!(target: "datapath", "{msg}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// "drop reason=25 len=98" -> "drop reason=unknown_vni len=98".
+fn name_reason(msg: &str) -> String {
+    let Some(at) = msg.find("reason=") else { return msg.to_owned() };
+    let start = at + "reason=".len();
+    let end = msg[start..].find(|c: char| !c.is_ascii_digit()).map_or(msg.len(), |i| start + i);
+    match msg[start..end].parse().ok().and_then(overlay_common::stats::name) {
+        Some(name) => format!("{}{name}{}", &msg[..start], &msg[end..]),
+        None => msg.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::name_reason;
+
+    #[test]
+    fn drop_reasons_are_named() {
+        assert_eq!(name_reason("drop reason=25 len=98"), "drop reason=unknown_vni len=98");
+        assert_eq!(name_reason("drop reason=20"), "drop reason=no_endpoint");
+        // Codes without a name, and other messages, pass through.
+        assert_eq!(name_reason("drop reason=47 len=1"), "drop reason=47 len=1");
+        assert_eq!(name_reason("something else"), "something else");
+    }
 }

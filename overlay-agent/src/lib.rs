@@ -10,6 +10,7 @@ pub mod agent;
 pub mod cli;
 pub mod datapath;
 pub mod desired;
+pub mod health;
 pub mod model;
 pub mod netlink;
 pub mod reconcile;

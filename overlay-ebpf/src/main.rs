@@ -26,7 +26,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use aya_log_ebpf::debug;
+use aya_log_ebpf::info;
 use overlay_common::maps::CONFIG_DEBUG_DROPS;
 
 use crate::stats::{Drop, count};
@@ -72,7 +72,8 @@ fn dropped<C: aya_ebpf::EbpfContext>(ctx: &C, drop: Drop, len: u32) {
     if let Some(cfg) = maps::CONFIG.get(0)
         && cfg.flags & CONFIG_DEBUG_DROPS != 0
     {
-        debug!(ctx, "drop reason={} len={}", drop.0, len);
+        // Info, not debug: these records exist only because the operator asked for them.
+        info!(ctx, "drop reason={} len={}", drop.0, len);
     }
 }
 

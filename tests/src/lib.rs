@@ -3,6 +3,7 @@
 //! and a `Run` guard removes all of it (processes, namespaces, pins, files) when it is dropped,
 //! whether the test passed or panicked.
 
+pub mod cluster;
 pub mod etcd;
 pub mod frames;
 pub mod pcap;

@@ -63,6 +63,8 @@ impl Topology {
         sh(Command::new("ip").args(["netns", "add", &underlay]));
         sh(&mut in_ns(&underlay, &["ip", "link", "add", "br0", "type", "bridge"]));
         sh(&mut in_ns(&underlay, &["ip", "link", "set", "br0", "up"]));
+        // Traffic to the namespace's own addresses (etcd talking to itself) goes through lo.
+        sh(&mut in_ns(&underlay, &["ip", "link", "set", "lo", "up"]));
         let mut hosts = Vec::new();
         for i in 1..=n {
             let name = format!("h{i}");

@@ -10,9 +10,11 @@ use clap::{Parser, Subcommand};
 use overlay_agent::{
     agent,
     datapath::{PinDir, XdpPreference, counters, maps, pins},
-    netlink::netns,
+    model::Host,
+    netlink::{Netlink, netns},
     sandbox,
-    source::file::FileSource,
+    source::{etcd::AgentEtcd, file::FileSource},
+    store::EtcdArgs,
 };
 
 #[derive(Parser)]
@@ -100,9 +102,19 @@ struct Run {
     /// Log every dropped packet (through aya-log; costs a log record per drop).
     #[arg(long, env = "OVERLAY_DEBUG_DROPS")]
     debug_drops: bool,
-    /// Desired state from a JSON file (networks, endpoints, containers, hosts).
+    /// Desired state from a JSON file (networks, endpoints, containers, hosts) instead of etcd.
     #[arg(long, env = "OVERLAY_STATE_FILE")]
-    state_file: PathBuf,
+    state_file: Option<PathBuf>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// Seconds this host's lease lives without the agent renewing it: how long a dead host's
+    /// containers stay in every other host's maps, and how long an agent may be down (restart,
+    /// upgrade) without its containers being removed.
+    #[arg(long, env = "OVERLAY_LEASE_TTL", default_value_t = 10)]
+    lease_ttl: u64,
+    /// Serve GET /healthz here (e.g. 127.0.0.1:9700; inside the host's namespace).
+    #[arg(long, env = "OVERLAY_HEALTH_ADDR")]
+    health_addr: Option<std::net::SocketAddr>,
     /// Seconds between full reconciles.
     #[arg(long, env = "OVERLAY_RESYNC_SECS", default_value_t = 60)]
     resync_secs: u64,
@@ -137,9 +149,26 @@ fn main() -> anyhow::Result<()> {
                 xdp: run.xdp_mode,
                 debug_drops: run.debug_drops,
                 resync: Duration::from_secs(run.resync_secs.max(1)),
+                health: run.health_addr,
             };
             let runtime = tokio::runtime::Runtime::new()?;
-            runtime.block_on(agent::run(cfg, FileSource::new(run.state_file)))
+            runtime.block_on(async {
+                match run.state_file {
+                    Some(path) => agent::run(cfg, FileSource::new(path)).await,
+                    None => {
+                        // The host record says what the other hosts need: the VTEP, and the
+                        // uplink MTU for inspection.
+                        let uplink = agent::uplink(&Netlink::current()?, &cfg.uplink).await?;
+                        let host = Host { name: cfg.host.clone(), vtep: cfg.vtep, uplink_mtu: Some(uplink.mtu), lease: 0 };
+                        let source = AgentEtcd {
+                            config: run.etcd.config(),
+                            host,
+                            lease_ttl: Duration::from_secs(run.lease_ttl.max(1)),
+                        };
+                        agent::run(cfg, source).await
+                    }
+                }
+            })
         }
         Command::Stats { target, json } => {
             let stats = maps::open_stats(&target.pins()?)?;

@@ -138,7 +138,7 @@ pub fn uplink_xdp(
             Err(e) => {
                 info!(
                     uplink = ifname,
-                    error = %e,
+                    error = format!("{:#}", anyhow::Error::new(e)),
                     "native XDP is not available on the uplink; falling back to generic (skb) mode"
                 );
                 prog.attach(ifname, XdpMode::Skb)

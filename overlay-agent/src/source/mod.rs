@@ -7,6 +7,7 @@
 //! and the datapath keeps forwarding with what it has. In the other direction the agent reports
 //! what it made real, which the store publishes for the CLI to wait on.
 
+pub mod etcd;
 pub mod file;
 
 use std::{future::Future, path::PathBuf};

@@ -1,0 +1,173 @@
+//! A whole overlay for the end-to-end tests of the control plane: simulated hosts, a real etcd
+//! in the underlay namespace (reachable from every host at 198.18.0.254), an agent per host
+//! following etcd, and the `overlay` CLI run from a host's namespace the way a person on that
+//! host would run it.
+
+use std::{
+    net::Ipv4Addr,
+    process::{Command, Output},
+    time::Duration,
+};
+
+use crate::{
+    binary,
+    etcd::{Etcd, EtcdOptions},
+    in_ns, sh, try_sh,
+    topology::{Source, Topology},
+    wait_for,
+};
+
+/// The etcd address on the underlay bridge.
+pub const ETCD_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+/// Where each agent serves /healthz (inside its host's namespace).
+pub const HEALTH_ADDR: &str = "127.0.0.1:9700";
+
+pub struct Cluster {
+    /// Dropped first: agents, then everything named after the run (etcd runs in its namespace).
+    pub topo: Topology,
+    pub etcd: Etcd,
+    pub url: String,
+    pub lease_ttl: u64,
+}
+
+impl Cluster {
+    /// Builds `hosts` hosts and etcd, and starts every agent. None (after saying why) when
+    /// there is no etcd binary.
+    pub fn start(tag: &str, hosts: usize, lease_ttl: u64) -> Option<Self> {
+        Etcd::binary().or_else(|| {
+            eprintln!("skipping: no etcd binary (install etcd-server, or run ./setup)");
+            None
+        })?;
+        let topo = Topology::new(tag, hosts);
+        sh(&mut in_ns(&topo.underlay, &["ip", "addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"]));
+        let etcd = Etcd::start_with(EtcdOptions { ip: ETCD_IP, netns: Some(topo.underlay.clone()), ..Default::default() })
+            .expect("starting etcd");
+        let url = etcd.url();
+        let mut cluster = Self { topo, etcd, url, lease_ttl };
+        let names: Vec<String> = cluster.topo.hosts.iter().map(|h| h.name.clone()).collect();
+        for host in &names {
+            cluster.start_agent(host);
+        }
+        for host in &names {
+            assert!(cluster.wait_registered(host), "agent {host} never registered its host");
+        }
+        Some(cluster)
+    }
+
+    /// (Re)starts the agent of `host`, following etcd.
+    pub fn start_agent(&mut self, host: &str) {
+        let ttl = self.lease_ttl.to_string();
+        let url = self.url.clone();
+        self.topo.start_agent(
+            host,
+            Source::Etcd(&url),
+            &["--lease-ttl", &ttl, "--resync-secs", "5", "--health-addr", HEALTH_ADDR],
+        );
+    }
+
+    /// Kills the agent of `host` with SIGKILL, as a crash would.
+    pub fn kill_agent(&mut self, host: &str) {
+        if let Some(agent) = self.topo.host_mut(host).agent.as_mut() {
+            agent.kill();
+        }
+    }
+
+    /// `overlay <args>` run on `host`.
+    pub fn cli_on(&self, host: &str, args: &[&str]) -> Output {
+        let overlay = binary("overlay");
+        let mut cmd = in_ns(&self.topo.host(host).ns, &[overlay.to_str().expect("path"), "--etcd-endpoints", &self.url]);
+        try_sh(cmd.args(args))
+    }
+
+    /// `overlay <args>` on h1.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_on("h1", args)
+    }
+
+    /// `overlay <args>` on h1, which must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "overlay {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `overlay <args>` on h1, which must fail; returns its stderr.
+    pub fn refused(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(!out.status.success(), "overlay {} should have failed: {}", args.join(" "), String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Whether `overlay host ls` lists `host`.
+    pub fn wait_registered(&self, host: &str) -> bool {
+        wait_for(Duration::from_secs(20), || {
+            let out = self.cli(&["host", "ls"]);
+            String::from_utf8_lossy(&out.stdout).lines().any(|l| l.split_whitespace().next() == Some(host)).then_some(())
+        })
+        .is_some()
+    }
+
+    /// The namespace the agent of `host` made for container `name`.
+    pub fn container_ns(&self, host: &str, name: &str) -> String {
+        self.topo.host(host).container_ns(name)
+    }
+
+    /// `overlay network inspect <name>` as JSON (the first element of the array).
+    pub fn inspect(&self, network: &str) -> serde_json::Value {
+        let out = self.ok(&["network", "inspect", network]);
+        let all: serde_json::Value = serde_json::from_str(&out).expect("inspect JSON");
+        all[0].clone()
+    }
+
+    /// The IPv4 address (without prefix) of `container` on `network`, from inspect.
+    pub fn address(&self, network: &str, container: &str) -> Ipv4Addr {
+        let net = self.inspect(network);
+        let entry = net["Containers"]
+            .as_object()
+            .expect("Containers")
+            .values()
+            .find(|c| c["Name"] == container)
+            .unwrap_or_else(|| panic!("{container} not on {network}: {net}"));
+        let cidr = entry["IPv4Address"].as_str().expect("IPv4Address");
+        cidr.split('/').next().expect("address").parse().expect("IPv4")
+    }
+
+    /// The entries of a pinned map of `host` as bpftool decodes them with the map's BTF:
+    /// `[{"key": {...}, "value": {...}}, ...]` with named fields.
+    pub fn map(&self, host: &str, map: &str) -> serde_json::Value {
+        let path = self.topo.host(host).pin_dir.join(map);
+        let out = sh(Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(path));
+        let raw: serde_json::Value = serde_json::from_str(&out).expect("bpftool JSON");
+        // With -j, bpftool gives raw hex bytes in key/value and the BTF view in "formatted".
+        let entries = raw.as_array().expect("array").iter().map(|e| e.get("formatted").cloned().unwrap_or_else(|| e.clone()));
+        serde_json::Value::Array(entries.collect())
+    }
+
+    /// The value `host`'s endpoint map holds for `ip` (on any network), if any.
+    pub fn map_entry(&self, host: &str, ip: Ipv4Addr) -> Option<serde_json::Value> {
+        let want: Vec<serde_json::Value> = ip.octets().iter().map(|o| serde_json::json!(o)).collect();
+        self.map(host, "ENDPOINTS")
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|e| e["key"]["ip"].as_array() == Some(&want))
+            .map(|e| e["value"].clone())
+    }
+
+    /// Whether `host`'s endpoint map holds `ip` (on any network).
+    pub fn maps_hold(&self, host: &str, ip: Ipv4Addr) -> bool {
+        self.map_entry(host, ip).is_some()
+    }
+
+    /// Whether `host`'s peer map holds `vtep`.
+    pub fn peers_hold(&self, host: &str, vtep: Ipv4Addr) -> bool {
+        let want: Vec<serde_json::Value> = vtep.octets().iter().map(|o| serde_json::json!(o)).collect();
+        self.map(host, "PEERS").as_array().expect("array").iter().any(|e| e["key"]["vtep"].as_array() == Some(&want))
+    }
+}

@@ -1,0 +1,294 @@
+//! End to end through the control plane: a real etcd, an agent per host following it, and the
+//! `overlay` CLI run on a host the way a person drives `docker network`.
+
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use overlay_tests::{
+    cluster::{Cluster, HEALTH_ADDR},
+    in_ns, skip_unless_privileged, try_sh, wait_for,
+};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_overlay-probe");
+
+/// One ping from the container `name` on `host` to `ip`.
+fn reaches(c: &Cluster, host: &str, name: &str, ip: Ipv4Addr) -> bool {
+    let ns = c.container_ns(host, name);
+    try_sh(&mut in_ns(&ns, &["ping", "-c", "1", "-W", "1", &ip.to_string()])).status.success()
+}
+
+/// Waits (a little) until the container reaches `ip`: right after a change on another host,
+/// that host's maps may lag by a watch event.
+fn comes_to_reach(c: &Cluster, host: &str, name: &str, ip: Ipv4Addr) -> bool {
+    wait_for(Duration::from_secs(10), || reaches(c, host, name, ip).then_some(())).is_some()
+}
+
+fn interfaces(c: &Cluster, host: &str, name: &str) -> String {
+    String::from_utf8_lossy(&try_sh(&mut in_ns(&c.container_ns(host, name), &["ip", "-o", "-4", "addr"])).stdout)
+        .into_owned()
+}
+
+fn netns_exists(name: &str) -> bool {
+    std::path::Path::new("/run/netns").join(name).exists()
+}
+
+#[test]
+fn the_cli_drives_networks_containers_and_connections() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let Some(c) = Cluster::start("cli", 3, 10) else { return };
+    c.ok(&["network", "create", "--subnet", "10.30.0.0/24", "blue"]);
+    c.ok(&[
+        "network", "create", "-d", "overlay", "--subnet", "10.40.0.0/24", "--ip-range", "10.40.0.128/25",
+        "--gateway", "10.40.0.1", "--aux-address", "router=10.40.0.128", "-o", "mtu=1400", "red",
+    ]);
+    let ls = c.ok(&["network", "ls"]);
+    assert!(ls.contains("blue") && ls.contains("red"), "{ls}");
+
+    // The CLI returns once the container's host made it real.
+    c.ok(&["container", "create", "--host", "h1", "--network", "blue", "c1"]);
+    c.ok(&["container", "create", "--host", "h2", "--network", "blue", "c2"]);
+    c.ok(&["container", "create", "--host", "h3", "--network", "red", "c3"]);
+    let (c1, c2, c3) = (c.address("blue", "c1"), c.address("blue", "c2"), c.address("red", "c3"));
+    assert!(interfaces(&c, "h1", "c1").contains(&format!("{c1}/24")), "c1 has its address");
+    // IPAM honours the ip-range and never hands out the auxiliary address.
+    assert!(c3.octets()[3] > 128, "red hands out from 10.40.0.128/25, got {c3}");
+    // -o mtu=1400 is below what the uplink allows (1450), so the container gets 1400.
+    let mtu = try_sh(&mut in_ns(&c.container_ns("h3", "c3"), &["cat", "/sys/class/net/eth0/mtu"]));
+    let mtu = String::from_utf8_lossy(&mtu.stdout);
+    let link = try_sh(&mut in_ns(&c.container_ns("h3", "c3"), &["ip", "-o", "link", "show", "eth0"]));
+    assert!(String::from_utf8_lossy(&link.stdout).contains("mtu 1400"), "c3 eth0: {mtu}");
+
+    // `network inspect` looks like Docker's.
+    let blue = c.inspect("blue");
+    assert_eq!(blue["Name"], "blue");
+    assert_eq!(blue["Driver"], "overlay");
+    assert_eq!(blue["Scope"], "global");
+    assert_eq!(blue["Id"].as_str().map(str::len), Some(64));
+    assert_eq!(blue["IPAM"]["Config"][0]["Subnet"], "10.30.0.0/24");
+    let containers = blue["Containers"].as_object().expect("Containers");
+    assert_eq!(containers.len(), 2, "{blue}");
+    for entry in containers.values() {
+        let ip: Ipv4Addr = entry["IPv4Address"].as_str().unwrap().split('/').next().unwrap().parse().unwrap();
+        let o = ip.octets();
+        assert_eq!(entry["MacAddress"], format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]));
+        assert_eq!(entry["EndpointID"].as_str().map(str::len), Some(64));
+    }
+
+    // Reachable across hosts on the same network, isolated across networks.
+    assert!(comes_to_reach(&c, "h1", "c1", c2), "c1 -> c2");
+    assert!(reaches(&c, "h2", "c2", c1), "c2 -> c1");
+    assert!(!reaches(&c, "h1", "c1", c3), "c1 (blue) reached c3 (red)");
+    // `container exec` runs a command in the container, from the container's host.
+    let exec = c.cli_on("h2", &["container", "exec", "c2", "--", "ping", "-c", "1", "-W", "1", &c1.to_string()]);
+    assert!(exec.status.success(), "container exec: {}", String::from_utf8_lossy(&exec.stderr));
+
+    // Connect at runtime: c1 gets a second interface, on red, and reaches c3 through it.
+    c.ok(&["network", "connect", "red", "c1"]);
+    let c1_red = c.address("red", "c1");
+    let ifs = interfaces(&c, "h1", "c1");
+    assert!(ifs.contains("eth1") && ifs.contains(&c1_red.to_string()), "c1 after connect: {ifs}");
+    assert!(comes_to_reach(&c, "h1", "c1", c3), "c1 -> c3 once connected to red");
+    assert!(!reaches(&c, "h2", "c2", c3), "c2 is still only on blue");
+    // Disconnect: the interface goes, and with it the path.
+    c.ok(&["network", "disconnect", "red", "c1"]);
+    assert!(!interfaces(&c, "h1", "c1").contains("eth1"), "eth1 removed on disconnect");
+    assert!(!reaches(&c, "h1", "c1", c3), "c1 still reaches red after disconnect");
+    assert!(reaches(&c, "h1", "c1", c2), "c1 lost blue when leaving red");
+
+    // A network with endpoints cannot go; the error names what holds it.
+    let err = c.refused(&["network", "rm", "blue"]);
+    assert!(err.contains("c1") || err.contains("endpoint"), "{err}");
+
+    // Removing a container takes its sandbox away on its host.
+    let c2_ns = c.container_ns("h2", "c2");
+    assert!(netns_exists(&c2_ns));
+    c.ok(&["container", "rm", "c2"]);
+    assert!(!netns_exists(&c2_ns), "c2's namespace is gone");
+    assert!(wait_for(Duration::from_secs(5), || (!c.maps_hold("h1", c2)).then_some(())).is_some(), "h1 still maps c2");
+    c.ok(&["container", "rm", "c1", "c3"]);
+    c.ok(&["network", "rm", "blue", "red"]);
+    assert!(!c.ok(&["network", "ls"]).contains("blue"));
+
+    // Each agent answers its health endpoint.
+    for h in &c.topo.hosts {
+        let out = try_sh(&mut in_ns(&h.ns, &["curl", "-sf", &format!("http://{HEALTH_ADDR}/healthz")]));
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && body.contains("\"ready\":true"), "{}: /healthz: {body}", h.name);
+    }
+}
+
+/// Sixteen containers created at once, from CLIs on three hosts: sixteen distinct addresses,
+/// all reachable.
+#[test]
+fn sixteen_concurrent_allocations_from_three_hosts_get_distinct_addresses() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let Some(c) = Cluster::start("alloc", 3, 10) else { return };
+    c.ok(&["network", "create", "--subnet", "10.50.0.0/24", "green"]);
+    c.ok(&["container", "create", "--host", "h1", "--network", "green", "c0"]);
+    let mut running: Vec<(String, Child)> = Vec::new();
+    let overlay = overlay_tests::binary("overlay");
+    for i in 1..=16 {
+        let (cli_host, target) = (format!("h{}", i % 3 + 1), format!("h{}", (i + 1) % 3 + 1));
+        let name = format!("c{i}");
+        let child = in_ns(
+            &c.topo.host(&cli_host).ns,
+            &[overlay.to_str().unwrap(), "--etcd-endpoints", &c.url, "container", "create", "--host", &target, "--network", "green", &name],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cli");
+        running.push((name, child));
+    }
+    for (name, child) in running {
+        let out = child.wait_with_output().expect("cli");
+        assert!(out.status.success(), "creating {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let green = c.inspect("green");
+    let addresses: BTreeSet<String> =
+        green["Containers"].as_object().expect("Containers").values().map(|e| e["IPv4Address"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(addresses.len(), 17, "17 containers, 17 distinct addresses: {addresses:?}");
+    for i in 1..=16 {
+        let ip = c.address("green", &format!("c{i}"));
+        assert!(comes_to_reach(&c, "h1", "c0", ip), "c0 -> c{i} ({ip})");
+    }
+}
+
+/// An agent killed while the desired state changes catches up when it comes back: what was
+/// created meanwhile appears, what was removed goes, and a veth deleted by hand is remade.
+#[test]
+fn an_agent_killed_while_state_changes_converges_when_restarted() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let Some(mut c) = Cluster::start("conv", 2, 15) else { return };
+    c.ok(&["network", "create", "--subnet", "10.60.0.0/24", "net"]);
+    c.ok(&["container", "create", "--host", "h1", "--network", "net", "a"]);
+    c.ok(&["container", "create", "--host", "h2", "--network", "net", "b"]);
+    let b = c.address("net", "b");
+    let b_ns = c.container_ns("h2", "b");
+
+    c.kill_agent("h2");
+    // While h2's agent is down: nobody can make these real on h2, so do not wait for it.
+    c.ok(&["--timeout", "0", "container", "create", "--host", "h2", "--network", "net", "d"]);
+    c.ok(&["--timeout", "0", "container", "rm", "b"]);
+    c.ok(&["container", "create", "--host", "h1", "--network", "net", "e"]);
+    let (a, d, e) = (c.address("net", "a"), c.address("net", "d"), c.address("net", "e"));
+    assert!(netns_exists(&b_ns), "nothing removes b while its agent is down");
+
+    c.start_agent("h2");
+    assert!(
+        wait_for(Duration::from_secs(20), || netns_exists(&c.container_ns("h2", "d")).then_some(())).is_some(),
+        "d was never created"
+    );
+    assert!(wait_for(Duration::from_secs(20), || (!netns_exists(&b_ns)).then_some(())).is_some(), "b was never removed");
+    assert!(comes_to_reach(&c, "h2", "d", a), "d -> a");
+    assert!(comes_to_reach(&c, "h2", "d", e), "d -> e (created while h2 was down)");
+    // b's address went back to the pool; e may have been given it. Either way, no map may
+    // still send it to b: on h1 it is e's (local) or nothing, on h2 it is e's (behind h1) or
+    // nothing.
+    let h1_vtep: Vec<serde_json::Value> = c.topo.host("h1").vtep.octets().iter().map(|o| serde_json::json!(o)).collect();
+    match (e == b, c.map_entry("h2", b)) {
+        (true, Some(v)) => assert!(v["flags"] == 0 && v["vtep"].as_array() == Some(&h1_vtep), "h2 maps b's old address to {v}"),
+        (false, Some(v)) => panic!("h2 still maps b: {v}"),
+        (_, None) => assert!(e != b, "h2 lost e, which has b's old address"),
+    }
+    if e != b {
+        assert!(!c.maps_hold("h1", b), "h1 still maps b");
+    }
+
+    // Drift: the container's interface deleted behind the agent's back comes back at the next
+    // resync (every 5 s here).
+    let veth = try_sh(&mut in_ns(&c.topo.host("h2").ns, &["ip", "-o", "link", "show", "type", "veth"]));
+    let veths = String::from_utf8_lossy(&veth.stdout).into_owned();
+    let victim = veths.lines().filter_map(|l| l.split(": ").nth(1)).find(|n| n.starts_with("ov")).expect("an endpoint veth");
+    let victim = victim.split('@').next().unwrap().to_owned();
+    try_sh(&mut in_ns(&c.topo.host("h2").ns, &["ip", "link", "del", &victim]));
+    assert!(!reaches(&c, "h2", "d", a), "d still reaches a without its interface");
+    assert!(
+        wait_for(Duration::from_secs(20), || reaches(&c, "h2", "d", a).then_some(())).is_some(),
+        "the deleted interface was not remade"
+    );
+    let _ = d;
+}
+
+/// A host whose agent dies disappears from every other host's maps once its lease runs out.
+#[test]
+fn a_dead_hosts_endpoints_leave_the_maps_when_its_lease_expires() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let ttl = 3;
+    let Some(mut c) = Cluster::start("lease", 3, ttl) else { return };
+    c.ok(&["network", "create", "--subnet", "10.70.0.0/24", "net"]);
+    c.ok(&["container", "create", "--host", "h1", "--network", "net", "a"]);
+    c.ok(&["container", "create", "--host", "h2", "--network", "net", "b"]);
+    c.ok(&["container", "create", "--host", "h3", "--network", "net", "z"]);
+    let z = c.address("net", "z");
+    let h3 = c.topo.host("h3").vtep;
+    for host in ["h1", "h2"] {
+        assert!(wait_for(Duration::from_secs(5), || c.maps_hold(host, z).then_some(())).is_some(), "{host} maps z");
+        assert!(c.peers_hold(host, h3), "{host} has h3 as a peer");
+    }
+    assert!(comes_to_reach(&c, "h1", "a", z));
+
+    c.kill_agent("h3");
+    let killed = Instant::now();
+    for host in ["h1", "h2"] {
+        let gone = wait_for(Duration::from_secs(ttl + 10), || (!c.maps_hold(host, z) && !c.peers_hold(host, h3)).then_some(()));
+        assert!(gone.is_some(), "{host} still maps the dead host's endpoint or VTEP");
+    }
+    // Not before the lease could have run out: a live host is never dropped early.
+    assert!(killed.elapsed() >= Duration::from_secs(ttl - 1), "removed after {:?}", killed.elapsed());
+    assert!(!c.ok(&["host", "ls"]).lines().any(|l| l.starts_with("h3 ")), "h3 still registered");
+    assert!(!reaches(&c, "h1", "a", z));
+}
+
+/// etcd going away and coming back breaks no packet path, and changes made afterwards arrive.
+#[test]
+fn an_etcd_outage_keeps_traffic_flowing_and_later_changes_arrive() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let Some(mut c) = Cluster::start("outage", 3, 15) else { return };
+    c.ok(&["network", "create", "--subnet", "10.80.0.0/24", "net"]);
+    c.ok(&["container", "create", "--host", "h1", "--network", "net", "a"]);
+    c.ok(&["container", "create", "--host", "h2", "--network", "net", "b"]);
+    let b = c.address("net", "b");
+    let server = overlay_tests::Proc::spawn(
+        "echo server in b",
+        in_ns(&c.container_ns("h2", "b"), &[PROBE, "serve", "7000"]).stdout(Stdio::null()),
+    );
+    c.topo.run.procs.push(server);
+    assert!(wait_for(Duration::from_secs(5), || try_sh(&mut in_ns(&c.container_ns("h1", "a"), &[PROBE, "tcp", &format!("{b}:7000")])).status.success().then_some(())).is_some());
+    let session = in_ns(&c.container_ns("h1", "a"), &[PROBE, "session", &format!("{b}:7000"), "6"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("session");
+
+    std::thread::sleep(Duration::from_secs(1));
+    c.etcd.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    c.etcd.restart().expect("etcd restart");
+
+    let out = session.wait_with_output().expect("session");
+    assert!(out.status.success(), "the connection broke during the outage: {}", String::from_utf8_lossy(&out.stderr));
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let gap: u64 = report.split_whitespace().nth(1).and_then(|g| g.parse().ok()).expect("gap");
+    assert!(gap < 500, "traffic paused {gap} ms during the etcd outage");
+
+    // The agents resumed their watches: a change made now reaches every host.
+    c.ok(&["container", "create", "--host", "h3", "--network", "net", "late"]);
+    let late = c.address("net", "late");
+    assert!(comes_to_reach(&c, "h1", "a", late), "a -> late (created after the outage)");
+    assert!(comes_to_reach(&c, "h2", "b", late), "b -> late");
+}
