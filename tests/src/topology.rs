@@ -18,6 +18,8 @@ pub struct Host {
     /// The host's network namespace.
     pub ns: String,
     pub vtep: Ipv4Addr,
+    /// The interface the agent uses as uplink (eth0 unless a test changes it).
+    pub uplink: String,
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
     pub netns_prefix: String,
@@ -86,6 +88,7 @@ impl Topology {
                 pin_dir: run.pin_root().join(&name),
                 state_dir: run.path(&format!("state-{name}")),
                 netns_prefix: format!("{}-{name}-", run.id),
+                uplink: "eth0".into(),
                 log: run.path(&format!("agent-{name}.log")),
                 name,
                 ns,
@@ -113,7 +116,7 @@ impl Topology {
         let log = File::options().create(true).append(true).open(&h.log).expect("agent log");
         let mut cmd = Command::new(binary("overlay-agent"));
         cmd.arg("run")
-            .args(["--host", &h.name, "--uplink", "eth0", "--vtep", &h.vtep.to_string(), "--netns", &h.ns])
+            .args(["--host", &h.name, "--uplink", &h.uplink, "--vtep", &h.vtep.to_string(), "--netns", &h.ns])
             .arg("--pin-dir")
             .arg(&h.pin_dir)
             .arg("--state-dir")

@@ -324,3 +324,65 @@ fn agent_restart_keeps_established_connections() {
         );
     }
 }
+
+/// Where the driver has no native XDP (a macvlan uplink), `auto` falls back to generic XDP and
+/// says so, and traffic flows through it. Drop records reach the agent's log only on a host
+/// whose operator switched drop logging on.
+#[test]
+fn xdp_falls_back_to_generic_and_drops_are_logged_only_when_asked() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let mut topo = Topology::new("fb", 2);
+    // h2's uplink: a macvlan on eth0 carrying the VTEP address.
+    let h2 = topo.host("h2").ns.clone();
+    let vtep = format!("{}/24", topo.host("h2").vtep);
+    sh(&mut in_ns(&h2, &["ip", "addr", "del", &vtep, "dev", "eth0"]));
+    sh(&mut in_ns(&h2, &["ip", "link", "add", "mv0", "link", "eth0", "type", "macvlan", "mode", "bridge"]));
+    sh(&mut in_ns(&h2, &["ip", "addr", "add", &vtep, "dev", "mv0"]));
+    sh(&mut in_ns(&h2, &["ip", "link", "set", "mv0", "up"]));
+    topo.host_mut("h2").uplink = "mv0".into();
+
+    let mut s =
+        Scenario::new(&topo, &[network("blue", BLUE_VNI, "10.10.0.0/24"), network("red", RED_VNI, "10.20.0.0/24")]);
+    s.attach("a", "h1", "blue", Ipv4Addr::new(10, 10, 0, 2))
+        .attach("b", "h2", "blue", Ipv4Addr::new(10, 10, 0, 3))
+        .attach("r", "h1", "red", Ipv4Addr::new(10, 20, 0, 2));
+    let state = topo.run.path("state.json");
+    s.write(&state);
+    topo.start_agent("h1", Source::File(&state), &["--debug-drops"]);
+    topo.start_agent("h2", Source::File(&state), &[]);
+    for host in ["h1", "h2"] {
+        assert!(topo.wait_log(host, "full reconcile done", Duration::from_secs(20)), "{host} never reconciled");
+    }
+    assert!(
+        std::fs::read_to_string(&topo.host("h2").log).unwrap().contains("falling back to generic (skb) mode"),
+        "h2 did not say it fell back"
+    );
+    let link = sh(&mut in_ns(&h2, &["ip", "link", "show", "dev", "mv0"]));
+    assert!(link.contains("xdpgeneric"), "mv0: {link}");
+
+    // Traffic crosses the generic-XDP uplink both ways.
+    let (a_ns, b_ns) = (topo.host("h1").container_ns("a"), topo.host("h2").container_ns("b"));
+    let ping = |ns: &str, ip: &str| {
+        wait_for(Duration::from_secs(10), || {
+            try_sh(&mut in_ns(ns, &["ping", "-c", "1", "-W", "1", ip])).status.success().then_some(())
+        })
+        .is_some()
+    };
+    assert!(ping(&a_ns, "10.10.0.3"), "a -> b across the macvlan uplink");
+    assert!(ping(&b_ns, "10.10.0.2"), "b -> a across the macvlan uplink");
+    assert!(topo.host("h2").counter("rx_decap") > 0, "h2 decapsulated nothing");
+
+    // Drops on both hosts: a -> r (h1) and b -> r (h2) cross networks.
+    let before = topo.host("h2").counter("drop/no_endpoint");
+    try_sh(&mut in_ns(&a_ns, &["ping", "-c", "2", "-W", "1", "10.20.0.2"]));
+    try_sh(&mut in_ns(&b_ns, &["ping", "-c", "2", "-W", "1", "10.20.0.2"]));
+    assert!(topo.host("h2").counter("drop/no_endpoint") > before, "h2 did not drop b -> r");
+    assert!(
+        topo.wait_log("h1", "drop reason=no_endpoint", Duration::from_secs(5)),
+        "h1 runs with --debug-drops but logged no drop"
+    );
+    let h2_log = std::fs::read_to_string(&topo.host("h2").log).unwrap();
+    assert!(!h2_log.contains("drop reason="), "h2 logged drops without --debug-drops:\n{h2_log}");
+}

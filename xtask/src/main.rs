@@ -3,6 +3,7 @@
 //! - `build`: the agent and CLI (the agent embeds the eBPF object its build script compiles).
 //! - `test`: unit tests and the privileged suites (namespaces, BPF programs, etcd). Run as
 //!   root; without root the privileged tests say "skipping: ..." and pass, so say it loudly.
+//! - `demo`: the main job (three simulated hosts, etcd, two networks, the CLI).
 //! - `bench`: the latency/throughput harness (three topologies, one run).
 
 use std::{
@@ -33,6 +34,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The main job: etcd, three simulated hosts with an agent each, two networks, containers
+    /// reaching each other across hosts and not across networks; cleans up after itself.
+    Demo,
     /// Run the benchmark harness (arguments go to overlay-bench; try --help).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -107,6 +111,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cmd.arg("--").args(&args);
             }
             status(&mut cmd)
+        }
+        Cmd::Demo => {
+            let bins = build(false)?;
+            status(cargo().args(["build", "--quiet", "--package", "overlay-tests", "--bin", "overlay-demo"]))?;
+            status(Command::new(bins.join("overlay-demo")).env("OVERLAY_BIN_DIR", &bins))
         }
         Cmd::Bench { args } => {
             let bins = build(true)?;
