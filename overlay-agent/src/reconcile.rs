@@ -492,8 +492,12 @@ impl Reconciler {
         // Interfaces that disappeared behind our back (a namespace deleted, a veth removed by
         // hand): forget them and their map entries, so this pass makes them again.
         let present: BTreeSet<u32> = links.iter().map(|l| l.index).collect();
-        let vanished: Vec<(String, Local)> =
-            self.local.iter().filter(|(_, l)| !present.contains(&l.ifindex)).map(|(id, l)| (id.clone(), l.clone())).collect();
+        let vanished: Vec<(String, Local)> = self
+            .local
+            .iter()
+            .filter(|(_, l)| !present.contains(&l.ifindex))
+            .map(|(id, l)| (id.clone(), l.clone()))
+            .collect();
         for (id, l) in vanished {
             warn!(endpoint = %id, veth = %l.host_name, "endpoint interface vanished; recreating it");
             if let Err(e) = self.forget_local(&id, &l) {

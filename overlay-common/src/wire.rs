@@ -121,8 +121,9 @@ impl UdpHdr {
         u16::from_be_bytes(self.dst_port)
     }
 
+    /// The UDP length field (header and payload).
     #[inline(always)]
-    pub fn len(&self) -> u16 {
+    pub fn length(&self) -> u16 {
         u16::from_be_bytes(self.len)
     }
 }

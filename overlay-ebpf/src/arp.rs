@@ -1,7 +1,7 @@
 //! The ARP responder: containers resolve every address on their network from the endpoint map,
 //! so no ARP request ever leaves the host and nothing is flooded.
 
-use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect};
+use aya_ebpf::helpers::bpf_redirect;
 use overlay_common::{
     maps::{EndpointKey, Iface},
     stats,
@@ -11,7 +11,8 @@ use overlay_common::{
 use crate::{
     maps::{ENDPOINTS, NETWORKS},
     packet::Packet,
-    stats::{Drop, count},
+    skb::redirected,
+    stats::Drop,
 };
 
 /// Answers an ARP request from the endpoint behind `ifindex` in place and sends the reply
@@ -46,11 +47,9 @@ pub fn reply(pkt: Packet, ifindex: u32, iface: &Iface) -> Result<i32, Drop> {
     arp.sha = owner_mac;
     arp.spa = target;
 
-    count(stats::ARP_REPLY, pkt.len() as u32);
     // Egress of the host-side veth is the container's ingress.
     // SAFETY: plain helper call.
-    let verdict = unsafe { bpf_redirect(ifindex, 0) };
-    if verdict == TC_ACT_REDIRECT as i64 { Ok(TC_ACT_REDIRECT) } else { Err(Drop(stats::DROP_ARP)) }
+    redirected(unsafe { bpf_redirect(ifindex, 0) }, stats::ARP_REPLY, pkt.len() as u32, stats::DROP_ARP)
 }
 
 /// The MAC that owns `ip` on network `vni`: an endpoint, or the network's gateway.

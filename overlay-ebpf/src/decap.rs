@@ -104,7 +104,7 @@ fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option
     // clamped them at 0xffff, and segmentation would rewrite them.
     let ip_len = ip.tot_len() as usize;
     let gso = gso || (ip_len == 0xffff && wire_len > ip_len + EthHdr::LEN);
-    if !gso && (ip_len + EthHdr::LEN != wire_len || udp.len() as usize + Ipv4Hdr::LEN != ip_len) {
+    if !gso && (ip_len + EthHdr::LEN != wire_len || udp.length() as usize + Ipv4Hdr::LEN != ip_len) {
         return Err(Drop(stats::DROP_BAD_LENGTH));
     }
     if inner_ip.version_ihl >> 4 != 4 {

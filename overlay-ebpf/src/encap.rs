@@ -9,8 +9,7 @@
 use aya_ebpf::{
     bindings::{
         BPF_ADJ_ROOM_ENCAP_L2_SHIFT, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_REDIRECT,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::{bpf_get_hash_recalc, bpf_redirect_neigh},
     programs::TcContext,
@@ -22,7 +21,7 @@ use overlay_common::{
     wire::{ETH_P_IP, EthHdr, IPPROTO_UDP, IPV4_DF, Ipv4Hdr, UdpHdr, VxlanEncap, VxlanHdr},
 };
 
-use crate::stats::{Drop, count};
+use crate::{skb::redirected, stats::Drop};
 
 /// Outer TTL, as the kernel's vxlan device uses by default.
 const OUTER_TTL: u8 = 64;
@@ -113,10 +112,5 @@ pub fn to_remote(
     // SAFETY: plain helper call; a null params pointer asks for a FIB lookup on the outer
     // destination, which resolves the next hop whether it is the peer or a router.
     let verdict = unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) };
-    if verdict == TC_ACT_REDIRECT as i64 {
-        count(stats::TX_ENCAP, len + VXLAN_OVERHEAD);
-        Ok(TC_ACT_REDIRECT as i32)
-    } else {
-        Err(Drop(stats::DROP_ENCAP_FAILED))
-    }
+    redirected(verdict, stats::TX_ENCAP, len + VXLAN_OVERHEAD, stats::DROP_ENCAP_FAILED)
 }

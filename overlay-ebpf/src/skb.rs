@@ -20,10 +20,16 @@ pub fn deliver(ctx: &TcContext, ifindex: u32, counter: u32, failure: u32) -> Res
     let len = ctx.len();
     ctx.change_type(PACKET_HOST).map_err(|_| Drop(failure))?;
     // SAFETY: plain helper call.
-    let verdict = unsafe { bpf_redirect_peer(ifindex, 0) };
-    if verdict == TC_ACT_REDIRECT as i64 {
-        count(counter, len);
-        Ok(TC_ACT_REDIRECT as i32)
+    redirected(unsafe { bpf_redirect_peer(ifindex, 0) }, counter, len, failure)
+}
+
+/// Turns what a redirect helper returned into the program's verdict: on success count the
+/// frame under `counter` and return TC_ACT_REDIRECT; otherwise it is dropped for `failure`.
+#[inline(always)]
+pub fn redirected(helper: i64, counter: u32, bytes: u32, failure: u32) -> Result<i32, Drop> {
+    if helper == TC_ACT_REDIRECT as i64 {
+        count(counter, bytes);
+        Ok(TC_ACT_REDIRECT)
     } else {
         Err(Drop(failure))
     }

@@ -36,7 +36,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent.
-    Run(Run),
+    Run(Box<Run>),
     /// Print a host's datapath counters (packets and bytes per direction, drops per reason).
     Stats {
         #[command(flatten)]
@@ -129,6 +129,7 @@ fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Run(run) => {
+            let run = *run;
             // Before any thread exists: every thread the runtime starts inherits the namespace.
             if let Some(ns) = &run.netns {
                 let path = if ns.contains('/') { PathBuf::from(ns) } else { netns::named(ns) };
@@ -159,7 +160,12 @@ fn main() -> anyhow::Result<()> {
                         // The host record says what the other hosts need: the VTEP, and the
                         // uplink MTU for inspection.
                         let uplink = agent::uplink(&Netlink::current()?, &cfg.uplink).await?;
-                        let host = Host { name: cfg.host.clone(), vtep: cfg.vtep, uplink_mtu: Some(uplink.mtu), lease: 0 };
+                        let host = Host {
+                            name: cfg.host.clone(),
+                            vtep: cfg.vtep,
+                            uplink_mtu: Some(uplink.mtu),
+                            lease: 0,
+                        };
                         let source = AgentEtcd {
                             config: run.etcd.config(),
                             host,

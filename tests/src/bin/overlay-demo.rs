@@ -32,10 +32,15 @@ fn main() -> ExitCode {
 
     step("Creating two networks");
     show(&c, &["network", "create", "--subnet", "10.0.9.0/24", "frontend"]);
-    show(&c, &["network", "create", "--subnet", "10.0.10.0/24", "--aux-address", "router=10.0.10.2", "backend"]);
+    show(
+        &c,
+        &["network", "create", "--subnet", "10.0.10.0/24", "--aux-address", "router=10.0.10.2", "backend"],
+    );
     show(&c, &["network", "ls"]);
 
-    step("Starting containers: web on h1 and api on h2 (frontend), db on h3 (backend); api also joins backend");
+    step(
+        "Starting containers: web on h1 and api on h2 (frontend), db on h3 (backend); api also joins backend",
+    );
     show(&c, &["container", "create", "--host", "h1", "--network", "frontend", "web"]);
     show(&c, &["container", "create", "--host", "h2", "--network", "frontend", "api"]);
     show(&c, &["container", "create", "--host", "h3", "--network", "backend", "db"]);

@@ -155,9 +155,13 @@ fn session(to: SocketAddr, secs: u64) -> Result {
     let mut line = String::new();
     while Instant::now() < end {
         let msg = format!("{trips}\n");
-        writer.write_all(msg.as_bytes()).map_err(|e| format!("connection broke after {trips} round trips: {e}"))?;
+        writer
+            .write_all(msg.as_bytes())
+            .map_err(|e| format!("connection broke after {trips} round trips: {e}"))?;
         line.clear();
-        let n = reader.read_line(&mut line).map_err(|e| format!("connection broke after {trips} round trips: {e}"))?;
+        let n = reader
+            .read_line(&mut line)
+            .map_err(|e| format!("connection broke after {trips} round trips: {e}"))?;
         if n == 0 || line != msg {
             return Err(format!("connection broke after {trips} round trips (got {line:?})"));
         }
