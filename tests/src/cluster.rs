@@ -12,9 +12,9 @@ use std::{
 use crate::{
     binary,
     etcd::{Etcd, EtcdOptions},
-    in_ns, sh, try_sh,
+    in_ns, sh,
     topology::{Source, Topology},
-    wait_for,
+    try_sh, wait_for,
 };
 
 /// The etcd address on the underlay bridge.
@@ -40,8 +40,12 @@ impl Cluster {
         })?;
         let topo = Topology::new(tag, hosts);
         sh(&mut in_ns(&topo.underlay, &["ip", "addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"]));
-        let etcd = Etcd::start_with(EtcdOptions { ip: ETCD_IP, netns: Some(topo.underlay.clone()), ..Default::default() })
-            .expect("starting etcd");
+        let etcd = Etcd::start_with(EtcdOptions {
+            ip: ETCD_IP,
+            netns: Some(topo.underlay.clone()),
+            ..Default::default()
+        })
+        .expect("starting etcd");
         let url = etcd.url();
         let mut cluster = Self { topo, etcd, url, lease_ttl };
         let names: Vec<String> = cluster.topo.hosts.iter().map(|h| h.name.clone()).collect();
@@ -75,7 +79,10 @@ impl Cluster {
     /// `overlay <args>` run on `host`.
     pub fn cli_on(&self, host: &str, args: &[&str]) -> Output {
         let overlay = binary("overlay");
-        let mut cmd = in_ns(&self.topo.host(host).ns, &[overlay.to_str().expect("path"), "--etcd-endpoints", &self.url]);
+        let mut cmd = in_ns(
+            &self.topo.host(host).ns,
+            &[overlay.to_str().expect("path"), "--etcd-endpoints", &self.url],
+        );
         try_sh(cmd.args(args))
     }
 
@@ -100,7 +107,12 @@ impl Cluster {
     /// `overlay <args>` on h1, which must fail; returns its stderr.
     pub fn refused(&self, args: &[&str]) -> String {
         let out = self.cli(args);
-        assert!(!out.status.success(), "overlay {} should have failed: {}", args.join(" "), String::from_utf8_lossy(&out.stdout));
+        assert!(
+            !out.status.success(),
+            "overlay {} should have failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
@@ -108,7 +120,10 @@ impl Cluster {
     pub fn wait_registered(&self, host: &str) -> bool {
         wait_for(Duration::from_secs(20), || {
             let out = self.cli(&["host", "ls"]);
-            String::from_utf8_lossy(&out.stdout).lines().any(|l| l.split_whitespace().next() == Some(host)).then_some(())
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(host))
+                .then_some(())
         })
         .is_some()
     }
@@ -145,7 +160,11 @@ impl Cluster {
         let out = sh(Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(path));
         let raw: serde_json::Value = serde_json::from_str(&out).expect("bpftool JSON");
         // With -j, bpftool gives raw hex bytes in key/value and the BTF view in "formatted".
-        let entries = raw.as_array().expect("array").iter().map(|e| e.get("formatted").cloned().unwrap_or_else(|| e.clone()));
+        let entries = raw
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|e| e.get("formatted").cloned().unwrap_or_else(|| e.clone()));
         serde_json::Value::Array(entries.collect())
     }
 
@@ -168,6 +187,10 @@ impl Cluster {
     /// Whether `host`'s peer map holds `vtep`.
     pub fn peers_hold(&self, host: &str, vtep: Ipv4Addr) -> bool {
         let want: Vec<serde_json::Value> = vtep.octets().iter().map(|o| serde_json::json!(o)).collect();
-        self.map(host, "PEERS").as_array().expect("array").iter().any(|e| e["key"]["vtep"].as_array() == Some(&want))
+        self.map(host, "PEERS")
+            .as_array()
+            .expect("array")
+            .iter()
+            .any(|e| e["key"]["vtep"].as_array() == Some(&want))
     }
 }

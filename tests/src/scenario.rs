@@ -41,7 +41,10 @@ impl Scenario {
     pub fn new(topo: &Topology, networks: &[Network]) -> Self {
         let mut state = State::default();
         for h in &topo.hosts {
-            state.hosts.insert(h.name.clone(), Host { name: h.name.clone(), vtep: h.vtep, uplink_mtu: None, lease: 0 });
+            state.hosts.insert(
+                h.name.clone(),
+                Host { name: h.name.clone(), vtep: h.vtep, uplink_mtu: None, lease: 0 },
+            );
         }
         for n in networks {
             state.networks.insert(n.id.clone(), n.clone());

@@ -35,7 +35,9 @@ impl Host {
 
     /// `overlay-agent stats --json` of this host, as (counter -> packets).
     pub fn counters(&self) -> serde_json::Value {
-        let out = sh(Command::new(binary("overlay-agent")).args(["stats", "--json", "--pin-dir"]).arg(&self.pin_dir));
+        let out = sh(Command::new(binary("overlay-agent"))
+            .args(["stats", "--json", "--pin-dir"])
+            .arg(&self.pin_dir));
         serde_json::from_str(&out).expect("stats JSON")
     }
 
@@ -74,13 +76,19 @@ impl Topology {
             let port = format!("{}p{i}", run.id);
             let vtep = Ipv4Addr::new(198, 18, 0, i as u8);
             sh(Command::new("ip").args(["netns", "add", &ns]));
-            sh(Command::new("ip").args(["link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns", &underlay]));
+            sh(Command::new("ip").args([
+                "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns",
+                &underlay,
+            ]));
             sh(&mut in_ns(&underlay, &["ip", "link", "set", &port, "master", "br0", "up"]));
             // A switch port has a buffer: give the bridge port a queue, so a burst toward a
             // host whose veth runs native XDP (which receives through a 256-slot ring) backs
             // up instead of being dropped.
             sh(&mut in_ns(&underlay, &["ip", "link", "set", &port, "txqueuelen", "1000"]));
-            sh(&mut in_ns(&underlay, &["tc", "qdisc", "replace", "dev", &port, "root", "pfifo", "limit", "1000"]));
+            sh(&mut in_ns(
+                &underlay,
+                &["tc", "qdisc", "replace", "dev", &port, "root", "pfifo", "limit", "1000"],
+            ));
             sh(&mut in_ns(&ns, &["ip", "addr", "add", &format!("{vtep}/24"), "dev", "eth0"]));
             sh(&mut in_ns(&ns, &["ip", "link", "set", "eth0", "up"]));
             sh(&mut in_ns(&ns, &["ip", "link", "set", "lo", "up"]));
@@ -136,7 +144,8 @@ impl Topology {
     /// Waits until the agent of `host` logged `needle` (e.g. "full reconcile done").
     pub fn wait_log(&self, host: &str, needle: &str, timeout: Duration) -> bool {
         let h = self.host(host);
-        wait_for(timeout, || std::fs::read_to_string(&h.log).ok().filter(|l| l.contains(needle)).map(|_| ())).is_some()
+        wait_for(timeout, || std::fs::read_to_string(&h.log).ok().filter(|l| l.contains(needle)).map(|_| ()))
+            .is_some()
     }
 
     /// Prints every agent's log (called when a test fails, so the failure can be understood).

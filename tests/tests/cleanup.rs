@@ -36,7 +36,12 @@ fn a_panicking_test_leaves_no_namespace_pin_or_process() {
         let mut topo = Topology::new("cleanup", 2);
         *id.lock().unwrap() = topo.run.id.clone();
         let mut s = Scenario::new(&topo, &[network("blue", 4097, "10.10.0.0/24")]);
-        s.attach("a", "h1", "blue", Ipv4Addr::new(10, 10, 0, 2)).attach("b", "h2", "blue", Ipv4Addr::new(10, 10, 0, 3));
+        s.attach("a", "h1", "blue", Ipv4Addr::new(10, 10, 0, 2)).attach(
+            "b",
+            "h2",
+            "blue",
+            Ipv4Addr::new(10, 10, 0, 3),
+        );
         let state = topo.run.path("state.json");
         s.write(&state);
         topo.start_agent("h1", Source::File(&state), &[]);
@@ -52,7 +57,9 @@ fn a_panicking_test_leaves_no_namespace_pin_or_process() {
     let id = id.into_inner().unwrap();
     assert!(!id.is_empty());
     let namespaces: Vec<String> = std::fs::read_dir("/run/netns")
-        .map(|d| d.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with(&id)).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with(&id)).collect()
+        })
         .unwrap_or_default();
     assert!(namespaces.is_empty(), "namespaces left: {namespaces:?}");
     assert!(!std::path::Path::new("/sys/fs/bpf").join(&id).exists(), "pins left");

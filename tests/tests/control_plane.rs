@@ -28,8 +28,10 @@ fn comes_to_reach(c: &Cluster, host: &str, name: &str, ip: Ipv4Addr) -> bool {
 }
 
 fn interfaces(c: &Cluster, host: &str, name: &str) -> String {
-    String::from_utf8_lossy(&try_sh(&mut in_ns(&c.container_ns(host, name), &["ip", "-o", "-4", "addr"])).stdout)
-        .into_owned()
+    String::from_utf8_lossy(
+        &try_sh(&mut in_ns(&c.container_ns(host, name), &["ip", "-o", "-4", "addr"])).stdout,
+    )
+    .into_owned()
 }
 
 fn netns_exists(name: &str) -> bool {
@@ -44,8 +46,21 @@ fn the_cli_drives_networks_containers_and_connections() {
     let Some(c) = Cluster::start("cli", 3, 10) else { return };
     c.ok(&["network", "create", "--subnet", "10.30.0.0/24", "blue"]);
     c.ok(&[
-        "network", "create", "-d", "overlay", "--subnet", "10.40.0.0/24", "--ip-range", "10.40.0.128/25",
-        "--gateway", "10.40.0.1", "--aux-address", "router=10.40.0.128", "-o", "mtu=1400", "red",
+        "network",
+        "create",
+        "-d",
+        "overlay",
+        "--subnet",
+        "10.40.0.0/24",
+        "--ip-range",
+        "10.40.0.128/25",
+        "--gateway",
+        "10.40.0.1",
+        "--aux-address",
+        "router=10.40.0.128",
+        "-o",
+        "mtu=1400",
+        "red",
     ]);
     let ls = c.ok(&["network", "ls"]);
     assert!(ls.contains("blue") && ls.contains("red"), "{ls}");
@@ -85,7 +100,8 @@ fn the_cli_drives_networks_containers_and_connections() {
     assert!(reaches(&c, "h2", "c2", c1), "c2 -> c1");
     assert!(!reaches(&c, "h1", "c1", c3), "c1 (blue) reached c3 (red)");
     // `container exec` runs a command in the container, from the container's host.
-    let exec = c.cli_on("h2", &["container", "exec", "c2", "--", "ping", "-c", "1", "-W", "1", &c1.to_string()]);
+    let exec =
+        c.cli_on("h2", &["container", "exec", "c2", "--", "ping", "-c", "1", "-W", "1", &c1.to_string()]);
     assert!(exec.status.success(), "container exec: {}", String::from_utf8_lossy(&exec.stderr));
 
     // Connect at runtime: c1 gets a second interface, on red, and reaches c3 through it.
@@ -110,7 +126,10 @@ fn the_cli_drives_networks_containers_and_connections() {
     assert!(netns_exists(&c2_ns));
     c.ok(&["container", "rm", "c2"]);
     assert!(!netns_exists(&c2_ns), "c2's namespace is gone");
-    assert!(wait_for(Duration::from_secs(5), || (!c.maps_hold("h1", c2)).then_some(())).is_some(), "h1 still maps c2");
+    assert!(
+        wait_for(Duration::from_secs(5), || (!c.maps_hold("h1", c2)).then_some(())).is_some(),
+        "h1 still maps c2"
+    );
     c.ok(&["container", "rm", "c1", "c3"]);
     c.ok(&["network", "rm", "blue", "red"]);
     assert!(!c.ok(&["network", "ls"]).contains("blue"));
@@ -140,7 +159,18 @@ fn sixteen_concurrent_allocations_from_three_hosts_get_distinct_addresses() {
         let name = format!("c{i}");
         let child = in_ns(
             &c.topo.host(&cli_host).ns,
-            &[overlay.to_str().unwrap(), "--etcd-endpoints", &c.url, "container", "create", "--host", &target, "--network", "green", &name],
+            &[
+                overlay.to_str().unwrap(),
+                "--etcd-endpoints",
+                &c.url,
+                "container",
+                "create",
+                "--host",
+                &target,
+                "--network",
+                "green",
+                &name,
+            ],
         )
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -153,8 +183,12 @@ fn sixteen_concurrent_allocations_from_three_hosts_get_distinct_addresses() {
         assert!(out.status.success(), "creating {name}: {}", String::from_utf8_lossy(&out.stderr));
     }
     let green = c.inspect("green");
-    let addresses: BTreeSet<String> =
-        green["Containers"].as_object().expect("Containers").values().map(|e| e["IPv4Address"].as_str().unwrap().to_owned()).collect();
+    let addresses: BTreeSet<String> = green["Containers"]
+        .as_object()
+        .expect("Containers")
+        .values()
+        .map(|e| e["IPv4Address"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(addresses.len(), 17, "17 containers, 17 distinct addresses: {addresses:?}");
     for i in 1..=16 {
         let ip = c.address("green", &format!("c{i}"));
@@ -186,18 +220,26 @@ fn an_agent_killed_while_state_changes_converges_when_restarted() {
 
     c.start_agent("h2");
     assert!(
-        wait_for(Duration::from_secs(20), || netns_exists(&c.container_ns("h2", "d")).then_some(())).is_some(),
+        wait_for(Duration::from_secs(20), || netns_exists(&c.container_ns("h2", "d")).then_some(()))
+            .is_some(),
         "d was never created"
     );
-    assert!(wait_for(Duration::from_secs(20), || (!netns_exists(&b_ns)).then_some(())).is_some(), "b was never removed");
+    assert!(
+        wait_for(Duration::from_secs(20), || (!netns_exists(&b_ns)).then_some(())).is_some(),
+        "b was never removed"
+    );
     assert!(comes_to_reach(&c, "h2", "d", a), "d -> a");
     assert!(comes_to_reach(&c, "h2", "d", e), "d -> e (created while h2 was down)");
     // b's address went back to the pool; e may have been given it. Either way, no map may
     // still send it to b: on h1 it is e's (local) or nothing, on h2 it is e's (behind h1) or
     // nothing.
-    let h1_vtep: Vec<serde_json::Value> = c.topo.host("h1").vtep.octets().iter().map(|o| serde_json::json!(o)).collect();
+    let h1_vtep: Vec<serde_json::Value> =
+        c.topo.host("h1").vtep.octets().iter().map(|o| serde_json::json!(o)).collect();
     match (e == b, c.map_entry("h2", b)) {
-        (true, Some(v)) => assert!(v["flags"] == 0 && v["vtep"].as_array() == Some(&h1_vtep), "h2 maps b's old address to {v}"),
+        (true, Some(v)) => assert!(
+            v["flags"] == 0 && v["vtep"].as_array() == Some(&h1_vtep),
+            "h2 maps b's old address to {v}"
+        ),
         (false, Some(v)) => panic!("h2 still maps b: {v}"),
         (_, None) => assert!(e != b, "h2 lost e, which has b's old address"),
     }
@@ -209,7 +251,11 @@ fn an_agent_killed_while_state_changes_converges_when_restarted() {
     // resync (every 5 s here).
     let veth = try_sh(&mut in_ns(&c.topo.host("h2").ns, &["ip", "-o", "link", "show", "type", "veth"]));
     let veths = String::from_utf8_lossy(&veth.stdout).into_owned();
-    let victim = veths.lines().filter_map(|l| l.split(": ").nth(1)).find(|n| n.starts_with("ov")).expect("an endpoint veth");
+    let victim = veths
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .find(|n| n.starts_with("ov"))
+        .expect("an endpoint veth");
     let victim = victim.split('@').next().unwrap().to_owned();
     try_sh(&mut in_ns(&c.topo.host("h2").ns, &["ip", "link", "del", &victim]));
     assert!(!reaches(&c, "h2", "d", a), "d still reaches a without its interface");
@@ -235,7 +281,10 @@ fn a_dead_hosts_endpoints_leave_the_maps_when_its_lease_expires() {
     let z = c.address("net", "z");
     let h3 = c.topo.host("h3").vtep;
     for host in ["h1", "h2"] {
-        assert!(wait_for(Duration::from_secs(5), || c.maps_hold(host, z).then_some(())).is_some(), "{host} maps z");
+        assert!(
+            wait_for(Duration::from_secs(5), || c.maps_hold(host, z).then_some(())).is_some(),
+            "{host} maps z"
+        );
         assert!(c.peers_hold(host, h3), "{host} has h3 as a peer");
     }
     assert!(comes_to_reach(&c, "h1", "a", z));
@@ -243,7 +292,9 @@ fn a_dead_hosts_endpoints_leave_the_maps_when_its_lease_expires() {
     c.kill_agent("h3");
     let killed = Instant::now();
     for host in ["h1", "h2"] {
-        let gone = wait_for(Duration::from_secs(ttl + 10), || (!c.maps_hold(host, z) && !c.peers_hold(host, h3)).then_some(()));
+        let gone = wait_for(Duration::from_secs(ttl + 10), || {
+            (!c.maps_hold(host, z) && !c.peers_hold(host, h3)).then_some(())
+        });
         assert!(gone.is_some(), "{host} still maps the dead host's endpoint or VTEP");
     }
     // Not before the lease could have run out: a live host is never dropped early.
@@ -268,7 +319,16 @@ fn an_etcd_outage_keeps_traffic_flowing_and_later_changes_arrive() {
         in_ns(&c.container_ns("h2", "b"), &[PROBE, "serve", "7000"]).stdout(Stdio::null()),
     );
     c.topo.run.procs.push(server);
-    assert!(wait_for(Duration::from_secs(5), || try_sh(&mut in_ns(&c.container_ns("h1", "a"), &[PROBE, "tcp", &format!("{b}:7000")])).status.success().then_some(())).is_some());
+    assert!(
+        wait_for(Duration::from_secs(5), || try_sh(&mut in_ns(
+            &c.container_ns("h1", "a"),
+            &[PROBE, "tcp", &format!("{b}:7000")]
+        ))
+        .status
+        .success()
+        .then_some(()))
+        .is_some()
+    );
     let session = in_ns(&c.container_ns("h1", "a"), &[PROBE, "session", &format!("{b}:7000"), "6"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -281,7 +341,11 @@ fn an_etcd_outage_keeps_traffic_flowing_and_later_changes_arrive() {
     c.etcd.restart().expect("etcd restart");
 
     let out = session.wait_with_output().expect("session");
-    assert!(out.status.success(), "the connection broke during the outage: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the connection broke during the outage: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
     let gap: u64 = report.split_whitespace().nth(1).and_then(|g| g.parse().ok()).expect("gap");
     assert!(gap < 500, "traffic paused {gap} ms during the etcd outage");

@@ -14,9 +14,9 @@ use std::{
 use overlay_tests::{
     Proc, in_ns, pcap,
     scenario::{Scenario, network},
-    sh, skip_unless_privileged, try_sh,
+    sh, skip_unless_privileged,
     topology::{Source, Topology},
-    wait_for,
+    try_sh, wait_for,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_overlay-probe");
@@ -37,8 +37,10 @@ const RED_VNI: u32 = 4098;
 
 fn build(tag: &str) -> (Topology, Scenario, std::path::PathBuf) {
     let mut topo = Topology::new(tag, 3);
-    let mut s =
-        Scenario::new(&topo, &[network("blue", BLUE_VNI, "10.10.0.0/24"), network("red", RED_VNI, "10.20.0.0/24")]);
+    let mut s = Scenario::new(
+        &topo,
+        &[network("blue", BLUE_VNI, "10.10.0.0/24"), network("red", RED_VNI, "10.20.0.0/24")],
+    );
     for (c, h, n, ip) in PLACEMENT {
         s.attach(c, h, n, Ipv4Addr::from(*ip));
     }
@@ -217,8 +219,10 @@ fn containers_reach_their_network_and_nothing_else() {
     }
 
     // The hosts' own TCP works with the programs attached (ping above proved ICMP).
-    let server =
-        Proc::spawn("host server", in_ns(&topo.host("h2").ns, &[PROBE, "serve", "7100"]).stdout(Stdio::null()));
+    let server = Proc::spawn(
+        "host server",
+        in_ns(&topo.host("h2").ns, &[PROBE, "serve", "7100"]).stdout(Stdio::null()),
+    );
     topo.run.procs.push(server);
     let to = format!("{}:7100", topo.host("h2").vtep);
     let host_tcp = wait_for(Duration::from_secs(5), || {
@@ -239,7 +243,8 @@ fn a_gigabyte_arrives_intact_on_every_uplink_mode() {
     // Into h1 (TC only), into h2 (native XDP), into h3 (generic XDP).
     for (from, to) in [("b3", "b1"), ("b4", "b3"), ("b1", "b4")] {
         let port = "7200";
-        let sink = in_ns(&ns_of(&topo, to), &[PROBE, "sink", port]).stdout(Stdio::piped()).spawn().expect("sink");
+        let sink =
+            in_ns(&ns_of(&topo, to), &[PROBE, "sink", port]).stdout(Stdio::piped()).spawn().expect("sink");
         std::thread::sleep(Duration::from_millis(200));
         let addr = format!("{}:{port}", ip_of(to));
         let sent = sh(&mut in_ns(&ns_of(&topo, from), &[PROBE, "send", &addr, &GIB.to_string()]));
@@ -343,8 +348,10 @@ fn xdp_falls_back_to_generic_and_drops_are_logged_only_when_asked() {
     sh(&mut in_ns(&h2, &["ip", "link", "set", "mv0", "up"]));
     topo.host_mut("h2").uplink = "mv0".into();
 
-    let mut s =
-        Scenario::new(&topo, &[network("blue", BLUE_VNI, "10.10.0.0/24"), network("red", RED_VNI, "10.20.0.0/24")]);
+    let mut s = Scenario::new(
+        &topo,
+        &[network("blue", BLUE_VNI, "10.10.0.0/24"), network("red", RED_VNI, "10.20.0.0/24")],
+    );
     s.attach("a", "h1", "blue", Ipv4Addr::new(10, 10, 0, 2))
         .attach("b", "h2", "blue", Ipv4Addr::new(10, 10, 0, 3))
         .attach("r", "h1", "red", Ipv4Addr::new(10, 20, 0, 2));
@@ -353,7 +360,10 @@ fn xdp_falls_back_to_generic_and_drops_are_logged_only_when_asked() {
     topo.start_agent("h1", Source::File(&state), &["--debug-drops"]);
     topo.start_agent("h2", Source::File(&state), &[]);
     for host in ["h1", "h2"] {
-        assert!(topo.wait_log(host, "full reconcile done", Duration::from_secs(20)), "{host} never reconciled");
+        assert!(
+            topo.wait_log(host, "full reconcile done", Duration::from_secs(20)),
+            "{host} never reconciled"
+        );
     }
     assert!(
         std::fs::read_to_string(&topo.host("h2").log).unwrap().contains("falling back to generic (skb) mode"),

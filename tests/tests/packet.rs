@@ -1134,9 +1134,7 @@ fn arp_requests_that_cannot_be_answered_are_dropped() {
         ),
     ];
     for (what, dev, frame, reason) in cases {
-        let (out, counts) = h.counting(|h| h.from_container(dev, &frame));
-        assert_eq!(out.verdict, TC_ACT_SHOT, "verdict: {what}");
-        assert_eq!(counts, one_each(&[(reason, frame.len())]), "counters: {what}");
+        check_container_drop(&h, what, dev, &frame, reason);
     }
 }
 

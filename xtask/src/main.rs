@@ -114,7 +114,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Demo => {
             let bins = build(false)?;
-            status(cargo().args(["build", "--quiet", "--package", "overlay-tests", "--bin", "overlay-demo"]))?;
+            status(cargo().args([
+                "build",
+                "--quiet",
+                "--package",
+                "overlay-tests",
+                "--bin",
+                "overlay-demo",
+            ]))?;
             status(Command::new(bins.join("overlay-demo")).env("OVERLAY_BIN_DIR", &bins))
         }
         Cmd::Bench { args } => {
