@@ -1,0 +1,230 @@
+//! Control-plane figures of the eBPF agent:
+//!
+//! * endpoint-to-reachable: time from an endpoint being published to the first packet from a
+//!   container on another host arriving in it;
+//! * load time: an agent started on a state of N endpoints, until its maps hold them all;
+//! * the agent's memory once it holds 100k endpoints.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use overlay_agent::{
+    datapath::PinDir,
+    model::{MacAddr, State},
+};
+use overlay_common::maps::{Endpoint as MapEndpoint, EndpointKey, MAP_ENDPOINTS};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    agent::{Agent, AgentArgs},
+    measure::{spawn_ready_worker, wait_rest},
+    state::{self, Publisher},
+    sys::{Scope, ip, ip_in, mono_ns, proc_status_kib},
+    topology::{CONTAINERS, HOSTS, NETWORK_ID, Topology},
+    worker::ProbeRxResult,
+};
+
+/// Endpoint-to-reachable samples.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Reach {
+    /// Where the endpoints were published ("file": the agents poll a JSON file every 200 ms;
+    /// "etcd": a watch on the store).
+    pub source: String,
+    /// One per endpoint, milliseconds, in order.
+    pub samples_ms: Vec<f64>,
+    /// Endpoints whose first packet never arrived (within 5 s).
+    pub unreachable: usize,
+}
+
+/// Address of the i-th probed endpoint (in the data-plane network, after its two containers).
+fn reach_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 10, 0, 10 + i as u8)
+}
+
+pub const REACH_MAX: usize = 240;
+const PROBE_PORT: u16 = 7100;
+
+/// Endpoint-to-reachable on the eBPF topology, with `publisher` as the desired-state source.
+///
+/// For each endpoint: the harness makes the container's namespace itself (as a container
+/// runtime does before it asks for the network) and starts a UDP receiver in it, bound to any
+/// address; container a on h1 starts sending a probe every 200 µs to the new address (with a
+/// permanent neighbor entry, so no ARP retry timer of container a's kernel is measured). After
+/// a random pause (0–250 ms) the clock starts and the endpoint is published, on h2. The sample ends when the receiver
+/// gets its first probe: by then h2's agent has made the interface and h1's agent has the
+/// remote entry in its map. Both clocks are CLOCK_MONOTONIC.
+///
+/// Switching to etcd means passing a publisher that puts the objects into the store (and agents
+/// that watch it); nothing else here changes.
+pub fn endpoint_to_reachable(
+    scope: &Scope,
+    topo: &Topology,
+    publisher: &mut dyn Publisher,
+    exe: &Path,
+    count: usize,
+) -> anyhow::Result<Reach> {
+    if count > REACH_MAX {
+        bail!("at most {REACH_MAX} endpoints fit the data-plane subnet");
+    }
+    let host = HOSTS[CONTAINERS[1].host].name;
+    let mut reach = Reach { source: publisher.source().to_owned(), ..Default::default() };
+    let mut rng = XorShift(mono_ns() | 1);
+    for i in 0..count {
+        let addr = reach_ip(i);
+        let name = format!("x{i}");
+        let ns = scope.ns(&format!("e-{host}-{name}"));
+        ip(&["netns", "add", &ns])?;
+        ip_in(&ns, &["link", "set", "lo", "up"])?;
+        let rx_args = ["probe-rx", "--port", &PROBE_PORT.to_string(), "--timeout-ms", "5000"];
+        let (mut rx, rx_out) = spawn_ready_worker(&ns, exe, "probe receiver", &rx_args)?;
+        let mac = MacAddr::from_ip(addr).to_string();
+        ip_in(
+            topo.client_ns(),
+            &["neigh", "replace", &addr.to_string(), "lladdr", &mac, "dev", "eth0", "nud", "permanent"],
+        )?;
+        let to = SocketAddr::from((addr, PROBE_PORT)).to_string();
+        let tx_args = ["probe-tx", "--to", &to, "--interval-us", "200", "--timeout-ms", "6000"];
+        let (mut tx, _tx_out) = spawn_ready_worker(topo.client_ns(), exe, "probe sender", &tx_args)?;
+
+        // A random pause, so the moment of publishing falls anywhere in the agents' 200 ms poll
+        // period: without it, every iteration would start at the same phase (right after the
+        // previous endpoint's poll), and all samples would wait about as long.
+        std::thread::sleep(Duration::from_micros(rng.next() % 250_000));
+        let id = state::object_id(1_000_000 + i as u64);
+        let t0 = mono_ns();
+        publisher.add(
+            state::container(&name, host, Some(Path::new("/run/netns").join(&ns))),
+            state::endpoint(&id, NETWORK_ID, &name, host, addr),
+        )?;
+        let out = wait_rest(&mut rx, rx_out, Duration::from_secs(8))?;
+        tx.kill();
+        let r: ProbeRxResult =
+            serde_json::from_str(out.trim()).context("parsing the probe receiver's result")?;
+        match r.arrived_mono_ns {
+            Some(at) => reach.samples_ms.push(at.saturating_sub(t0) as f64 / 1e6),
+            None => reach.unreachable += 1,
+        }
+    }
+    Ok(reach)
+}
+
+/// xorshift64: enough randomness for spreading start times.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// One agent start on a state of `endpoints` remote endpoints.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Load {
+    pub endpoints: usize,
+    /// Remote hosts the endpoints are spread over.
+    pub remote_hosts: usize,
+    /// Agent process start → its "full reconcile done" log line, ms (the whole start: JSON
+    /// parse, BPF load and attach, the one local veth, every map write).
+    pub wall_ms: f64,
+    /// The reconcile pass alone, as the agent timed it (took_ms).
+    pub reconcile_ms: f64,
+    /// Entries in the pinned endpoint map afterwards, counted by the harness.
+    pub map_entries: usize,
+    /// The agent's resident memory after the load, and its peak, KiB.
+    pub vm_rss_kib: u64,
+    pub vm_hwm_kib: u64,
+}
+
+/// Starts an agent on a fresh host whose network has one local endpoint and `n` remote ones
+/// (100 per remote host, at most 1000 hosts), and times it until its maps hold them.
+pub fn load(scope: &Scope, agent_binary: &Path, n: usize, rep: usize) -> anyhow::Result<Load> {
+    let tag = format!("l{n}-{rep}");
+    let host_ns = scope.ns(&tag);
+    // A host with an uplink and nothing else (the agent attaches to it; no traffic flows).
+    ip(&["netns", "add", &host_ns])?;
+    ip_in(&host_ns, &["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"])?;
+    ip_in(&host_ns, &["link", "set", "eth0", "up"])?;
+    ip_in(&host_ns, &["link", "set", "eth0p", "up"])?;
+    ip_in(&host_ns, &["addr", "add", "198.18.0.1/24", "dev", "eth0"])?;
+
+    let remote_hosts = n.div_ceil(100).clamp(1, 1000);
+    let network = state::object_id(2_000_000);
+    let mut st = State::default();
+    st.networks.insert(
+        network.clone(),
+        state::network(&network, "load", 5000, "10.64.0.0/14", Ipv4Addr::new(10, 64, 0, 1))?,
+    );
+    st.hosts.insert("h1".into(), state::host("h1", Ipv4Addr::new(198, 18, 0, 1)));
+    for k in 0..remote_hosts {
+        let vtep = Ipv4Addr::new(198, 18, 4 + (k / 250) as u8, 1 + (k % 250) as u8);
+        st.hosts.insert(format!("r{k}"), state::host(&format!("r{k}"), vtep));
+    }
+    let base = u32::from(Ipv4Addr::new(10, 64, 0, 2));
+    state::add_container(
+        &mut st,
+        state::container("c0", "h1", None),
+        state::endpoint(&state::object_id(3_000_000), &network, "c0", "h1", Ipv4Addr::from(base)),
+    );
+    for i in 0..n {
+        let host = format!("r{}", i % remote_hosts);
+        let name = format!("c{}", i + 1);
+        let ip = Ipv4Addr::from(base + 1 + i as u32);
+        let id = state::object_id(4_000_000 + i as u64);
+        state::add_container(
+            &mut st,
+            state::container(&name, &host, None),
+            state::endpoint(&id, &network, &name, &host, ip),
+        );
+    }
+    let state_file = scope.path(&format!("{tag}-state.json"));
+    state::write_state(&state_file, &st)?;
+    drop(st);
+
+    let pin_dir = scope.pin_root().join(&tag);
+    let t0 = mono_ns();
+    let mut agent = Agent::spawn(AgentArgs {
+        binary: agent_binary,
+        host: "h1",
+        uplink: "eth0",
+        vtep: Ipv4Addr::new(198, 18, 0, 1),
+        pin_dir: pin_dir.clone(),
+        state_dir: scope.path(&format!("{tag}-agent")),
+        netns_prefix: scope.ns(&format!("{tag}-")),
+        state_file: &state_file,
+        netns: &host_ns,
+        xdp_mode: "off",
+        log: scope.path(&format!("agent-{tag}.log")),
+    })?;
+    let done = agent.wait_for("full reconcile done", Duration::from_secs(120))?;
+    let wall_ms = done.mono_ns.saturating_sub(t0) as f64 / 1e6;
+    let reconcile_ms = done.fields["took_ms"].as_f64().unwrap_or(f64::NAN);
+    let reported = done.fields["map_endpoints"].as_u64().unwrap_or(0) as usize;
+    let vm_rss_kib = proc_status_kib(agent.pid(), "VmRSS")?;
+    let vm_hwm_kib = proc_status_kib(agent.pid(), "VmHWM")?;
+    let map_entries = count_endpoints(&PinDir::new(&pin_dir))?;
+    agent.stop();
+    if map_entries != n + 1 || reported != n + 1 {
+        bail!("the agent's map holds {map_entries} endpoints (it says {reported}), not {}", n + 1);
+    }
+    // This load's namespaces and pins are done with; the run's Scope would remove them too.
+    crate::sys::cleanup_prefix(&host_ns);
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    let _ = std::fs::remove_file(&state_file);
+    Ok(Load { endpoints: n, remote_hosts, wall_ms, reconcile_ms, map_entries, vm_rss_kib, vm_hwm_kib })
+}
+
+/// Entries in a host's pinned endpoint map.
+fn count_endpoints(pins: &PinDir) -> anyhow::Result<usize> {
+    let path = pins.map(MAP_ENDPOINTS);
+    let data = aya::maps::MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let map: aya::maps::HashMap<_, EndpointKey, MapEndpoint> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+    Ok(map.keys().filter(Result::is_ok).count())
+}

@@ -1,0 +1,114 @@
+//! The desired state the eBPF topology's agents read, built from the agent's own model types so
+//! a change to the model breaks this build instead of silently feeding the agents a stale layout.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use overlay_agent::model::{Container, DRIVER_OVERLAY, Endpoint, Host, MacAddr, Network, State};
+
+/// A 64-hex-digit id as Docker makes them, derived from `seed` (splitmix64), so runs are
+/// reproducible and the first 12 digits (the agent's veth name) differ between endpoints.
+pub fn object_id(seed: u64) -> String {
+    let mut x = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut out = String::with_capacity(64);
+    for _ in 0..4 {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        out.push_str(&format!("{z:016x}"));
+    }
+    out
+}
+
+pub fn network(id: &str, name: &str, vni: u32, subnet: &str, gateway: Ipv4Addr) -> anyhow::Result<Network> {
+    Ok(Network {
+        id: id.to_owned(),
+        name: name.to_owned(),
+        driver: DRIVER_OVERLAY.to_owned(),
+        vni,
+        subnet: subnet.parse().with_context(|| format!("subnet {subnet}"))?,
+        gateway,
+        ip_range: None,
+        aux_addresses: Default::default(),
+        mtu: None,
+        options: Default::default(),
+        labels: Default::default(),
+        created: String::new(),
+    })
+}
+
+pub fn host(name: &str, vtep: Ipv4Addr) -> Host {
+    Host { name: name.to_owned(), vtep, uplink_mtu: None, lease: 0 }
+}
+
+pub fn container(name: &str, host: &str, netns: Option<PathBuf>) -> Container {
+    Container { name: name.to_owned(), host: host.to_owned(), netns, created: String::new() }
+}
+
+pub fn endpoint(id: &str, network_id: &str, container: &str, host: &str, ip: Ipv4Addr) -> Endpoint {
+    Endpoint {
+        id: id.to_owned(),
+        network_id: network_id.to_owned(),
+        container: container.to_owned(),
+        ipv4: ip,
+        mac: MacAddr::from_ip(ip),
+        host: host.to_owned(),
+    }
+}
+
+/// Adds a container and its one endpoint on `network_id`.
+pub fn add_container(state: &mut State, c: Container, e: Endpoint) {
+    state.containers.insert(c.name.clone(), c);
+    state.endpoints.insert(e.id.clone(), e);
+}
+
+/// Writes the state file the way an editor should: a temporary file renamed over the old one,
+/// so an agent never reads half a file.
+pub fn write_state(path: &Path, state: &State) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::to_vec(state)?;
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+/// Where the harness publishes desired-state changes to the eBPF topology's agents.
+///
+/// Today the agents read a JSON file (`FilePublisher`). When they run against etcd, an
+/// implementation that puts the objects into the store (through the `overlay` CLI or the store
+/// client) takes its place; the control-plane stage that measures endpoint-to-reachable only
+/// talks to this trait.
+pub trait Publisher {
+    /// What the figures are labelled with ("file", "etcd").
+    fn source(&self) -> &'static str;
+    /// Publishes a new container with its endpoint.
+    fn add(&mut self, c: Container, e: Endpoint) -> anyhow::Result<()>;
+}
+
+/// The state file the agents poll (every 200 ms: `overlay_agent::source::file`).
+pub struct FilePublisher {
+    pub path: PathBuf,
+    pub state: State,
+}
+
+impl FilePublisher {
+    pub fn new(path: PathBuf, state: State) -> anyhow::Result<Self> {
+        write_state(&path, &state)?;
+        Ok(Self { path, state })
+    }
+}
+
+impl Publisher for FilePublisher {
+    fn source(&self) -> &'static str {
+        "file"
+    }
+
+    fn add(&mut self, c: Container, e: Endpoint) -> anyhow::Result<()> {
+        add_container(&mut self.state, c, e);
+        write_state(&self.path, &self.state)
+    }
+}

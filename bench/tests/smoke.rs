@@ -1,0 +1,70 @@
+//! The harness's smoke run (`overlay-bench --quick`, seconds), so the benchmark keeps working as
+//! the code under it changes. It checks that every topology passed traffic in every test and
+//! that the control-plane stages produced figures; it never checks a speed (this machine is
+//! shared with the rest of the test suite, and the targets are for the real run to report).
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn quick_bench_passes_traffic_on_every_topology() {
+    if overlay_tests::skip_unless_privileged() {
+        return;
+    }
+    if Command::new("iperf3").arg("--version").output().is_err() {
+        eprintln!("skipping: quick_bench_passes_traffic_on_every_topology: iperf3 is not installed");
+        return;
+    }
+    let out = tempfile::tempdir().expect("temp dir");
+    let run = Command::new(env!("CARGO_BIN_EXE_overlay-bench"))
+        .arg("--quick")
+        .arg("--out")
+        .arg(out.path())
+        .arg("--agent")
+        .arg(overlay_tests::binary("overlay-agent"))
+        .output()
+        .expect("running overlay-bench");
+    assert!(
+        run.status.success(),
+        "overlay-bench --quick failed ({}):\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let text = std::fs::read_to_string(out.path().join("samples.json")).expect("samples.json");
+    let results: Value = serde_json::from_str(&text).expect("samples.json parses");
+    let samples = results["samples"].as_array().expect("samples");
+    for topology in ["no-overlay", "kernel-vxlan", "ebpf"] {
+        let data = |test: &str| -> &Value {
+            let s = samples
+                .iter()
+                .find(|s| s["topology"] == topology && s["test"] == test)
+                .unwrap_or_else(|| panic!("no {test} sample for {topology}"));
+            &s["data"]
+        };
+        for test in ["tcp-rr", "udp-rr"] {
+            let rtts = data(test)["rtt_ns"].as_array().map_or(0, Vec::len);
+            assert!(rtts > 0, "{topology}: {test} got no answers");
+        }
+        assert!(data("tcp-stream")["bytes"].as_u64().unwrap_or(0) > 0, "{topology}: no TCP stream bytes");
+        assert!(data("udp-pps")["packets"].as_u64().unwrap_or(0) > 0, "{topology}: no UDP packets");
+        assert!(data("cpu-tcp")["bytes"].as_u64().unwrap_or(0) > 0, "{topology}: no bytes in the CPU test");
+        assert!(
+            data("cpu-udp")["total_packets"].as_u64().unwrap_or(0) > 0,
+            "{topology}: no packets in the CPU test"
+        );
+    }
+
+    let cp = &results["control_plane"];
+    let reached = cp["reach"]["samples_ms"].as_array().map_or(0, Vec::len);
+    assert!(reached > 0, "no endpoint became reachable: {}", cp["reach_error"]);
+    let loaded = cp["loads"].as_array().and_then(|l| l.first()).and_then(|l| l["map_entries"].as_u64());
+    assert!(loaded.unwrap_or(0) > 0, "the load stage filled no map: {}", cp["load_error"]);
+
+    assert!(
+        std::fs::read_to_string(out.path().join("summary.md")).expect("summary.md").contains("| Figure |")
+    );
+    let png = std::fs::read(out.path().join("latency.png")).expect("latency.png");
+    assert!(png.starts_with(b"\x89PNG"), "latency.png is not a PNG");
+}
