@@ -95,7 +95,7 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
 
-    let mut desired = Desired::default();
+    let mut desired = Desired::new(&cfg.host);
     // Nothing is reconciled before the first snapshot: an agent that cannot reach its store
     // at startup keeps the datapath it found instead of tearing it down.
     let mut started = false;
@@ -119,7 +119,7 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
                 };
                 let snapshot = matches!(update, Update::Snapshot(_));
                 desired.apply(update, &mut dirty);
-                while dirty_len(&dirty) < BATCH {
+                while dirty.len() < BATCH {
                     match updates.try_recv() {
                         Ok(update) => desired.apply(update, &mut dirty),
                         Err(_) => break,
@@ -133,9 +133,9 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
                     started = true;
                     dirty.full = true;
                     info!(
-                        networks = desired.state.networks.len(),
-                        endpoints = desired.state.endpoints.len(),
-                        hosts = desired.state.hosts.len(),
+                        networks = desired.networks().count(),
+                        endpoints = desired.endpoint_count(),
+                        hosts = desired.hosts().count(),
                         "desired state loaded"
                     );
                 }
@@ -160,12 +160,16 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
                 map_endpoints = rec.endpoint_entries(),
                 "full reconcile done"
             );
+            // A snapshot of a big state is parsed, converted and dropped: give the memory that
+            // held it back to the system rather than keep it as the agent's high-water mark.
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe { libc::malloc_trim(0) };
         }
         if let Ok(mut h) = health.lock() {
             h.ready |= full && outcome.retry.is_empty();
             h.map_endpoints = rec.endpoint_entries();
             h.last_reconcile = crate::health::now();
-            h.pending_retries = dirty_len(&outcome.retry) + dirty_len(&retry);
+            h.pending_retries = outcome.retry.len() + retry.len();
         }
         for status in outcome.status {
             if status_tx.send(status).await.is_err() {
@@ -181,10 +185,6 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
             retry_delay = (retry_delay * 2).min(RETRY_MAX);
         }
     }
-}
-
-fn dirty_len(d: &Dirty) -> usize {
-    d.networks.len() + d.endpoints.len() + d.containers.len() + d.hosts.len()
 }
 
 async fn sleep_until(at: Option<Instant>) {

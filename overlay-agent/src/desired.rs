@@ -1,15 +1,42 @@
-//! The desired state as the agent holds it: the model plus the indexes the reconciler needs
-//! (endpoints by network, by host, by container), and the record of what changed.
+//! The desired state as the agent holds it: what this host needs of the model, the indexes the
+//! reconciler needs (endpoints by network, by host, by container), and the record of what
+//! changed.
+//!
+//! A host carries every endpoint of the networks it takes part in, so this is where the agent's
+//! memory goes at scale (100k endpoints and more). It keeps no more than it uses: containers of
+//! other hosts are not kept at all, a remote endpoint keeps no container name, and ids, network
+//! ids and host names are shared (`Arc<str>`) between the endpoint, the indexes, the dirty sets
+//! and the reconciler's mirrors instead of copied into each.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::Ipv4Addr,
+    sync::Arc,
+};
 
-use crate::model::{Endpoint, Object, ObjectRef, State, Update};
+use crate::model::{Container, Endpoint, Host, MacAddr, Network, Object, ObjectRef, State, Update};
+
+/// An endpoint id (or network id, or host name) shared rather than copied.
+pub type Id = Arc<str>;
+
+/// An endpoint as the agent keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ep {
+    pub id: Id,
+    pub network_id: Id,
+    pub host: Id,
+    /// The container, for an endpoint on this host (the only ones the agent makes interfaces
+    /// for); None for a remote endpoint.
+    pub container: Option<Id>,
+    pub ipv4: Ipv4Addr,
+    pub mac: MacAddr,
+}
 
 /// What changed since the last reconcile, by key.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Dirty {
     pub networks: BTreeSet<String>,
-    pub endpoints: BTreeSet<String>,
+    pub endpoints: BTreeSet<Id>,
     pub containers: BTreeSet<String>,
     pub hosts: BTreeSet<String>,
     /// Look at everything, and remove whatever nothing desires (startup and periodic resync).
@@ -18,11 +45,12 @@ pub struct Dirty {
 
 impl Dirty {
     pub fn is_empty(&self) -> bool {
-        !self.full
-            && self.networks.is_empty()
-            && self.endpoints.is_empty()
-            && self.containers.is_empty()
-            && self.hosts.is_empty()
+        !self.full && self.len() == 0
+    }
+
+    /// Number of keys (a full pass counts as none).
+    pub fn len(&self) -> usize {
+        self.networks.len() + self.endpoints.len() + self.containers.len() + self.hosts.len()
     }
 
     pub fn merge(&mut self, other: Dirty) {
@@ -36,30 +64,30 @@ impl Dirty {
     pub fn everything() -> Self {
         Self { full: true, ..Self::default() }
     }
-
-    fn mark(&mut self, what: &ObjectRef) {
-        match what {
-            ObjectRef::Network(id) => drop(self.networks.insert(id.clone())),
-            ObjectRef::Endpoint(id) => drop(self.endpoints.insert(id.clone())),
-            ObjectRef::Container(name) => drop(self.containers.insert(name.clone())),
-            ObjectRef::Host(name) => drop(self.hosts.insert(name.clone())),
-        }
-    }
 }
 
 #[derive(Debug, Default)]
 pub struct Desired {
-    pub state: State,
-    by_network: HashMap<String, BTreeSet<String>>,
-    by_host: HashMap<String, BTreeSet<String>>,
-    by_container: HashMap<String, BTreeSet<String>>,
+    /// This host's name.
+    me: String,
+    networks: BTreeMap<String, Network>,
+    hosts: BTreeMap<String, Host>,
+    /// This host's containers only.
+    containers: BTreeMap<String, Container>,
+    endpoints: HashMap<Id, Ep>,
+    by_network: HashMap<Id, HashSet<Id>>,
+    by_host: HashMap<Id, HashSet<Id>>,
+    /// This host's endpoints only.
+    by_container: HashMap<Id, BTreeSet<Id>>,
+    /// Network ids and host names, one copy each.
+    names: HashSet<Id>,
 }
 
-fn index_add(index: &mut HashMap<String, BTreeSet<String>>, key: &str, id: &str) {
-    index.entry(key.to_owned()).or_default().insert(id.to_owned());
+fn index_add(index: &mut HashMap<Id, HashSet<Id>>, key: &Id, id: &Id) {
+    index.entry(key.clone()).or_default().insert(id.clone());
 }
 
-fn index_remove(index: &mut HashMap<String, BTreeSet<String>>, key: &str, id: &str) {
+fn index_remove(index: &mut HashMap<Id, HashSet<Id>>, key: &str, id: &str) {
     if let Some(set) = index.get_mut(key) {
         set.remove(id);
         if set.is_empty() {
@@ -69,77 +97,184 @@ fn index_remove(index: &mut HashMap<String, BTreeSet<String>>, key: &str, id: &s
 }
 
 impl Desired {
+    pub fn new(me: &str) -> Self {
+        Self { me: me.to_owned(), ..Self::default() }
+    }
+
     /// Applies one update and records what it changed.
     pub fn apply(&mut self, update: Update, dirty: &mut Dirty) {
         match update {
             Update::Snapshot(state) => self.replace(state, dirty),
-            Update::Put(object) => {
-                let what = object_ref(&object);
-                if let Object::Endpoint(e) = &object {
-                    self.unindex(&e.id);
-                    self.index(e);
-                }
-                self.state.put(object);
-                dirty.mark(&what);
+            Update::Put(Object::Endpoint(e)) => {
+                let ep = self.compact(e);
+                dirty.endpoints.insert(ep.id.clone());
+                self.remove_endpoint(&ep.id);
+                self.insert_endpoint(ep);
             }
-            Update::Delete(what) => {
-                if let ObjectRef::Endpoint(id) = &what {
-                    self.unindex(id);
+            Update::Put(Object::Network(n)) => {
+                dirty.networks.insert(n.id.clone());
+                self.networks.insert(n.id.clone(), n);
+            }
+            Update::Put(Object::Host(h)) => {
+                dirty.hosts.insert(h.name.clone());
+                self.hosts.insert(h.name.clone(), h);
+            }
+            Update::Put(Object::Container(c)) => {
+                // Another host's container concerns this host only if it was ours until now.
+                if c.host == self.me {
+                    dirty.containers.insert(c.name.clone());
+                    self.containers.insert(c.name.clone(), c);
+                } else if self.containers.remove(&c.name).is_some() {
+                    dirty.containers.insert(c.name);
                 }
-                self.state.delete(&what);
-                dirty.mark(&what);
+            }
+            Update::Delete(ObjectRef::Endpoint(id)) => {
+                if let Some(ep) = self.remove_endpoint(&id) {
+                    dirty.endpoints.insert(ep.id);
+                }
+            }
+            Update::Delete(ObjectRef::Network(id)) => {
+                self.networks.remove(&id);
+                dirty.networks.insert(id);
+            }
+            Update::Delete(ObjectRef::Host(name)) => {
+                self.hosts.remove(&name);
+                dirty.hosts.insert(name);
+            }
+            Update::Delete(ObjectRef::Container(name)) => {
+                if self.containers.remove(&name).is_some() {
+                    dirty.containers.insert(name);
+                }
             }
         }
     }
 
     fn replace(&mut self, state: State, dirty: &mut Dirty) {
-        diff(&self.state.networks, &state.networks, &mut dirty.networks);
-        diff(&self.state.endpoints, &state.endpoints, &mut dirty.endpoints);
-        diff(&self.state.containers, &state.containers, &mut dirty.containers);
-        diff(&self.state.hosts, &state.hosts, &mut dirty.hosts);
+        let State { networks, endpoints, containers, hosts } = state;
+        diff(&self.networks, &networks, &mut dirty.networks);
+        diff(&self.hosts, &hosts, &mut dirty.hosts);
+        let containers: BTreeMap<String, Container> =
+            containers.into_iter().filter(|(_, c)| c.host == self.me).collect();
+        diff(&self.containers, &containers, &mut dirty.containers);
+        self.networks = networks;
+        self.hosts = hosts;
+        self.containers = containers;
+
+        // Converted one by one, so the model's copy of each endpoint is freed as we go.
+        self.names.clear();
+        let old = std::mem::take(&mut self.endpoints);
         self.by_network.clear();
         self.by_host.clear();
         self.by_container.clear();
-        for e in state.endpoints.values() {
-            self.index(e);
+        for (_, e) in endpoints {
+            let ep = self.compact(e);
+            if old.get(&ep.id) != Some(&ep) {
+                dirty.endpoints.insert(ep.id.clone());
+            }
+            self.insert_endpoint(ep);
         }
-        self.state = state;
+        for id in old.into_keys() {
+            if !self.endpoints.contains_key(&id) {
+                dirty.endpoints.insert(id);
+            }
+        }
+        self.endpoints.shrink_to_fit();
     }
 
-    fn index(&mut self, e: &Endpoint) {
-        index_add(&mut self.by_network, &e.network_id, &e.id);
-        index_add(&mut self.by_host, &e.host, &e.id);
-        index_add(&mut self.by_container, &e.container, &e.id);
-    }
-
-    fn unindex(&mut self, id: &str) {
-        if let Some(old) = self.state.endpoints.get(id) {
-            let old = old.clone();
-            index_remove(&mut self.by_network, &old.network_id, id);
-            index_remove(&mut self.by_host, &old.host, id);
-            index_remove(&mut self.by_container, &old.container, id);
+    /// The agent's form of an endpoint: shared names, and no container for a remote one.
+    fn compact(&mut self, e: Endpoint) -> Ep {
+        let local = e.host == self.me;
+        Ep {
+            id: Id::from(e.id),
+            network_id: self.intern(&e.network_id),
+            host: self.intern(&e.host),
+            container: local.then(|| Id::from(e.container)),
+            ipv4: e.ipv4,
+            mac: e.mac,
         }
     }
 
-    pub fn endpoints_of_network(&self, id: &str) -> impl Iterator<Item = &String> {
+    fn intern(&mut self, name: &str) -> Id {
+        if let Some(id) = self.names.get(name) {
+            return id.clone();
+        }
+        let id = Id::from(name);
+        self.names.insert(id.clone());
+        id
+    }
+
+    fn insert_endpoint(&mut self, ep: Ep) {
+        index_add(&mut self.by_network, &ep.network_id, &ep.id);
+        index_add(&mut self.by_host, &ep.host, &ep.id);
+        if let Some(c) = &ep.container {
+            self.by_container.entry(c.clone()).or_default().insert(ep.id.clone());
+        }
+        self.endpoints.insert(ep.id.clone(), ep);
+    }
+
+    fn remove_endpoint(&mut self, id: &str) -> Option<Ep> {
+        let ep = self.endpoints.remove(id)?;
+        index_remove(&mut self.by_network, &ep.network_id, id);
+        index_remove(&mut self.by_host, &ep.host, id);
+        if let Some(c) = &ep.container
+            && let Some(set) = self.by_container.get_mut(c)
+        {
+            set.remove(id);
+            if set.is_empty() {
+                self.by_container.remove(c);
+            }
+        }
+        Some(ep)
+    }
+
+    pub fn network(&self, id: &str) -> Option<&Network> {
+        self.networks.get(id)
+    }
+
+    pub fn networks(&self) -> impl Iterator<Item = &Network> {
+        self.networks.values()
+    }
+
+    pub fn host(&self, name: &str) -> Option<&Host> {
+        self.hosts.get(name)
+    }
+
+    pub fn hosts(&self) -> impl Iterator<Item = &Host> {
+        self.hosts.values()
+    }
+
+    /// A container of this host.
+    pub fn container(&self, name: &str) -> Option<&Container> {
+        self.containers.get(name)
+    }
+
+    pub fn containers(&self) -> impl Iterator<Item = &Container> {
+        self.containers.values()
+    }
+
+    pub fn endpoint(&self, id: &str) -> Option<&Ep> {
+        self.endpoints.get(id)
+    }
+
+    pub fn endpoint_ids(&self) -> impl Iterator<Item = &Id> {
+        self.endpoints.keys()
+    }
+
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    pub fn endpoints_of_network(&self, id: &str) -> impl Iterator<Item = &Id> {
         self.by_network.get(id).into_iter().flatten()
     }
 
-    pub fn endpoints_of_host(&self, name: &str) -> impl Iterator<Item = &String> {
+    pub fn endpoints_of_host(&self, name: &str) -> impl Iterator<Item = &Id> {
         self.by_host.get(name).into_iter().flatten()
     }
 
-    pub fn endpoints_of_container(&self, name: &str) -> impl Iterator<Item = &String> {
+    /// The endpoints of a container of this host.
+    pub fn endpoints_of_container(&self, name: &str) -> impl Iterator<Item = &Id> {
         self.by_container.get(name).into_iter().flatten()
-    }
-}
-
-fn object_ref(object: &Object) -> ObjectRef {
-    match object {
-        Object::Network(n) => ObjectRef::Network(n.id.clone()),
-        Object::Endpoint(e) => ObjectRef::Endpoint(e.id.clone()),
-        Object::Container(c) => ObjectRef::Container(c.name.clone()),
-        Object::Host(h) => ObjectRef::Host(h.name.clone()),
     }
 }
 
@@ -159,10 +294,7 @@ fn diff<V: PartialEq>(old: &BTreeMap<String, V>, new: &BTreeMap<String, V>, out:
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
-
     use super::*;
-    use crate::model::MacAddr;
 
     fn ep(id: &str, net: &str, host: &str) -> Endpoint {
         Endpoint {
@@ -175,35 +307,75 @@ mod tests {
         }
     }
 
+    fn ids(set: &BTreeSet<Id>) -> Vec<&str> {
+        set.iter().map(|i| &**i).collect()
+    }
+
     #[test]
     fn snapshot_marks_only_what_changed() {
-        let mut d = Desired::default();
+        let mut d = Desired::new("h1");
         let mut s = State::default();
         s.endpoints.insert("a".into(), ep("a", "n1", "h1"));
         s.endpoints.insert("b".into(), ep("b", "n1", "h2"));
         let mut dirty = Dirty::default();
         d.apply(Update::Snapshot(s.clone()), &mut dirty);
-        assert_eq!(dirty.endpoints, BTreeSet::from(["a".into(), "b".into()]));
+        assert_eq!(ids(&dirty.endpoints), ["a", "b"]);
 
         s.endpoints.remove("a");
         s.endpoints.insert("c".into(), ep("c", "n2", "h1"));
         let mut dirty = Dirty::default();
         d.apply(Update::Snapshot(s), &mut dirty);
-        assert_eq!(dirty.endpoints, BTreeSet::from(["a".into(), "c".into()]));
-        assert_eq!(d.endpoints_of_network("n1").collect::<Vec<_>>(), vec!["b"]);
-        assert_eq!(d.endpoints_of_host("h1").collect::<Vec<_>>(), vec!["c"]);
+        assert_eq!(ids(&dirty.endpoints), ["a", "c"]);
+        assert_eq!(d.endpoints_of_network("n1").map(|i| &**i).collect::<Vec<_>>(), ["b"]);
+        assert_eq!(d.endpoints_of_host("h1").map(|i| &**i).collect::<Vec<_>>(), ["c"]);
     }
 
     #[test]
     fn put_moves_an_endpoint_between_indexes() {
-        let mut d = Desired::default();
+        let mut d = Desired::new("h1");
         let mut dirty = Dirty::default();
         d.apply(Update::Put(Object::Endpoint(ep("a", "n1", "h1"))), &mut dirty);
+        assert_eq!(d.endpoints_of_container("c-a").count(), 1);
         d.apply(Update::Put(Object::Endpoint(ep("a", "n2", "h2"))), &mut dirty);
         assert_eq!(d.endpoints_of_network("n1").count(), 0);
-        assert_eq!(d.endpoints_of_network("n2").collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(d.endpoints_of_network("n2").map(|i| &**i).collect::<Vec<_>>(), ["a"]);
+        // Now remote: no container, not indexed by one.
+        assert_eq!(d.endpoint("a").unwrap().container, None);
+        assert_eq!(d.endpoints_of_container("c-a").count(), 0);
         d.apply(Update::Delete(ObjectRef::Endpoint("a".into())), &mut dirty);
         assert_eq!(d.endpoints_of_host("h2").count(), 0);
-        assert!(d.state.endpoints.is_empty());
+        assert_eq!(d.endpoint_count(), 0);
+    }
+
+    #[test]
+    fn only_this_hosts_containers_are_kept() {
+        let mut d = Desired::new("h1");
+        let mut s = State::default();
+        for (name, host) in [("mine", "h1"), ("theirs", "h2")] {
+            s.containers.insert(
+                name.into(),
+                Container { name: name.into(), host: host.into(), netns: None, created: String::new() },
+            );
+        }
+        let mut dirty = Dirty::default();
+        d.apply(Update::Snapshot(s), &mut dirty);
+        assert!(d.container("mine").is_some() && d.container("theirs").is_none());
+        assert_eq!(dirty.containers, BTreeSet::from(["mine".to_owned()]));
+        // A container that moves away from this host is a change here.
+        let mut dirty = Dirty::default();
+        let moved = Container { name: "mine".into(), host: "h2".into(), netns: None, created: String::new() };
+        d.apply(Update::Put(Object::Container(moved)), &mut dirty);
+        assert!(d.container("mine").is_none());
+        assert_eq!(dirty.containers, BTreeSet::from(["mine".to_owned()]));
+    }
+
+    #[test]
+    fn names_are_shared_not_copied() {
+        let mut d = Desired::new("h1");
+        let mut dirty = Dirty::default();
+        d.apply(Update::Put(Object::Endpoint(ep("a", "net", "h2"))), &mut dirty);
+        d.apply(Update::Put(Object::Endpoint(ep("b", "net", "h2"))), &mut dirty);
+        let (a, b) = (d.endpoint("a").unwrap(), d.endpoint("b").unwrap());
+        assert!(Arc::ptr_eq(&a.network_id, &b.network_id) && Arc::ptr_eq(&a.host, &b.host));
     }
 }

@@ -23,8 +23,8 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::Datapath,
-    desired::{Desired, Dirty},
-    model::{Container, Endpoint, Network},
+    desired::{Desired, Dirty, Ep, Id},
+    model::{Container, Network},
     netlink::{Netlink, netns, veth},
     sandbox::Sandboxes,
     source::Status,
@@ -37,7 +37,7 @@ struct Local {
     host_name: String,
     ifname: String,
     netns: PathBuf,
-    network_id: String,
+    network_id: Id,
 }
 
 /// What a pass did that others need to know, and what it could not do yet.
@@ -53,13 +53,13 @@ pub struct Reconciler {
     dp: Datapath,
     host: Netlink,
     sandboxes: Sandboxes,
-    local: HashMap<String, Local>,
+    local: HashMap<Id, Local>,
     /// Networks with a local endpoint: id -> VNI.
     joined: HashMap<String, u32>,
     // Mirrors of the maps: exactly what the kernel holds (at startup: what it held).
     endpoints: HashMap<EndpointKey, MapEndpoint>,
-    key_owner: HashMap<EndpointKey, String>,
-    endpoint_key: HashMap<String, EndpointKey>,
+    key_owner: HashMap<EndpointKey, Id>,
+    endpoint_key: HashMap<Id, EndpointKey>,
     ifaces: HashMap<u32, Iface>,
     peers: HashMap<String, Ipv4Addr>,
     peer_set: HashMap<Ipv4Addr, MapPeerState>,
@@ -122,21 +122,24 @@ impl Reconciler {
         let mut out = Outcome::default();
         if dirty.full {
             self.adopt(desired, &mut out).await;
-            let s = &desired.state;
-            dirty.networks.extend(s.networks.keys().cloned().chain(self.joined.keys().cloned()));
+            dirty
+                .networks
+                .extend(desired.networks().map(|n| n.id.clone()).chain(self.joined.keys().cloned()));
             dirty.endpoints.extend(
-                s.endpoints
-                    .keys()
+                desired
+                    .endpoint_ids()
                     .cloned()
                     .chain(self.endpoint_key.keys().cloned())
                     .chain(self.local.keys().cloned()),
             );
-            dirty.containers.extend(s.containers.keys().cloned().chain(self.sandboxes.names()));
-            dirty.hosts.extend(s.hosts.keys().cloned().chain(self.peers.keys().cloned()));
+            dirty
+                .containers
+                .extend(desired.containers().map(|c| c.name.clone()).chain(self.sandboxes.names()));
+            dirty.hosts.extend(desired.hosts().map(|h| h.name.clone()).chain(self.peers.keys().cloned()));
         }
 
         // Which local endpoints may have to be created or removed.
-        let mut local_set: BTreeSet<String> = dirty.endpoints.clone();
+        let mut local_set: BTreeSet<Id> = dirty.endpoints.clone();
         for c in &dirty.containers {
             local_set.extend(desired.endpoints_of_container(c).cloned());
             local_set.extend(
@@ -148,12 +151,13 @@ impl Reconciler {
         }
         for n in &dirty.networks {
             local_set.extend(desired.endpoints_of_network(n).cloned());
-            local_set.extend(self.local.iter().filter(|(_, l)| &l.network_id == n).map(|(id, _)| id.clone()));
+            local_set
+                .extend(self.local.iter().filter(|(_, l)| *l.network_id == **n).map(|(id, _)| id.clone()));
         }
 
         // Sandboxes first: endpoints need their namespace.
         for c in &dirty.containers {
-            if let Some(container) = self.container_here(desired, c) {
+            if let Some(container) = desired.container(c) {
                 let container = container.clone();
                 match self.sandboxes.ensure(&container) {
                     Ok(status) => out.status.push(status),
@@ -168,11 +172,11 @@ impl Reconciler {
         // Networks whose participation may change with these endpoints (before any is removed).
         let mut networks: BTreeSet<String> = dirty.networks.clone();
         for id in &local_set {
-            if let Some(e) = desired.state.endpoints.get(id) {
-                networks.insert(e.network_id.clone());
+            if let Some(e) = desired.endpoint(id) {
+                networks.insert(e.network_id.to_string());
             }
             if let Some(l) = self.local.get(id) {
-                networks.insert(l.network_id.clone());
+                networks.insert(l.network_id.to_string());
             }
         }
 
@@ -190,7 +194,7 @@ impl Reconciler {
 
         // Sandboxes of containers that are gone, now that their endpoints are.
         for c in &dirty.containers {
-            if self.container_here(desired, c).is_none() && self.sandboxes.has(c) {
+            if desired.container(c).is_none() && self.sandboxes.has(c) {
                 match self.sandboxes.remove(c) {
                     Ok(()) => out.status.push(Status::ContainerGone { name: c.clone() }),
                     Err(e) => {
@@ -201,7 +205,7 @@ impl Reconciler {
             }
         }
 
-        let mut entry_set: BTreeSet<String> = dirty.endpoints.clone();
+        let mut entry_set: BTreeSet<Id> = dirty.endpoints.clone();
         entry_set.extend(local_set.iter().cloned());
         for n in &networks {
             let vni = self.joined_vni(desired, n);
@@ -210,7 +214,7 @@ impl Reconciler {
                 entry_set.extend(
                     self.endpoint_key
                         .keys()
-                        .filter(|id| desired.state.endpoints.get(*id).is_none_or(|e| &e.network_id == n))
+                        .filter(|id| desired.endpoint(id).is_none_or(|e| *e.network_id == **n))
                         .cloned(),
                 );
             }
@@ -247,12 +251,13 @@ impl Reconciler {
         ready.sort();
         ready.dedup();
         for id in ready {
-            if let (Some(l), Some(e)) = (self.local.get(&id), desired.state.endpoints.get(&id))
+            if let (Some(l), Some(container)) =
+                (self.local.get(&id), desired.endpoint(&id).and_then(|e| e.container.as_ref()))
                 && self.endpoint_key.contains_key(&id)
             {
                 out.status.push(Status::EndpointReady {
-                    id: id.clone(),
-                    container: e.container.clone(),
+                    id: id.to_string(),
+                    container: container.to_string(),
                     ifname: l.ifname.clone(),
                 });
             }
@@ -260,37 +265,28 @@ impl Reconciler {
         out
     }
 
-    /// The container, if it is desired on this host.
-    fn container_here<'a>(&self, desired: &'a Desired, name: &str) -> Option<&'a Container> {
-        desired.state.containers.get(name).filter(|c| c.host == self.me)
-    }
-
     fn netns_of(&self, c: &Container) -> PathBuf {
         c.netns.clone().unwrap_or_else(|| self.sandboxes.path(&c.name))
     }
 
     fn netns_of_name(&self, desired: &Desired, name: &str) -> PathBuf {
-        match desired.state.containers.get(name) {
+        match desired.container(name) {
             Some(c) => self.netns_of(c),
             None => self.sandboxes.path(name),
         }
     }
 
     /// The endpoint with its network and container, if it should have an interface here.
-    fn local_here<'a>(
-        &self,
-        desired: &'a Desired,
-        id: &str,
-    ) -> Option<(&'a Endpoint, &'a Network, &'a Container)> {
-        let e = desired.state.endpoints.get(id).filter(|e| e.host == self.me)?;
-        let n = desired.state.networks.get(&e.network_id)?;
-        let c = self.container_here(desired, &e.container)?;
+    fn local_here<'a>(&self, desired: &'a Desired, id: &str) -> Option<(&'a Ep, &'a Network, &'a Container)> {
+        let e = desired.endpoint(id).filter(|e| *e.host == *self.me)?;
+        let n = desired.network(&e.network_id)?;
+        let c = desired.container(e.container.as_deref()?)?;
         Some((e, n, c))
     }
 
     /// The VNI of a network this host takes part in, or None.
     fn joined_vni(&self, desired: &Desired, network_id: &str) -> Option<u32> {
-        let n = desired.state.networks.get(network_id)?;
+        let n = desired.network(network_id)?;
         desired
             .endpoints_of_network(network_id)
             .any(|id| self.local_here(desired, id).is_some())
@@ -298,7 +294,7 @@ impl Reconciler {
     }
 
     /// Creates or removes one endpoint's interface. Ok(true) when it was (re)made.
-    async fn sync_local(&mut self, desired: &Desired, id: &str, out: &mut Outcome) -> anyhow::Result<bool> {
+    async fn sync_local(&mut self, desired: &Desired, id: &Id, out: &mut Outcome) -> anyhow::Result<bool> {
         let want = self.local_here(desired, id);
         let have = self.local.get(id).cloned();
         match (want, have) {
@@ -313,14 +309,14 @@ impl Reconciler {
             }
             (None, Some(have)) => {
                 self.remove_local(id, &have).await?;
-                out.status.push(Status::EndpointGone { id: id.to_owned() });
+                out.status.push(Status::EndpointGone { id: id.to_string() });
                 Ok(false)
             }
             (None, None) => Ok(false),
         }
     }
 
-    async fn create_local(&mut self, e: &Endpoint, n: &Network, c: &Container) -> anyhow::Result<()> {
+    async fn create_local(&mut self, e: &Ep, n: &Network, c: &Container) -> anyhow::Result<()> {
         let netns = self.netns_of(c);
         if !netns::exists(&netns) {
             anyhow::bail!("the namespace of container {} ({}) does not exist", c.name, netns.display());
@@ -342,7 +338,7 @@ impl Reconciler {
             host_name: created.host.name.clone(),
             ifname: created.ifname.clone(),
             netns,
-            network_id: n.id.clone(),
+            network_id: e.network_id.clone(),
         };
         // Record it first: if attaching fails, the retry removes and remakes it.
         self.local.insert(e.id.clone(), local);
@@ -381,26 +377,26 @@ impl Reconciler {
 
     /// What the endpoint map should hold for endpoint `id`, if anything.
     fn wanted_entry(&self, desired: &Desired, id: &str) -> Option<(EndpointKey, MapEndpoint)> {
-        let e = desired.state.endpoints.get(id)?;
-        let vni = *self.joined.get(&e.network_id)?;
+        let e = desired.endpoint(id)?;
+        let vni = *self.joined.get(&*e.network_id)?;
         let key = EndpointKey { vni, ip: e.ipv4.octets() };
-        if e.host == self.me {
+        if *e.host == *self.me {
             let l = self.local.get(id)?;
             Some((key, MapEndpoint { mac: e.mac.0, flags: ENDPOINT_LOCAL, ifindex: l.ifindex, vtep: [0; 4] }))
         } else {
-            let h = desired.state.hosts.get(&e.host)?;
+            let h = desired.host(&e.host)?;
             Some((key, MapEndpoint { mac: e.mac.0, flags: 0, ifindex: 0, vtep: h.vtep.octets() }))
         }
     }
 
-    fn sync_entry(&mut self, desired: &Desired, id: &str) -> anyhow::Result<()> {
+    fn sync_entry(&mut self, desired: &Desired, id: &Id) -> anyhow::Result<()> {
         match self.wanted_entry(desired, id) {
             Some((key, value)) => self.put_entry(id, key, value),
             None => self.remove_entry(id),
         }
     }
 
-    fn put_entry(&mut self, id: &str, key: EndpointKey, value: MapEndpoint) -> anyhow::Result<()> {
+    fn put_entry(&mut self, id: &Id, key: EndpointKey, value: MapEndpoint) -> anyhow::Result<()> {
         if let Some(old) = self.endpoint_key.get(id).copied()
             && old != key
         {
@@ -410,19 +406,19 @@ impl Reconciler {
             self.dp.put_endpoint(key, value)?;
             self.endpoints.insert(key, value);
         }
-        if let Some(previous) = self.key_owner.insert(key, id.to_owned())
-            && previous != id
+        if let Some(previous) = self.key_owner.insert(key, id.clone())
+            && previous != *id
         {
             // Another endpoint held this address (it is being replaced): it no longer owns it.
             self.endpoint_key.remove(&previous);
         }
-        self.endpoint_key.insert(id.to_owned(), key);
+        self.endpoint_key.insert(id.clone(), key);
         Ok(())
     }
 
     fn remove_entry(&mut self, id: &str) -> anyhow::Result<()> {
         let Some(key) = self.endpoint_key.remove(id) else { return Ok(()) };
-        if self.key_owner.get(&key).is_some_and(|owner| owner == id) {
+        if self.key_owner.get(&key).is_some_and(|owner| **owner == *id) {
             self.key_owner.remove(&key);
             self.dp.remove_endpoint(&key)?;
             self.endpoints.remove(&key);
@@ -440,7 +436,7 @@ impl Reconciler {
                 self.dp.remove_network(old)?;
             }
         }
-        if let (Some(vni), Some(n)) = (vni, desired.state.networks.get(id)) {
+        if let (Some(vni), Some(n)) = (vni, desired.network(id)) {
             let value =
                 MapNetwork { gateway: n.gateway.octets(), gateway_mac: n.gateway_mac().0, _pad: [0; 2] };
             if self.networks.get(&vni) != Some(&value) {
@@ -453,7 +449,7 @@ impl Reconciler {
     }
 
     fn sync_peer(&mut self, desired: &Desired, name: &str) -> anyhow::Result<()> {
-        let want = desired.state.hosts.get(name).filter(|h| h.name != self.me).map(|h| h.vtep);
+        let want = desired.host(name).filter(|h| h.name != self.me).map(|h| h.vtep);
         let have = self.peers.get(name).copied();
         if want == have {
             if let Some(vtep) = want {
@@ -492,7 +488,7 @@ impl Reconciler {
         // Interfaces that disappeared behind our back (a namespace deleted, a veth removed by
         // hand): forget them and their map entries, so this pass makes them again.
         let present: BTreeSet<u32> = links.iter().map(|l| l.index).collect();
-        let vanished: Vec<(String, Local)> = self
+        let vanished: Vec<(Id, Local)> = self
             .local
             .iter()
             .filter(|(_, l)| !present.contains(&l.ifindex))
@@ -506,15 +502,14 @@ impl Reconciler {
             }
         }
         for link in links.iter().filter(|l| veth::is_endpoint_veth(l)) {
-            let owner = veth::endpoint_of(link).map(str::to_owned);
-            let known =
-                owner.as_ref().is_some_and(|id| self.local.get(id).is_some_and(|l| l.ifindex == link.index));
+            let owner = veth::endpoint_of(link);
+            let known = owner.is_some_and(|id| self.local.get(id).is_some_and(|l| l.ifindex == link.index));
             if known {
                 continue;
             }
-            let adopt = owner.as_ref().and_then(|id| {
-                let (_, n, c) = self.local_here(desired, id)?;
-                Some((id.clone(), n.id.clone(), self.netns_of(c)))
+            let adopt = owner.and_then(|id| {
+                let (e, _, c) = self.local_here(desired, id)?;
+                Some((e.id.clone(), e.network_id.clone(), self.netns_of(c)))
             });
             match adopt {
                 Some((id, network_id, netns)) => {

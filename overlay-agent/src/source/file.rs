@@ -1,8 +1,10 @@
 //! A desired state kept in a JSON file (the `model::State` layout), for running hosts without a
 //! store. The file is re-read whenever it changes; a file that does not parse is reported and
-//! ignored, so a half-written edit never tears anything down.
+//! ignored, so a half-written edit never tears anything down. Only a hash of the last content is
+//! kept (not a second copy of the state: at 100k endpoints that is tens of megabytes).
 
 use std::{
+    hash::{Hash as _, Hasher as _},
     path::PathBuf,
     time::{Duration, SystemTime},
 };
@@ -24,10 +26,14 @@ impl FileSource {
         Self { path: path.into(), poll: Duration::from_millis(200) }
     }
 
-    fn read(&self) -> anyhow::Result<State> {
-        let text = std::fs::read_to_string(&self.path)
-            .with_context(|| format!("reading {}", self.path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", self.path.display()))
+    /// The state in the file, and a hash of the file's bytes.
+    fn read(&self) -> anyhow::Result<(State, u64)> {
+        let bytes = std::fs::read(&self.path).with_context(|| format!("reading {}", self.path.display()))?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        bytes.hash(&mut hasher);
+        let state =
+            serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", self.path.display()))?;
+        Ok((state, hasher.finish()))
     }
 
     fn stamp(&self) -> Option<(SystemTime, u64)> {
@@ -44,9 +50,8 @@ impl Source for FileSource {
     ) -> anyhow::Result<()> {
         // The first snapshot must succeed: an agent that starts from a broken file has nothing
         // to reconcile against.
-        let state = self.read()?;
+        let (state, mut last) = self.read()?;
         let mut seen = self.stamp();
-        let mut last = state.clone();
         updates.send(Update::Snapshot(state)).await?;
         let mut tick = tokio::time::interval(self.poll);
         loop {
@@ -66,9 +71,9 @@ impl Source for FileSource {
             }
             seen = now;
             match self.read() {
-                Ok(state) if state == last => {}
-                Ok(state) => {
-                    last = state.clone();
+                Ok((_, hash)) if hash == last => {}
+                Ok((state, hash)) => {
+                    last = hash;
                     updates.send(Update::Snapshot(state)).await?;
                 }
                 Err(e) => warn!(error = format!("{e:#}"), "keeping the previous desired state"),

@@ -58,7 +58,8 @@ impl Source for EtcdSource {
         let publisher = Publisher::new(self.store.clone(), self.host.clone(), self.lease, revisions.clone());
         let publishing = AbortOnDrop(tokio::spawn(publisher.run(status, live_rx)));
         let agent = updates.clone();
-        let follower = Follower { store: self.store, updates, revisions, live: live_tx };
+        let follower =
+            Follower { store: self.store, host: self.host.clone(), updates, revisions, live: live_tx };
         // The agent may stop reading while nothing is sent (etcd down, or a quiet store).
         tokio::select! {
             () = follower.run() => {}
@@ -88,8 +89,10 @@ enum Stop {
 
 struct Follower {
     store: Store,
+    /// This agent's host: only its containers are reported on, so only theirs are tracked.
+    host: String,
     updates: mpsc::Sender<Update>,
-    /// Container name -> create revision of its key, for the publisher.
+    /// Container name -> create revision of its key, for the publisher (this host's only).
     revisions: Arc<Mutex<HashMap<String, i64>>>,
     live: mpsc::UnboundedSender<Live>,
 }
@@ -139,7 +142,7 @@ impl Follower {
 
     /// Reads and sends a snapshot; returns its revision (None: the agent is gone).
     async fn snapshot(&self) -> Result<Option<i64>> {
-        let (state, rev, revisions) = load(&self.store).await?;
+        let (state, rev, revisions) = load(&self.store, Some(&self.host)).await?;
         info!(
             revision = rev,
             networks = state.networks.len(),
@@ -238,7 +241,9 @@ impl Follower {
                         return None;
                     }
                 };
-                if let Object::Container(c) = &object {
+                if let Object::Container(c) = &object
+                    && c.host == self.host
+                {
                     self.revisions.lock().expect("not poisoned").insert(c.name.clone(), kv.create_revision());
                 }
                 Some(Update::Put(object))
@@ -258,8 +263,9 @@ fn decode_object(what: &ObjectRef, kv: &KeyValue) -> serde_json::Result<Object> 
     })
 }
 
-/// Reads the whole desired state at one revision; also each container key's create revision.
-async fn load(store: &Store) -> Result<(State, i64, HashMap<String, i64>)> {
+/// Reads the whole desired state at one revision; also the create revision of each container
+/// key on `host` (of every container when None).
+async fn load(store: &Store, host: Option<&str>) -> Result<(State, i64, HashMap<String, i64>)> {
     let k = &store.keys;
     let ranges = [k.networks(), k.all_endpoints(), k.containers(), k.hosts()].map(Range::Prefix);
     let view = store.view("load", &ranges).await?;
@@ -271,7 +277,9 @@ async fn load(store: &Store) -> Result<(State, i64, HashMap<String, i64>)> {
             let Kind::Object(what) = k.parse(&key) else { continue };
             match decode_object(&what, kv) {
                 Ok(object) => {
-                    if let Object::Container(c) = &object {
+                    if let Object::Container(c) = &object
+                        && host.is_none_or(|h| c.host == h)
+                    {
                         revisions.insert(c.name.clone(), kv.create_revision());
                     }
                     state.put(object);
@@ -286,7 +294,7 @@ async fn load(store: &Store) -> Result<(State, i64, HashMap<String, i64>)> {
 impl Store {
     /// The whole desired state at one revision, and that revision.
     pub async fn load(&self) -> Result<(State, i64)> {
-        let (state, rev, _) = load(self).await?;
+        let (state, rev, _) = load(self, None).await?;
         Ok((state, rev))
     }
 }
