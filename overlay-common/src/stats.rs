@@ -101,6 +101,13 @@ pub const fn is_drop(code: u32) -> bool {
     code >= DROP_BASE
 }
 
+/// Drops that say something is wrong with the host rather than with the packet (the kernel
+/// refused to grow, shrink or redirect a frame; no configuration yet). The programs always log
+/// these; other drops only when drop logging is on.
+pub const fn is_fault(code: u32) -> bool {
+    matches!(code, DROP_ENCAP_FAILED | DROP_DECAP_FAILED | DROP_NO_CONFIG)
+}
+
 const _: () = {
     assert!(DROP_TOO_BIG < STATS_LEN);
 };

@@ -26,8 +26,8 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use aya_log_ebpf::info;
-use overlay_common::maps::CONFIG_DEBUG_DROPS;
+use aya_log_ebpf::{info, warn};
+use overlay_common::{maps::CONFIG_DEBUG_DROPS, stats::is_fault};
 
 use crate::stats::{Drop, count};
 
@@ -64,12 +64,16 @@ pub fn uplink_tc(ctx: TcContext) -> i32 {
     }
 }
 
-/// Counts a drop by reason; logs it only when the operator switched drop logging on, so the
-/// fast path carries no log call by default.
+/// Counts a drop by reason. The rare events (the kernel refused to grow, shrink or redirect a
+/// frame; no configuration yet) are always logged: they mean something is wrong with the host,
+/// not with the packet. Every other drop is logged only when the operator switched drop logging
+/// on, so the fast path carries no log call by default.
 #[inline(always)]
 fn dropped<C: aya_ebpf::EbpfContext>(ctx: &C, drop: Drop, len: u32) {
     count(drop.0, len);
-    if let Some(cfg) = maps::CONFIG.get(0)
+    if is_fault(drop.0) {
+        warn!(ctx, "drop reason={} len={}", drop.0, len);
+    } else if let Some(cfg) = maps::CONFIG.get(0)
         && cfg.flags & CONFIG_DEBUG_DROPS != 0
     {
         // Info, not debug: these records exist only because the operator asked for them.

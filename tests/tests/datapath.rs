@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeSet,
     net::Ipv4Addr,
-    process::{Child, Stdio},
+    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -268,8 +268,9 @@ fn a_gigabyte_arrives_intact_on_every_uplink_mode() {
     }
 }
 
-/// Killing an agent (SIGKILL, as a crash) and starting it again interrupts no connection:
-/// the pinned programs and maps keep forwarding, and the new agent takes them over in place.
+/// Killing an agent (SIGKILL, as a crash) or stopping it (SIGTERM) and starting it again
+/// interrupts no connection: the pinned programs and maps keep forwarding, and the new agent
+/// takes them over in place.
 #[test]
 fn agent_restart_keeps_established_connections() {
     if skip_unless_privileged() {
@@ -292,10 +293,11 @@ fn agent_restart_keeps_established_connections() {
         })
         .collect();
     std::thread::sleep(Duration::from_secs(1));
-    // Crash both ends' agents, leave them down a moment, start them again.
-    for host in ["h1", "h2"] {
-        topo.host_mut(host).agent.as_mut().expect("agent").kill();
-    }
+    // Crash h1's agent; stop h2's as an operator would (SIGTERM: it must exit by itself, cleanly,
+    // leaving the datapath forwarding). Leave both down a moment, start them again.
+    topo.host_mut("h1").agent.as_mut().expect("agent").kill();
+    let clean = topo.host_mut("h2").agent.as_mut().expect("agent").terminate(Duration::from_secs(5));
+    assert!(clean, "h2's agent did not exit cleanly on SIGTERM");
     std::thread::sleep(Duration::from_secs(1));
     for (host, mode) in [("h1", "auto"), ("h2", "native")] {
         topo.start_agent(host, Source::File(&state), &["--xdp-mode", mode]);
@@ -395,4 +397,23 @@ fn xdp_falls_back_to_generic_and_drops_are_logged_only_when_asked() {
     );
     let h2_log = std::fs::read_to_string(&topo.host("h2").log).unwrap();
     assert!(!h2_log.contains("drop reason="), "h2 logged drops without --debug-drops:\n{h2_log}");
+
+    // A fault of the host, not of the packet, is always logged: wipe h2's configuration (as a
+    // mistaken `bpftool map update` would) and send across hosts from b.
+    let config = topo.host("h2").pin_dir.join("CONFIG");
+    let zeros: Vec<&str> = vec!["00"; 24];
+    sh(Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(&config)
+        .args(["key", "hex", "00", "00", "00", "00", "value", "hex"])
+        .args(&zeros));
+    try_sh(&mut in_ns(&b_ns, &["ping", "-c", "1", "-W", "1", "10.10.0.2"]));
+    assert!(
+        topo.host("h2").counter("drop/no_config") > 0,
+        "b -> a was not dropped for want of configuration"
+    );
+    assert!(
+        topo.wait_log("h2", "drop reason=no_config", Duration::from_secs(5)),
+        "h2 did not log the fault without --debug-drops"
+    );
 }
