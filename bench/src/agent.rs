@@ -12,8 +12,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use overlay_tests::{Proc, topology::Source};
 
-use crate::sys::{Proc, mono_ns};
+use crate::sys::mono_ns;
 
 /// One line of the agent's log.
 #[derive(Clone, Debug)]
@@ -34,7 +35,8 @@ pub struct AgentArgs<'a> {
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
     pub netns_prefix: String,
-    pub state_file: &'a Path,
+    /// The state file, or etcd.
+    pub source: &'a Source<'a>,
     /// The host's namespace, by name.
     pub netns: &'a str,
     pub xdp_mode: &'a str,
@@ -60,8 +62,6 @@ impl Agent {
             .arg(&a.state_dir)
             .arg("--netns-prefix")
             .arg(&a.netns_prefix)
-            .arg("--state-file")
-            .arg(a.state_file)
             .args(["--netns", a.netns, "--xdp-mode", a.xdp_mode])
             // The harness drives reconciles itself; a periodic full pass in the middle of a
             // measurement would only add noise.
@@ -69,8 +69,12 @@ impl Agent {
             .env("OVERLAY_LOG", "info,netlink_packet_route=error")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut proc = Proc::spawn(&format!("overlay-agent {}", a.host), &mut cmd)?;
-        let stderr = proc.child_stderr().context("agent stderr")?;
+        match a.source {
+            Source::File(path) => drop(cmd.arg("--state-file").arg(path)),
+            Source::Etcd(url) => drop(cmd.args(["--etcd-endpoints", url])),
+        }
+        let mut proc = Proc::try_spawn(&format!("overlay-agent {}", a.host), &mut cmd)?;
+        let stderr = proc.take_stderr().context("agent stderr")?;
         let mut file =
             std::fs::File::create(&a.log).with_context(|| format!("creating {}", a.log.display()))?;
         let (tx, events) = mpsc::channel();
@@ -102,17 +106,31 @@ impl Agent {
     /// The next log event with `message`, waiting up to `timeout`. Fails with the end of the log
     /// if the agent exits first.
     pub fn wait_for(&mut self, message: &str, timeout: Duration) -> anyhow::Result<LogEvent> {
+        self.wait_for_unless(message, &[], timeout)
+    }
+
+    /// `wait_for`, failing at once on an event whose message is in `fatal` (an agent that
+    /// retries something that will not get better, e.g. reading its state from etcd).
+    pub fn wait_for_unless(
+        &mut self,
+        message: &str,
+        fatal: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<LogEvent> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left.min(Duration::from_millis(200))) {
                 Ok(ev) if ev.message == message => return Ok(ev),
+                Ok(ev) if fatal.contains(&ev.message.as_str()) => {
+                    bail!("agent {}: {} ({})", self.host, ev.message, ev.fields)
+                }
                 Ok(_) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     bail!("agent {} exited before \"{message}\":\n{}", self.host, self.log_tail())
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    if self.proc.exited() {
+                    if !self.proc.is_running() {
                         // Let the reader finish what the agent wrote before it exited.
                         std::thread::sleep(Duration::from_millis(100));
                         bail!("agent {} exited before \"{message}\":\n{}", self.host, self.log_tail())
@@ -138,6 +156,6 @@ impl Agent {
 
     /// SIGTERM (the agent stops, leaving the pinned datapath in place).
     pub fn stop(&mut self) {
-        self.proc.stop(Duration::from_secs(5));
+        self.proc.terminate(Duration::from_secs(5));
     }
 }

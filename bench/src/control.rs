@@ -1,8 +1,10 @@
 //! Control-plane figures of the eBPF agent:
 //!
-//! * endpoint-to-reachable: time from an endpoint being published to the first packet from a
-//!   container on another host arriving in it;
-//! * load time: an agent started on a state of N endpoints, until its maps hold them all;
+//! * endpoint-to-reachable: time from an endpoint being created (in etcd, which the agents
+//!   watch; and, as a secondary figure, in the state file the agents poll) to the first packet
+//!   from a container on another host arriving in it;
+//! * load time: an agent started on a state of N endpoints (a file, or etcd), until its maps
+//!   hold them all;
 //! * the agent's memory once it holds 100k endpoints.
 
 use std::{
@@ -17,27 +19,50 @@ use overlay_agent::{
     model::{MacAddr, State},
 };
 use overlay_common::maps::{Endpoint as MapEndpoint, EndpointKey, MAP_ENDPOINTS};
+use overlay_tests::{Run, cleanup_prefix, topology::Source};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     agent::{Agent, AgentArgs},
     measure::{spawn_ready_worker, wait_rest},
-    state::{self, Publisher},
-    sys::{Scope, ip, ip_in, mono_ns, proc_status_kib},
-    topology::{CONTAINERS, HOSTS, NETWORK_ID, Topology},
+    state::{self, NewEndpoint},
+    store::{Request, StoreClient, start_etcd},
+    sys::{ip, ip_in, mono_ns, proc_status_kib},
+    topology::{CONTAINERS, EbpfSource, HOSTS, Topology, build_underlay},
     worker::ProbeRxResult,
 };
 
 /// Endpoint-to-reachable samples.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Reach {
-    /// Where the endpoints were published ("file": the agents poll a JSON file every 200 ms;
-    /// "etcd": a watch on the store).
+    /// Where the endpoints were created ("etcd": the store, which the agents watch; "file": the
+    /// state file, which the agents poll every 200 ms).
     pub source: String,
     /// One per endpoint, milliseconds, in order.
     pub samples_ms: Vec<f64>,
+    /// Of each sample, the write itself: until the source had the endpoint (etcd's
+    /// transaction committed, or the file renamed into place), milliseconds, in order.
+    #[serde(default)]
+    pub write_ms: Vec<f64>,
     /// Endpoints whose first packet never arrived (within 5 s).
     pub unreachable: usize,
+}
+
+impl Reach {
+    /// (p50, p99) of the samples, ms.
+    pub fn percentiles(&self) -> Option<(f64, f64)> {
+        percentiles_ms(&self.samples_ms)
+    }
+}
+
+/// (p50, p99) of millisecond values (at microsecond resolution).
+pub fn percentiles_ms(values: &[f64]) -> Option<(f64, f64)> {
+    let mut us: Vec<u64> = values.iter().map(|ms| (ms * 1000.0) as u64).collect();
+    us.sort_unstable();
+    if us.is_empty() {
+        return None;
+    }
+    Some((crate::report::percentile(&us, 0.5) / 1000.0, crate::report::percentile(&us, 0.99) / 1000.0))
 }
 
 /// Address of the i-th probed endpoint (in the data-plane network, after its two containers).
@@ -48,22 +73,21 @@ fn reach_ip(i: usize) -> Ipv4Addr {
 pub const REACH_MAX: usize = 240;
 const PROBE_PORT: u16 = 7100;
 
-/// Endpoint-to-reachable on the eBPF topology, with `publisher` as the desired-state source.
+/// Endpoint-to-reachable on an eBPF topology, through its publisher (etcd or the state file).
 ///
 /// For each endpoint: the harness makes the container's namespace itself (as a container
 /// runtime does before it asks for the network) and starts a UDP receiver in it, bound to any
 /// address; container a on h1 starts sending a probe every 200 µs to the new address (with a
 /// permanent neighbor entry, so no ARP retry timer of container a's kernel is measured). After
-/// a random pause (0–250 ms) the clock starts and the endpoint is published, on h2. The sample ends when the receiver
-/// gets its first probe: by then h2's agent has made the interface and h1's agent has the
-/// remote entry in its map. Both clocks are CLOCK_MONOTONIC.
-///
-/// Switching to etcd means passing a publisher that puts the objects into the store (and agents
-/// that watch it); nothing else here changes.
+/// a random pause the clock starts and the endpoint is created, on h2, with that namespace:
+/// with etcd the store client (on h2) takes the time just before its create call, which reads
+/// the network's addresses and commits the container and its endpoint in one transaction;
+/// with the file source, just before the new state file is written. The sample ends when the
+/// receiver gets its first probe: by then h2's agent has made the interface and h1's agent has
+/// the remote entry in its map. Every clock is CLOCK_MONOTONIC.
 pub fn endpoint_to_reachable(
-    scope: &Scope,
-    topo: &Topology,
-    publisher: &mut dyn Publisher,
+    run: &Run,
+    topo: &mut Topology,
     exe: &Path,
     count: usize,
 ) -> anyhow::Result<Reach> {
@@ -71,41 +95,45 @@ pub fn endpoint_to_reachable(
         bail!("at most {REACH_MAX} endpoints fit the data-plane subnet");
     }
     let host = HOSTS[CONTAINERS[1].host].name;
+    let client_ns = topo.client_ns().to_owned();
+    let publisher = topo.publisher.as_mut().context("the eBPF topology has no publisher")?;
+    let spread = publisher.phase_spread();
     let mut reach = Reach { source: publisher.source().to_owned(), ..Default::default() };
     let mut rng = XorShift(mono_ns() | 1);
     for i in 0..count {
         let addr = reach_ip(i);
         let name = format!("x{i}");
-        let ns = scope.ns(&format!("e-{host}-{name}"));
+        let ns = Topology::container_ns(run, topo.tag, host, &name);
         ip(&["netns", "add", &ns])?;
         ip_in(&ns, &["link", "set", "lo", "up"])?;
         let rx_args = ["probe-rx", "--port", &PROBE_PORT.to_string(), "--timeout-ms", "5000"];
         let (mut rx, rx_out) = spawn_ready_worker(&ns, exe, "probe receiver", &rx_args)?;
         let mac = MacAddr::from_ip(addr).to_string();
         ip_in(
-            topo.client_ns(),
+            &client_ns,
             &["neigh", "replace", &addr.to_string(), "lladdr", &mac, "dev", "eth0", "nud", "permanent"],
         )?;
         let to = SocketAddr::from((addr, PROBE_PORT)).to_string();
         let tx_args = ["probe-tx", "--to", &to, "--interval-us", "200", "--timeout-ms", "6000"];
-        let (mut tx, _tx_out) = spawn_ready_worker(topo.client_ns(), exe, "probe sender", &tx_args)?;
+        let (mut tx, _tx_out) = spawn_ready_worker(&client_ns, exe, "probe sender", &tx_args)?;
 
-        // A random pause, so the moment of publishing falls anywhere in the agents' 200 ms poll
+        // A random pause, so the moment of publishing falls anywhere in the file source's poll
         // period: without it, every iteration would start at the same phase (right after the
         // previous endpoint's poll), and all samples would wait about as long.
-        std::thread::sleep(Duration::from_micros(rng.next() % 250_000));
-        let id = state::object_id(1_000_000 + i as u64);
-        let t0 = mono_ns();
-        publisher.add(
-            state::container(&name, host, Some(Path::new("/run/netns").join(&ns))),
-            state::endpoint(&id, NETWORK_ID, &name, host, addr),
-        )?;
+        std::thread::sleep(Duration::from_micros(rng.next() % spread.as_micros().max(1) as u64));
+        let netns = Path::new("/run/netns").join(&ns);
+        let published =
+            publisher.publish(&NewEndpoint { name: &name, host, netns: &netns, ip: addr, seq: i as u64 })?;
         let out = wait_rest(&mut rx, rx_out, Duration::from_secs(8))?;
         tx.kill();
         let r: ProbeRxResult =
             serde_json::from_str(out.trim()).context("parsing the probe receiver's result")?;
+        let t0 = published.started_mono_ns;
         match r.arrived_mono_ns {
-            Some(at) => reach.samples_ms.push(at.saturating_sub(t0) as f64 / 1e6),
+            Some(at) => {
+                reach.samples_ms.push(at.saturating_sub(t0) as f64 / 1e6);
+                reach.write_ms.push(published.finished_mono_ns.saturating_sub(t0) as f64 / 1e6);
+            }
             None => reach.unreachable += 1,
         }
     }
@@ -127,11 +155,14 @@ impl XorShift {
 /// One agent start on a state of `endpoints` remote endpoints.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Load {
+    /// Where the agent read the state: "file" or "etcd".
+    pub source: String,
     pub endpoints: usize,
     /// Remote hosts the endpoints are spread over.
     pub remote_hosts: usize,
-    /// Agent process start → its "full reconcile done" log line, ms (the whole start: JSON
-    /// parse, BPF load and attach, the one local veth, every map write).
+    /// Agent process start → its "full reconcile done" log line, ms (the whole start: reading
+    /// the state (the file parsed, or etcd connected to and read), BPF load and attach, the one
+    /// local veth, every map write).
     pub wall_ms: f64,
     /// The reconcile pass alone, as the agent timed it (took_ms).
     pub reconcile_ms: f64,
@@ -142,18 +173,102 @@ pub struct Load {
     pub vm_hwm_kib: u64,
 }
 
-/// Starts an agent on a fresh host whose network has one local endpoint and `n` remote ones
-/// (100 per remote host, at most 1000 hosts), and times it until its maps hold them.
-pub fn load(scope: &Scope, agent_binary: &Path, n: usize, rep: usize) -> anyhow::Result<Load> {
-    let tag = format!("l{n}-{rep}");
-    let host_ns = scope.ns(&tag);
-    // A host with an uplink and nothing else (the agent attaches to it; no traffic flows).
-    ip(&["netns", "add", &host_ns])?;
-    ip_in(&host_ns, &["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"])?;
-    ip_in(&host_ns, &["link", "set", "eth0", "up"])?;
-    ip_in(&host_ns, &["link", "set", "eth0p", "up"])?;
-    ip_in(&host_ns, &["addr", "add", "198.18.0.1/24", "dev", "eth0"])?;
+/// What the agents log when they cannot get their state from etcd (they retry for ever).
+const ETCD_FAILURES: [&str; 2] =
+    ["cannot read the desired state from etcd; retrying", "cannot reach etcd; the datapath keeps forwarding"];
 
+/// Starts an agent on a fresh host h1 whose network has one local endpoint and `n` remote ones
+/// (100 per remote host, at most 1000 hosts), read from a state file or from a fresh etcd
+/// filled beforehand, and times it until its maps hold them.
+pub fn load(
+    run: &Run,
+    agent_binary: &Path,
+    exe: &Path,
+    source: EbpfSource,
+    n: usize,
+    rep: usize,
+) -> anyhow::Result<Load> {
+    let tag = format!("l{n}-{rep}");
+    // `<run>-<tag>-h`, `<run>-<tag>-u` and the agent's sandboxes `<run>-<tag>-<container>`: one
+    // prefix for all.
+    let host_ns = run.ns(&format!("{tag}-h"));
+    let (st, remote_hosts) = load_state(n)?;
+    let state_file = run.path(&format!("{tag}-state.json"));
+    // With the etcd source: etcd, which lives until the agent has stopped, and its URL.
+    let mut etcd = None;
+    let url;
+    let agent_source = match source {
+        EbpfSource::File => {
+            // A host with an uplink and nothing else (the agent attaches to it; no traffic flows).
+            ip(&["netns", "add", &host_ns])?;
+            ip_in(&host_ns, &["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"])?;
+            ip_in(&host_ns, &["link", "set", "eth0", "up"])?;
+            ip_in(&host_ns, &["link", "set", "eth0p", "up"])?;
+            ip_in(&host_ns, &["addr", "add", "198.18.0.1/24", "dev", "eth0"])?;
+            state::write_state(&state_file, &st)?;
+            Source::File(&state_file)
+        }
+        EbpfSource::Etcd => {
+            // The host on an underlay with etcd on it, filled before the agent starts. h1 is
+            // left out of the store: its agent registers it.
+            let underlay = run.ns(&format!("{tag}-u"));
+            build_underlay(&underlay, std::slice::from_ref(&host_ns))?;
+            let started = start_etcd(run, &underlay)?;
+            url = started.url();
+            etcd = Some(started);
+            let mut st = st;
+            st.hosts.remove("h1");
+            StoreClient::spawn(&host_ns, exe, &url)?.write(&Request::Fill { state: st })?;
+            Source::Etcd(&url)
+        }
+    };
+
+    let pin_dir = run.pin_root().join(&tag);
+    let t0 = mono_ns();
+    let mut agent = Agent::spawn(AgentArgs {
+        binary: agent_binary,
+        host: "h1",
+        uplink: "eth0",
+        vtep: Ipv4Addr::new(198, 18, 0, 1),
+        pin_dir: pin_dir.clone(),
+        state_dir: run.path(&format!("{tag}-agent")),
+        netns_prefix: run.ns(&format!("{tag}-")),
+        source: &agent_source,
+        netns: &host_ns,
+        xdp_mode: "off",
+        log: run.path(&format!("agent-{tag}.log")),
+    })?;
+    let done = agent.wait_for_unless("full reconcile done", &ETCD_FAILURES, Duration::from_secs(120))?;
+    let wall_ms = done.mono_ns.saturating_sub(t0) as f64 / 1e6;
+    let reconcile_ms = done.fields["took_ms"].as_f64().unwrap_or(f64::NAN);
+    let reported = done.fields["map_endpoints"].as_u64().unwrap_or(0) as usize;
+    let vm_rss_kib = proc_status_kib(agent.pid(), "VmRSS")?;
+    let vm_hwm_kib = proc_status_kib(agent.pid(), "VmHWM")?;
+    let map_entries = count_endpoints(&PinDir::new(&pin_dir))?;
+    agent.stop();
+    drop(etcd);
+    if map_entries != n + 1 || reported != n + 1 {
+        bail!("the agent's map holds {map_entries} endpoints (it says {reported}), not {}", n + 1);
+    }
+    // This load's namespaces and pins are done with; the Run would remove them too.
+    cleanup_prefix(&run.ns(&tag));
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    let _ = std::fs::remove_file(&state_file);
+    Ok(Load {
+        source: source.key().to_owned(),
+        endpoints: n,
+        remote_hosts,
+        wall_ms,
+        reconcile_ms,
+        map_entries,
+        vm_rss_kib,
+        vm_hwm_kib,
+    })
+}
+
+/// The state of a load: host h1 with container c0, and `n` containers on remote hosts (100 per
+/// host, at most 1000 hosts), all on one network; and the number of remote hosts.
+fn load_state(n: usize) -> anyhow::Result<(State, usize)> {
     let remote_hosts = n.div_ceil(100).clamp(1, 1000);
     let network = state::object_id(2_000_000);
     let mut st = State::default();
@@ -183,41 +298,7 @@ pub fn load(scope: &Scope, agent_binary: &Path, n: usize, rep: usize) -> anyhow:
             state::endpoint(&id, &network, &name, &host, ip),
         );
     }
-    let state_file = scope.path(&format!("{tag}-state.json"));
-    state::write_state(&state_file, &st)?;
-    drop(st);
-
-    let pin_dir = scope.pin_root().join(&tag);
-    let t0 = mono_ns();
-    let mut agent = Agent::spawn(AgentArgs {
-        binary: agent_binary,
-        host: "h1",
-        uplink: "eth0",
-        vtep: Ipv4Addr::new(198, 18, 0, 1),
-        pin_dir: pin_dir.clone(),
-        state_dir: scope.path(&format!("{tag}-agent")),
-        netns_prefix: scope.ns(&format!("{tag}-")),
-        state_file: &state_file,
-        netns: &host_ns,
-        xdp_mode: "off",
-        log: scope.path(&format!("agent-{tag}.log")),
-    })?;
-    let done = agent.wait_for("full reconcile done", Duration::from_secs(120))?;
-    let wall_ms = done.mono_ns.saturating_sub(t0) as f64 / 1e6;
-    let reconcile_ms = done.fields["took_ms"].as_f64().unwrap_or(f64::NAN);
-    let reported = done.fields["map_endpoints"].as_u64().unwrap_or(0) as usize;
-    let vm_rss_kib = proc_status_kib(agent.pid(), "VmRSS")?;
-    let vm_hwm_kib = proc_status_kib(agent.pid(), "VmHWM")?;
-    let map_entries = count_endpoints(&PinDir::new(&pin_dir))?;
-    agent.stop();
-    if map_entries != n + 1 || reported != n + 1 {
-        bail!("the agent's map holds {map_entries} endpoints (it says {reported}), not {}", n + 1);
-    }
-    // This load's namespaces and pins are done with; the run's Scope would remove them too.
-    crate::sys::cleanup_prefix(&host_ns);
-    let _ = std::fs::remove_dir_all(&pin_dir);
-    let _ = std::fs::remove_file(&state_file);
-    Ok(Load { endpoints: n, remote_hosts, wall_ms, reconcile_ms, map_entries, vm_rss_kib, vm_hwm_kib })
+    Ok((st, remote_hosts))
 }
 
 /// Entries in a host's pinned endpoint map.

@@ -1,17 +1,15 @@
 //! One measurement of one figure on one topology: the client in container a (host h1), the
 //! server in container b (host h2), so every packet crosses the underlay between the hosts.
 
-use std::{
-    path::Path,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{path::Path, process::Stdio, time::Duration};
 
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
+use overlay_tests::{Proc, in_ns};
+
 use crate::{
-    sys::{CpuMeter, CpuUse, Proc, in_ns, read_line_timeout},
+    sys::{CpuMeter, CpuUse, read_line_timeout, worker_in},
     topology::{ECHO_PORT, IPERF_PORT, SINK_PORT, Topology},
     worker::{FloodResult, RrResult, SinkResult},
 };
@@ -136,12 +134,12 @@ pub fn run(test: Test, topo: &Topology, exe: &Path, plan: &Plan) -> anyhow::Resu
 }
 
 fn rr(topo: &Topology, exe: &Path, proto: &str, plan: &Plan) -> anyhow::Result<Data> {
-    let mut cmd = in_ns(topo.client_ns(), exe);
-    cmd.args(["worker", "rr", "--proto", proto, "--to", &topo.server_addr(ECHO_PORT).to_string()])
+    let mut cmd = worker_in(topo.client_ns(), exe);
+    cmd.args(["rr", "--proto", proto, "--to", &topo.server_addr(ECHO_PORT).to_string()])
         .args(["--size", &plan.rr_size.to_string(), "--count", &plan.rr_count.to_string()])
         .args(["--warmup", &plan.rr_warmup.to_string(), "--timeout-ms", "1000"])
         .stdout(Stdio::piped());
-    let mut client = Proc::spawn(&format!("{proto} rr client"), &mut cmd)?;
+    let mut client = Proc::try_spawn(&format!("{proto} rr client"), &mut cmd)?;
     // Generous: a lost UDP request costs a whole timeout.
     let limit = Duration::from_secs(60) + Duration::from_millis(plan.rr_count as u64 / 10);
     let out = client.wait_output(limit)?;
@@ -163,7 +161,7 @@ fn iperf(topo: &Topology, secs: u32, rate_bps: Option<u64>) -> anyhow::Result<Ip
     let mut last_error = String::new();
     // The server may still be finishing the previous test (iperf3 serves one at a time).
     for _ in 0..30 {
-        let mut cmd = in_ns(topo.client_ns(), "iperf3");
+        let mut cmd = in_ns(topo.client_ns(), &["iperf3"]);
         cmd.args(["-c", &server.ip().to_string(), "-p", &server.port().to_string()]).args([
             "-t",
             &secs.to_string(),
@@ -222,14 +220,14 @@ fn udp(
     let (mut sink, out) = spawn_ready_worker(topo.server_ns(), exe, "udp sink", &sink_args)?;
     // The sender outlasts the sink's window (first packet + warm-up + window) by a margin.
     let send_secs = warmup_ms as f64 / 1000.0 + secs + 0.3;
-    let mut cmd = in_ns(topo.client_ns(), exe);
-    cmd.args(["worker", "udp-flood", "--to", &topo.server_addr(SINK_PORT).to_string()])
+    let mut cmd = worker_in(topo.client_ns(), exe);
+    cmd.args(["udp-flood", "--to", &topo.server_addr(SINK_PORT).to_string()])
         .args(["--size", &payload.to_string(), "--secs", &send_secs.to_string()])
         .stdout(Stdio::piped());
     if let Some(rate) = pps {
         cmd.args(["--pps", &rate.to_string()]);
     }
-    let mut flood = Proc::spawn("udp sender", &mut cmd)?;
+    let mut flood = Proc::try_spawn("udp sender", &mut cmd)?;
     let limit = Duration::from_secs_f64(send_secs + 10.0);
     let flood_out = flood.wait_output(limit)?;
     let sink_out = wait_rest(&mut sink, out, limit)?;
@@ -262,9 +260,9 @@ pub fn spawn_ready_worker(
     name: &str,
     args: &[&str],
 ) -> anyhow::Result<(Proc, std::process::ChildStdout)> {
-    let mut cmd: Command = in_ns(ns, exe);
-    cmd.arg("worker").args(args).stdout(Stdio::piped());
-    let mut proc = Proc::spawn(name, &mut cmd)?;
+    let mut cmd = worker_in(ns, exe);
+    cmd.args(args).stdout(Stdio::piped());
+    let mut proc = Proc::try_spawn(name, &mut cmd)?;
     let (line, out) = read_line_timeout(proc.take_stdout().context("worker stdout")?, Duration::from_secs(5))
         .with_context(|| format!("{name}: waiting for ready"))?;
     if line != "ready" {

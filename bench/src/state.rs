@@ -1,13 +1,17 @@
-//! The desired state the eBPF topology's agents read, built from the agent's own model types so
-//! a change to the model breaks this build instead of silently feeding the agents a stale layout.
+//! The desired state the eBPF topology's agents read from a file, built from the agent's own
+//! model types so a change to the model breaks this build instead of silently feeding the agents
+//! a stale layout; and `Publisher`, how the harness adds endpoints to either source.
 
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::Context as _;
 use overlay_agent::model::{Container, DRIVER_OVERLAY, Endpoint, Host, MacAddr, Network, State};
+
+use crate::sys::mono_ns;
 
 /// A 64-hex-digit id as Docker makes them, derived from `seed` (splitmix64), so runs are
 /// reproducible and the first 12 digits (the agent's veth name) differ between endpoints.
@@ -76,29 +80,51 @@ pub fn write_state(path: &Path, state: &State) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
-/// Where the harness publishes desired-state changes to the eBPF topology's agents.
-///
-/// Today the agents read a JSON file (`FilePublisher`). When they run against etcd, an
-/// implementation that puts the objects into the store (through the `overlay` CLI or the store
-/// client) takes its place; the control-plane stage that measures endpoint-to-reachable only
-/// talks to this trait.
+/// An endpoint for the agents to make: a container in a namespace the harness made (as a
+/// container runtime does), with one address on the topology's network.
+pub struct NewEndpoint<'a> {
+    pub name: &'a str,
+    pub host: &'a str,
+    pub netns: &'a Path,
+    pub ip: Ipv4Addr,
+    /// Distinct for every endpoint of a run: seeds the ids the harness makes up.
+    pub seq: u64,
+}
+
+/// When a publication started (the clock of endpoint-to-reachable starts here) and when the
+/// source had it (the file renamed into place, or etcd's transaction committed); both
+/// CLOCK_MONOTONIC, ns.
+#[derive(Clone, Copy, Debug)]
+pub struct Published {
+    pub started_mono_ns: u64,
+    pub finished_mono_ns: u64,
+}
+
+/// Where the harness publishes new endpoints to the eBPF topology's agents: the state file they
+/// poll (`FilePublisher`) or etcd, which they watch (`store::EtcdPublisher`). The stage that
+/// measures endpoint-to-reachable only talks to this trait.
 pub trait Publisher {
     /// What the figures are labelled with ("file", "etcd").
     fn source(&self) -> &'static str;
     /// Publishes a new container with its endpoint.
-    fn add(&mut self, c: Container, e: Endpoint) -> anyhow::Result<()>;
+    fn publish(&mut self, ep: &NewEndpoint<'_>) -> anyhow::Result<Published>;
+    /// The harness pauses a random time up to this before each publication: for a source the
+    /// agents poll, a little more than the poll period, so that publishing falls anywhere in it.
+    fn phase_spread(&self) -> Duration;
 }
 
 /// The state file the agents poll (every 200 ms: `overlay_agent::source::file`).
 pub struct FilePublisher {
     pub path: PathBuf,
     pub state: State,
+    /// The network the endpoints join, by id.
+    pub network_id: String,
 }
 
 impl FilePublisher {
-    pub fn new(path: PathBuf, state: State) -> anyhow::Result<Self> {
+    pub fn new(path: PathBuf, state: State, network_id: &str) -> anyhow::Result<Self> {
         write_state(&path, &state)?;
-        Ok(Self { path, state })
+        Ok(Self { path, state, network_id: network_id.to_owned() })
     }
 }
 
@@ -107,8 +133,20 @@ impl Publisher for FilePublisher {
         "file"
     }
 
-    fn add(&mut self, c: Container, e: Endpoint) -> anyhow::Result<()> {
-        add_container(&mut self.state, c, e);
-        write_state(&self.path, &self.state)
+    fn phase_spread(&self) -> Duration {
+        // The agents poll the file every 200 ms.
+        Duration::from_millis(250)
+    }
+
+    fn publish(&mut self, ep: &NewEndpoint<'_>) -> anyhow::Result<Published> {
+        let id = object_id(1_000_000 + ep.seq);
+        let started_mono_ns = mono_ns();
+        add_container(
+            &mut self.state,
+            container(ep.name, ep.host, Some(ep.netns.to_owned())),
+            endpoint(&id, &self.network_id, ep.name, ep.host, ep.ip),
+        );
+        write_state(&self.path, &self.state)?;
+        Ok(Published { started_mono_ns, finished_mono_ns: mono_ns() })
     }
 }

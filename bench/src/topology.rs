@@ -13,8 +13,11 @@
 //!   gateway address, a vxlan device (`learning proxy l2miss l3miss`, VNI 4097, port 4789, MTU
 //!   1450) and the container veths; static FDB entries (remote MAC → remote VTEP) and permanent
 //!   neighbor entries on the vxlan device, which answers ARP from them. Containers at MTU 1450.
-//! * this project's eBPF datapath: one overlay-agent per host (file source), which creates the
-//!   container namespaces and veths itself.
+//! * this project's eBPF datapath: one overlay-agent per host, which creates the container
+//!   namespaces and veths itself. The data-plane rounds run it on the file source (a state file
+//!   the harness writes); the control-plane stage builds it a second time on etcd
+//!   (`EbpfSource::Etcd` in `BuildOptions`), with etcd on the underlay bridge at 198.18.0.254 as the test suite's
+//!   `Cluster` runs it, and the network and containers created through the store.
 //!
 //! Each topology has its own namespaces (`<run>-<tag>-u`, `<run>-<tag>-h1`, ...), so all three
 //! exist at once and the rounds can alternate between them without rebuilding anything.
@@ -28,12 +31,14 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use overlay_agent::model::{MacAddr, State};
+use overlay_tests::{Proc, Run, in_ns, sh_result, topology::Source};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     agent::{Agent, AgentArgs},
-    state::{self, FilePublisher},
-    sys::{Proc, Scope, in_ns, ip, ip_in, read_line_timeout, sysctl_in},
+    state::{self, FilePublisher, Publisher},
+    store::{EtcdPublisher, Request, StoreClient, start_etcd},
+    sys::{ip, ip_in, read_line_timeout, sysctl_in, worker_in},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -115,6 +120,8 @@ pub const CONTAINERS: [ContainerSpec; 2] = [
     ContainerSpec { name: "b", host: 1, ip: Ipv4Addr::new(10, 10, 0, 3) },
 ];
 pub const NETWORK_ID: &str = "be4c000000000000000000000000000000000000000000000000000000000001";
+/// The network's name in etcd (the store gives it an id of its own).
+pub const NETWORK_NAME: &str = "bench";
 pub const VNI: u32 = 4097;
 pub const SUBNET: &str = "10.10.0.0/24";
 pub const PREFIX_LEN: u8 = 24;
@@ -133,18 +140,42 @@ pub struct BuildOptions<'a> {
     pub agent_binary: &'a Path,
     pub xdp_mode: &'a str,
     pub self_exe: &'a Path,
+    /// Where the eBPF topology's agents read the desired state.
+    pub ebpf_source: EbpfSource,
+}
+
+/// The eBPF agents' desired-state source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EbpfSource {
+    /// A state file the harness writes, which the agents poll.
+    File,
+    /// An etcd the harness runs on the underlay bridge, which the agents watch.
+    Etcd,
+}
+
+impl EbpfSource {
+    /// The figures' label.
+    pub fn key(self) -> &'static str {
+        match self {
+            EbpfSource::File => "file",
+            EbpfSource::Etcd => "etcd",
+        }
+    }
 }
 
 pub struct Topology {
     pub kind: Kind,
+    /// The namespaces' tag: `<run>-<tag>-h1`, `<run>-<tag>-h1-a`, ...
+    pub tag: &'static str,
     /// Host namespaces, in HOSTS order.
     pub hosts: Vec<String>,
     /// Container namespaces, in CONTAINERS order.
     pub containers: Vec<String>,
     /// The eBPF topology's agents, in HOSTS order.
     pub agents: Vec<Agent>,
-    /// The eBPF topology's desired state.
-    pub publisher: Option<FilePublisher>,
+    /// Where the eBPF topology's desired state is published (the state file, or etcd and a
+    /// client of it). Dropped after the agents have stopped.
+    pub publisher: Option<Box<dyn Publisher>>,
     servers: Vec<Proc>,
 }
 
@@ -166,20 +197,33 @@ impl Topology {
         SocketAddr::from((CONTAINERS[1].ip, port))
     }
 
-    pub fn build(scope: &Scope, kind: Kind, opts: &BuildOptions<'_>) -> anyhow::Result<Self> {
-        let tag = kind.tag();
-        let hosts: Vec<String> = HOSTS.iter().map(|h| scope.ns(&format!("{tag}-{}", h.name))).collect();
-        let containers: Vec<String> = CONTAINERS
-            .iter()
-            .map(|c| scope.ns(&format!("{tag}-{}-{}", HOSTS[c.host].name, c.name)))
-            .collect();
+    /// The namespace-name tag of the topology (`<run>-<tag>-h1`, ...).
+    fn tag(kind: Kind, opts: &BuildOptions<'_>) -> &'static str {
+        if kind == Kind::Ebpf && opts.ebpf_source == EbpfSource::Etcd { "k" } else { kind.tag() }
+    }
+
+    /// The namespace of container `name` on host `host` (the eBPF agents make theirs with the
+    /// same name: `--netns-prefix <run>-<tag>-<host>-`).
+    pub fn container_ns(run: &Run, tag: &str, host: &str, name: &str) -> String {
+        run.ns(&format!("{tag}-{host}-{name}"))
+    }
+
+    pub fn build(run: &Run, kind: Kind, opts: &BuildOptions<'_>) -> anyhow::Result<Self> {
+        let tag = Self::tag(kind, opts);
+        let hosts: Vec<String> = HOSTS.iter().map(|h| run.ns(&format!("{tag}-{}", h.name))).collect();
+        let containers: Vec<String> =
+            CONTAINERS.iter().map(|c| Self::container_ns(run, tag, HOSTS[c.host].name, c.name)).collect();
         let mut topo =
-            Self { kind, hosts, containers, agents: Vec::new(), publisher: None, servers: Vec::new() };
-        build_underlay(&scope.ns(&format!("{tag}-u")), &topo.hosts)?;
+            Self { kind, tag, hosts, containers, agents: Vec::new(), publisher: None, servers: Vec::new() };
+        let underlay = run.ns(&format!("{tag}-u"));
+        build_underlay(&underlay, &topo.hosts)?;
         match kind {
             Kind::NoOverlay => topo.build_routed()?,
             Kind::KernelVxlan => topo.build_kernel_vxlan()?,
-            Kind::Ebpf => topo.build_ebpf(scope, opts)?,
+            Kind::Ebpf if opts.ebpf_source == EbpfSource::Etcd => {
+                topo.build_ebpf_on_etcd(run, &underlay, opts)?
+            }
+            Kind::Ebpf => topo.build_ebpf(run, opts)?,
         }
         topo.start_servers(opts.self_exe)?;
         topo.wait_reachable(opts.self_exe, Duration::from_secs(20))
@@ -286,7 +330,7 @@ impl Topology {
                         "permanent",
                     ],
                 )?;
-                crate::sys::sh(Command::new("bridge").args([
+                sh_result(Command::new("bridge").args([
                     "-n",
                     host,
                     "fdb",
@@ -304,7 +348,7 @@ impl Topology {
         Ok(())
     }
 
-    fn build_ebpf(&mut self, scope: &Scope, opts: &BuildOptions<'_>) -> anyhow::Result<()> {
+    fn build_ebpf(&mut self, run: &Run, opts: &BuildOptions<'_>) -> anyhow::Result<()> {
         let mut st = State::default();
         for h in &HOSTS {
             st.hosts.insert(h.name.to_owned(), state::host(h.name, h.vtep));
@@ -319,22 +363,78 @@ impl Topology {
                 state::endpoint(&id, NETWORK_ID, c.name, host, c.ip),
             );
         }
-        let state_file = scope.path("e-state.json");
-        self.publisher = Some(FilePublisher::new(state_file.clone(), st)?);
+        let state_file = run.path("e-state.json");
+        self.publisher = Some(Box::new(FilePublisher::new(state_file.clone(), st, NETWORK_ID)?));
+        self.start_agents(run, &Source::File(&state_file), opts)
+    }
+
+    /// The eBPF topology on etcd: etcd on the underlay bridge, agents following it, and the
+    /// network and both containers created through the store, from h2 (the agents then make
+    /// the containers' namespaces and veths).
+    fn build_ebpf_on_etcd(
+        &mut self,
+        run: &Run,
+        underlay: &str,
+        opts: &BuildOptions<'_>,
+    ) -> anyhow::Result<()> {
+        let etcd = start_etcd(run, underlay)?;
+        let url = etcd.url();
+        let client = StoreClient::spawn(&self.hosts[1], opts.self_exe, &url)?;
+        let mut publisher = EtcdPublisher { client, network: NETWORK_NAME.to_owned(), etcd };
+        self.start_agents(run, &Source::Etcd(&url), opts)?;
+        let names: Vec<&str> = HOSTS.iter().map(|h| h.name).collect();
+        publisher.client.wait_registered(&names, Duration::from_secs(20))?;
+        publisher.client.write(&Request::Network {
+            name: NETWORK_NAME.to_owned(),
+            subnet: SUBNET.to_owned(),
+            gateway: GATEWAY,
+            vni: VNI,
+        })?;
+        for c in &CONTAINERS {
+            publisher.client.write(&Request::Container {
+                name: c.name.to_owned(),
+                host: HOSTS[c.host].name.to_owned(),
+                netns: None,
+                network: NETWORK_NAME.to_owned(),
+                ip: c.ip,
+            })?;
+        }
+        self.publisher = Some(Box::new(publisher));
+        // The servers start in the containers' namespaces: wait for the agents to make them.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for ns in &self.containers {
+            while !Path::new("/run/netns").join(ns).exists() {
+                if Instant::now() >= deadline {
+                    bail!("the agents did not make namespace {ns} within 20 s");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// One agent per host, following `source`; waits for each one's first full reconcile.
+    fn start_agents(
+        &mut self,
+        run: &Run,
+        source: &Source<'_>,
+        opts: &BuildOptions<'_>,
+    ) -> anyhow::Result<()> {
+        let tag = self.tag;
         for (h, spec) in HOSTS.iter().enumerate() {
             let agent = Agent::spawn(AgentArgs {
                 binary: opts.agent_binary,
                 host: spec.name,
                 uplink: "eth0",
                 vtep: spec.vtep,
-                pin_dir: scope.pin_root().join(format!("e-{}", spec.name)),
-                state_dir: scope.path(&format!("e-{}-state", spec.name)),
-                // The agent makes /run/netns/<prefix><container>: the same names as above.
-                netns_prefix: scope.ns(&format!("e-{}-", spec.name)),
-                state_file: &state_file,
+                pin_dir: run.pin_root().join(format!("{tag}-{}", spec.name)),
+                state_dir: run.path(&format!("{tag}-{}-state", spec.name)),
+                // The agent makes /run/netns/<prefix><container>: the names `container_ns` gives.
+                netns_prefix: run.ns(&format!("{tag}-{}-", spec.name)),
+                source,
                 netns: &self.hosts[h],
                 xdp_mode: opts.xdp_mode,
-                log: scope.path(&format!("agent-e-{}.log", spec.name)),
+                log: run.path(&format!("agent-{tag}-{}.log", spec.name)),
             })?;
             self.agents.push(agent);
         }
@@ -346,18 +446,18 @@ impl Topology {
 
     /// The echo server and iperf3 server in the server container, for the whole run.
     fn start_servers(&mut self, self_exe: &Path) -> anyhow::Result<()> {
-        let mut cmd = in_ns(self.server_ns(), self_exe);
-        cmd.args(["worker", "serve", "--port", &ECHO_PORT.to_string()]).stdout(Stdio::piped());
-        let mut serve = Proc::spawn("echo server", &mut cmd)?;
+        let mut cmd = worker_in(self.server_ns(), self_exe);
+        cmd.args(["serve", "--port", &ECHO_PORT.to_string()]).stdout(Stdio::piped());
+        let mut serve = Proc::try_spawn("echo server", &mut cmd)?;
         let out = serve.take_stdout().context("echo server stdout")?;
         let (line, _) = read_line_timeout(out, Duration::from_secs(5)).context("echo server")?;
         if line != "ready" {
             bail!("echo server said {line:?}");
         }
         self.servers.push(serve);
-        let mut cmd = in_ns(self.server_ns(), "iperf3");
+        let mut cmd = in_ns(self.server_ns(), &["iperf3"]);
         cmd.args(["-s", "-p", &IPERF_PORT.to_string()]).stdout(Stdio::null()).stderr(Stdio::null());
-        self.servers.push(Proc::spawn("iperf3 server", &mut cmd)?);
+        self.servers.push(Proc::try_spawn("iperf3 server", &mut cmd)?);
         Ok(())
     }
 
@@ -366,8 +466,7 @@ impl Topology {
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
         while Instant::now() < deadline {
-            let out = crate::sys::sh(in_ns(self.client_ns(), self_exe).args([
-                "worker",
+            let out = sh_result(worker_in(self.client_ns(), self_exe).args([
                 "rr",
                 "--proto",
                 "udp",
@@ -399,13 +498,13 @@ impl Drop for Topology {
         for a in &mut self.agents {
             a.stop();
         }
-        // The namespaces and pins go with the run's Scope.
+        // Then the publisher (etcd, when there is one). The namespaces and pins go with the Run.
     }
 }
 
 /// The underlay: a bridge in its own namespace, and per host a veth from the bridge to the
-/// host's `eth0` with its 198.18.0.N/24 address.
-fn build_underlay(underlay: &str, hosts: &[String]) -> anyhow::Result<()> {
+/// host's `eth0` with its 198.18.0.N/24 address (HOSTS' addresses, in order).
+pub fn build_underlay(underlay: &str, hosts: &[String]) -> anyhow::Result<()> {
     ip(&["netns", "add", underlay])?;
     ip_in(underlay, &["link", "set", "lo", "up"])?;
     ip_in(underlay, &["link", "add", "br0", "type", "bridge"])?;

@@ -16,6 +16,12 @@ fn quick_bench_passes_traffic_on_every_topology() {
         eprintln!("skipping: quick_bench_passes_traffic_on_every_topology: iperf3 is not installed");
         return;
     }
+    if overlay_tests::etcd::Etcd::binary().is_none() {
+        eprintln!(
+            "skipping: quick_bench_passes_traffic_on_every_topology: no etcd binary (install etcd-server)"
+        );
+        return;
+    }
     let out = tempfile::tempdir().expect("temp dir");
     let run = Command::new(env!("CARGO_BIN_EXE_overlay-bench"))
         .arg("--quick")
@@ -57,8 +63,11 @@ fn quick_bench_passes_traffic_on_every_topology() {
     }
 
     let cp = &results["control_plane"];
-    let reached = cp["reach"]["samples_ms"].as_array().map_or(0, Vec::len);
-    assert!(reached > 0, "no endpoint became reachable: {}", cp["reach_error"]);
+    for source in ["etcd", "file"] {
+        let reach = cp["reach"].as_array().and_then(|r| r.iter().find(|r| r["source"] == source));
+        let reached = reach.and_then(|r| r["samples_ms"].as_array()).map_or(0, Vec::len);
+        assert!(reached > 0, "no endpoint became reachable through {source}: {}", cp["reach_errors"]);
+    }
     let loaded = cp["loads"].as_array().and_then(|l| l.first()).and_then(|l| l["map_entries"].as_u64());
     assert!(loaded.unwrap_or(0) > 0, "the load stage filled no map: {}", cp["load_error"]);
 

@@ -1,7 +1,8 @@
-//! Support for the privileged tests: test hosts are network namespaces, joined by veths to a
-//! bridge in an "underlay" namespace; every name a run creates starts with the run's unique id,
-//! and a `Run` guard removes all of it (processes, namespaces, pins, files) when it is dropped,
-//! whether the test passed or panicked.
+//! Support for the privileged tests (and the benchmark, `overlay-bench`, which builds its hosts
+//! the same way): test hosts are network namespaces, joined by veths to a bridge in an
+//! "underlay" namespace; every name a run creates starts with the run's unique id, and a `Run`
+//! guard removes all of it (processes, namespaces, pins, files) when it is dropped, whether the
+//! test passed or panicked, and also on SIGINT/SIGTERM once `cleanup_on_signal` is installed.
 
 pub mod cluster;
 pub mod etcd;
@@ -12,10 +13,15 @@ pub mod topology;
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    process::{Child, ChildStderr, ChildStdout, Command, Output, Stdio},
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
+
+use anyhow::{Context as _, bail};
 
 /// Returns true (after saying why) when the test cannot run here: it needs root and a BPF
 /// filesystem. Privileged tests start with `if skip_unless_privileged() { return; }`.
@@ -34,7 +40,7 @@ pub fn skip_unless_privileged() -> bool {
 }
 
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there.
-fn ensure_bpffs() -> std::io::Result<()> {
+pub fn ensure_bpffs() -> std::io::Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts")?;
     if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
         return Ok(());
@@ -53,20 +59,30 @@ pub fn unique_id(tag: &str) -> String {
 
 /// Runs a command and returns its stdout; panics with its stderr if it fails.
 pub fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    sh_result(cmd).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// `sh` for callers that report errors instead of panicking: the command's stdout, or an error
+/// naming the command with its status, stdout and stderr.
+pub fn sh_result(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = {
+        let _running = Starting::enter();
+        cmd.output().with_context(|| format!("running {cmd:?}"))?
+    };
     if !out.status.success() {
-        panic!(
+        bail!(
             "{cmd:?} failed ({}): {}{}",
             out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs a command and returns its output, success or not.
 pub fn try_sh(cmd: &mut Command) -> Output {
+    let _running = Starting::enter();
     cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
 }
 
@@ -121,8 +137,16 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command) -> Self {
-        let child = cmd.stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        Self { child: Some(child), name: name.to_owned() }
+        Self::try_spawn(name, cmd).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// `spawn` for callers that report errors instead of panicking.
+    pub fn try_spawn(name: &str, cmd: &mut Command) -> anyhow::Result<Self> {
+        let child = {
+            let _starting = Starting::enter();
+            cmd.stdin(Stdio::null()).spawn().with_context(|| format!("starting {name}: {cmd:?}"))?
+        };
+        Ok(Self { child: Some(child), name: name.to_owned() })
     }
 
     pub fn pid(&self) -> u32 {
@@ -151,6 +175,48 @@ impl Proc {
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
+
+    /// Its stdout, if it was spawned with `Stdio::piped()` and not taken yet.
+    pub fn take_stdout(&mut self) -> Option<ChildStdout> {
+        self.child.as_mut().and_then(|c| c.stdout.take())
+    }
+
+    /// Its stderr, if it was spawned with `Stdio::piped()` and not taken yet.
+    pub fn take_stderr(&mut self) -> Option<ChildStderr> {
+        self.child.as_mut().and_then(|c| c.stderr.take())
+    }
+
+    /// Waits up to `timeout` for it to exit by itself, and returns its stdout (if piped and not
+    /// taken); kills it after `timeout`. An error if it exits unsuccessfully or runs too long.
+    pub fn wait_output(&mut self, timeout: Duration) -> anyhow::Result<String> {
+        let mut stdout = self.take_stdout();
+        // Read on a thread, so a child that writes more than a pipe holds cannot block.
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(out) = stdout.as_mut() {
+                let _ = std::io::Read::read_to_string(out, &mut text);
+            }
+            text
+        });
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            let child = self.child.as_mut().with_context(|| format!("{}: not running", self.name))?;
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                self.kill();
+                bail!("{} did not finish within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        self.child = None;
+        let text = reader.join().unwrap_or_default();
+        if !status.success() {
+            bail!("{} failed ({status}); stdout: {}", self.name, text.trim());
+        }
+        Ok(text)
+    }
 }
 
 impl Drop for Proc {
@@ -172,7 +238,16 @@ impl Run {
     pub fn new(tag: &str) -> Self {
         let id = unique_id(tag);
         let dir = tempfile::Builder::new().prefix(&format!("{id}-")).tempdir().expect("temp dir");
+        live_runs().push(LiveRun { id: id.clone(), paths: vec![dir.path().to_owned()] });
         Self { id, dir, procs: Vec::new() }
+    }
+
+    /// Also removes `path` (a file or directory this run made outside its own directory, e.g.
+    /// etcd's data) if a signal ends the process; on an ordinary exit its owner removes it.
+    pub fn remove_on_signal(&self, path: &Path) {
+        if let Some(run) = live_runs().iter_mut().find(|r| r.id == self.id) {
+            run.paths.push(path.to_owned());
+        }
     }
 
     /// A namespace name of this run.
@@ -201,7 +276,149 @@ impl Run {
 impl Drop for Run {
     fn drop(&mut self) {
         self.cleanup();
+        live_runs().retain(|r| r.id != self.id);
     }
+}
+
+/// A `Run` not dropped yet: what the signal handler removes.
+struct LiveRun {
+    id: String,
+    /// Its directory, and what `remove_on_signal` added.
+    paths: Vec<PathBuf>,
+}
+
+fn live_runs() -> std::sync::MutexGuard<'static, Vec<LiveRun>> {
+    static LIVE: Mutex<Vec<LiveRun>> = Mutex::new(Vec::new());
+    LIVE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Set when a signal's sweep begins: from then on the commands and processes started through
+/// `sh`, `sh_result`, `try_sh` and `Proc` wait for the exit instead (on every thread but the
+/// sweeper's), so that the rest of the program, which runs on meanwhile and sees its
+/// namespaces vanish, cannot make new ones behind the sweep.
+static SWEEPING: AtomicBool = AtomicBool::new(false);
+/// Commands started through those functions that have not finished (or, for `Proc`, not
+/// started) yet: the sweep waits for them.
+static STARTING: AtomicUsize = AtomicUsize::new(0);
+
+std::thread_local! {
+    static IS_SWEEPER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Counts a command in `STARTING` while it lives; blocks for good once a sweep has begun.
+struct Starting;
+
+impl Starting {
+    fn enter() -> Self {
+        STARTING.fetch_add(1, Ordering::SeqCst);
+        if SWEEPING.load(Ordering::SeqCst) && !IS_SWEEPER.get() {
+            STARTING.fetch_sub(1, Ordering::SeqCst);
+            // The sweeper exits the process shortly.
+            loop {
+                std::thread::park();
+            }
+        }
+        Self
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        STARTING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// SIGKILLs every child of this process (agents, workers, etcd: the sweep's first step, so none
+/// of them makes anything more).
+fn kill_children() {
+    let me = std::process::id().to_string();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return };
+    for pid in dir.filter_map(|e| e.ok()?.file_name().into_string().ok()?.parse::<i32>().ok()) {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after its closing paren.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        if ppid == Some(me.as_str()) {
+            // SAFETY: plain kill(2) of our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// The write end of the pipe the signal handler writes the signal number to (-1: no handler).
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    let byte = signal as u8;
+    // SAFETY: write(2) is async-signal-safe; the pipe stays open for the life of the process.
+    unsafe { libc::write(SIGNAL_PIPE.load(Ordering::Relaxed), (&raw const byte).cast(), 1) };
+}
+
+/// Makes SIGINT, SIGTERM and SIGHUP remove everything of every `Run` still alive (what their
+/// Drop would do: processes in their namespaces, the namespaces, pins, files) and then exit
+/// with 128 + the signal. For long-running programs built on `Run` (the benchmark): exit on a
+/// signal runs no destructors, so without this an interrupted run leaves its namespaces behind.
+///
+/// The handler itself only writes the signal number to a pipe (nothing else is safe in a
+/// handler); a thread reading the pipe does the sweep: it stops the shared primitives from
+/// starting anything new, waits for the commands already started, kills this process's
+/// children, removes each run's namespaces, pins and files, and exits. Installing it twice is a
+/// no-op.
+pub fn cleanup_on_signal() -> std::io::Result<()> {
+    if SIGNAL_PIPE.load(Ordering::Relaxed) >= 0 {
+        return Ok(());
+    }
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 fills the two descriptors we pass room for.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let [read_end, write_end] = fds;
+    SIGNAL_PIPE.store(write_end, Ordering::Relaxed);
+    std::thread::Builder::new().name("signal-cleanup".into()).spawn(move || {
+        let mut signal = 0u8;
+        loop {
+            // SAFETY: reading one byte into a u8 we own.
+            let n = unsafe { libc::read(read_end, (&raw mut signal).cast(), 1) };
+            if n == 1 {
+                break;
+            }
+            if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        IS_SWEEPER.set(true);
+        SWEEPING.store(true, Ordering::SeqCst);
+        let runs: Vec<(String, Vec<PathBuf>)> =
+            live_runs().iter().map(|r| (r.id.clone(), r.paths.clone())).collect();
+        eprintln!(
+            "interrupted (signal {signal}): removing everything of run(s) {:?}",
+            runs.iter().map(|r| &r.0).collect::<Vec<_>>()
+        );
+        // What was started before the sweep began finishes first (ip commands take
+        // milliseconds; a longer one is not waited for past two seconds).
+        let _ = wait_for(Duration::from_secs(2), || (STARTING.load(Ordering::SeqCst) == 0).then_some(()));
+        kill_children();
+        for (id, paths) in runs {
+            cleanup_prefix(&id);
+            for path in paths {
+                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+            }
+        }
+        std::process::exit(128 + i32::from(signal));
+    })?;
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: an all-zero sigaction is valid; we fill the handler, flags and an empty mask.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESTART;
+        // SAFETY: sigemptyset and sigaction on structs we own.
+        unsafe { libc::sigemptyset(&mut action.sa_mask) };
+        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Kills the processes in, and deletes, every namespace of run `prefix` (named `<prefix>-...`);

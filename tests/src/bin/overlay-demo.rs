@@ -12,7 +12,7 @@ use std::{
     time::Instant,
 };
 
-use overlay_tests::{binary, cleanup_prefix, cluster::Cluster, in_ns, skip_unless_privileged, try_sh};
+use overlay_tests::{binary, cleanup_on_signal, cluster::Cluster, in_ns, skip_unless_privileged, try_sh};
 
 fn main() -> ExitCode {
     if skip_unless_privileged() {
@@ -20,14 +20,16 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let started = Instant::now();
+    // Ctrl-C or SIGTERM: remove everything the run made before leaving.
+    if let Err(e) = cleanup_on_signal() {
+        eprintln!("cannot install the signal handler: {e}");
+        return ExitCode::FAILURE;
+    }
     step("Starting etcd and three hosts (h1, h2, h3: namespaces on an underlay bridge), one agent each");
     let Some(c) = Cluster::start("demo", 3, 10) else {
         eprintln!("etcd is missing: run ./setup");
         return ExitCode::FAILURE;
     };
-    // Ctrl-C or SIGTERM: remove everything named after this run before leaving.
-    let run_id = c.topo.run.id.clone();
-    cleanup_on_signal(run_id);
     show(&c, &["host", "ls"]);
 
     step("Creating two networks");
@@ -117,24 +119,4 @@ fn show(c: &Cluster, args: &[&str]) {
 fn ping(c: &Cluster, host: &str, name: &str, ip: Ipv4Addr) -> bool {
     let ns = c.container_ns(host, name);
     (0..3).any(|_| try_sh(&mut in_ns(&ns, &["ping", "-c", "1", "-W", "1", &ip.to_string()])).status.success())
-}
-
-/// On SIGINT/SIGTERM, remove the run's namespaces, processes and pins, then exit.
-fn cleanup_on_signal(run_id: String) {
-    // SAFETY: plain signal-mask and sigwait calls; the mask is set before any other thread that
-    // could take the signal exists (agents and etcd are child processes, not threads).
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        std::thread::spawn(move || {
-            let mut sig = 0;
-            libc::sigwait(&set, &mut sig);
-            eprintln!("\ninterrupted: cleaning up");
-            cleanup_prefix(&run_id);
-            std::process::exit(130);
-        });
-    }
 }
