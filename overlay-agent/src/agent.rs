@@ -155,15 +155,16 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
         let full = dirty.full;
         let outcome = rec.reconcile(&desired, dirty).await;
         if full {
+            // A snapshot of a big state is parsed, converted and dropped: give the memory that
+            // held it back to the system rather than keep it as the agent's high-water mark.
+            // (Before the log line, which is what watchers take as "loaded".)
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe { libc::malloc_trim(0) };
             info!(
                 took_ms = started_at.elapsed().as_millis() as u64,
                 map_endpoints = rec.endpoint_entries(),
                 "full reconcile done"
             );
-            // A snapshot of a big state is parsed, converted and dropped: give the memory that
-            // held it back to the system rather than keep it as the agent's high-water mark.
-            // SAFETY: malloc_trim has no preconditions.
-            unsafe { libc::malloc_trim(0) };
         }
         if let Ok(mut h) = health.lock() {
             h.ready |= full && outcome.retry.is_empty();

@@ -1131,3 +1131,52 @@ async fn tls_with_client_certificates() {
     let err = Store::connect(&plain).await.err().expect("refused");
     assert!(err.to_string().contains("use https://"), "{err}");
 }
+
+/// A state far larger than one gRPC response (4 MiB by default) still loads: the agent's
+/// snapshot is read in pages at one revision. 20,000 endpoints are about 6 MB of values.
+#[tokio::test]
+async fn a_state_larger_than_one_response_loads_whole() {
+    let Some(etcd) = Etcd::start_or_skip() else { return };
+    let s = store(&etcd.url()).await;
+    let network = s.create_network(&net("big", "10.128.0.0/9")).await.expect("network");
+    // Written straight to the keys, in transactions of 128 puts (etcd's limit per transaction):
+    // creating 20,000 containers one by one through the store would only slow the test down.
+    const N: u32 = 20_000;
+    let mut kv = s.client().kv_client();
+    let mut ops = Vec::new();
+    for i in 0..N {
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 2)) + i);
+        let id = format!("{i:064x}");
+        let e = overlay_agent::model::Endpoint {
+            id: id.clone(),
+            network_id: network.id.clone(),
+            container: format!("container-{i}"),
+            ipv4: ip,
+            mac: overlay_agent::model::MacAddr::from_ip(ip),
+            host: "somewhere".into(),
+        };
+        ops.push(overlay_agent::store::etcd_client::TxnOp::put(
+            s.keys().endpoint(&network.id, &id),
+            serde_json::to_vec(&e).unwrap(),
+            None,
+        ));
+        if ops.len() == 128 || i == N - 1 {
+            kv.txn(overlay_agent::store::etcd_client::Txn::new().and_then(std::mem::take(&mut ops)))
+                .await
+                .expect("txn");
+        }
+    }
+
+    let (state, _) = s.load().await.expect("load");
+    assert_eq!(state.endpoints.len(), N as usize);
+    // The agent's source delivers the same, as its first snapshot.
+    let (updates, mut rx) = mpsc::channel(16);
+    let (_status_tx, status_rx) = mpsc::channel(16);
+    let source = EtcdSource::new(s.clone(), "h1", tokio::sync::watch::channel(0).1);
+    let task = tokio::spawn(source.run(updates, status_rx));
+    match next(&mut rx).await {
+        Update::Snapshot(state) => assert_eq!(state.endpoints.len(), N as usize),
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+    task.abort();
+}

@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, future::Future, time::Duration};
 
-use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, KvClient, Txn, TxnOp, TxnOpResponse};
 use serde::de::DeserializeOwned;
 
 use super::{Result, Store, StoreError};
@@ -65,6 +65,24 @@ pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("model values always serialize")
 }
 
+/// Largest response the store's reads accept (gRPC's default is 4 MiB).
+const MAX_RESPONSE: usize = 256 << 20;
+/// Keys per page when reading a whole state.
+const PAGE: i64 = 2000;
+
+/// The end of the range of keys starting with `prefix` (the prefix with its last byte + 1).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte was 0xff: the range runs to the end of the keyspace.
+    vec![0]
+}
+
 /// Optimistic retries: each failed commit lost a race, so the next attempt starts after a
 /// short random pause (which keeps many contending clients from colliding in lock step).
 pub(crate) struct Retry {
@@ -113,6 +131,48 @@ impl Store {
     }
 
     /// Reads `ranges` at one revision (one read-only transaction).
+    /// A KV client that accepts large responses: a range over a big network's addresses or
+    /// endpoints passes gRPC's default 4 MiB long before etcd's own limits matter. (The agent's
+    /// snapshot, which can be far larger, is read in pages; see `read_prefix_paged`.)
+    pub(crate) fn kv(&self) -> KvClient {
+        self.client.kv_client().max_decoding_message_size(MAX_RESPONSE)
+    }
+
+    /// Every key under `prefix` at revision `rev` (0: the current one), read `PAGE` keys at a
+    /// time so no response grows with the state. Returns the revision read at. Each page goes
+    /// to `each` as it arrives, so the caller never holds more than one page of raw values.
+    pub(crate) async fn read_prefix_paged(
+        &self,
+        op: &str,
+        prefix: &str,
+        mut rev: i64,
+        mut each: impl FnMut(&KeyValue),
+    ) -> Result<i64> {
+        let end = prefix_end(prefix);
+        let mut from = prefix.as_bytes().to_vec();
+        let mut kv = self.kv();
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if rev != 0 {
+                opts = opts.with_revision(rev);
+            }
+            let resp = self.call(format!("{op}: read {prefix}"), kv.get(from.clone(), Some(opts))).await?;
+            if rev == 0 {
+                rev = resp.header().map_or(0, |h| h.revision());
+            }
+            let kvs = resp.kvs();
+            kvs.iter().for_each(&mut each);
+            match kvs.last() {
+                Some(last) if resp.more() => {
+                    // The next page starts just after the last key read.
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(rev),
+            }
+        }
+    }
+
     pub(crate) async fn view(&self, op: &str, ranges: &[Range]) -> Result<View> {
         let ops: Vec<TxnOp> = ranges
             .iter()
@@ -121,7 +181,7 @@ impl Store {
                 Range::Prefix(p) => TxnOp::get(p.as_str(), Some(GetOptions::new().with_prefix())),
             })
             .collect();
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let resp = self.call(format!("{op}: read"), kv.txn(Txn::new().and_then(ops))).await?;
         let rev = resp.header().map_or(0, |h| h.revision());
         let results = resp
@@ -143,14 +203,14 @@ impl Store {
         compares: Vec<Compare>,
         ops: Vec<TxnOp>,
     ) -> Result<Option<i64>> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let resp =
             self.call(format!("{op}: commit"), kv.txn(Txn::new().when(compares).and_then(ops))).await?;
         Ok(resp.succeeded().then(|| resp.header().map_or(0, |h| h.revision())))
     }
 
     pub(crate) async fn get(&self, op: &str, key: &str) -> Result<(Option<KeyValue>, i64)> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let mut resp = self.call(format!("{op}: read {key}"), kv.get(key, None)).await?;
         let rev = resp.header().map_or(0, |h| h.revision());
         Ok((resp.take_kvs().into_iter().next(), rev))
@@ -174,5 +234,16 @@ impl Store {
     /// The current revision of the store.
     pub async fn revision(&self) -> Result<i64> {
         Ok(self.get("revision", &self.keys.root()).await?.1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_end_is_the_next_key_after_every_key_with_the_prefix() {
+        assert_eq!(prefix_end("/overlay/v1/endpoints/"), b"/overlay/v1/endpoints0".to_vec());
+        assert_eq!(prefix_end("/p/ab"), b"/p/ac".to_vec());
     }
 }

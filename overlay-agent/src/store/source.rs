@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use super::{
     Result, Store, StoreError,
-    etcd::{Range, key_str},
+    etcd::key_str,
     host::HostRegistration,
     keys::Kind,
     status::{Live, Publisher},
@@ -263,32 +263,34 @@ fn decode_object(what: &ObjectRef, kv: &KeyValue) -> serde_json::Result<Object> 
     })
 }
 
-/// Reads the whole desired state at one revision; also the create revision of each container
-/// key on `host` (of every container when None).
+/// Reads the whole desired state at one revision, in pages (it can be hundreds of thousands of
+/// keys, far beyond one gRPC response); also the create revision of each container key on
+/// `host` (of every container when None).
 async fn load(store: &Store, host: Option<&str>) -> Result<(State, i64, HashMap<String, i64>)> {
     let k = &store.keys;
-    let ranges = [k.networks(), k.all_endpoints(), k.containers(), k.hosts()].map(Range::Prefix);
-    let view = store.view("load", &ranges).await?;
     let mut state = State::default();
     let mut revisions = HashMap::new();
-    for i in 0..ranges.len() {
-        for kv in view.prefix(i) {
-            let key = key_str(kv);
-            let Kind::Object(what) = k.parse(&key) else { continue };
-            match decode_object(&what, kv) {
-                Ok(object) => {
-                    if let Object::Container(c) = &object
-                        && host.is_none_or(|h| c.host == h)
-                    {
-                        revisions.insert(c.name.clone(), kv.create_revision());
+    let mut rev = 0;
+    for prefix in [k.networks(), k.all_endpoints(), k.containers(), k.hosts()] {
+        rev = store
+            .read_prefix_paged("load", &prefix, rev, |kv| {
+                let key = key_str(kv);
+                let Kind::Object(what) = k.parse(&key) else { return };
+                match decode_object(&what, kv) {
+                    Ok(object) => {
+                        if let Object::Container(c) = &object
+                            && host.is_none_or(|h| c.host == h)
+                        {
+                            revisions.insert(c.name.clone(), kv.create_revision());
+                        }
+                        state.put(object);
                     }
-                    state.put(object);
+                    Err(e) => warn!(key, error = %e, "ignoring a value that does not parse"),
                 }
-                Err(e) => warn!(key, error = %e, "ignoring a value that does not parse"),
-            }
-        }
+            })
+            .await?;
     }
-    Ok((state, view.rev, revisions))
+    Ok((state, rev, revisions))
 }
 
 impl Store {
