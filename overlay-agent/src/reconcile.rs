@@ -172,11 +172,15 @@ impl Reconciler {
         // Networks whose participation may change with these endpoints (before any is removed).
         let mut networks: BTreeSet<String> = dirty.networks.clone();
         for id in &local_set {
-            if let Some(e) = desired.endpoint(id) {
-                networks.insert(e.network_id.to_string());
-            }
-            if let Some(l) = self.local.get(id) {
-                networks.insert(l.network_id.to_string());
+            // A full pass visits every endpoint, so allocate only for networks not seen yet.
+            for network_id in
+                [desired.endpoint(id).map(|e| &e.network_id), self.local.get(id).map(|l| &l.network_id)]
+                    .into_iter()
+                    .flatten()
+            {
+                if !networks.contains(&**network_id) {
+                    networks.insert(network_id.to_string());
+                }
             }
         }
 

@@ -68,7 +68,7 @@ pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
 /// Largest response the store's reads accept (gRPC's default is 4 MiB).
 const MAX_RESPONSE: usize = 256 << 20;
 /// Keys per page when reading a whole state.
-const PAGE: i64 = 2000;
+const PAGE: i64 = 10_000;
 
 /// The end of the range of keys starting with `prefix` (the prefix with its last byte + 1).
 fn prefix_end(prefix: &str) -> Vec<u8> {

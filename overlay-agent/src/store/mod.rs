@@ -59,6 +59,9 @@ pub enum StoreError {
     Tls { path: String, error: std::io::Error },
     #[error("{0}")]
     Config(String),
+    /// A task of the store's own failed (it panicked): a bug, not bad input.
+    #[error("{op}: {error}")]
+    Task { op: &'static str, error: String },
     #[error("{key}: the stored value does not parse: {error}")]
     Corrupt { key: String, error: serde_json::Error },
     #[error("invalid {what} {value:?}: {reason}")]
