@@ -90,9 +90,9 @@ struct RunArgs {
     /// Agent starts per load size [default: 3, quick: 1].
     #[arg(long)]
     load_repeats: Option<usize>,
-    /// Where the agent of the load stage reads its state: a state file, or a fresh etcd filled
-    /// beforehand.
-    #[arg(long, value_enum, default_value = "file")]
+    /// Where the agent of the load stage reads its state: a fresh etcd filled beforehand (the
+    /// issue asks for the control plane against a real etcd), or a state file.
+    #[arg(long, value_enum, default_value = "etcd")]
     load_source: EbpfSource,
     /// Skip the data-plane rounds.
     #[arg(long)]
