@@ -37,8 +37,9 @@ pub enum XdpPreference {
 /// XDP cannot do the job at full speed on a veth: native XDP on a veth makes the kernel take
 /// GSO away from its peer (veth_fix_features), so every 64 KiB super-packet a local sender
 /// pushes into it is first cut into MTU-sized frames, and generic XDP linearises every
-/// super-packet instead. Measured on the test underlay (one TCP stream between containers on
-/// two hosts): TC alone 18 Gbit/s, generic XDP 14, native XDP 5.7. A physical NIC receives
+/// super-packet instead. Measured by the benchmark harness on a veth underlay (one TCP stream
+/// between containers on two hosts): TC alone 17.8 Gbit/s, generic XDP 14.4, native XDP 5.9
+/// (see README, "Uplink: XDP or TC"). A physical NIC receives
 /// MTU-sized frames off the wire anyway, which is where XDP is the cheapest place to drop and
 /// decapsulate. On a veth the uplink TC program does both, with the same rules.
 pub fn auto_skips(kind: Option<&str>) -> Option<&'static str> {
