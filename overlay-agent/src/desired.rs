@@ -60,10 +60,6 @@ impl Dirty {
         self.hosts.extend(other.hosts);
         self.full |= other.full;
     }
-
-    pub fn everything() -> Self {
-        Self { full: true, ..Self::default() }
-    }
 }
 
 #[derive(Debug, Default)]

@@ -109,10 +109,6 @@ impl Reconciler {
         })
     }
 
-    pub fn datapath(&self) -> &Datapath {
-        &self.dp
-    }
-
     /// Number of entries in the endpoint map (local and remote).
     pub fn endpoint_entries(&self) -> usize {
         self.endpoints.len()
