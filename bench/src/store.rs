@@ -43,13 +43,8 @@ pub fn start_etcd(run: &Run, underlay: &str) -> anyhow::Result<Etcd> {
         bail!("no etcd binary (Debian package etcd-server; or set OVERLAY_ETCD_BIN)");
     }
     ip_in(underlay, &["addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"])?;
-    let etcd =
-        Etcd::start_with(EtcdOptions { ip: ETCD_IP, netns: Some(underlay.to_owned()), ..Default::default() })
-            .context("starting etcd")?;
-    if let Some(dir) = etcd.data_dir().parent() {
-        run.remove_on_signal(dir);
-    }
-    Ok(etcd)
+    Etcd::start_for(run, EtcdOptions { ip: ETCD_IP, netns: Some(underlay.to_owned()), ..Default::default() })
+        .context("starting etcd")
 }
 
 /// One request to the worker.

@@ -40,11 +40,10 @@ impl Cluster {
         })?;
         let topo = Topology::new(tag, hosts);
         sh(&mut in_ns(&topo.underlay, &["ip", "addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"]));
-        let etcd = Etcd::start_with(EtcdOptions {
-            ip: ETCD_IP,
-            netns: Some(topo.underlay.clone()),
-            ..Default::default()
-        })
+        let etcd = Etcd::start_for(
+            &topo.run,
+            EtcdOptions { ip: ETCD_IP, netns: Some(topo.underlay.clone()), ..Default::default() },
+        )
         .expect("starting etcd");
         let url = etcd.url();
         let mut cluster = Self { topo, etcd, url, lease_ttl };

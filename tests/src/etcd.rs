@@ -86,6 +86,15 @@ impl Etcd {
         Self::start_with(EtcdOptions::default())
     }
 
+    /// `start_with`, for a run: if the run is interrupted (SIGINT/SIGTERM, with
+    /// `cleanup_on_signal` installed), the etcd's data directory is removed with the run's
+    /// namespaces, which a guard that is never dropped could not do.
+    pub fn start_for(run: &crate::Run, opts: EtcdOptions) -> std::io::Result<Self> {
+        let etcd = Self::start_with(opts)?;
+        run.remove_on_signal(etcd.dir.path());
+        Ok(etcd)
+    }
+
     pub fn start_with(opts: EtcdOptions) -> std::io::Result<Self> {
         let (client_port, peer_port, metrics_port) = match &opts.netns {
             Some(_) => (opts.client_port.unwrap_or(2379), opts.peer_port.unwrap_or(2380), 2381),
