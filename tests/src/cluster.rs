@@ -167,15 +167,21 @@ impl Cluster {
         serde_json::Value::Array(entries.collect())
     }
 
-    /// The value `host`'s endpoint map holds for `ip` (on any network), if any.
-    pub fn map_entry(&self, host: &str, ip: Ipv4Addr) -> Option<serde_json::Value> {
-        let want: Vec<serde_json::Value> = ip.octets().iter().map(|o| serde_json::json!(o)).collect();
-        self.map(host, "ENDPOINTS")
+    /// The value of the entry of `host`'s `map` whose key field `field` is `addr`, if any.
+    fn entry(&self, host: &str, map: &str, field: &str, addr: Ipv4Addr) -> Option<serde_json::Value> {
+        // bpftool prints a [u8; 4] address as an array of numbers.
+        let want: Vec<serde_json::Value> = addr.octets().iter().map(|o| serde_json::json!(o)).collect();
+        self.map(host, map)
             .as_array()
             .expect("array")
             .iter()
-            .find(|e| e["key"]["ip"].as_array() == Some(&want))
+            .find(|e| e["key"][field].as_array() == Some(&want))
             .map(|e| e["value"].clone())
+    }
+
+    /// The value `host`'s endpoint map holds for `ip` (on any network), if any.
+    pub fn map_entry(&self, host: &str, ip: Ipv4Addr) -> Option<serde_json::Value> {
+        self.entry(host, "ENDPOINTS", "ip", ip)
     }
 
     /// Whether `host`'s endpoint map holds `ip` (on any network).
@@ -185,11 +191,6 @@ impl Cluster {
 
     /// Whether `host`'s peer map holds `vtep`.
     pub fn peers_hold(&self, host: &str, vtep: Ipv4Addr) -> bool {
-        let want: Vec<serde_json::Value> = vtep.octets().iter().map(|o| serde_json::json!(o)).collect();
-        self.map(host, "PEERS")
-            .as_array()
-            .expect("array")
-            .iter()
-            .any(|e| e["key"]["vtep"].as_array() == Some(&want))
+        self.entry(host, "PEERS", "vtep", vtep).is_some()
     }
 }
