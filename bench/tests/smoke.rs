@@ -12,14 +12,14 @@ fn quick_bench_passes_traffic_on_every_topology() {
     if overlay_tests::skip_unless_privileged() {
         return;
     }
-    if Command::new("iperf3").arg("--version").output().is_err() {
-        eprintln!("skipping: quick_bench_passes_traffic_on_every_topology: iperf3 is not installed");
+    if Command::new("iperf3").arg("--version").output().is_err()
+        && overlay_tests::skip("iperf3 is not installed (install iperf3, or run ./setup)")
+    {
         return;
     }
-    if overlay_tests::etcd::Etcd::binary().is_none() {
-        eprintln!(
-            "skipping: quick_bench_passes_traffic_on_every_topology: no etcd binary (install etcd-server)"
-        );
+    if overlay_tests::etcd::Etcd::binary().is_none()
+        && overlay_tests::skip("no etcd binary (install etcd-server, or run ./setup)")
+    {
         return;
     }
     let out = tempfile::tempdir().expect("temp dir");

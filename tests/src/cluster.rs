@@ -34,10 +34,10 @@ impl Cluster {
     /// Builds `hosts` hosts and etcd, and starts every agent. None (after saying why) when
     /// there is no etcd binary.
     pub fn start(tag: &str, hosts: usize, lease_ttl: u64) -> Option<Self> {
-        Etcd::binary().or_else(|| {
-            eprintln!("skipping: no etcd binary (install etcd-server, or run ./setup)");
-            None
-        })?;
+        if Etcd::binary().is_none() {
+            crate::skip("no etcd binary (install etcd-server, or run ./setup)");
+            return None;
+        }
         let topo = Topology::new(tag, hosts);
         sh(&mut in_ns(&topo.underlay, &["ip", "addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"]));
         let etcd = Etcd::start_for(

@@ -75,8 +75,7 @@ impl Etcd {
     /// Starts one on 127.0.0.1, or says why the calling test is skipped and returns None.
     pub fn start_or_skip() -> Option<Self> {
         if Self::binary().is_none() {
-            let test = std::thread::current().name().unwrap_or("test").to_owned();
-            eprintln!("skipping: {test}: no etcd binary (install etcd-server, or set OVERLAY_ETCD_BIN)");
+            crate::skip("no etcd binary (install etcd-server, or set OVERLAY_ETCD_BIN)");
             return None;
         }
         Some(Self::start().unwrap_or_else(|e| panic!("starting etcd: {e}")))

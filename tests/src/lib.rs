@@ -23,18 +23,31 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+/// Set (by `cargo xtask test` when it runs the tests as root) when every test must run: a
+/// missing prerequisite is then a failure naming it, not a skip. A run that should test
+/// everything cannot pass by skipping because setup forgot a package.
+pub const REQUIRE_ALL_ENV: &str = "OVERLAY_TESTS_REQUIRE_ALL";
+
+/// Says why the calling test cannot run here ("skipping: <test>: <why>") and returns true, so a
+/// test can `if skip("...") { return; }`. Panics instead when `OVERLAY_TESTS_REQUIRE_ALL` is set.
+pub fn skip(why: &str) -> bool {
+    let test = std::thread::current().name().unwrap_or("test").to_owned();
+    if std::env::var_os(REQUIRE_ALL_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
+        panic!("{test} cannot run: {why} ({REQUIRE_ALL_ENV} is set, so this is a failure, not a skip)");
+    }
+    eprintln!("skipping: {test}: {why}");
+    true
+}
+
 /// Returns true (after saying why) when the test cannot run here: it needs root and a BPF
 /// filesystem. Privileged tests start with `if skip_unless_privileged() { return; }`.
 pub fn skip_unless_privileged() -> bool {
-    let test = std::thread::current().name().unwrap_or("test").to_owned();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping: {test}: needs root (network namespaces, BPF programs)");
-        return true;
+        return skip("needs root (network namespaces, BPF programs)");
     }
     if let Err(e) = ensure_bpffs() {
-        eprintln!("skipping: {test}: no BPF filesystem at /sys/fs/bpf: {e}");
-        return true;
+        return skip(&format!("no BPF filesystem at /sys/fs/bpf: {e}"));
     }
     false
 }

@@ -897,7 +897,7 @@ impl Cli {
 async fn cli_writes_waits_and_refuses() {
     let Some(etcd) = Etcd::start_or_skip() else { return };
     let Some(bin) = overlay_cli() else {
-        eprintln!("skipping: cli_writes_waits_and_refuses: the overlay binary is not built");
+        overlay_tests::skip("the overlay binary is not built (cargo xtask test builds it)");
         return;
     };
     let s = store(&etcd.url()).await;
@@ -1099,14 +1099,12 @@ fn make_pki(dir: &std::path::Path) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_client_certificates() {
-    if Etcd::binary().is_none() {
-        eprintln!("skipping: tls_with_client_certificates: no etcd binary");
+    if Etcd::binary().is_none() && overlay_tests::skip("no etcd binary (install etcd-server)") {
         return;
     }
     let pki = tempfile::tempdir().unwrap();
     let dir = pki.path();
-    if !make_pki(dir) {
-        eprintln!("skipping: tls_with_client_certificates: cannot make certificates (is openssl installed?)");
+    if !make_pki(dir) && overlay_tests::skip("cannot make certificates (is openssl installed?)") {
         return;
     }
     let tls =
