@@ -1,8 +1,11 @@
 //! `cargo xtask`: build, test and benchmark the overlay.
 //!
 //! - `build`: the agent and CLI (the agent embeds the eBPF object its build script compiles).
-//! - `test`: unit tests and the privileged suites (namespaces, BPF programs, etcd). Run as
-//!   root; without root the privileged tests say "skipping: ..." and pass, so say it loudly.
+//! - `test`: unit tests and the privileged suites (namespaces, BPF programs, etcd).
+//!
+//! Builds run as the caller; what needs root (the test binaries, the demo, the bench) runs as
+//! root: directly when xtask is run as root, else through `sudo -E`. Without either, the
+//! privileged tests say "skipping: ..." and pass, so xtask says so loudly.
 //! - `demo`: the main job (three simulated hosts, etcd, two networks, the CLI).
 //! - `bench`: the latency/throughput harness (three topologies, one run).
 
@@ -80,6 +83,46 @@ fn is_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
+/// How the privileged programs (tests, demo, bench) are run: directly when xtask runs as root;
+/// otherwise through `sudo -E`, so the build stays the user's and only what needs root gets it
+/// (as aya's template does). None when neither is possible.
+fn elevation() -> Option<Vec<&'static str>> {
+    if is_root() {
+        Some(vec![])
+    } else if Command::new("sudo").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        Some(vec!["sudo", "-E"])
+    } else {
+        None
+    }
+}
+
+/// `program`, run as root (see `elevation`).
+fn privileged(program: &Path) -> anyhow::Result<Command> {
+    let Some(prefix) = elevation() else {
+        bail!("{} needs root: run this as root, or install sudo", program.display());
+    };
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut cmd = Command::new(first);
+            cmd.args(rest).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    };
+    cmd.current_dir(root());
+    Ok(cmd)
+}
+
+/// The host's target triple, for cargo's `CARGO_TARGET_<TRIPLE>_RUNNER`.
+fn host_triple() -> anyhow::Result<String> {
+    let out = Command::new("rustc").arg("-vV").output().context("running rustc -vV")?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_owned)
+        .context("rustc -vV printed no host triple")
+}
+
 fn build(release: bool) -> anyhow::Result<PathBuf> {
     let mut cmd = cargo();
     cmd.args(["build", "--package", "overlay-agent", "--bins"]);
@@ -99,14 +142,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Test { args } => {
             let bins = build(false)?;
-            if !is_root() {
-                eprintln!(
-                    "xtask: NOT ROOT: the privileged tests (namespaces, BPF, end to end) will print \
-                     'skipping: ...' and not run. Run `sudo -E cargo xtask test` to run them."
-                );
-            }
             let mut cmd = cargo();
             cmd.args(["test", "--no-fail-fast"]).env("OVERLAY_BIN_DIR", &bins);
+            match elevation() {
+                // Run as root, every test must run: a missing tool fails the test that needs
+                // it instead of letting it skip.
+                Some(prefix) => {
+                    cmd.env("OVERLAY_TESTS_REQUIRE_ALL", "1");
+                    if !prefix.is_empty() {
+                        let var = format!(
+                            "CARGO_TARGET_{}_RUNNER",
+                            host_triple()?.to_uppercase().replace('-', "_")
+                        );
+                        cmd.env(var, prefix.join(" "));
+                    }
+                }
+                None => eprintln!(
+                    "xtask: NOT ROOT and no sudo: the privileged tests (namespaces, BPF, end to end) \
+                     will print 'skipping: ...' and not run. Run `cargo xtask test` as root to run them."
+                ),
+            }
             if !args.is_empty() {
                 cmd.arg("--").args(&args);
             }
@@ -122,15 +177,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "--bin",
                 "overlay-demo",
             ]))?;
-            status(Command::new(bins.join("overlay-demo")).env("OVERLAY_BIN_DIR", &bins))
+            status(privileged(&bins.join("overlay-demo"))?.env("OVERLAY_BIN_DIR", &bins))
         }
         Cmd::Bench { args } => {
             let bins = build(true)?;
-            let mut cmd = cargo();
-            cmd.args(["run", "--release", "--package", "overlay-bench", "--"])
-                .args(&args)
-                .env("OVERLAY_BIN_DIR", &bins);
-            status(&mut cmd)
+            status(cargo().args(["build", "--quiet", "--release", "--package", "overlay-bench"]))?;
+            status(privileged(&bins.join("overlay-bench"))?.args(&args).env("OVERLAY_BIN_DIR", &bins))
         }
     }
 }
