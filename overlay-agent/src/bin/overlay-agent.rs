@@ -18,9 +18,13 @@ use overlay_agent::{
 };
 
 #[derive(Parser)]
-#[command(name = "overlay-agent", version, about = "eBPF VXLAN overlay agent")]
+#[command(
+    name = "overlay-agent",
+    version,
+    about = "The overlay's per-host agent: keeps this host's eBPF VXLAN datapath in step with etcd"
+)]
 struct Cli {
-    /// Log format.
+    /// How to write logs: text for people, json (one object a line) for log collectors.
     #[arg(long, env = "OVERLAY_LOG_FORMAT", default_value = "text", global = true)]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -35,7 +39,7 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent.
+    /// Run the agent: the long-running service, one per host.
     Run(Box<Run>),
     /// Print a host's datapath counters (packets and bytes per direction, drops per reason).
     Stats {
@@ -45,7 +49,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a host's pinned datapath (stops its forwarding; for decommissioning).
+    /// Remove a host's pinned datapath: its containers stop forwarding (for decommissioning a
+    /// host whose agent is stopped).
     Reset {
         #[command(flatten)]
         target: Target,
@@ -58,10 +63,11 @@ enum Command {
 /// Which host's pins to read.
 #[derive(clap::Args)]
 struct Target {
-    /// Host name (selects the default pin directory).
+    /// The host's name, as given to `overlay-agent run --host` (its pins are under
+    /// /sys/fs/bpf/overlay/<host>).
     #[arg(long, env = "OVERLAY_HOST")]
     host: Option<String>,
-    /// Pin directory (overrides --host).
+    /// The host's pin directory, where `run --pin-dir` put it (instead of --host).
     #[arg(long, env = "OVERLAY_PIN_DIR")]
     pin_dir: Option<PathBuf>,
 }
@@ -81,25 +87,27 @@ struct Run {
     /// This host's name, unique among hosts.
     #[arg(long, env = "OVERLAY_HOST")]
     host: String,
-    /// The interface VXLAN leaves and arrives on.
+    /// The underlay interface VXLAN leaves and arrives on (e.g. eth0).
     #[arg(long, env = "OVERLAY_UPLINK")]
     uplink: String,
-    /// This host's VTEP: the underlay IPv4 address of the uplink.
+    /// This host's VTEP: the uplink's IPv4 address on the underlay, which other hosts send to.
     #[arg(long, env = "OVERLAY_VTEP")]
     vtep: Ipv4Addr,
     /// Where to pin maps and attachments [default: /sys/fs/bpf/overlay/<host>].
     #[arg(long, env = "OVERLAY_PIN_DIR")]
     pin_dir: Option<PathBuf>,
-    /// Where the agent records what it owns [default: /run/overlay/<host>].
+    /// Where the agent records the interfaces and namespaces it made, so that a restarted agent
+    /// adopts them [default: /run/overlay/<host>].
     #[arg(long, env = "OVERLAY_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// Prefix of the sandbox namespaces the agent creates (/run/netns/<prefix><container>).
     #[arg(long, env = "OVERLAY_NETNS_PREFIX", default_value = "ovl-")]
     netns_prefix: String,
-    /// XDP on the uplink.
+    /// Whether to attach XDP to the uplink, and in which mode.
     #[arg(long, env = "OVERLAY_XDP_MODE", value_enum, default_value = "auto")]
     xdp_mode: XdpPreference,
-    /// Log every dropped packet (through aya-log; costs a log record per drop).
+    /// Log every dropped packet with its reason (a log line per drop: for debugging, not for
+    /// busy hosts). Drop counters are kept either way: `overlay-agent stats`.
     #[arg(long, env = "OVERLAY_DEBUG_DROPS")]
     debug_drops: bool,
     /// Desired state from a JSON file (networks, endpoints, containers, hosts) instead of etcd.
@@ -112,14 +120,16 @@ struct Run {
     /// upgrade) without its containers being removed.
     #[arg(long, env = "OVERLAY_LEASE_TTL", default_value_t = 10)]
     lease_ttl: u64,
-    /// Serve GET /healthz here (e.g. 127.0.0.1:9700; inside the host's namespace).
+    /// Serve GET /healthz on this address (e.g. 127.0.0.1:9700): 200 once the agent has
+    /// reconciled the host. With --netns, the address is inside that namespace.
     #[arg(long, env = "OVERLAY_HEALTH_ADDR")]
     health_addr: Option<std::net::SocketAddr>,
-    /// Seconds between full reconciles.
+    /// Seconds between full reconciles, which repair what changed behind the agent's back (a
+    /// veth deleted by hand, a map entry removed) even when etcd says nothing changed.
     #[arg(long, env = "OVERLAY_RESYNC_SECS", default_value_t = 60)]
     resync_secs: u64,
-    /// Run inside this network namespace (a path, or a name under /run/netns): how a host is
-    /// simulated by a namespace.
+    /// Run inside this network namespace (a path, or a name under /run/netns), as if it were the
+    /// host: how the tests and the demo simulate several hosts on one machine.
     #[arg(long, env = "OVERLAY_NETNS")]
     netns: Option<String>,
 }

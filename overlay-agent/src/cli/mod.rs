@@ -46,7 +46,7 @@ pub enum Command {
     /// Manage containers (network sandboxes on hosts).
     #[command(subcommand)]
     Container(ContainerCommand),
-    /// Registered hosts.
+    /// Hosts whose agents have registered with the store.
     #[command(subcommand)]
     Host(HostCommand),
 }
@@ -67,30 +67,40 @@ pub enum NetworkCommand {
     },
     /// Display detailed information on one or more networks.
     Inspect {
+        /// Network names or ids (or unique id prefixes).
         #[arg(required = true)]
         networks: Vec<String>,
     },
     /// Remove one or more networks.
     #[command(visible_alias = "remove")]
     Rm {
+        /// Network names or ids (or unique id prefixes); a network with containers on it is
+        /// refused.
         #[arg(required = true)]
         networks: Vec<String>,
     },
     /// Connect a container to a network.
     Connect {
-        /// IPv4 address to give it (default: the lowest free one).
+        /// IPv4 address to give it, inside the network's subnet [default: the lowest free one].
         #[arg(long)]
         ip: Option<String>,
+        /// The network's name or id.
         network: String,
+        /// The container's name.
         container: String,
     },
     /// Disconnect a container from a network.
-    Disconnect { network: String, container: String },
+    Disconnect {
+        /// The network's name or id.
+        network: String,
+        /// The container's name.
+        container: String,
+    },
 }
 
 #[derive(Args)]
 pub struct NetworkCreate {
-    /// Driver (only "overlay").
+    /// Network driver; "overlay" is the only one.
     #[arg(short, long, default_value = "overlay")]
     driver: String,
     /// Subnet in CIDR format [default: the first free /24 of 10.0.0.0/8].
@@ -111,6 +121,7 @@ pub struct NetworkCreate {
     /// Label key=value (repeatable).
     #[arg(long)]
     label: Vec<String>,
+    /// The network's name, unique among networks.
     name: String,
 }
 
@@ -124,17 +135,20 @@ pub enum ContainerCommand {
         /// Connect it to this network.
         #[arg(long)]
         network: Option<String>,
-        /// IPv4 address on --network.
+        /// IPv4 address to give it on --network [default: the lowest free one].
         #[arg(long)]
         ip: Option<String>,
-        /// Use this existing network namespace instead of having the agent make one.
+        /// Use this existing network namespace (a path on that host, e.g. /run/netns/x) instead
+        /// of having the agent make one.
         #[arg(long)]
         netns: Option<PathBuf>,
+        /// The container's name, unique among containers.
         name: String,
     },
     /// Remove one or more containers (and disconnect them from every network).
     #[command(visible_alias = "remove")]
     Rm {
+        /// Container names.
         #[arg(required = true)]
         containers: Vec<String>,
     },
@@ -143,7 +157,9 @@ pub enum ContainerCommand {
     Ls,
     /// Run a command inside a container's network namespace (on the container's host).
     Exec {
+        /// The container's name.
         container: String,
+        /// The command and its arguments (after `--` if they start with a dash).
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
@@ -151,7 +167,7 @@ pub enum ContainerCommand {
 
 #[derive(Subcommand)]
 pub enum HostCommand {
-    /// List registered hosts.
+    /// List registered hosts: name, VTEP, uplink MTU and the lease that keeps them registered.
     #[command(visible_alias = "list")]
     Ls,
 }

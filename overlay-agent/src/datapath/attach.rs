@@ -22,13 +22,14 @@ use super::Error;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XdpPreference {
     /// Native (driver) mode, falling back to generic mode where the driver has no XDP support;
-    /// no XDP on a veth uplink (see [`auto_skips`]).
+    /// none on a veth uplink, where TC alone is faster (GSO is kept).
+    // Why a veth is left to TC: `auto_skips`.
     Auto,
-    /// Native mode or nothing.
+    /// Native mode, or fail to start.
     Native,
-    /// Generic (skb) mode.
+    /// Generic (skb) mode, on any device.
     Generic,
-    /// No XDP: the uplink TC program validates and decapsulates on its own.
+    /// No XDP: the uplink's TC program validates and decapsulates on its own.
     Off,
 }
 
