@@ -19,7 +19,7 @@ use crate::{
     netlink::Netlink,
     reconcile::Reconciler,
     sandbox::Sandboxes,
-    source::{Source, Status},
+    source::{Report, Source},
 };
 
 #[derive(Clone, Debug)]
@@ -90,7 +90,7 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
     let mut rec = Reconciler::new(&cfg.host, dp, nl, sandboxes)?;
 
     let (update_tx, mut updates) = mpsc::channel::<Update>(BATCH);
-    let (status_tx, status_rx) = mpsc::channel::<Status>(BATCH);
+    let (status_tx, status_rx) = mpsc::channel::<Report>(BATCH);
     let mut source_task = tokio::spawn(source.run(update_tx, status_rx));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;

@@ -27,7 +27,7 @@ use crate::{
     model::{Container, Network},
     netlink::{Netlink, netns, veth},
     sandbox::Sandboxes,
-    source::Status,
+    source::Report,
 };
 
 /// A local endpoint whose interface exists.
@@ -43,7 +43,7 @@ struct Local {
 /// What a pass did that others need to know, and what it could not do yet.
 #[derive(Debug, Default)]
 pub struct Outcome {
-    pub status: Vec<Status>,
+    pub status: Vec<Report>,
     /// Keys that failed and should be retried.
     pub retry: Dirty,
 }
@@ -196,7 +196,7 @@ impl Reconciler {
         for c in &dirty.containers {
             if desired.container(c).is_none() && self.sandboxes.has(c) {
                 match self.sandboxes.remove(c) {
-                    Ok(()) => out.status.push(Status::ContainerGone { name: c.clone() }),
+                    Ok(()) => out.status.push(Report::ContainerGone { name: c.clone() }),
                     Err(e) => {
                         warn!(container = %c, error = format!("{e:#}"), "cannot remove the sandbox");
                         out.retry.containers.insert(c.clone());
@@ -255,7 +255,7 @@ impl Reconciler {
                 (self.local.get(&id), desired.endpoint(&id).and_then(|e| e.container.as_ref()))
                 && self.endpoint_key.contains_key(&id)
             {
-                out.status.push(Status::EndpointReady {
+                out.status.push(Report::EndpointReady {
                     id: id.to_string(),
                     container: container.to_string(),
                     ifname: l.ifname.clone(),
@@ -309,7 +309,7 @@ impl Reconciler {
             }
             (None, Some(have)) => {
                 self.remove_local(id, &have).await?;
-                out.status.push(Status::EndpointGone { id: id.to_string() });
+                out.status.push(Report::EndpointGone { id: id.to_string() });
                 Ok(false)
             }
             (None, None) => Ok(false),

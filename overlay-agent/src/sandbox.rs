@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::{model::Container, netlink::netns, source::Status};
+use crate::{model::Container, netlink::netns, source::Report};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 struct Record {
@@ -59,13 +59,13 @@ impl Sandboxes {
     }
 
     /// Makes sure the container's namespace exists, with its holder running.
-    pub fn ensure(&mut self, c: &Container) -> anyhow::Result<Status> {
+    pub fn ensure(&mut self, c: &Container) -> anyhow::Result<Report> {
         if let Some(path) = &c.netns {
             // A namespace from another runtime: use it, never create or remove it.
             if !netns::exists(path) {
                 bail!("namespace {} of container {} does not exist", path.display(), c.name);
             }
-            return Ok(Status::ContainerReady { name: c.name.clone(), netns: path.clone(), pid: None });
+            return Ok(Report::ContainerReady { name: c.name.clone(), netns: path.clone(), pid: None });
         }
         let path = self.path(&c.name);
         let name = path.file_name().and_then(|n| n.to_str()).context("namespace name")?.to_owned();
@@ -79,7 +79,7 @@ impl Sandboxes {
         let pid = record.pid;
         self.records.insert(c.name.clone(), record);
         self.save()?;
-        Ok(Status::ContainerReady { name: c.name.clone(), netns: path, pid })
+        Ok(Report::ContainerReady { name: c.name.clone(), netns: path, pid })
     }
 
     /// Stops the holder and removes the namespace (and with it whatever interfaces remain).

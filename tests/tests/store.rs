@@ -17,7 +17,7 @@ use std::{
 
 use overlay_agent::{
     model::{Host, Object, ObjectRef, State, Update},
-    source::{Source as _, Status},
+    source::{Report, Source as _},
     store::{ContainerSpec, EtcdSource, HostRegistration, NetworkSpec, Store, StoreConfig, StoreError},
 };
 use overlay_tests::etcd::{Etcd, EtcdOptions, EtcdTls};
@@ -88,7 +88,7 @@ fn source(
     store: &Store,
     host: &str,
     reg: Option<&HostRegistration>,
-) -> (mpsc::Receiver<Update>, mpsc::Sender<Status>) {
+) -> (mpsc::Receiver<Update>, mpsc::Sender<Report>) {
     let (tx, rx) = mpsc::channel(1024);
     let (stx, srx) = mpsc::channel(1024);
     let lease = reg.map_or_else(|| tokio::sync::watch::channel(0).1, |r| r.leases());
@@ -562,7 +562,7 @@ async fn source_sends_a_snapshot_then_changes_in_order_and_publishes_status() {
     // Reports become leased status keys the CLI waits on.
     let deadline = Instant::now() + Duration::from_secs(10);
     status
-        .send(Status::ContainerReady { name: "c1".into(), netns: "/run/netns/ovl-c1".into(), pid: Some(42) })
+        .send(Report::ContainerReady { name: "c1".into(), netns: "/run/netns/ovl-c1".into(), pid: Some(42) })
         .await
         .unwrap();
     let ready = s.wait_container_ready("c1", "h1", c1.revision, deadline).await.unwrap();
@@ -570,7 +570,7 @@ async fn source_sends_a_snapshot_then_changes_in_order_and_publishes_status() {
     assert_eq!(ready.pid, Some(42));
     assert_eq!(ready.host, "h1");
     status
-        .send(Status::EndpointReady { id: ep1.id.clone(), container: "c1".into(), ifname: "eth0".into() })
+        .send(Report::EndpointReady { id: ep1.id.clone(), container: "c1".into(), ifname: "eth0".into() })
         .await
         .unwrap();
     let ready = s.wait_endpoint_ready(&ep1, "blue", deadline).await.unwrap();
@@ -582,7 +582,7 @@ async fn source_sends_a_snapshot_then_changes_in_order_and_publishes_status() {
         "status lives under the host's lease"
     );
     assert_eq!(dump[&s.keys().container_status("c1")].1, reg.lease());
-    status.send(Status::EndpointGone { id: ep1.id.clone() }).await.unwrap();
+    status.send(Report::EndpointGone { id: ep1.id.clone() }).await.unwrap();
     s.wait_gone(&s.keys().endpoint_status(&ep1.id), "endpoint status gone", deadline).await.unwrap();
 
     // A status about an earlier container of the same name is not taken for a new one.
@@ -799,14 +799,14 @@ fn fake_agent(store: &Store, host: &str, reg: &HostRegistration, netns: PathBuf)
         while let Some(update) = rx.recv().await {
             let mut reports = Vec::new();
             let container_ready =
-                |name: &str| Status::ContainerReady { name: name.into(), netns: netns.clone(), pid: None };
+                |name: &str| Report::ContainerReady { name: name.into(), netns: netns.clone(), pid: None };
             match &update {
                 Update::Snapshot(s) => {
                     reports.extend(
                         s.containers.values().filter(|c| c.host == host).map(|c| container_ready(&c.name)),
                     );
                     reports.extend(s.endpoints.values().filter(|e| e.host == host).map(|e| {
-                        Status::EndpointReady {
+                        Report::EndpointReady {
                             id: e.id.clone(),
                             container: e.container.clone(),
                             ifname: "eth0".into(),
@@ -815,7 +815,7 @@ fn fake_agent(store: &Store, host: &str, reg: &HostRegistration, netns: PathBuf)
                     state = s.clone();
                 }
                 Update::Put(Object::Container(c)) if c.host == host => reports.push(container_ready(&c.name)),
-                Update::Put(Object::Endpoint(e)) if e.host == host => reports.push(Status::EndpointReady {
+                Update::Put(Object::Endpoint(e)) if e.host == host => reports.push(Report::EndpointReady {
                     id: e.id.clone(),
                     container: e.container.clone(),
                     ifname: "eth0".into(),
@@ -823,12 +823,12 @@ fn fake_agent(store: &Store, host: &str, reg: &HostRegistration, netns: PathBuf)
                 Update::Delete(ObjectRef::Endpoint(id))
                     if state.endpoints.get(id).is_some_and(|e| e.host == host) =>
                 {
-                    reports.push(Status::EndpointGone { id: id.clone() })
+                    reports.push(Report::EndpointGone { id: id.clone() })
                 }
                 Update::Delete(ObjectRef::Container(name))
                     if state.containers.get(name).is_some_and(|c| c.host == host) =>
                 {
-                    reports.push(Status::ContainerGone { name: name.clone() })
+                    reports.push(Report::ContainerGone { name: name.clone() })
                 }
                 _ => {}
             }

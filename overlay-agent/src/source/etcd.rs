@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{Source, Status};
+use super::{Report, Source};
 use crate::{
     model::{Host, Update},
     store::{EtcdSource, HostRegistration, Store, StoreConfig},
@@ -24,7 +24,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 impl Source for AgentEtcd {
-    async fn run(self, updates: mpsc::Sender<Update>, status: mpsc::Receiver<Status>) -> anyhow::Result<()> {
+    async fn run(self, updates: mpsc::Sender<Update>, status: mpsc::Receiver<Report>) -> anyhow::Result<()> {
         let mut backoff = BACKOFF_MIN;
         let store = loop {
             match Store::connect(&self.config).await {

@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
-use super::{Source, Status};
+use super::{Report, Source};
 use crate::model::{State, Update};
 
 pub struct FileSource {
@@ -46,7 +46,7 @@ impl Source for FileSource {
     async fn run(
         self,
         updates: mpsc::Sender<Update>,
-        mut status: mpsc::Receiver<Status>,
+        mut status: mpsc::Receiver<Report>,
     ) -> anyhow::Result<()> {
         // The first snapshot must succeed: an agent that starts from a broken file has nothing
         // to reconcile against.

@@ -16,9 +16,10 @@ use tokio::sync::mpsc;
 
 use crate::model::Update;
 
-/// What a host made real (or took down), as the agent reports it.
+/// What the agent made real on its host (or took down): its report to the store, which publishes
+/// it for the CLI to wait on.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Status {
+pub enum Report {
     /// A local endpoint's interface exists and the datapath forwards for it.
     EndpointReady {
         id: String,
@@ -44,6 +45,6 @@ pub trait Source: Send + 'static {
     fn run(
         self,
         updates: mpsc::Sender<Update>,
-        status: mpsc::Receiver<Status>,
+        status: mpsc::Receiver<Report>,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
 }

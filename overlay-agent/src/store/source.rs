@@ -26,7 +26,7 @@ use super::{
 };
 use crate::{
     model::{Container, Endpoint, Host, Network, Object, ObjectRef, State, Update},
-    source::{Source, Status},
+    source::{Report, Source},
 };
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -52,7 +52,7 @@ impl EtcdSource {
 }
 
 impl Source for EtcdSource {
-    async fn run(self, updates: mpsc::Sender<Update>, status: mpsc::Receiver<Status>) -> anyhow::Result<()> {
+    async fn run(self, updates: mpsc::Sender<Update>, status: mpsc::Receiver<Report>) -> anyhow::Result<()> {
         let revisions = Arc::new(Mutex::new(HashMap::new()));
         let (live_tx, live_rx) = mpsc::unbounded_channel();
         let publisher = Publisher::new(self.store.clone(), self.host.clone(), self.lease, revisions.clone());

@@ -22,7 +22,7 @@ use super::{
     endpoint::put_leased,
     etcd::{key_str, unchanged},
 };
-use crate::{model::Endpoint, source::Status};
+use crate::{model::Endpoint, source::Report};
 
 /// `<prefix>/status/endpoints/<endpoint id>`: the endpoint's interface exists on its host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,7 +242,7 @@ impl Publisher {
 
     pub async fn run(
         mut self,
-        mut reports: mpsc::Receiver<Status>,
+        mut reports: mpsc::Receiver<Report>,
         mut snapshots: mpsc::UnboundedReceiver<Live>,
     ) {
         let mut delay = RETRY_MIN;
@@ -282,21 +282,21 @@ impl Publisher {
         }
     }
 
-    fn note(&mut self, report: Status) {
+    fn note(&mut self, report: Report) {
         let k = self.store.keys();
         let (key, value) = match report {
-            Status::EndpointReady { id, container, ifname } => {
+            Report::EndpointReady { id, container, ifname } => {
                 let status = EndpointStatus { host: self.host.clone(), container, ifname };
                 (k.endpoint_status(&id), Some(serde_json::to_vec(&status).expect("serializes")))
             }
-            Status::EndpointGone { id } => (k.endpoint_status(&id), None),
-            Status::ContainerReady { name, netns, pid } => {
+            Report::EndpointGone { id } => (k.endpoint_status(&id), None),
+            Report::ContainerReady { name, netns, pid } => {
                 let container_revision =
                     self.revisions.lock().expect("not poisoned").get(&name).copied().unwrap_or(0);
                 let status = ContainerStatus { host: self.host.clone(), netns, pid, container_revision };
                 (k.container_status(&name), Some(serde_json::to_vec(&status).expect("serializes")))
             }
-            Status::ContainerGone { name } => (k.container_status(&name), None),
+            Report::ContainerGone { name } => (k.container_status(&name), None),
         };
         self.wanted.insert(key.clone(), value);
         self.dirty.insert(key);
