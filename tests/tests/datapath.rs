@@ -6,8 +6,10 @@
 
 use std::{
     collections::BTreeSet,
+    io::{BufRead, BufReader, Read},
     net::Ipv4Addr,
     process::{Child, Command, Stdio},
+    sync::{Mutex, PoisonError},
     time::Duration,
 };
 
@@ -160,9 +162,20 @@ fn containers_reach_their_network_and_nothing_else() {
         in_ns(&topo.underlay, &["tcpdump", "-i", "br0", "-U", "-s", "128", "-w"])
             .arg(&capture_file)
             .stdout(Stdio::null())
-            .stderr(Stdio::null()),
+            .stderr(Stdio::piped()),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // tcpdump says "listening on br0" once it captures; frames sent before would be missed.
+    let stderr = capture.child.as_mut().and_then(|c| c.stderr.take()).expect("tcpdump stderr");
+    let (listening_tx, listening) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Keep reading to the end, so tcpdump never blocks or dies writing its exit summary.
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("listening on") {
+                let _ = listening_tx.send(());
+            }
+        }
+    });
+    listening.recv_timeout(Duration::from_secs(10)).expect("tcpdump did not start capturing");
     let before: Vec<u64> = topo.hosts.iter().map(|h| h.counter("drop/no_endpoint")).collect();
 
     // Same network: everything reaches everything, across hosts and on one host.
@@ -231,25 +244,35 @@ fn containers_reach_their_network_and_nothing_else() {
     assert!(host_tcp.is_some(), "host-to-host TCP failed with the programs attached");
 }
 
+/// Held by the 1 GiB transfers and by the test that times a connection across agent restarts:
+/// on two cores, an echo loop starved by a parallel bulk transfer looks like a datapath pause.
+static CPU_BOUND: Mutex<()> = Mutex::new(());
+
 /// A 1 GiB transfer arrives intact across each receive path: GSO, checksums and MTU are right.
 #[test]
 fn a_gigabyte_arrives_intact_on_every_uplink_mode() {
     if skip_unless_privileged() {
         return;
     }
+    let _alone = CPU_BOUND.lock().unwrap_or_else(PoisonError::into_inner);
     let (topo, _scenario, _state) = build("gb");
     wait_ready(&topo);
     const GIB: u64 = 1 << 30;
     // Into h1 (TC only), into h2 (native XDP), into h3 (generic XDP).
     for (from, to) in [("b3", "b1"), ("b4", "b3"), ("b1", "b4")] {
         let port = "7200";
-        let sink =
+        let mut sink =
             in_ns(&ns_of(&topo, to), &[PROBE, "sink", port]).stdout(Stdio::piped()).spawn().expect("sink");
-        std::thread::sleep(Duration::from_millis(200));
+        // The sink says when its port is bound: sending before that would be refused.
+        let mut sink_out = BufReader::new(sink.stdout.take().expect("sink stdout"));
+        let mut line = String::new();
+        sink_out.read_line(&mut line).expect("sink output");
+        assert_eq!(line.trim(), "listening", "{to}: the sink did not start");
         let addr = format!("{}:{port}", ip_of(to));
         let sent = sh(&mut in_ns(&ns_of(&topo, from), &[PROBE, "send", &addr, &GIB.to_string()]));
-        let got = sink.wait_with_output().expect("sink");
-        let got = String::from_utf8_lossy(&got.stdout).into_owned();
+        let mut got = String::new();
+        sink_out.read_to_string(&mut got).expect("sink output");
+        assert!(sink.wait().expect("sink").success(), "{to}: the sink failed");
         assert_eq!(sent.trim(), got.trim(), "{from} -> {to}: sent (bytes sha256) != received");
         assert!(sent.starts_with(&format!("{GIB} ")), "{from} -> {to}: {sent}");
     }
@@ -276,6 +299,7 @@ fn agent_restart_keeps_established_connections() {
     if skip_unless_privileged() {
         return;
     }
+    let _alone = CPU_BOUND.lock().unwrap_or_else(PoisonError::into_inner);
     let (mut topo, _scenario, state) = build("rs");
     wait_ready(&topo);
     start_servers(&mut topo);

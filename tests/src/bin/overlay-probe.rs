@@ -3,7 +3,8 @@
 //! Runs inside a container namespace (`ip netns exec <ns> overlay-probe ...`):
 //! - `serve PORT`: TCP echo (every connection) and UDP echo on PORT, forever.
 //! - `tcp IP:PORT` / `udp IP:PORT`: one request, exit 0 iff the echo came back in time.
-//! - `sink PORT`: accept one TCP connection, read to EOF, print "<bytes> <sha256>".
+//! - `sink PORT`: print "listening" once the port is bound, accept one TCP connection, read to
+//!   EOF, print "<bytes> <sha256>". A sender waits for the first line instead of guessing.
 //! - `send IP:PORT BYTES`: send BYTES of deterministic data, print "<bytes> <sha256>".
 //! - `session IP:PORT SECONDS`: one TCP connection, a numbered echo every 10 ms for SECONDS;
 //!   prints "<round trips> <longest gap ms>", exit 1 if the connection broke.
@@ -97,6 +98,8 @@ fn udp(to: SocketAddr) -> Result {
 
 fn sink(port: u16) -> Result {
     let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| e.to_string())?;
+    println!("listening");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
     let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
     let mut hash = Sha256::new();
     let mut total = 0u64;
