@@ -7,6 +7,7 @@
 //! root: directly when xtask is run as root, else through `sudo -E`. Without either, the
 //! privileged tests say "skipping: ..." and pass, so xtask says so loudly.
 //! - `demo`: the main job (three simulated hosts, etcd, two networks, the CLI).
+//! - `lint`: rustfmt --check and clippy -D warnings on every crate, the eBPF one included.
 //! - `bench`: the latency/throughput harness (three topologies, one run).
 
 use std::{
@@ -40,6 +41,9 @@ enum Cmd {
     /// The main job: etcd, three simulated hosts with an agent each, two networks, containers
     /// reaching each other across hosts and not across networks; cleans up after itself.
     Demo,
+    /// Check formatting and lints: rustfmt --check and clippy with warnings denied, on every
+    /// crate (the eBPF crate with nightly for the BPF target).
+    Lint,
     /// Run the benchmark harness (arguments go to overlay-bench; try --help).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -178,6 +182,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "overlay-demo",
             ]))?;
             status(privileged(&bins.join("overlay-demo"))?.env("OVERLAY_BIN_DIR", &bins))
+        }
+        Cmd::Lint => {
+            status(cargo().args(["fmt", "--all", "--", "--check"]))?;
+            // Every host crate (the workspace's default members), tests and benches included.
+            status(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            // The eBPF crate only builds for the BPF target, with nightly's build-std, as
+            // overlay-agent's build script builds it.
+            // rustup's proxy picks nightly; the variables cargo set for xtask name stable's tools.
+            status(
+                Command::new("rustup")
+                    .current_dir(root().join("overlay-ebpf"))
+                    .env_remove("RUSTC")
+                    .env_remove("RUSTUP_TOOLCHAIN")
+                    .env_remove("CARGO")
+                    .args([
+                        "run",
+                        "nightly",
+                        "cargo",
+                        "clippy",
+                        "--target",
+                        "bpfel-unknown-none",
+                        "-Z",
+                        "build-std=core",
+                        "--release",
+                        "--",
+                        "-D",
+                        "warnings",
+                    ]),
+            )
         }
         Cmd::Bench { args } => {
             let bins = build(true)?;
