@@ -47,7 +47,11 @@ impl Sandboxes {
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
-        netns::named(&format!("{}{name}", self.prefix))
+        path(&self.prefix, name)
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -103,6 +107,12 @@ impl Sandboxes {
         std::fs::rename(&tmp, &self.state_file)?;
         Ok(())
     }
+}
+
+/// The namespace of container `name`'s sandbox, for an agent whose sandboxes are named with
+/// `prefix`.
+pub fn path(prefix: &str, name: &str) -> PathBuf {
+    netns::named(&format!("{prefix}{name}"))
 }
 
 /// Whether process `pid` is alive inside the namespace at `netns`.

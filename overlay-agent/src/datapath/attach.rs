@@ -9,10 +9,10 @@
 use std::{io, path::Path};
 
 use aya::programs::{
-    SchedClassifier, TcAttachType, Xdp, XdpMode,
+    ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     links::{FdLink, LinkError, PinnedLink},
-    tc::SchedClassifierLink,
-    xdp::XdpLink,
+    tc::{SchedClassifierLink, SchedClassifierLinkId},
+    xdp::{XdpLink, XdpLinkId},
 };
 use tracing::{info, warn};
 
@@ -67,33 +67,82 @@ pub fn unpin(path: &Path) -> Result<(), Error> {
     }
 }
 
-/// Attaches `prog` at TC ingress of `ifname`, or re-points the link already pinned at `pin`.
-pub fn tc_ingress(prog: &mut SchedClassifier, ifname: &str, pin: &Path) -> Result<(), Error> {
-    let what = || format!("{} on {ifname}", pin.display());
-    if let Some(old) = pinned(pin)? {
-        let replaced = SchedClassifierLink::try_from(old)
-            .map_err(|e| Error::Link(what(), e))
-            .and_then(|link| prog.attach_to_link(link).map_err(|e| Error::Program(what(), e)));
-        match replaced {
-            Ok(id) => {
-                // The pin holds the link; our handle on it can go.
-                let link = prog.take_link(id).map_err(|e| Error::Program(what(), e))?;
-                drop(FdLink::try_from(link));
-                return Ok(());
-            }
-            Err(e) => {
-                // The old link is unusable (its device is gone or it is not a TCX link);
-                // replace it with a fresh attachment.
-                warn!(error = %e, "replacing stale attachment {}", pin.display());
-                unpin(pin)?;
-            }
+/// The programs whose pinned links the agent re-points: aya gives each the same two methods
+/// for it, but no trait that names them.
+trait Relink {
+    type Link: TryFrom<FdLink, Error = LinkError>;
+    type Id;
+    fn attach_to_link(&mut self, link: Self::Link) -> Result<Self::Id, ProgramError>;
+    fn take_link(&mut self, id: Self::Id) -> Result<Self::Link, ProgramError>;
+}
+
+impl Relink for SchedClassifier {
+    type Link = SchedClassifierLink;
+    type Id = SchedClassifierLinkId;
+    fn attach_to_link(&mut self, link: Self::Link) -> Result<Self::Id, ProgramError> {
+        SchedClassifier::attach_to_link(self, link)
+    }
+    fn take_link(&mut self, id: Self::Id) -> Result<Self::Link, ProgramError> {
+        SchedClassifier::take_link(self, id)
+    }
+}
+
+impl Relink for Xdp {
+    type Link = XdpLink;
+    type Id = XdpLinkId;
+    fn attach_to_link(&mut self, link: Self::Link) -> Result<Self::Id, ProgramError> {
+        Xdp::attach_to_link(self, link)
+    }
+    fn take_link(&mut self, id: Self::Id) -> Result<Self::Link, ProgramError> {
+        Xdp::take_link(self, id)
+    }
+}
+
+/// Points the link pinned at `pin` at `prog` with one atomic update. Returns false when there is
+/// no link to re-point: nothing pinned, or a stale link (its device is gone, or it is not the
+/// kind of link `prog` takes), which is unpinned so that the caller attaches anew.
+fn repoint<P: Relink>(prog: &mut P, pin: &Path, what: &str) -> Result<bool, Error>
+where
+    FdLink: TryFrom<P::Link, Error = LinkError>,
+{
+    let Some(old) = pinned(pin)? else { return Ok(false) };
+    let replaced = P::Link::try_from(old)
+        .map_err(|e| Error::Link(what.to_owned(), e))
+        .and_then(|link| prog.attach_to_link(link).map_err(|e| Error::Program(what.to_owned(), e)));
+    match replaced {
+        Ok(id) => {
+            // The pin holds the link; our handle on it can go.
+            let link = prog.take_link(id).map_err(|e| Error::Program(what.to_owned(), e))?;
+            drop(FdLink::try_from(link));
+            Ok(true)
+        }
+        Err(e) => {
+            warn!(error = %e, "replacing stale attachment {}", pin.display());
+            unpin(pin)?;
+            Ok(false)
         }
     }
-    let id = prog.attach(ifname, TcAttachType::Ingress).map_err(|e| Error::Program(what(), e))?;
-    let link = prog.take_link(id).map_err(|e| Error::Program(what(), e))?;
-    let link = FdLink::try_from(link).map_err(|e| Error::Link(what(), e))?;
-    link.pin(pin).map_err(|e| Error::Pin(what(), io::Error::other(e)))?;
+}
+
+/// Pins a fresh attachment, so that it outlives the agent.
+fn pin_new<P: Relink>(prog: &mut P, id: P::Id, pin: &Path, what: &str) -> Result<(), Error>
+where
+    FdLink: TryFrom<P::Link, Error = LinkError>,
+{
+    let link = prog.take_link(id).map_err(|e| Error::Program(what.to_owned(), e))?;
+    let link = FdLink::try_from(link).map_err(|e| Error::Link(what.to_owned(), e))?;
+    link.pin(pin).map_err(|e| Error::Pin(what.to_owned(), io::Error::other(e)))?;
     Ok(())
+}
+
+/// Attaches `prog` at TC ingress of `ifname`, or re-points the link already pinned at `pin`.
+pub fn tc_ingress(prog: &mut SchedClassifier, ifname: &str, pin: &Path) -> Result<(), Error> {
+    let what = format!("{} on {ifname}", pin.display());
+    if repoint(prog, pin, &what)? {
+        return Ok(());
+    }
+    let id = prog.attach(ifname, TcAttachType::Ingress).map_err(|e| Error::Program(what.clone(), e))?;
+    pin_new(prog, id, pin, &what)
 }
 
 /// Attaches the uplink XDP program as the operator prefers, or re-points the pinned link.
@@ -116,21 +165,8 @@ pub fn uplink_xdp(
         unpin(pin)?;
         return Ok(false);
     }
-    if let Some(old) = pinned(pin)? {
-        let replaced = XdpLink::try_from(old)
-            .map_err(|e| Error::Link(what(), e))
-            .and_then(|link| prog.attach_to_link(link).map_err(|e| Error::Program(what(), e)));
-        match replaced {
-            Ok(id) => {
-                let link = prog.take_link(id).map_err(|e| Error::Program(what(), e))?;
-                drop(FdLink::try_from(link));
-                return Ok(true);
-            }
-            Err(e) => {
-                warn!(error = %e, "replacing stale attachment {}", pin.display());
-                unpin(pin)?;
-            }
-        }
+    if repoint(prog, pin, &what())? {
+        return Ok(true);
     }
     let id = match preference {
         XdpPreference::Native => prog.attach(ifname, XdpMode::Driver),
@@ -149,8 +185,6 @@ pub fn uplink_xdp(
         XdpPreference::Off => unreachable!(),
     }
     .map_err(|e| Error::Program(what(), e))?;
-    let link = prog.take_link(id).map_err(|e| Error::Program(what(), e))?;
-    let link = FdLink::try_from(link).map_err(|e| Error::Link(what(), e))?;
-    link.pin(pin).map_err(|e| Error::Pin(what(), io::Error::other(e)))?;
+    pin_new(prog, id, pin, &what())?;
     Ok(true)
 }

@@ -162,38 +162,54 @@ impl Datapath {
     pub fn detach_endpoint(&mut self, ifindex: u32) -> Result<(), Error> {
         attach::unpin(&self.pins.endpoint_link(ifindex))
     }
+}
 
-    pub fn put_endpoint(&mut self, key: EndpointKey, value: Endpoint) -> Result<(), Error> {
+/// Writing the maps the agent fills, one entry at a time. Removing an entry that is not there
+/// succeeds. The reconciler writes through this trait alone, so its unit tests can put an
+/// in-memory writer in the kernel's place.
+pub trait MapWriter {
+    fn put_endpoint(&mut self, key: EndpointKey, value: Endpoint) -> Result<(), Error>;
+    fn remove_endpoint(&mut self, key: &EndpointKey) -> Result<(), Error>;
+    fn put_iface(&mut self, ifindex: u32, value: Iface) -> Result<(), Error>;
+    fn remove_iface(&mut self, ifindex: u32) -> Result<(), Error>;
+    fn put_peer(&mut self, vtep: Ipv4Addr) -> Result<(), Error>;
+    fn remove_peer(&mut self, vtep: Ipv4Addr) -> Result<(), Error>;
+    fn put_network(&mut self, vni: u32, value: Network) -> Result<(), Error>;
+    fn remove_network(&mut self, vni: u32) -> Result<(), Error>;
+}
+
+impl MapWriter for Datapath {
+    fn put_endpoint(&mut self, key: EndpointKey, value: Endpoint) -> Result<(), Error> {
         self.maps.endpoints.insert(key, value, 0).map_err(|e| Error::Map("ENDPOINTS", e))
     }
 
-    pub fn remove_endpoint(&mut self, key: &EndpointKey) -> Result<(), Error> {
+    fn remove_endpoint(&mut self, key: &EndpointKey) -> Result<(), Error> {
         ignore_missing(self.maps.endpoints.remove(key)).map_err(|e| Error::Map("ENDPOINTS", e))
     }
 
-    pub fn put_iface(&mut self, ifindex: u32, value: Iface) -> Result<(), Error> {
+    fn put_iface(&mut self, ifindex: u32, value: Iface) -> Result<(), Error> {
         self.maps.ifaces.insert(ifindex, value, 0).map_err(|e| Error::Map("IFACES", e))
     }
 
-    pub fn remove_iface(&mut self, ifindex: u32) -> Result<(), Error> {
+    fn remove_iface(&mut self, ifindex: u32) -> Result<(), Error> {
         ignore_missing(self.maps.ifaces.remove(&ifindex)).map_err(|e| Error::Map("IFACES", e))
     }
 
-    pub fn put_peer(&mut self, vtep: Ipv4Addr) -> Result<(), Error> {
+    fn put_peer(&mut self, vtep: Ipv4Addr) -> Result<(), Error> {
         let key = PeerKey { vtep: vtep.octets() };
         self.maps.peers.insert(key, Peer::default(), 0).map_err(|e| Error::Map("PEERS", e))
     }
 
-    pub fn remove_peer(&mut self, vtep: Ipv4Addr) -> Result<(), Error> {
+    fn remove_peer(&mut self, vtep: Ipv4Addr) -> Result<(), Error> {
         let key = PeerKey { vtep: vtep.octets() };
         ignore_missing(self.maps.peers.remove(&key)).map_err(|e| Error::Map("PEERS", e))
     }
 
-    pub fn put_network(&mut self, vni: u32, value: Network) -> Result<(), Error> {
+    fn put_network(&mut self, vni: u32, value: Network) -> Result<(), Error> {
         self.maps.networks.insert(vni, value, 0).map_err(|e| Error::Map("NETWORKS", e))
     }
 
-    pub fn remove_network(&mut self, vni: u32) -> Result<(), Error> {
+    fn remove_network(&mut self, vni: u32) -> Result<(), Error> {
         ignore_missing(self.maps.networks.remove(&vni)).map_err(|e| Error::Map("NETWORKS", e))
     }
 }

@@ -1,0 +1,291 @@
+//! The plumbing of this host's endpoints: container sandboxes, and each endpoint's veth pair
+//! with the from-container program attached, created, removed, or adopted from a previous agent.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::PathBuf,
+};
+
+use overlay_common::{VXLAN_OVERHEAD, maps::Iface};
+use tracing::{info, warn};
+
+use super::{Outcome, mirror::Mirror, plan::Here};
+use crate::{
+    datapath::Datapath,
+    desired::{Desired, Ep, Id},
+    model::{Container, Network},
+    netlink::{Netlink, netns, veth},
+    sandbox::Sandboxes,
+    source::Report,
+};
+
+/// A local endpoint whose interface exists.
+#[derive(Clone, Debug)]
+pub struct Local {
+    pub(super) ifindex: u32,
+    pub(super) host_name: String,
+    pub(super) ifname: String,
+    pub(super) netns: PathBuf,
+    pub(super) network_id: Id,
+}
+
+/// What the agent made on this host: sandboxes, and the interfaces of local endpoints.
+pub struct Locals {
+    host: Netlink,
+    sandboxes: Sandboxes,
+    by_id: HashMap<Id, Local>,
+}
+
+impl Locals {
+    pub fn new(host: Netlink, sandboxes: Sandboxes) -> Self {
+        Self { host, sandboxes, by_id: HashMap::new() }
+    }
+
+    /// Local endpoints whose interface exists, by id.
+    pub fn by_id(&self) -> &HashMap<Id, Local> {
+        &self.by_id
+    }
+
+    /// Containers whose sandbox the agent made.
+    pub fn sandbox_names(&self) -> Vec<String> {
+        self.sandboxes.names()
+    }
+
+    /// Makes the sandboxes of the desired containers among `containers`.
+    pub fn ensure_sandboxes(&mut self, desired: &Desired, containers: &BTreeSet<String>, out: &mut Outcome) {
+        for c in containers {
+            if let Some(container) = desired.container(c) {
+                match self.sandboxes.ensure(container) {
+                    Ok(status) => out.status.push(status),
+                    Err(e) => {
+                        warn!(container = %c, error = format!("{e:#}"), "cannot create the sandbox");
+                        out.retry.containers.insert(c.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Removes the sandboxes of the containers among `containers` that are no longer desired
+    /// (once their endpoints are gone).
+    pub fn remove_sandboxes(&mut self, desired: &Desired, containers: &BTreeSet<String>, out: &mut Outcome) {
+        for c in containers {
+            if desired.container(c).is_none() && self.sandboxes.has(c) {
+                match self.sandboxes.remove(c) {
+                    Ok(()) => out.status.push(Report::ContainerGone { name: c.clone() }),
+                    Err(e) => {
+                        warn!(container = %c, error = format!("{e:#}"), "cannot remove the sandbox");
+                        out.retry.containers.insert(c.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Creates or removes one endpoint's interface. Ok(true) when it was (re)made.
+    pub async fn sync(
+        &mut self,
+        here: &Here,
+        desired: &Desired,
+        id: &Id,
+        dp: &mut Datapath,
+        mirror: &mut Mirror,
+        out: &mut Outcome,
+    ) -> anyhow::Result<bool> {
+        let want = here.local_here(desired, id);
+        let have = self.by_id.get(id).cloned();
+        match (want, have) {
+            (Some((_, _, c)), Some(have)) if have.netns == here.netns_of(c) => Ok(false),
+            (Some((e, n, c)), have) => {
+                if let Some(have) = have {
+                    self.remove(id, &have, dp, mirror).await?;
+                }
+                self.create(here, e, n, c, dp, mirror).await?;
+                Ok(true)
+            }
+            (None, Some(have)) => {
+                self.remove(id, &have, dp, mirror).await?;
+                out.status.push(Report::EndpointGone { id: id.to_string() });
+                Ok(false)
+            }
+            (None, None) => Ok(false),
+        }
+    }
+
+    async fn create(
+        &mut self,
+        here: &Here,
+        e: &Ep,
+        n: &Network,
+        c: &Container,
+        dp: &mut Datapath,
+        mirror: &mut Mirror,
+    ) -> anyhow::Result<()> {
+        let netns = here.netns_of(c);
+        if !netns::exists(&netns) {
+            anyhow::bail!("the namespace of container {} ({}) does not exist", c.name, netns.display());
+        }
+        let mtu = endpoint_mtu(dp.uplink.mtu, n.mtu);
+        let spec = veth::Spec {
+            endpoint_id: &e.id,
+            netns: &netns,
+            mac: e.mac.0,
+            ip: e.ipv4,
+            prefix_len: n.subnet.prefix_len(),
+            gateway: Some(n.gateway),
+            mtu,
+        };
+        let created = veth::create(&self.host, &spec).await?;
+        let ifindex = created.host.index;
+        let local = Local {
+            ifindex,
+            host_name: created.host.name.clone(),
+            ifname: created.ifname.clone(),
+            netns,
+            network_id: e.network_id.clone(),
+        };
+        // Record it first: if attaching fails, the retry removes and remakes it.
+        self.by_id.insert(e.id.clone(), local);
+        dp.attach_endpoint(&created.host.name, ifindex)?;
+        mirror.put_iface(
+            dp,
+            ifindex,
+            Iface { vni: n.vni, ip: e.ipv4.octets(), mac: e.mac.0, _pad: [0; 2] },
+        )?;
+        info!(endpoint = %e.id, container = %c.name, ip = %e.ipv4, ifname = %created.ifname, veth = %created.host.name, mtu, "endpoint up");
+        Ok(())
+    }
+
+    async fn remove(
+        &mut self,
+        id: &str,
+        have: &Local,
+        dp: &mut Datapath,
+        mirror: &mut Mirror,
+    ) -> anyhow::Result<()> {
+        // Stop forwarding to it first, then take the interface away.
+        self.forget(id, have, dp, mirror)?;
+        self.host.delete_link(have.ifindex).await?;
+        info!(endpoint = %id, veth = %have.host_name, "endpoint down");
+        Ok(())
+    }
+
+    /// Removes everything the datapath knows of a local endpoint (not its interface).
+    fn forget(
+        &mut self,
+        id: &str,
+        have: &Local,
+        dp: &mut Datapath,
+        mirror: &mut Mirror,
+    ) -> anyhow::Result<()> {
+        mirror.remove_entry(dp, id)?;
+        mirror.remove_iface(dp, have.ifindex)?;
+        dp.detach_endpoint(have.ifindex)?;
+        self.by_id.remove(id);
+        Ok(())
+    }
+
+    /// Takes over endpoint interfaces that exist already, and removes the ones nothing wants.
+    pub async fn adopt(
+        &mut self,
+        here: &Here,
+        desired: &Desired,
+        dp: &mut Datapath,
+        mirror: &mut Mirror,
+        out: &mut Outcome,
+    ) {
+        let links = match self.host.links().await {
+            Ok(links) => links,
+            Err(e) => {
+                warn!(error = %e, "cannot list interfaces");
+                out.retry.full = true;
+                return;
+            }
+        };
+        // Interfaces that disappeared behind our back (a namespace deleted, a veth removed by
+        // hand): forget them and their map entries, so this pass makes them again.
+        let present: BTreeSet<u32> = links.iter().map(|l| l.index).collect();
+        let vanished: Vec<(Id, Local)> = self
+            .by_id
+            .iter()
+            .filter(|(_, l)| !present.contains(&l.ifindex))
+            .map(|(id, l)| (id.clone(), l.clone()))
+            .collect();
+        for (id, l) in vanished {
+            warn!(endpoint = %id, veth = %l.host_name, "endpoint interface vanished; recreating it");
+            if let Err(e) = self.forget(&id, &l, dp, mirror) {
+                warn!(endpoint = %id, error = %e, "cannot clear the vanished endpoint");
+                out.retry.full = true;
+            }
+        }
+        for link in links.iter().filter(|l| veth::is_endpoint_veth(l)) {
+            let owner = veth::endpoint_of(link);
+            let known = owner.is_some_and(|id| self.by_id.get(id).is_some_and(|l| l.ifindex == link.index));
+            if known {
+                continue;
+            }
+            let adopt = owner.and_then(|id| {
+                let (e, _, c) = here.local_here(desired, id)?;
+                Some((e.id.clone(), e.network_id.clone(), here.netns_of(c)))
+            });
+            match adopt {
+                Some((id, network_id, netns)) => {
+                    let ifname = veth::container_ifname(link).unwrap_or_default();
+                    self.by_id.insert(
+                        id.clone(),
+                        Local {
+                            ifindex: link.index,
+                            host_name: link.name.clone(),
+                            ifname,
+                            netns,
+                            network_id,
+                        },
+                    );
+                    if let Err(e) = dp.attach_endpoint(&link.name, link.index) {
+                        warn!(veth = %link.name, error = %e, "cannot re-attach to an existing endpoint");
+                        out.retry.endpoints.insert(id);
+                    }
+                }
+                None => {
+                    info!(veth = %link.name, "removing an interface nothing wants");
+                    let _ = dp.detach_endpoint(link.index);
+                    if let Err(e) = self.host.delete_link(link.index).await {
+                        warn!(veth = %link.name, error = %e, "cannot remove");
+                        out.retry.full = true;
+                    }
+                }
+            }
+        }
+        // Attachments whose interface is gone.
+        let live: BTreeSet<u32> = self.by_id.values().map(|l| l.ifindex).collect();
+        match dp.pins.endpoint_links() {
+            Ok(pinned) => {
+                for ifindex in pinned.into_iter().filter(|i| !live.contains(i)) {
+                    let _ = dp.detach_endpoint(ifindex);
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list pinned attachments"),
+        }
+    }
+}
+
+/// A container's MTU: what fits the uplink once VXLAN's 50 bytes are added, or less if the
+/// network asks for less.
+pub fn endpoint_mtu(uplink_mtu: u32, network_mtu: Option<u32>) -> u32 {
+    let fits = uplink_mtu.saturating_sub(VXLAN_OVERHEAD);
+    network_mtu.map_or(fits, |m| m.min(fits))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::endpoint_mtu;
+
+    #[test]
+    fn mtu_leaves_room_for_vxlan() {
+        assert_eq!(endpoint_mtu(1500, None), 1450);
+        assert_eq!(endpoint_mtu(9000, None), 8950);
+        assert_eq!(endpoint_mtu(1500, Some(1400)), 1400);
+        // A network cannot ask for more than the uplink carries.
+        assert_eq!(endpoint_mtu(1500, Some(9000)), 1450);
+    }
+}
