@@ -26,6 +26,7 @@ use crate::{
     agent::{Agent, AgentArgs},
     measure::{spawn_ready_worker, wait_rest},
     state::{self, NewEndpoint},
+    stats::percentiles_ms,
     store::{Request, StoreClient, start_etcd},
     sys::{ip, ip_in, mono_ns, proc_status_kib},
     topology::{CONTAINERS, EbpfSource, HOSTS, Topology, build_underlay},
@@ -53,16 +54,6 @@ impl Reach {
     pub fn percentiles(&self) -> Option<(f64, f64)> {
         percentiles_ms(&self.samples_ms)
     }
-}
-
-/// (p50, p99) of millisecond values (at microsecond resolution).
-pub fn percentiles_ms(values: &[f64]) -> Option<(f64, f64)> {
-    let mut us: Vec<u64> = values.iter().map(|ms| (ms * 1000.0) as u64).collect();
-    us.sort_unstable();
-    if us.is_empty() {
-        return None;
-    }
-    Some((crate::report::percentile(&us, 0.5) / 1000.0, crate::report::percentile(&us, 0.99) / 1000.0))
 }
 
 /// Address of the i-th probed endpoint (in the data-plane network, after its two containers).
