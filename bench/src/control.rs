@@ -19,7 +19,11 @@ use overlay_agent::{
     model::{MacAddr, State},
 };
 use overlay_common::maps::{Endpoint as MapEndpoint, EndpointKey, MAP_ENDPOINTS};
-use overlay_tests::{Run, cleanup_prefix, topology::Source};
+use overlay_tests::{
+    Run, cleanup_prefix, ip, ip_in,
+    topology::Source,
+    underlay::{self, Member},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -28,8 +32,8 @@ use crate::{
     state::{self, NewEndpoint},
     stats::percentiles_ms,
     store::{Request, StoreClient, start_etcd},
-    sys::{ip, ip_in, mono_ns, proc_status_kib},
-    topology::{CONTAINERS, EbpfSource, HOSTS, Topology, build_underlay},
+    sys::{mono_ns, proc_status_kib},
+    topology::{CONTAINERS, EbpfSource, HOSTS, Topology},
     worker::ProbeRxResult,
 };
 
@@ -202,9 +206,13 @@ pub fn load(
         EbpfSource::Etcd => {
             // The host on an underlay with etcd on it, filled before the agent starts. h1 is
             // left out of the store: its agent registers it.
-            let underlay = run.ns(&format!("{tag}-u"));
-            build_underlay(&underlay, std::slice::from_ref(&host_ns))?;
-            let started = start_etcd(run, &underlay)?;
+            let underlay_ns = run.ns(&format!("{tag}-u"));
+            underlay::build(
+                &underlay_ns,
+                &[Member { ns: &host_ns, addr: HOSTS[0].vtep }],
+                underlay::Options::default(),
+            )?;
+            let started = start_etcd(run, &underlay_ns)?;
             url = started.url();
             etcd = Some(started);
             let mut st = st;

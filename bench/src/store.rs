@@ -27,12 +27,13 @@ use overlay_tests::{
     Proc, Run,
     cluster::ETCD_IP,
     etcd::{Etcd, EtcdOptions},
+    ip_in,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
     state::{NewEndpoint, Published, Publisher},
-    sys::{ip_in, mono_ns, read_line_timeout, worker_in},
+    sys::{mono_ns, read_line_timeout, worker_in},
 };
 
 /// Starts etcd in `underlay` (whose bridge br0 joins the hosts), at 198.18.0.254 as the test

@@ -10,6 +10,7 @@ pub mod frames;
 pub mod pcap;
 pub mod scenario;
 pub mod topology;
+pub mod underlay;
 
 use std::{
     path::{Path, PathBuf},
@@ -97,6 +98,16 @@ pub fn sh_result(cmd: &mut Command) -> anyhow::Result<String> {
 pub fn try_sh(cmd: &mut Command) -> Output {
     let _running = Starting::enter();
     cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+/// `ip <args>`, which must succeed (the error names the command, its status and output).
+pub fn ip(args: &[&str]) -> anyhow::Result<()> {
+    sh_result(Command::new("ip").args(args)).map(drop)
+}
+
+/// `ip -n <ns> <args>`: iproute2 acting inside a namespace; `ip` otherwise.
+pub fn ip_in(ns: &str, args: &[&str]) -> anyhow::Result<()> {
+    sh_result(Command::new("ip").args(["-n", ns]).args(args)).map(drop)
 }
 
 /// `ip netns exec <ns> <args...>`
