@@ -20,8 +20,9 @@ use overlay_agent::{
 };
 use overlay_common::maps::{Endpoint as MapEndpoint, EndpointKey, MAP_ENDPOINTS};
 use overlay_tests::{
-    Run, cleanup_prefix, ip, ip_in,
-    topology::Source,
+    Run,
+    agent::{AgentCommand, Source},
+    cleanup_prefix, ip, ip_in,
     underlay::{self, Member},
 };
 use serde::{Deserialize, Serialize};
@@ -223,17 +224,21 @@ pub fn load(
     };
 
     let pin_dir = run.pin_root().join(&tag);
+    let state_dir = run.path(&format!("{tag}-agent"));
+    let netns_prefix = run.ns(&format!("{tag}-"));
     let t0 = mono_ns();
     let mut agent = Agent::spawn(AgentArgs {
         binary: agent_binary,
-        host: "h1",
-        uplink: "eth0",
-        vtep: Ipv4Addr::new(198, 18, 0, 1),
-        pin_dir: pin_dir.clone(),
-        state_dir: run.path(&format!("{tag}-agent")),
-        netns_prefix: run.ns(&format!("{tag}-")),
-        source: &agent_source,
-        netns: &host_ns,
+        agent: AgentCommand {
+            host: "h1",
+            uplink: "eth0",
+            vtep: Ipv4Addr::new(198, 18, 0, 1),
+            netns: &host_ns,
+            pin_dir: &pin_dir,
+            state_dir: &state_dir,
+            netns_prefix: &netns_prefix,
+            source: &agent_source,
+        },
         xdp_mode: "off",
         log: run.path(&format!("agent-{tag}.log")),
     })?;

@@ -35,8 +35,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use overlay_agent::model::{MacAddr, State};
 use overlay_tests::{
-    Proc, Run, in_ns, ip, ip_in, sh_result,
-    topology::Source,
+    Proc, Run,
+    agent::{AgentCommand, Source},
+    in_ns, ip, ip_in, sh_result,
     underlay::{self, Member},
 };
 use serde::{Deserialize, Serialize};
@@ -431,17 +432,22 @@ impl Topology {
     ) -> anyhow::Result<()> {
         let tag = self.tag;
         for (h, spec) in HOSTS.iter().enumerate() {
+            let pin_dir = run.pin_root().join(format!("{tag}-{}", spec.name));
+            let state_dir = run.path(&format!("{tag}-{}-state", spec.name));
+            // The agent makes /run/netns/<prefix><container>: the names `container_ns` gives.
+            let netns_prefix = run.ns(&format!("{tag}-{}-", spec.name));
             let agent = Agent::spawn(AgentArgs {
                 binary: opts.agent_binary,
-                host: spec.name,
-                uplink: "eth0",
-                vtep: spec.vtep,
-                pin_dir: run.pin_root().join(format!("{tag}-{}", spec.name)),
-                state_dir: run.path(&format!("{tag}-{}-state", spec.name)),
-                // The agent makes /run/netns/<prefix><container>: the names `container_ns` gives.
-                netns_prefix: run.ns(&format!("{tag}-{}-", spec.name)),
-                source,
-                netns: &self.hosts[h],
+                agent: AgentCommand {
+                    host: spec.name,
+                    uplink: "eth0",
+                    vtep: spec.vtep,
+                    netns: &self.hosts[h],
+                    pin_dir: &pin_dir,
+                    state_dir: &state_dir,
+                    netns_prefix: &netns_prefix,
+                    source,
+                },
                 xdp_mode: opts.xdp_mode,
                 log: run.path(&format!("agent-{tag}-{}.log", spec.name)),
             })?;

@@ -10,10 +10,11 @@ use std::{
 };
 
 use crate::{
+    agent::Source,
     binary,
     etcd::{Etcd, EtcdOptions},
     in_ns, sh,
-    topology::{Source, Topology},
+    topology::Topology,
     try_sh, wait_for,
 };
 

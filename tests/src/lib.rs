@@ -4,6 +4,7 @@
 //! guard removes all of it (processes, namespaces, pins, files) when it is dropped, whether the
 //! test passed or panicked, and also on SIGINT/SIGTERM once `cleanup_on_signal` is installed.
 
+pub mod agent;
 pub mod cluster;
 pub mod etcd;
 pub mod frames;

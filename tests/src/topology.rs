@@ -12,7 +12,9 @@ use std::{
 };
 
 use crate::{
-    Proc, Run, binary, sh,
+    Proc, Run,
+    agent::{AgentCommand, LogFormat, Source},
+    binary, sh,
     underlay::{self, Member, Options},
     wait_for,
 };
@@ -48,12 +50,6 @@ impl Host {
     pub fn counter(&self, name: &str) -> u64 {
         self.counters()[name]["packets"].as_u64().unwrap_or(0)
     }
-}
-
-/// Where an agent reads its desired state from.
-pub enum Source<'a> {
-    File(&'a std::path::Path),
-    Etcd(&'a str),
 }
 
 pub struct Topology {
@@ -111,22 +107,18 @@ impl Topology {
             old.kill();
         }
         let log = File::options().create(true).append(true).open(&h.log).expect("agent log");
-        let mut cmd = Command::new(binary("overlay-agent"));
-        cmd.arg("run")
-            .args(["--host", &h.name, "--uplink", &h.uplink, "--vtep", &h.vtep.to_string(), "--netns", &h.ns])
-            .arg("--pin-dir")
-            .arg(&h.pin_dir)
-            .arg("--state-dir")
-            .arg(&h.state_dir)
-            .args(["--netns-prefix", &h.netns_prefix])
-            .args(extra)
-            .env("OVERLAY_LOG", "info,netlink_packet_route=error")
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log));
-        match source {
-            Source::File(path) => drop(cmd.arg("--state-file").arg(path)),
-            Source::Etcd(url) => drop(cmd.args(["--etcd-endpoints", url])),
-        }
+        let agent = AgentCommand {
+            host: &h.name,
+            uplink: &h.uplink,
+            vtep: h.vtep,
+            netns: &h.ns,
+            pin_dir: &h.pin_dir,
+            state_dir: &h.state_dir,
+            netns_prefix: &h.netns_prefix,
+            source: &source,
+        };
+        let mut cmd = agent.command(&binary("overlay-agent"), LogFormat::Text);
+        cmd.args(extra).stdout(Stdio::from(log.try_clone().expect("log"))).stderr(Stdio::from(log));
         h.agent = Some(Proc::spawn(&format!("agent {host}"), &mut cmd));
     }
 
