@@ -1,18 +1,21 @@
-//! An overlay-agent the harness runs: spawned with JSON logs on stderr, which a thread copies to
-//! a log file and turns into timestamped events (so "full reconcile done" is seen the moment the
-//! agent writes it, not when a poll of the file gets there).
+//! An overlay-agent the harness runs: the tests' command line (`overlay_tests::agent`) with JSON
+//! logs on stderr, which a thread copies to a log file and turns into timestamped events (so
+//! "full reconcile done" is seen the moment the agent writes it, not when a poll of the file
+//! gets there), and the periodic resync off.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     sync::mpsc::{self, Receiver, RecvTimeoutError},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use overlay_tests::{Proc, topology::Source};
+use overlay_tests::{
+    Proc,
+    agent::{AgentCommand, LogFormat},
+};
 
 use crate::sys::mono_ns;
 
@@ -29,16 +32,8 @@ pub struct LogEvent {
 /// How to run one agent.
 pub struct AgentArgs<'a> {
     pub binary: &'a Path,
-    pub host: &'a str,
-    pub uplink: &'a str,
-    pub vtep: Ipv4Addr,
-    pub pin_dir: PathBuf,
-    pub state_dir: PathBuf,
-    pub netns_prefix: String,
-    /// The state file, or etcd.
-    pub source: &'a Source<'a>,
-    /// The host's namespace, by name.
-    pub netns: &'a str,
+    /// Its host, directories and source: the command line the tests' agents get too.
+    pub agent: AgentCommand<'a>,
     pub xdp_mode: &'a str,
     pub log: PathBuf,
 }
@@ -52,28 +47,16 @@ pub struct Agent {
 
 impl Agent {
     pub fn spawn(a: AgentArgs<'_>) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(a.binary);
-        cmd.args(["--log-format", "json", "run", "--host", a.host, "--uplink", a.uplink])
-            .arg("--vtep")
-            .arg(a.vtep.to_string())
-            .arg("--pin-dir")
-            .arg(&a.pin_dir)
-            .arg("--state-dir")
-            .arg(&a.state_dir)
-            .arg("--netns-prefix")
-            .arg(&a.netns_prefix)
-            .args(["--netns", a.netns, "--xdp-mode", a.xdp_mode])
+        // JSON logs: the reader below turns each line into an event.
+        let mut cmd = a.agent.command(a.binary, LogFormat::Json);
+        cmd.args(["--xdp-mode", a.xdp_mode])
             // The harness drives reconciles itself; a periodic full pass in the middle of a
             // measurement would only add noise.
             .args(["--resync-secs", "3600"])
-            .env("OVERLAY_LOG", "info,netlink_packet_route=error")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        match a.source {
-            Source::File(path) => drop(cmd.arg("--state-file").arg(path)),
-            Source::Etcd(url) => drop(cmd.args(["--etcd-endpoints", url])),
-        }
-        let mut proc = Proc::try_spawn(&format!("overlay-agent {}", a.host), &mut cmd)?;
+        let host = a.agent.host;
+        let mut proc = Proc::try_spawn(&format!("overlay-agent {host}"), &mut cmd)?;
         let stderr = proc.take_stderr().context("agent stderr")?;
         let mut file =
             std::fs::File::create(&a.log).with_context(|| format!("creating {}", a.log.display()))?;
@@ -96,7 +79,7 @@ impl Agent {
                 }
             }
         });
-        Ok(Self { host: a.host.to_owned(), log: a.log, proc, events })
+        Ok(Self { host: host.to_owned(), log: a.log, proc, events })
     }
 
     pub fn pid(&self) -> u32 {

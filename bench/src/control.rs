@@ -19,16 +19,22 @@ use overlay_agent::{
     model::{MacAddr, State},
 };
 use overlay_common::maps::{Endpoint as MapEndpoint, EndpointKey, MAP_ENDPOINTS};
-use overlay_tests::{Run, cleanup_prefix, topology::Source};
+use overlay_tests::{
+    Run,
+    agent::{AgentCommand, Source},
+    cleanup_prefix, ip, ip_in,
+    underlay::{self, Member},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     agent::{Agent, AgentArgs},
     measure::{spawn_ready_worker, wait_rest},
     state::{self, NewEndpoint},
+    stats::percentiles_ms,
     store::{Request, StoreClient, start_etcd},
-    sys::{ip, ip_in, mono_ns, proc_status_kib},
-    topology::{CONTAINERS, EbpfSource, HOSTS, Topology, build_underlay},
+    sys::{mono_ns, proc_status_kib},
+    topology::{CONTAINERS, EbpfSource, HOSTS, Topology},
     worker::ProbeRxResult,
 };
 
@@ -53,16 +59,6 @@ impl Reach {
     pub fn percentiles(&self) -> Option<(f64, f64)> {
         percentiles_ms(&self.samples_ms)
     }
-}
-
-/// (p50, p99) of millisecond values (at microsecond resolution).
-pub fn percentiles_ms(values: &[f64]) -> Option<(f64, f64)> {
-    let mut us: Vec<u64> = values.iter().map(|ms| (ms * 1000.0) as u64).collect();
-    us.sort_unstable();
-    if us.is_empty() {
-        return None;
-    }
-    Some((crate::report::percentile(&us, 0.5) / 1000.0, crate::report::percentile(&us, 0.99) / 1000.0))
 }
 
 /// Address of the i-th probed endpoint (in the data-plane network, after its two containers).
@@ -211,9 +207,13 @@ pub fn load(
         EbpfSource::Etcd => {
             // The host on an underlay with etcd on it, filled before the agent starts. h1 is
             // left out of the store: its agent registers it.
-            let underlay = run.ns(&format!("{tag}-u"));
-            build_underlay(&underlay, std::slice::from_ref(&host_ns))?;
-            let started = start_etcd(run, &underlay)?;
+            let underlay_ns = run.ns(&format!("{tag}-u"));
+            underlay::build(
+                &underlay_ns,
+                &[Member { ns: &host_ns, addr: HOSTS[0].vtep }],
+                underlay::Options::default(),
+            )?;
+            let started = start_etcd(run, &underlay_ns)?;
             url = started.url();
             etcd = Some(started);
             let mut st = st;
@@ -224,17 +224,21 @@ pub fn load(
     };
 
     let pin_dir = run.pin_root().join(&tag);
+    let state_dir = run.path(&format!("{tag}-agent"));
+    let netns_prefix = run.ns(&format!("{tag}-"));
     let t0 = mono_ns();
     let mut agent = Agent::spawn(AgentArgs {
         binary: agent_binary,
-        host: "h1",
-        uplink: "eth0",
-        vtep: Ipv4Addr::new(198, 18, 0, 1),
-        pin_dir: pin_dir.clone(),
-        state_dir: run.path(&format!("{tag}-agent")),
-        netns_prefix: run.ns(&format!("{tag}-")),
-        source: &agent_source,
-        netns: &host_ns,
+        agent: AgentCommand {
+            host: "h1",
+            uplink: "eth0",
+            vtep: Ipv4Addr::new(198, 18, 0, 1),
+            netns: &host_ns,
+            pin_dir: &pin_dir,
+            state_dir: &state_dir,
+            netns_prefix: &netns_prefix,
+            source: &agent_source,
+        },
         xdp_mode: "off",
         log: run.path(&format!("agent-{tag}.log")),
     })?;

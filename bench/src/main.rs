@@ -11,6 +11,7 @@ mod measure;
 mod plot;
 mod report;
 mod state;
+mod stats;
 mod store;
 mod sys;
 mod topology;
@@ -450,8 +451,8 @@ fn brief(s: &Sample) -> String {
             v.sort_unstable();
             format!(
                 "p50 {:.1} µs  p99 {:.1} µs  ({} samples, {} lost)",
-                report::percentile(&v, 0.5) / 1e3,
-                report::percentile(&v, 0.99) / 1e3,
+                stats::percentile(&v, 0.5) / 1e3,
+                stats::percentile(&v, 0.99) / 1e3,
                 v.len(),
                 lost
             )

@@ -9,7 +9,8 @@ use plotters::{prelude::*, style::FontStyle};
 
 use crate::{
     measure::Data,
-    report::{Results, num, percentile},
+    report::{Results, num},
+    stats::percentile,
     topology::Kind,
 };
 

@@ -7,8 +7,9 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    control::{Load, Reach, percentiles_ms},
+    control::{Load, Reach},
     measure::{Data, Plan, Test},
+    stats::{percentile, percentiles_ms},
     topology::Kind,
 };
 
@@ -106,15 +107,6 @@ impl Spread {
         let median = if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 };
         Some(Self { median, min: sorted[0], max: sorted[n - 1], values })
     }
-}
-
-/// Nearest-rank percentile of sorted values (`p` in 0..=1).
-pub fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (p * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1] as f64
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -783,15 +775,6 @@ pub fn utc_now() -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let v: Vec<u64> = (1..=1000).collect();
-        assert_eq!(percentile(&v, 0.5), 500.0);
-        assert_eq!(percentile(&v, 0.99), 990.0);
-        assert_eq!(percentile(&v, 0.999), 999.0);
-        assert_eq!(percentile(&[7], 0.999), 7.0);
-    }
 
     #[test]
     fn spread_is_median_min_max() {

@@ -23,16 +23,12 @@ use overlay_agent::{
         etcd_client::{Txn, TxnOp},
     },
 };
-use overlay_tests::{
-    Proc, Run,
-    cluster::ETCD_IP,
-    etcd::{Etcd, EtcdOptions},
-};
+use overlay_tests::{Proc, Run, cluster, etcd::Etcd};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     state::{NewEndpoint, Published, Publisher},
-    sys::{ip_in, mono_ns, read_line_timeout, worker_in},
+    sys::{mono_ns, read_line_timeout, worker_in},
 };
 
 /// Starts etcd in `underlay` (whose bridge br0 joins the hosts), at 198.18.0.254 as the test
@@ -42,9 +38,7 @@ pub fn start_etcd(run: &Run, underlay: &str) -> anyhow::Result<Etcd> {
     if Etcd::binary().is_none() {
         bail!("no etcd binary (Debian package etcd-server; or set OVERLAY_ETCD_BIN)");
     }
-    ip_in(underlay, &["addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"])?;
-    Etcd::start_for(run, EtcdOptions { ip: ETCD_IP, netns: Some(underlay.to_owned()), ..Default::default() })
-        .context("starting etcd")
+    cluster::start_etcd(run, underlay).context("starting etcd")
 }
 
 /// One request to the worker.

@@ -1,6 +1,6 @@
 //! The harness's own plumbing on top of the shared primitives of `overlay_tests` (`Run`, `Proc`,
-//! `sh_result`, `in_ns`, `cleanup_prefix`, which the privileged tests use too): iproute2 and sysctl
-//! shorthands that return errors instead of panicking, one clock for every namespace, the
+//! `sh_result`, `in_ns`, `ip`, `ip_in`, `cleanup_prefix`, which the privileged tests use too): a
+//! sysctl shorthand that returns errors instead of panicking, one clock for every namespace, the
 //! workers' "ready" line, and the kernel's CPU and memory accounting.
 
 use std::{
@@ -13,16 +13,6 @@ use std::{
 use anyhow::{Context as _, bail};
 use overlay_tests::{in_ns, sh_result};
 use serde::{Deserialize, Serialize};
-
-/// `ip <args>`.
-pub fn ip(args: &[&str]) -> anyhow::Result<()> {
-    sh_result(Command::new("ip").args(args)).map(drop)
-}
-
-/// `ip -n <ns> <args>`: iproute2 acting inside a namespace.
-pub fn ip_in(ns: &str, args: &[&str]) -> anyhow::Result<()> {
-    sh_result(Command::new("ip").args(["-n", ns]).args(args)).map(drop)
-}
 
 /// Sets sysctls inside a namespace (`net.*` keys are per namespace).
 pub fn sysctl_in(ns: &str, settings: &[&str]) -> anyhow::Result<()> {

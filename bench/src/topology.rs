@@ -6,6 +6,9 @@
 //!                           └─ p2 ═══ eth0 (198.18.0.2/24) host h2 ── container b 10.10.0.3
 //! ```
 //!
+//! The underlay is the test suite's (`overlay_tests::underlay`, the same switch the privileged
+//! tests' hosts stand on), without queues on the switch ports; what differs below is built here.
+//!
 //! * no overlay (the floor): container /32 routes across the hosts via the underlay addresses,
 //!   the host side of each container veth answers ARP (proxy ARP, gateway address on it),
 //!   containers at MTU 1500. No encapsulation at all.
@@ -31,14 +34,19 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use overlay_agent::model::{MacAddr, State};
-use overlay_tests::{Proc, Run, in_ns, sh_result, topology::Source};
+use overlay_tests::{
+    Proc, Run,
+    agent::{AgentCommand, Source},
+    in_ns, ip, ip_in, sh_result,
+    underlay::{self, Member},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     agent::{Agent, AgentArgs},
     state::{self, FilePublisher, Publisher},
     store::{EtcdPublisher, Request, StoreClient, start_etcd},
-    sys::{ip, ip_in, read_line_timeout, sysctl_in, worker_in},
+    sys::{read_line_timeout, sysctl_in, worker_in},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -126,7 +134,7 @@ pub const VNI: u32 = 4097;
 pub const SUBNET: &str = "10.10.0.0/24";
 pub const PREFIX_LEN: u8 = 24;
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
-pub const UNDERLAY_MTU: u32 = 1500;
+pub const UNDERLAY_MTU: u32 = underlay::MTU;
 /// Docker's overlay MTU: 1500 less the 50 bytes of VXLAN over IPv4.
 pub const VXLAN_MTU: u32 = 1450;
 
@@ -215,13 +223,15 @@ impl Topology {
             CONTAINERS.iter().map(|c| Self::container_ns(run, tag, HOSTS[c.host].name, c.name)).collect();
         let mut topo =
             Self { kind, tag, hosts, containers, agents: Vec::new(), publisher: None, servers: Vec::new() };
-        let underlay = run.ns(&format!("{tag}-u"));
-        build_underlay(&underlay, &topo.hosts)?;
+        let underlay_ns = run.ns(&format!("{tag}-u"));
+        let members: Vec<Member<'_>> =
+            HOSTS.iter().zip(&topo.hosts).map(|(spec, ns)| Member { ns, addr: spec.vtep }).collect();
+        underlay::build(&underlay_ns, &members, underlay::Options::default())?;
         match kind {
             Kind::NoOverlay => topo.build_routed()?,
             Kind::KernelVxlan => topo.build_kernel_vxlan()?,
             Kind::Ebpf if opts.ebpf_source == EbpfSource::Etcd => {
-                topo.build_ebpf_on_etcd(run, &underlay, opts)?
+                topo.build_ebpf_on_etcd(run, &underlay_ns, opts)?
             }
             Kind::Ebpf => topo.build_ebpf(run, opts)?,
         }
@@ -422,17 +432,22 @@ impl Topology {
     ) -> anyhow::Result<()> {
         let tag = self.tag;
         for (h, spec) in HOSTS.iter().enumerate() {
+            let pin_dir = run.pin_root().join(format!("{tag}-{}", spec.name));
+            let state_dir = run.path(&format!("{tag}-{}-state", spec.name));
+            // The agent makes /run/netns/<prefix><container>: the names `container_ns` gives.
+            let netns_prefix = run.ns(&format!("{tag}-{}-", spec.name));
             let agent = Agent::spawn(AgentArgs {
                 binary: opts.agent_binary,
-                host: spec.name,
-                uplink: "eth0",
-                vtep: spec.vtep,
-                pin_dir: run.pin_root().join(format!("{tag}-{}", spec.name)),
-                state_dir: run.path(&format!("{tag}-{}-state", spec.name)),
-                // The agent makes /run/netns/<prefix><container>: the names `container_ns` gives.
-                netns_prefix: run.ns(&format!("{tag}-{}-", spec.name)),
-                source,
-                netns: &self.hosts[h],
+                agent: AgentCommand {
+                    host: spec.name,
+                    uplink: "eth0",
+                    vtep: spec.vtep,
+                    netns: &self.hosts[h],
+                    pin_dir: &pin_dir,
+                    state_dir: &state_dir,
+                    netns_prefix: &netns_prefix,
+                    source,
+                },
                 xdp_mode: opts.xdp_mode,
                 log: run.path(&format!("agent-{tag}-{}.log", spec.name)),
             })?;
@@ -500,23 +515,4 @@ impl Drop for Topology {
         }
         // Then the publisher (etcd, when there is one). The namespaces and pins go with the Run.
     }
-}
-
-/// The underlay: a bridge in its own namespace, and per host a veth from the bridge to the
-/// host's `eth0` with its 198.18.0.N/24 address (HOSTS' addresses, in order).
-pub fn build_underlay(underlay: &str, hosts: &[String]) -> anyhow::Result<()> {
-    ip(&["netns", "add", underlay])?;
-    ip_in(underlay, &["link", "set", "lo", "up"])?;
-    ip_in(underlay, &["link", "add", "br0", "type", "bridge"])?;
-    ip_in(underlay, &["link", "set", "br0", "up"])?;
-    for (h, (spec, ns)) in HOSTS.iter().zip(hosts).enumerate() {
-        let port = format!("p{}", h + 1);
-        ip(&["netns", "add", ns])?;
-        ip_in(underlay, &["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
-        ip_in(underlay, &["link", "set", &port, "mtu", &UNDERLAY_MTU.to_string(), "master", "br0", "up"])?;
-        ip_in(ns, &["link", "set", "lo", "up"])?;
-        ip_in(ns, &["link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"])?;
-        ip_in(ns, &["addr", "add", &format!("{}/24", spec.vtep), "dev", "eth0"])?;
-    }
-    Ok(())
 }

@@ -10,15 +10,28 @@ use std::{
 };
 
 use crate::{
+    Run,
+    agent::Source,
     binary,
     etcd::{Etcd, EtcdOptions},
-    in_ns, sh,
-    topology::{Source, Topology},
-    try_sh, wait_for,
+    in_ns, ip_in, sh,
+    topology::Topology,
+    try_sh,
+    underlay::PREFIX_LEN,
+    wait_for,
 };
 
 /// The etcd address on the underlay bridge.
 pub const ETCD_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+
+/// Starts etcd in the namespace `underlay` (built by `underlay::build`) at `ETCD_IP`, which it
+/// adds to the bridge: every host reaches it across the switch. For a `Cluster`, and for the
+/// benchmark's topologies on etcd.
+pub fn start_etcd(run: &Run, underlay: &str) -> anyhow::Result<Etcd> {
+    ip_in(underlay, &["addr", "add", &format!("{ETCD_IP}/{PREFIX_LEN}"), "dev", "br0"])?;
+    let opts = EtcdOptions { ip: ETCD_IP, netns: Some(underlay.to_owned()), ..Default::default() };
+    Ok(Etcd::start_for(run, opts)?)
+}
 /// Where each agent serves /healthz (inside its host's namespace).
 pub const HEALTH_ADDR: &str = "127.0.0.1:9700";
 
@@ -39,12 +52,7 @@ impl Cluster {
             return None;
         }
         let topo = Topology::new(tag, hosts);
-        sh(&mut in_ns(&topo.underlay, &["ip", "addr", "add", &format!("{ETCD_IP}/24"), "dev", "br0"]));
-        let etcd = Etcd::start_for(
-            &topo.run,
-            EtcdOptions { ip: ETCD_IP, netns: Some(topo.underlay.clone()), ..Default::default() },
-        )
-        .expect("starting etcd");
+        let etcd = start_etcd(&topo.run, &topo.underlay).unwrap_or_else(|e| panic!("starting etcd: {e:#}"));
         let url = etcd.url();
         let mut cluster = Self { topo, etcd, url, lease_ttl };
         let names: Vec<String> = cluster.topo.hosts.iter().map(|h| h.name.clone()).collect();

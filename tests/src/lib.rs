@@ -4,12 +4,22 @@
 //! guard removes all of it (processes, namespaces, pins, files) when it is dropped, whether the
 //! test passed or panicked, and also on SIGINT/SIGTERM once `cleanup_on_signal` is installed.
 
+/// The command line of an agent on a simulated host, and where it reads its desired state.
+pub mod agent;
+/// Hosts, etcd on the underlay and an agent per host following it; the CLI run from a host.
 pub mod cluster;
+/// A real etcd server per guard, on free ports, killed and removed when dropped.
 pub mod etcd;
+/// Frames for the packet tests, built byte by byte with lengths and checksums from the RFCs.
 pub mod frames;
+/// Just enough of the pcap format to read back what crossed the underlay.
 pub mod pcap;
+/// Desired states built with the agent's model types.
 pub mod scenario;
+/// Simulated hosts on the underlay, each with its agent, pin and state directories.
 pub mod topology;
+/// The switch: a bridge in its own namespace, each host's `eth0` a veth into it.
+pub mod underlay;
 
 use std::{
     path::{Path, PathBuf},
@@ -97,6 +107,16 @@ pub fn sh_result(cmd: &mut Command) -> anyhow::Result<String> {
 pub fn try_sh(cmd: &mut Command) -> Output {
     let _running = Starting::enter();
     cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+/// `ip <args>`, which must succeed (the error names the command, its status and output).
+pub fn ip(args: &[&str]) -> anyhow::Result<()> {
+    sh_result(Command::new("ip").args(args)).map(drop)
+}
+
+/// `ip -n <ns> <args>`: iproute2 acting inside a namespace; `ip` otherwise.
+pub fn ip_in(ns: &str, args: &[&str]) -> anyhow::Result<()> {
+    sh_result(Command::new("ip").args(["-n", ns]).args(args)).map(drop)
 }
 
 /// `ip netns exec <ns> <args...>`

@@ -1,7 +1,7 @@
-//! Simulated hosts: each a network namespace whose `eth0` is a veth into a bridge in an
-//! "underlay" namespace (the switch), with an underlay address in 198.18.0.0/15. Each host runs
-//! its own agent with its own pin directory, state directory and sandbox prefix, so several
-//! agents share the kernel without touching each other's objects.
+//! Simulated hosts for the privileged tests: namespaces on the shared underlay (`underlay.rs`:
+//! `eth0` a veth into the switch's bridge, an address in 198.18.0.0/15). Each host runs its own
+//! agent (`agent.rs` builds its command line) with its own pin directory, state directory and
+//! sandbox prefix, so several agents share the kernel without touching each other's objects.
 
 use std::{
     fs::File,
@@ -11,7 +11,13 @@ use std::{
     time::Duration,
 };
 
-use crate::{Proc, Run, binary, in_ns, sh, wait_for};
+use crate::{
+    Proc, Run,
+    agent::{AgentCommand, LogFormat, Source},
+    binary, sh,
+    underlay::{self, Member, Options},
+    wait_for,
+};
 
 pub struct Host {
     pub name: String,
@@ -46,12 +52,6 @@ impl Host {
     }
 }
 
-/// Where an agent reads its desired state from.
-pub enum Source<'a> {
-    File(&'a std::path::Path),
-    Etcd(&'a str),
-}
-
 pub struct Topology {
     pub hosts: Vec<Host>,
     pub underlay: String,
@@ -63,36 +63,21 @@ impl Topology {
     /// Builds the underlay and `n` hosts (h1..hn at 198.18.0.1..n).
     pub fn new(tag: &str, n: usize) -> Self {
         let run = Run::new(tag);
-        let underlay = run.ns("ul");
-        sh(Command::new("ip").args(["netns", "add", &underlay]));
-        sh(&mut in_ns(&underlay, &["ip", "link", "add", "br0", "type", "bridge"]));
-        sh(&mut in_ns(&underlay, &["ip", "link", "set", "br0", "up"]));
-        // Traffic to the namespace's own addresses (etcd talking to itself) goes through lo.
-        sh(&mut in_ns(&underlay, &["ip", "link", "set", "lo", "up"]));
-        let mut hosts = Vec::new();
-        for i in 1..=n {
-            let name = format!("h{i}");
-            let ns = run.ns(&name);
-            let port = format!("{}p{i}", run.id);
-            let vtep = Ipv4Addr::new(198, 18, 0, i as u8);
-            sh(Command::new("ip").args(["netns", "add", &ns]));
-            sh(Command::new("ip").args([
-                "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns",
-                &underlay,
-            ]));
-            sh(&mut in_ns(&underlay, &["ip", "link", "set", &port, "master", "br0", "up"]));
-            // A switch port has a buffer: give the bridge port a queue, so a burst toward a
-            // host whose veth runs native XDP (which receives through a 256-slot ring) backs
-            // up instead of being dropped.
-            sh(&mut in_ns(&underlay, &["ip", "link", "set", &port, "txqueuelen", "1000"]));
-            sh(&mut in_ns(
-                &underlay,
-                &["tc", "qdisc", "replace", "dev", &port, "root", "pfifo", "limit", "1000"],
-            ));
-            sh(&mut in_ns(&ns, &["ip", "addr", "add", &format!("{vtep}/24"), "dev", "eth0"]));
-            sh(&mut in_ns(&ns, &["ip", "link", "set", "eth0", "up"]));
-            sh(&mut in_ns(&ns, &["ip", "link", "set", "lo", "up"]));
-            hosts.push(Host {
+        let underlay_ns = run.ns("ul");
+        let names: Vec<String> = (1..=n).map(|i| format!("h{i}")).collect();
+        let namespaces: Vec<String> = names.iter().map(|name| run.ns(name)).collect();
+        let vteps: Vec<Ipv4Addr> = (1..=n).map(|i| Ipv4Addr::new(198, 18, 0, i as u8)).collect();
+        let members: Vec<Member<'_>> =
+            namespaces.iter().zip(&vteps).map(|(ns, &addr)| Member { ns, addr }).collect();
+        // Queues on the switch ports: the tests send bursts toward hosts whose uplink runs
+        // native XDP.
+        underlay::build(&underlay_ns, &members, Options { port_queue: Some(1000) })
+            .unwrap_or_else(|e| panic!("building the underlay: {e:#}"));
+        let hosts = names
+            .into_iter()
+            .zip(namespaces)
+            .zip(vteps)
+            .map(|((name, ns), vtep)| Host {
                 pin_dir: run.pin_root().join(&name),
                 state_dir: run.path(&format!("state-{name}")),
                 netns_prefix: format!("{}-{name}-", run.id),
@@ -102,9 +87,9 @@ impl Topology {
                 ns,
                 vtep,
                 agent: None,
-            });
-        }
-        Self { hosts, underlay, run }
+            })
+            .collect();
+        Self { hosts, underlay: underlay_ns, run }
     }
 
     pub fn host(&self, name: &str) -> &Host {
@@ -122,22 +107,18 @@ impl Topology {
             old.kill();
         }
         let log = File::options().create(true).append(true).open(&h.log).expect("agent log");
-        let mut cmd = Command::new(binary("overlay-agent"));
-        cmd.arg("run")
-            .args(["--host", &h.name, "--uplink", &h.uplink, "--vtep", &h.vtep.to_string(), "--netns", &h.ns])
-            .arg("--pin-dir")
-            .arg(&h.pin_dir)
-            .arg("--state-dir")
-            .arg(&h.state_dir)
-            .args(["--netns-prefix", &h.netns_prefix])
-            .args(extra)
-            .env("OVERLAY_LOG", "info,netlink_packet_route=error")
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log));
-        match source {
-            Source::File(path) => drop(cmd.arg("--state-file").arg(path)),
-            Source::Etcd(url) => drop(cmd.args(["--etcd-endpoints", url])),
-        }
+        let agent = AgentCommand {
+            host: &h.name,
+            uplink: &h.uplink,
+            vtep: h.vtep,
+            netns: &h.ns,
+            pin_dir: &h.pin_dir,
+            state_dir: &h.state_dir,
+            netns_prefix: &h.netns_prefix,
+            source: &source,
+        };
+        let mut cmd = agent.command(&binary("overlay-agent"), LogFormat::Text);
+        cmd.args(extra).stdout(Stdio::from(log.try_clone().expect("log"))).stderr(Stdio::from(log));
         h.agent = Some(Proc::spawn(&format!("agent {host}"), &mut cmd));
     }
 

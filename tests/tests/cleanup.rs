@@ -3,9 +3,10 @@
 use std::{net::Ipv4Addr, sync::Mutex, time::Duration};
 
 use overlay_tests::{
+    agent::Source,
     scenario::{Scenario, network},
     skip_unless_privileged,
-    topology::{Source, Topology},
+    topology::Topology,
 };
 
 /// Every process whose command line mentions `needle`.

@@ -14,10 +14,12 @@ use std::{
 };
 
 use overlay_tests::{
-    Proc, in_ns, pcap,
+    Proc,
+    agent::Source,
+    in_ns, pcap,
     scenario::{Scenario, network},
     sh, skip_unless_privileged,
-    topology::{Source, Topology},
+    topology::Topology,
     try_sh, wait_for,
 };
 
