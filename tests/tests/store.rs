@@ -17,8 +17,8 @@ use std::{
 
 use overlay_agent::{
     model::{Host, Object, ObjectRef, State, Update},
-    source::{Report, Source as _},
-    store::{ContainerSpec, EtcdSource, HostRegistration, NetworkSpec, Store, StoreConfig, StoreError},
+    source::{EtcdSource, HostRegistration, Report, Source as _},
+    store::{ContainerSpec, NetworkSpec, Store, StoreConfig, StoreError},
 };
 use overlay_tests::etcd::{Etcd, EtcdOptions, EtcdTls};
 use tokio::{

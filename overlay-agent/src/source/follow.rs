@@ -1,11 +1,11 @@
-//! `EtcdSource`: the agent's desired state, followed in etcd.
+//! Following the desired state in etcd, for the agent.
 //!
 //! It reads every network, endpoint, container and host at one revision and sends that as a
 //! snapshot, then watches the prefix from the next revision, so no change falls between the two,
 //! and turns each event into a Put or Delete. When the connection breaks it waits (sending
 //! nothing: the datapath keeps what it has) and watches again from the last revision it
 //! delivered; only if etcd compacted that revision away does it read everything again and send
-//! a new snapshot. The agent's reports are published by a `status::Publisher` beside it.
+//! a new snapshot.
 
 use std::{
     collections::HashMap,
@@ -14,69 +14,22 @@ use std::{
 };
 
 use etcd_client::{EventType, KeyValue, WatchOptions};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{
-    Result, Store, StoreError,
-    etcd::key_str,
-    host::HostRegistration,
-    keys::Kind,
-    status::{Live, Publisher},
-};
+use super::publish::Live;
 use crate::{
-    model::{Container, Endpoint, Host, Network, Object, ObjectRef, State, Update},
-    source::{Report, Source},
+    model::{Object, ObjectRef, Update},
+    store::{
+        Result, Store, StoreError,
+        etcd::key_str,
+        keys::Kind,
+        load::{decode_object, load},
+    },
 };
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-pub struct EtcdSource {
-    store: Store,
-    host: String,
-    lease: watch::Receiver<i64>,
-}
-
-impl EtcdSource {
-    /// `host` is the agent's host, named in the reports it publishes; `lease` the lease they are
-    /// published under (0: none), as a `HostRegistration` follows it.
-    pub fn new(store: Store, host: impl Into<String>, lease: watch::Receiver<i64>) -> Self {
-        Self { store, host: host.into(), lease }
-    }
-
-    /// A source whose reports live under the registration's lease.
-    pub fn registered(store: Store, host: impl Into<String>, registration: &HostRegistration) -> Self {
-        Self::new(store, host, registration.leases())
-    }
-}
-
-impl Source for EtcdSource {
-    async fn run(self, updates: mpsc::Sender<Update>, status: mpsc::Receiver<Report>) -> anyhow::Result<()> {
-        let revisions = Arc::new(Mutex::new(HashMap::new()));
-        let (live_tx, live_rx) = mpsc::unbounded_channel();
-        let publisher = Publisher::new(self.store.clone(), self.host.clone(), self.lease, revisions.clone());
-        let publishing = AbortOnDrop(tokio::spawn(publisher.run(status, live_rx)));
-        let agent = updates.clone();
-        let follower =
-            Follower { store: self.store, host: self.host.clone(), updates, revisions, live: live_tx };
-        // The agent may stop reading while nothing is sent (etcd down, or a quiet store).
-        tokio::select! {
-            () = follower.run() => {}
-            () = agent.closed() => {}
-        }
-        drop(publishing);
-        Ok(())
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// Why following the watch stopped.
 enum Stop {
@@ -87,18 +40,18 @@ enum Stop {
     Failed(StoreError),
 }
 
-struct Follower {
-    store: Store,
+pub(super) struct Follower {
+    pub(super) store: Store,
     /// This agent's host: only its containers are reported on, so only theirs are tracked.
-    host: String,
-    updates: mpsc::Sender<Update>,
+    pub(super) host: String,
+    pub(super) updates: mpsc::Sender<Update>,
     /// Container name -> create revision of its key, for the publisher (this host's only).
-    revisions: Arc<Mutex<HashMap<String, i64>>>,
-    live: mpsc::UnboundedSender<Live>,
+    pub(super) revisions: Arc<Mutex<HashMap<String, i64>>>,
+    pub(super) live: mpsc::UnboundedSender<Live>,
 }
 
 impl Follower {
-    async fn run(self) {
+    pub(super) async fn run(self) {
         let mut backoff = BACKOFF_MIN;
         // The revision everything up to which has been delivered; None: a snapshot is due.
         let mut delivered: Option<i64> = None;
@@ -165,9 +118,9 @@ impl Follower {
 
     async fn follow(&self, from: i64, delivered: &mut Option<i64>, progressed: &mut bool) -> Stop {
         let store = &self.store;
-        let mut client = store.client.watch_client();
+        let mut client = store.client().watch_client();
         let options = WatchOptions::new().with_prefix().with_start_revision(from + 1).with_progress_notify();
-        let mut stream = match store.call("watch", client.watch(store.keys.root(), Some(options))).await {
+        let mut stream = match store.call("watch", client.watch(store.keys().root(), Some(options))).await {
             Ok(s) => s,
             Err(e) => return Stop::Failed(e),
         };
@@ -177,14 +130,14 @@ impl Follower {
                 Ok(None) => {
                     return Stop::Failed(StoreError::Unreachable {
                         op: "watch: stream closed".into(),
-                        endpoints: store.endpoints.clone(),
+                        endpoints: store.etcd_endpoints().to_owned(),
                         after: Duration::ZERO,
                     });
                 }
                 Err(error) => {
                     return Stop::Failed(StoreError::Etcd {
                         op: "watch".into(),
-                        endpoints: store.endpoints.clone(),
+                        endpoints: store.etcd_endpoints().to_owned(),
                         error,
                     });
                 }
@@ -195,7 +148,7 @@ impl Follower {
             if resp.canceled() {
                 return Stop::Failed(StoreError::Unreachable {
                     op: format!("watch canceled: {}", resp.cancel_reason()),
-                    endpoints: store.endpoints.clone(),
+                    endpoints: store.etcd_endpoints().to_owned(),
                     after: Duration::ZERO,
                 });
             }
@@ -224,7 +177,7 @@ impl Follower {
 
     fn translate(&self, kind: EventType, kv: &KeyValue) -> Option<Update> {
         let key = key_str(kv);
-        let Kind::Object(what) = self.store.keys.parse(&key) else { return None };
+        let Kind::Object(what) = self.store.keys().parse(&key) else { return None };
         match kind {
             EventType::Delete => {
                 if let ObjectRef::Container(name) = &what {
@@ -249,86 +202,5 @@ impl Follower {
                 Some(Update::Put(object))
             }
         }
-    }
-}
-
-fn decode_object(what: &ObjectRef, kv: &KeyValue) -> serde_json::Result<Object> {
-    let v = kv.value();
-    Ok(match what {
-        ObjectRef::Network(_) => Object::Network(serde_json::from_slice::<Network>(v)?),
-        ObjectRef::Endpoint(_) => Object::Endpoint(serde_json::from_slice::<Endpoint>(v)?),
-        ObjectRef::Container(_) => Object::Container(serde_json::from_slice::<Container>(v)?),
-        // The lease the key lives under is the truth; the value's copy may be stale.
-        ObjectRef::Host(_) => Object::Host(Host { lease: kv.lease(), ..serde_json::from_slice::<Host>(v)? }),
-    })
-}
-
-/// Reads the whole desired state at one revision, in pages (it can be hundreds of thousands of
-/// keys, far beyond one gRPC response); also the create revision of each container key on
-/// `host`. With a `host` (an agent's snapshot), other hosts' containers are left out: an agent
-/// has no use for them, and at scale they are half of what there is to read.
-///
-/// The networks are read first, which fixes the revision; endpoints, containers and hosts are
-/// then read at that revision in parallel, each decoded on its own task.
-async fn load(store: &Store, host: Option<&str>) -> Result<(State, i64, HashMap<String, i64>)> {
-    let k = &store.keys;
-    let (networks, rev) = load_prefix(store.clone(), k.networks(), 0, None).await?;
-    let host = host.map(str::to_owned);
-    let spawn = |prefix: String| tokio::spawn(load_prefix(store.clone(), prefix, rev, host.clone()));
-    let (endpoints, containers, hosts) =
-        tokio::join!(spawn(k.all_endpoints()), spawn(k.containers()), spawn(k.hosts()));
-    let mut state = State::default();
-    let mut revisions = HashMap::new();
-    for part in [Ok(Ok((networks, rev))), endpoints, containers, hosts] {
-        let (objects, _) = part.map_err(|e| StoreError::Task { op: "load", error: e.to_string() })??;
-        for (object, created) in objects {
-            if let Object::Container(c) = &object {
-                revisions.insert(c.name.clone(), created);
-            }
-            state.put(object);
-        }
-    }
-    Ok((state, rev, revisions))
-}
-
-/// The objects under one prefix at `rev` (0: now), with each key's create revision; containers
-/// on hosts other than `host` (if given) are skipped after reading just their host.
-async fn load_prefix(
-    store: Store,
-    prefix: String,
-    rev: i64,
-    host: Option<String>,
-) -> Result<(Vec<(Object, i64)>, i64)> {
-    /// Just enough of a container to know whose it is.
-    #[derive(serde::Deserialize)]
-    struct Whose<'a> {
-        #[serde(borrow)]
-        host: std::borrow::Cow<'a, str>,
-    }
-    let k = &store.keys;
-    let mut objects = Vec::new();
-    let rev = store
-        .read_prefix_paged("load", &prefix, rev, |kv| {
-            let key = key_str(kv);
-            let Kind::Object(what) = k.parse(&key) else { return };
-            if let (ObjectRef::Container(_), Some(host)) = (&what, &host)
-                && serde_json::from_slice::<Whose<'_>>(kv.value()).is_ok_and(|w| w.host != host.as_str())
-            {
-                return;
-            }
-            match decode_object(&what, kv) {
-                Ok(object) => objects.push((object, kv.create_revision())),
-                Err(e) => warn!(key, error = %e, "ignoring a value that does not parse"),
-            }
-        })
-        .await?;
-    Ok((objects, rev))
-}
-
-impl Store {
-    /// The whole desired state at one revision, and that revision.
-    pub async fn load(&self) -> Result<(State, i64)> {
-        let (state, rev, _) = load(self, None).await?;
-        Ok((state, rev))
     }
 }
