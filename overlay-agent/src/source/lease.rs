@@ -15,11 +15,10 @@ use crate::{
 
 /// A host kept registered by a background task. Dropping it stops renewing the lease, which
 /// then runs out after its TTL unless a new registration of the same host (a restarted agent)
-/// takes it over first; `revoke` ends it at once.
+/// takes it over first.
 pub struct HostRegistration {
     lease: watch::Receiver<i64>,
     task: JoinHandle<()>,
-    store: Store,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -43,8 +42,8 @@ impl HostRegistration {
 
     fn start(store: Store, host: Host, ttl: Duration, lease: i64) -> Self {
         let (tx, rx) = watch::channel(lease);
-        let task = tokio::spawn(maintain(store.clone(), host, ttl, lease, tx));
-        Self { lease: rx, task, store }
+        let task = tokio::spawn(maintain(store, host, ttl, lease, tx));
+        Self { lease: rx, task }
     }
 
     /// The lease the host is registered under (0 until the first registration).
@@ -56,27 +55,6 @@ impl HostRegistration {
     /// ran out.
     pub fn leases(&self) -> watch::Receiver<i64> {
         self.lease.clone()
-    }
-
-    /// Waits for the first registration.
-    pub async fn registered(&self) -> i64 {
-        let mut rx = self.lease.clone();
-        match rx.wait_for(|l| *l != 0).await {
-            Ok(l) => *l,
-            // The task ended (only by abort); report what there is.
-            Err(_) => *self.lease.borrow(),
-        }
-    }
-
-    /// Deregisters: revokes the lease, which removes the host and everything on it now.
-    pub async fn revoke(self) -> Result<()> {
-        self.task.abort();
-        let lease = *self.lease.borrow();
-        if lease != 0 {
-            let mut client = self.store.client().lease_client();
-            self.store.call("lease revoke", client.revoke(lease)).await?;
-        }
-        Ok(())
     }
 }
 

@@ -43,16 +43,6 @@ pub(crate) fn parse<T: DeserializeOwned>(kv: &KeyValue) -> Option<T> {
 }
 
 impl Store {
-    pub async fn endpoint_status(&self, id: &str) -> Result<Option<EndpointStatus>> {
-        let (kv, _) = self.get("endpoint status", &self.keys.endpoint_status(id)).await?;
-        Ok(kv.as_ref().and_then(parse))
-    }
-
-    pub async fn container_status(&self, name: &str) -> Result<Option<ContainerStatus>> {
-        let (kv, _) = self.get("container status", &self.keys.container_status(name)).await?;
-        Ok(kv.as_ref().and_then(parse))
-    }
-
     /// Every status: endpoints by id, containers by name.
     pub async fn statuses(
         &self,
