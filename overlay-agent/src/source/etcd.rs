@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::{Report, Source, follow::Follower, lease::HostRegistration, publish::Publisher};
 use crate::{
+    backoff::Backoff,
     model::{Host, Update},
     store::{Store, StoreConfig},
 };
@@ -30,14 +31,14 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 impl Source for AgentEtcd {
     async fn run(self, updates: mpsc::Sender<Update>, status: mpsc::Receiver<Report>) -> anyhow::Result<()> {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         let store = loop {
             match Store::connect(&self.config).await {
                 Ok(store) => break store,
                 Err(e) => {
-                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach etcd; the datapath keeps forwarding");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    let delay = backoff.next_delay();
+                    warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot reach etcd; the datapath keeps forwarding");
+                    tokio::time::sleep(delay).await;
                 }
             }
         };

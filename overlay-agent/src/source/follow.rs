@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use super::publish::Live;
 use crate::{
+    backoff::Backoff,
     model::{Object, ObjectRef, Update},
     store::{
         Result, Store, StoreError,
@@ -52,7 +53,7 @@ pub(super) struct Follower {
 
 impl Follower {
     pub(super) async fn run(self) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         // The revision everything up to which has been delivered; None: a snapshot is due.
         let mut delivered: Option<i64> = None;
         loop {
@@ -63,8 +64,7 @@ impl Follower {
                     Ok(None) => return,
                     Err(e) => {
                         warn!(error = %e, "cannot read the desired state from etcd; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        backoff.wait().await;
                         continue;
                     }
                 },
@@ -83,11 +83,10 @@ impl Follower {
                 }
                 Stop::Failed(e) => {
                     if progressed {
-                        backoff = BACKOFF_MIN;
+                        backoff.reset();
                     }
                     warn!(error = %e, resume = delivered.unwrap_or(from) + 1, "lost the etcd watch; resuming");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    backoff.wait().await;
                 }
             }
         }

@@ -9,6 +9,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
 
 use crate::{
+    backoff::Backoff,
     model::Host,
     store::{Result, Store, StoreError, check_name, host::register_once},
 };
@@ -93,7 +94,7 @@ async fn keep_alive(store: &Store, lease: i64, ttl: Duration) -> Result<KeepAliv
 }
 
 async fn maintain(store: Store, host: Host, ttl: Duration, mut lease: i64, tx: watch::Sender<i64>) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     loop {
         if lease == 0 {
             match register_once(&store, &host, ttl).await {
@@ -103,12 +104,11 @@ async fn maintain(store: Store, host: Host, ttl: Duration, mut lease: i64, tx: w
                     // Keeps the old value until a new lease exists: status written meanwhile
                     // under no lease at all would outlive the host.
                     tx.send_replace(l);
-                    backoff = BACKOFF_MIN;
+                    backoff.reset();
                 }
                 Err(e) => {
                     warn!(host = %host.name, error = %e, "cannot register the host; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    backoff.wait().await;
                     continue;
                 }
             }
@@ -120,8 +120,7 @@ async fn maintain(store: Store, host: Host, ttl: Duration, mut lease: i64, tx: w
             }
             Err(e) => {
                 warn!(host = %host.name, error = %e, "cannot renew the host's lease; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                backoff.wait().await;
             }
         }
     }

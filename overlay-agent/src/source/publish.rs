@@ -17,11 +17,14 @@ use tokio::{
 use tracing::warn;
 
 use super::Report;
-use crate::store::{
-    ContainerStatus, EndpointStatus, Result, Store,
-    endpoint::put_leased,
-    etcd::{key_str, unchanged},
-    status::parse,
+use crate::{
+    backoff::Backoff,
+    store::{
+        ContainerStatus, EndpointStatus, Result, Store,
+        endpoint::put_leased,
+        etcd::{key_str, unchanged},
+        status::parse,
+    },
 };
 
 /// Publishes an agent's reports. It never blocks the agent: reports are recorded as the value
@@ -66,7 +69,7 @@ impl Publisher {
         mut reports: mpsc::Receiver<Report>,
         mut snapshots: mpsc::UnboundedReceiver<Live>,
     ) {
-        let mut delay = RETRY_MIN;
+        let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
         let mut retry_at: Option<Instant> = None;
         let mut lease_open = true;
         loop {
@@ -94,11 +97,10 @@ impl Publisher {
                 _ = sleep_until(retry_at) => {}
             }
             if self.flush().await {
-                delay = RETRY_MIN;
+                backoff.reset();
                 retry_at = None;
             } else {
-                retry_at = Some(Instant::now() + delay);
-                delay = (delay * 2).min(RETRY_MAX);
+                retry_at = Some(Instant::now() + backoff.next_delay());
             }
         }
     }
