@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::{Result, Store, StoreError, etcd::key_str};
-use crate::model::Endpoint;
+use crate::model::{Container, Endpoint};
 
 /// `<prefix>/status/endpoints/<endpoint id>`: the endpoint's interface exists on its host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +165,48 @@ impl Store {
     /// Waits until a status key is gone: the host took the thing down (or the host is gone).
     pub async fn wait_gone(&self, key: &str, what: &str, deadline: Instant) -> Result<()> {
         self.wait_for(key, what, deadline, |kv| kv.is_none().then_some(())).await
+    }
+
+    /// Waits for the endpoint's host to take down its interface (`network disconnect`).
+    pub async fn wait_endpoint_detached(
+        &self,
+        ep: &Endpoint,
+        network: &str,
+        deadline: Instant,
+    ) -> Result<()> {
+        let key = self.keys.endpoint_status(&ep.id);
+        let what = format!(
+            "host {:?} to detach container {:?} from network {network:?} (status {key})",
+            ep.host, ep.container
+        );
+        self.wait_gone(&key, &what, deadline).await
+    }
+
+    /// Waits for the host of a removed container (`container rm`) to take down its endpoints
+    /// and then its sandbox.
+    pub async fn wait_container_removed(
+        &self,
+        ctr: &Container,
+        endpoints: &[Endpoint],
+        deadline: Instant,
+    ) -> Result<()> {
+        let name = &ctr.name;
+        for ep in endpoints {
+            let key = self.keys.endpoint_status(&ep.id);
+            let what = format!(
+                "host {:?} to remove container {name:?}'s endpoint {} (status {key})",
+                ep.host, ep.ipv4
+            );
+            self.wait_gone(&key, &what, deadline).await?;
+        }
+        let key = self.keys.container_status(name);
+        let what = format!("host {:?} to remove container {name:?}'s sandbox (status {key})", ctr.host);
+        self.wait_for(&key, &what, deadline, |kv| {
+            // A status from another host is a new container of the same name, not this one.
+            let gone = kv.is_none_or(|kv| parse::<ContainerStatus>(kv).is_some_and(|s| s.host != ctr.host));
+            gone.then_some(())
+        })
+        .await
     }
 }
 
