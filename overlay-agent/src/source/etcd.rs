@@ -4,11 +4,7 @@
 //! the agent's reports back. All of it runs inside the source task, after the datapath is up, so
 //! an agent started while etcd is down still takes over and keeps forwarding what it finds.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -74,13 +70,11 @@ impl EtcdSource {
 
 impl Source for EtcdSource {
     async fn run(self, updates: mpsc::Sender<Update>, status: mpsc::Receiver<Report>) -> anyhow::Result<()> {
-        let revisions = Arc::new(Mutex::new(HashMap::new()));
         let (live_tx, live_rx) = mpsc::unbounded_channel();
-        let publisher = Publisher::new(self.store.clone(), self.host.clone(), self.lease, revisions.clone());
+        let publisher = Publisher::new(self.store.clone(), self.host.clone(), self.lease);
         let publishing = AbortOnDrop(tokio::spawn(publisher.run(status, live_rx)));
         let agent = updates.clone();
-        let follower =
-            Follower { store: self.store, host: self.host.clone(), updates, revisions, live: live_tx };
+        let follower = Follower { store: self.store, host: self.host.clone(), updates, live: live_tx };
         // The agent may stop reading while nothing is sent (etcd down, or a quiet store).
         tokio::select! {
             () = follower.run() => {}

@@ -7,11 +7,7 @@
 //! delivered; only if etcd compacted that revision away does it read everything again and send
 //! a new snapshot.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
 use etcd_client::{EventType, KeyValue, WatchOptions};
 use tokio::sync::mpsc;
@@ -20,7 +16,7 @@ use tracing::{info, warn};
 use super::publish::Live;
 use crate::{
     backoff::Backoff,
-    model::{Object, ObjectRef, Update},
+    model::Update,
     store::{
         Result, Store, StoreError,
         etcd::key_str,
@@ -43,11 +39,9 @@ enum Stop {
 
 pub(super) struct Follower {
     pub(super) store: Store,
-    /// This agent's host: only its containers are reported on, so only theirs are tracked.
+    /// This agent's host: its snapshots leave other hosts' containers out.
     pub(super) host: String,
     pub(super) updates: mpsc::Sender<Update>,
-    /// Container name -> create revision of its key, for the publisher (this host's only).
-    pub(super) revisions: Arc<Mutex<HashMap<String, i64>>>,
     pub(super) live: mpsc::UnboundedSender<Live>,
 }
 
@@ -94,7 +88,7 @@ impl Follower {
 
     /// Reads and sends a snapshot; returns its revision (None: the agent is gone).
     async fn snapshot(&self) -> Result<Option<i64>> {
-        let (state, rev, revisions) = load(&self.store, Some(&self.host)).await?;
+        let (state, rev) = load(&self.store, Some(&self.host)).await?;
         info!(
             revision = rev,
             networks = state.networks.len(),
@@ -107,7 +101,6 @@ impl Follower {
             endpoints: state.endpoints.keys().cloned().collect(),
             containers: state.containers.keys().cloned().collect(),
         };
-        *self.revisions.lock().expect("not poisoned") = revisions;
         if self.updates.send(Update::Snapshot(state)).await.is_err() {
             return Ok(None);
         }
@@ -178,12 +171,7 @@ impl Follower {
         let key = key_str(kv);
         let Kind::Object(what) = self.store.keys().parse(&key) else { return None };
         match kind {
-            EventType::Delete => {
-                if let ObjectRef::Container(name) = &what {
-                    self.revisions.lock().expect("not poisoned").remove(name);
-                }
-                Some(Update::Delete(what))
-            }
+            EventType::Delete => Some(Update::Delete(what)),
             EventType::Put => {
                 let object = match decode_object(&what, kv) {
                     Ok(o) => o,
@@ -193,11 +181,6 @@ impl Follower {
                         return None;
                     }
                 };
-                if let Object::Container(c) = &object
-                    && c.host == self.host
-                {
-                    self.revisions.lock().expect("not poisoned").insert(c.name.clone(), kv.create_revision());
-                }
                 Some(Update::Put(object))
             }
         }

@@ -42,6 +42,8 @@ pub enum Report {
     /// A container's sandbox exists.
     ContainerReady {
         name: String,
+        /// Which container of that name (`model::Container::revision`): the one the agent made.
+        revision: i64,
         netns: PathBuf,
         pid: Option<u32>,
     },

@@ -3,8 +3,7 @@
 //! thing down. The CLI waits on these keys (`store::status`).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, BTreeSet},
     time::Duration,
 };
 
@@ -34,8 +33,6 @@ pub(crate) struct Publisher {
     store: Store,
     host: String,
     lease: watch::Receiver<i64>,
-    /// Container name -> create revision of its key, as the source last saw it.
-    revisions: Arc<Mutex<HashMap<String, i64>>>,
     /// What each status key should hold: Some(value), or None for "not ours to keep".
     wanted: BTreeMap<String, Option<Vec<u8>>>,
     /// Keys whose wanted value etcd does not have yet.
@@ -55,13 +52,8 @@ const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
 impl Publisher {
-    pub fn new(
-        store: Store,
-        host: String,
-        lease: watch::Receiver<i64>,
-        revisions: Arc<Mutex<HashMap<String, i64>>>,
-    ) -> Self {
-        Self { store, host, lease, revisions, wanted: BTreeMap::new(), dirty: BTreeSet::new(), prune: None }
+    pub fn new(store: Store, host: String, lease: watch::Receiver<i64>) -> Self {
+        Self { store, host, lease, wanted: BTreeMap::new(), dirty: BTreeSet::new(), prune: None }
     }
 
     pub async fn run(
@@ -113,10 +105,9 @@ impl Publisher {
                 (k.endpoint_status(&id), Some(serde_json::to_vec(&status).expect("serializes")))
             }
             Report::EndpointGone { id } => (k.endpoint_status(&id), None),
-            Report::ContainerReady { name, netns, pid } => {
-                let container_revision =
-                    self.revisions.lock().expect("not poisoned").get(&name).copied().unwrap_or(0);
-                let status = ContainerStatus { host: self.host.clone(), netns, pid, container_revision };
+            Report::ContainerReady { name, revision, netns, pid } => {
+                let status =
+                    ContainerStatus { host: self.host.clone(), netns, pid, container_revision: revision };
                 (k.container_status(&name), Some(serde_json::to_vec(&status).expect("serializes")))
             }
             Report::ContainerGone { name } => (k.container_status(&name), None),
