@@ -13,6 +13,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    backoff::Backoff,
     datapath::{self, Datapath, PinDir, Uplink, XdpPreference},
     desired::{Desired, Dirty},
     model::Update,
@@ -100,7 +101,7 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
     // at startup keeps the datapath it found instead of tearing it down.
     let mut started = false;
     let mut retry = Dirty::default();
-    let mut retry_delay = RETRY_MIN;
+    let mut retry_backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
     let mut retry_at: Option<Instant> = None;
     let mut resync = tokio::time::interval(cfg.resync);
     resync.tick().await;
@@ -179,11 +180,10 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
             }
         }
         if outcome.retry.is_empty() {
-            retry_delay = RETRY_MIN;
+            retry_backoff.reset();
         } else {
             retry.merge(outcome.retry);
-            retry_at = Some(Instant::now() + retry_delay);
-            retry_delay = (retry_delay * 2).min(RETRY_MAX);
+            retry_at = Some(Instant::now() + retry_backoff.next_delay());
         }
     }
 }

@@ -350,7 +350,13 @@ mod tests {
         for (name, host) in [("mine", "h1"), ("theirs", "h2")] {
             s.containers.insert(
                 name.into(),
-                Container { name: name.into(), host: host.into(), netns: None, created: String::new() },
+                Container {
+                    name: name.into(),
+                    host: host.into(),
+                    netns: None,
+                    created: String::new(),
+                    revision: 0,
+                },
             );
         }
         let mut dirty = Dirty::default();
@@ -359,7 +365,13 @@ mod tests {
         assert_eq!(dirty.containers, BTreeSet::from(["mine".to_owned()]));
         // A container that moves away from this host is a change here.
         let mut dirty = Dirty::default();
-        let moved = Container { name: "mine".into(), host: "h2".into(), netns: None, created: String::new() };
+        let moved = Container {
+            name: "mine".into(),
+            host: "h2".into(),
+            netns: None,
+            created: String::new(),
+            revision: 0,
+        };
         d.apply(Update::Put(Object::Container(moved)), &mut dirty);
         assert!(d.container("mine").is_none());
         assert_eq!(dirty.containers, BTreeSet::from(["mine".to_owned()]));

@@ -7,6 +7,7 @@
 //! - `reconcile`: the difference between desired and actual, and the steps that close it.
 
 pub mod agent;
+pub mod backoff;
 pub mod cli;
 pub mod datapath;
 pub mod desired;

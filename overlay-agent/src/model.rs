@@ -77,6 +77,11 @@ pub struct Container {
     pub netns: Option<PathBuf>,
     #[serde(default)]
     pub created: String,
+    /// The create revision of the container's key in the store (0: not from a store). A
+    /// container removed and created again under the same name has a new one, so the agent's
+    /// reports about the old one are never taken for the new. The key holds it, not the value.
+    #[serde(skip)]
+    pub revision: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -69,7 +69,12 @@ impl Sandboxes {
             if !netns::exists(path) {
                 bail!("namespace {} of container {} does not exist", path.display(), c.name);
             }
-            return Ok(Report::ContainerReady { name: c.name.clone(), netns: path.clone(), pid: None });
+            return Ok(Report::ContainerReady {
+                name: c.name.clone(),
+                revision: c.revision,
+                netns: path.clone(),
+                pid: None,
+            });
         }
         let path = self.path(&c.name);
         let name = path.file_name().and_then(|n| n.to_str()).context("namespace name")?.to_owned();
@@ -83,7 +88,7 @@ impl Sandboxes {
         let pid = record.pid;
         self.records.insert(c.name.clone(), record);
         self.save()?;
-        Ok(Report::ContainerReady { name: c.name.clone(), netns: path, pid })
+        Ok(Report::ContainerReady { name: c.name.clone(), revision: c.revision, netns: path, pid })
     }
 
     /// Stops the holder and removes the namespace (and with it whatever interfaces remain).

@@ -63,6 +63,7 @@ impl Scenario {
             host: host.into(),
             netns: None,
             created: String::new(),
+            revision: 0,
         });
         let network_id = self.network(network).id.clone();
         let e = Endpoint {

@@ -16,9 +16,9 @@ use std::{
 };
 
 use overlay_agent::{
-    model::{Host, Object, ObjectRef, State, Update},
-    source::{Report, Source as _},
-    store::{ContainerSpec, EtcdSource, HostRegistration, NetworkSpec, Store, StoreConfig, StoreError},
+    model::{Container, Host, Object, ObjectRef, State, Update},
+    source::{EtcdSource, HostRegistration, Report, Source as _},
+    store::{ContainerSpec, NetworkSpec, Store, StoreConfig, StoreError},
 };
 use overlay_tests::etcd::{Etcd, EtcdOptions, EtcdTls};
 use tokio::{
@@ -562,7 +562,12 @@ async fn source_sends_a_snapshot_then_changes_in_order_and_publishes_status() {
     // Reports become leased status keys the CLI waits on.
     let deadline = Instant::now() + Duration::from_secs(10);
     status
-        .send(Report::ContainerReady { name: "c1".into(), netns: "/run/netns/ovl-c1".into(), pid: Some(42) })
+        .send(Report::ContainerReady {
+            name: "c1".into(),
+            revision: c1.revision,
+            netns: "/run/netns/ovl-c1".into(),
+            pid: Some(42),
+        })
         .await
         .unwrap();
     let ready = s.wait_container_ready("c1", "h1", c1.revision, deadline).await.unwrap();
@@ -798,13 +803,15 @@ fn fake_agent(store: &Store, host: &str, reg: &HostRegistration, netns: PathBuf)
         let mut state = State::default();
         while let Some(update) = rx.recv().await {
             let mut reports = Vec::new();
-            let container_ready =
-                |name: &str| Report::ContainerReady { name: name.into(), netns: netns.clone(), pid: None };
+            let container_ready = |c: &Container| Report::ContainerReady {
+                name: c.name.clone(),
+                revision: c.revision,
+                netns: netns.clone(),
+                pid: None,
+            };
             match &update {
                 Update::Snapshot(s) => {
-                    reports.extend(
-                        s.containers.values().filter(|c| c.host == host).map(|c| container_ready(&c.name)),
-                    );
+                    reports.extend(s.containers.values().filter(|c| c.host == host).map(container_ready));
                     reports.extend(s.endpoints.values().filter(|e| e.host == host).map(|e| {
                         Report::EndpointReady {
                             id: e.id.clone(),
@@ -814,7 +821,7 @@ fn fake_agent(store: &Store, host: &str, reg: &HostRegistration, netns: PathBuf)
                     }));
                     state = s.clone();
                 }
-                Update::Put(Object::Container(c)) if c.host == host => reports.push(container_ready(&c.name)),
+                Update::Put(Object::Container(c)) if c.host == host => reports.push(container_ready(c)),
                 Update::Put(Object::Endpoint(e)) if e.host == host => reports.push(Report::EndpointReady {
                     id: e.id.clone(),
                     container: e.container.clone(),

@@ -331,12 +331,7 @@ impl Ctx {
             NetworkCommand::Disconnect { network, container } => {
                 let ep = store.network_disconnect(&network, &container).await?;
                 if let Some(deadline) = self.deadline() {
-                    let what = format!(
-                        "host {:?} to detach container {container:?} from network {network:?} (status {})",
-                        ep.host,
-                        store.keys().endpoint_status(&ep.id)
-                    );
-                    store.wait_gone(&store.keys().endpoint_status(&ep.id), &what, deadline).await?;
+                    store.wait_endpoint_detached(&ep, &network, deadline).await?;
                 }
             }
         }
@@ -431,27 +426,7 @@ impl Ctx {
         let store = &self.store;
         let (ctr, endpoints) = store.remove_container(name).await?;
         let Some(deadline) = self.deadline() else { return Ok(()) };
-        let keys = store.keys();
-        for ep in &endpoints {
-            let key = keys.endpoint_status(&ep.id);
-            let what = format!(
-                "host {:?} to remove container {name:?}'s endpoint {} (status {key})",
-                ep.host, ep.ipv4
-            );
-            store.wait_gone(&key, &what, deadline).await?;
-        }
-        let key = keys.container_status(name);
-        let what = format!("host {:?} to remove container {name:?}'s sandbox (status {key})", ctr.host);
-        store
-            .wait_for(&key, &what, deadline, |kv| {
-                // A status from another host is a new container of the same name, not this one.
-                let gone = kv.is_none_or(|kv| {
-                    serde_json::from_slice::<crate::store::ContainerStatus>(kv.value())
-                        .is_ok_and(|s| s.host != ctr.host)
-                });
-                gone.then_some(())
-            })
-            .await?;
+        store.wait_container_removed(&ctr, &endpoints, deadline).await?;
         Ok(())
     }
 

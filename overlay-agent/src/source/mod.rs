@@ -5,16 +5,26 @@
 //! file rewritten, an etcd watch that fell behind a compaction), and the agent then reconciles
 //! only what differs. While the source cannot reach its backing store it simply sends nothing,
 //! and the datapath keeps forwarding with what it has. In the other direction the agent reports
-//! what it made real, which the store publishes for the CLI to wait on.
+//! what it made real, which the etcd source publishes for the CLI to wait on.
+//!
+//! - `file`: a JSON state file, re-read when it changes.
+//! - `etcd`: the store, as the agent uses it: `follow` (snapshot and watch), `publish` (the
+//!   agent's reports as status keys) and `lease` (the host's registration, kept alive). These
+//!   use `store` for keys, transactions and value layouts; `store` never uses them.
 
 pub mod etcd;
 pub mod file;
+mod follow;
+pub mod lease;
+mod publish;
 
 use std::{future::Future, path::PathBuf};
 
 use tokio::sync::mpsc;
 
 use crate::model::Update;
+
+pub use self::{etcd::EtcdSource, lease::HostRegistration};
 
 /// What the agent made real on its host (or took down): its report to the store, which publishes
 /// it for the CLI to wait on.
@@ -32,6 +42,8 @@ pub enum Report {
     /// A container's sandbox exists.
     ContainerReady {
         name: String,
+        /// Which container of that name (`model::Container::revision`): the one the agent made.
+        revision: i64,
         netns: PathBuf,
         pid: Option<u32>,
     },

@@ -72,6 +72,7 @@ impl Store {
                 host: spec.host.clone(),
                 netns: spec.netns.clone(),
                 created: now_rfc3339(),
+                revision: 0,
             };
             let mut compares = vec![
                 absent(&k.container(&spec.name)),
@@ -101,6 +102,7 @@ impl Store {
                 endpoint = Some(ep);
             }
             if let Some(revision) = self.commit(OP, compares, ops).await? {
+                let container = Container { revision, ..container };
                 return Ok(CreatedContainer { container, endpoint, revision });
             }
             retry.again().await?;
@@ -163,11 +165,16 @@ impl Store {
     pub async fn container_revision(&self, name: &str) -> Result<(Container, i64)> {
         let (kv, _) = self.get("container inspect", &self.keys.container(name)).await?;
         let kv = kv.ok_or_else(|| StoreError::ContainerNotFound(name.to_owned()))?;
-        Ok((decode(&kv)?, kv.create_revision()))
+        let revision = kv.create_revision();
+        Ok((Container { revision, ..decode(&kv)? }, revision))
     }
 
     /// Every container, by name.
     pub async fn containers(&self) -> Result<Vec<Container>> {
-        self.list("container ls", &self.keys.containers()).await?.iter().map(decode).collect()
+        self.list("container ls", &self.keys.containers())
+            .await?
+            .iter()
+            .map(|kv| Ok(Container { revision: kv.create_revision(), ..decode(kv)? }))
+            .collect()
     }
 }

@@ -180,9 +180,4 @@ impl Store {
             retry.again().await?;
         }
     }
-
-    /// Every endpoint of every network.
-    pub async fn endpoints(&self) -> Result<Vec<Endpoint>> {
-        self.list("endpoints", &self.keys.all_endpoints()).await?.iter().map(decode).collect()
-    }
 }

@@ -7,18 +7,21 @@
 //! - `ipam`: the pure address arithmetic (pools, reserved addresses, CIDR checks).
 //! - `network`, `endpoint`, `container`, `host`: the operations on each kind of object; every
 //!   write is one transaction whose compares re-check what the write was decided on.
-//! - `status`: what agents report (published under their host's lease) and the CLI's waits.
-//! - `source`: `EtcdSource`, the agent's `Source` backed by a watch.
+//! - `load`: the whole desired state, read at one revision.
+//! - `status`: what agents report (the values of the status keys) and the CLI's waits on it.
+//!
+//! The agent's side of etcd (following the state, publishing its reports, keeping its host's
+//! lease) is in `source`, which uses this module; nothing here knows of it.
 
 pub mod config;
 pub mod container;
 pub mod endpoint;
-mod etcd;
+pub(crate) mod etcd;
 pub mod host;
 pub mod ipam;
 pub mod keys;
+pub(crate) mod load;
 pub mod network;
-pub mod source;
 pub mod status;
 
 use std::{net::Ipv4Addr, time::Duration};
@@ -27,10 +30,8 @@ pub use config::{EtcdArgs, StoreConfig};
 pub use container::{ContainerSpec, CreatedContainer};
 /// The client crate, for callers (tests, tools) that need raw etcd operations.
 pub use etcd_client;
-pub use host::HostRegistration;
 pub use keys::Keys;
 pub use network::NetworkSpec;
-pub use source::EtcdSource;
 pub use status::{ContainerStatus, EndpointStatus};
 
 use self::ipam::IpamError;
