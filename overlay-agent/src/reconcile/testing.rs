@@ -164,6 +164,7 @@ pub fn add_endpoint(s: &mut State, id: &str, network_id: &str, container: &str, 
         host: host.to_owned(),
         netns: None,
         created: String::new(),
+        revision: 0,
     });
     s.endpoints.insert(
         id.to_owned(),
