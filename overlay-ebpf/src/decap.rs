@@ -7,7 +7,7 @@
 use overlay_common::{
     VXLAN_PORT,
     maps::{Config, ENDPOINT_LOCAL, EndpointKey, PeerKey},
-    stats,
+    stats::DropReason,
     wire::{
         ETH_P_IP, EthHdr, INNER_ETH_OFF, INNER_IP_OFF, IPPROTO_UDP, Ipv4Hdr, OUTER_IP_OFF, OUTER_UDP_OFF,
         UdpHdr, VXLAN_FLAG_I, VXLAN_OFF, VxlanHdr,
@@ -17,7 +17,6 @@ use overlay_common::{
 use crate::{
     maps::{ENDPOINTS, NETWORKS, PEERS},
     packet::Packet,
-    stats::Drop,
 };
 
 /// Bytes of headers the checks read: everything up to and including the inner IPv4 header.
@@ -28,7 +27,7 @@ pub enum Verdict {
     Pass,
     /// A valid frame for the local endpoint behind this host-side veth.
     Deliver(u32),
-    Drop(Drop),
+    Drop(DropReason),
 }
 
 /// Classifies a frame whose first bytes are `pkt`. `wire_len` is the frame's full length and
@@ -44,8 +43,8 @@ pub fn classify(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Verdic
 }
 
 #[inline(always)]
-fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option<u32>, Drop> {
-    let truncated = Drop(stats::DROP_TRUNCATED);
+fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option<u32>, DropReason> {
+    let truncated = DropReason::Truncated;
 
     // Is it ours? Anything that is not UDP to our VTEP's port 4789 passes untouched.
     let Some(eth) = pkt.header::<EthHdr>(0) else { return Ok(None) };
@@ -75,26 +74,26 @@ fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option
 
     // From here on the frame is VXLAN for this host: deliver it or drop it with a reason.
     if ip.is_fragment() {
-        return Err(Drop(stats::DROP_FRAGMENT));
+        return Err(DropReason::Fragment);
     }
     if ip.checksum() != 0 {
-        return Err(Drop(stats::DROP_BAD_OUTER_IP));
+        return Err(DropReason::BadOuterIp);
     }
     // SAFETY: copied out at once.
     if unsafe { PEERS.get(PeerKey { vtep: ip.src }) }.is_none() {
-        return Err(Drop(stats::DROP_UNKNOWN_PEER));
+        return Err(DropReason::UnknownPeer);
     }
     let vxlan = unsafe { *pkt.header::<VxlanHdr>(VXLAN_OFF).ok_or(truncated)? };
     if vxlan.flags & VXLAN_FLAG_I == 0 {
-        return Err(Drop(stats::DROP_BAD_FLAGS));
+        return Err(DropReason::BadFlags);
     }
     let vni = vxlan.vni();
     if unsafe { NETWORKS.get(vni) }.is_none() {
-        return Err(Drop(stats::DROP_UNKNOWN_VNI));
+        return Err(DropReason::UnknownVni);
     }
     let inner_eth = unsafe { *pkt.header::<EthHdr>(INNER_ETH_OFF).ok_or(truncated)? };
     if inner_eth.ether_type() != ETH_P_IP {
-        return Err(Drop(stats::DROP_INNER_NOT_IPV4));
+        return Err(DropReason::InnerNotIpv4);
     }
     let inner_ip = unsafe { *pkt.header::<Ipv4Hdr>(INNER_IP_OFF).ok_or(truncated)? };
 
@@ -105,10 +104,10 @@ fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option
     let ip_len = ip.tot_len() as usize;
     let gso = gso || (ip_len == 0xffff && wire_len > ip_len + EthHdr::LEN);
     if !gso && (ip_len + EthHdr::LEN != wire_len || udp.length() as usize + Ipv4Hdr::LEN != ip_len) {
-        return Err(Drop(stats::DROP_BAD_LENGTH));
+        return Err(DropReason::BadLength);
     }
     if inner_ip.version_ihl >> 4 != 4 {
-        return Err(Drop(stats::DROP_INNER_NOT_IPV4));
+        return Err(DropReason::InnerNotIpv4);
     }
 
     // The inner source must be an endpoint that lives behind the VTEP the frame came from, with
@@ -116,11 +115,11 @@ fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option
     let src = unsafe { ENDPOINTS.get(EndpointKey { vni, ip: inner_ip.src }) };
     match src {
         Some(src) if src.flags & ENDPOINT_LOCAL == 0 && src.vtep == ip.src && src.mac == inner_eth.src => {}
-        _ => return Err(Drop(stats::DROP_INNER_SPOOFED)),
+        _ => return Err(DropReason::InnerSpoofed),
     }
     let dst = unsafe { ENDPOINTS.get(EndpointKey { vni, ip: inner_ip.dst }) };
     match dst {
         Some(dst) if dst.flags & ENDPOINT_LOCAL != 0 => Ok(Some(dst.ifindex)),
-        _ => Err(Drop(stats::DROP_NOT_LOCAL)),
+        _ => Err(DropReason::NotLocal),
     }
 }

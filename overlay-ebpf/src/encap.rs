@@ -17,11 +17,11 @@ use aya_ebpf::{
 use overlay_common::{
     VXLAN_OVERHEAD, VXLAN_PORT, VXLAN_SRC_PORT_MAX, VXLAN_SRC_PORT_MIN,
     maps::{Config, Endpoint},
-    stats,
+    stats::{self, DropReason},
     wire::{ETH_P_IP, EthHdr, IPPROTO_UDP, IPV4_DF, Ipv4Hdr, UdpHdr, VxlanEncap, VxlanHdr},
 };
 
-use crate::{skb::redirected, stats::Drop};
+use crate::skb::redirected;
 
 /// Outer TTL, as the kernel's vxlan device uses by default.
 const OUTER_TTL: u8 = 64;
@@ -46,7 +46,7 @@ pub fn to_remote(
     ep: &Endpoint,
     inner_eth: EthHdr,
     inner_tos: u8,
-) -> Result<i32, Drop> {
+) -> Result<i32, DropReason> {
     let skb = ctx.skb.skb;
     let len = ctx.len();
     // SAFETY: reading fields of the context the kernel gave us.
@@ -55,14 +55,14 @@ pub fn to_remote(
     // device; drop it here where it is counted. (Only possible if a container raised its MTU;
     // GSO packets are segmented to the container's MSS, which fits.)
     if !gso && len - EthHdr::LEN as u32 + VXLAN_OVERHEAD > cfg.uplink_mtu {
-        return Err(Drop(stats::DROP_TOO_BIG));
+        return Err(DropReason::TooBig);
     }
     // Hash of the inner flow, taken before the headers change, for the UDP source port.
     // SAFETY: plain helper call on our skb.
     let hash = unsafe { bpf_get_hash_recalc(skb) };
 
     ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
-        .map_err(|_| Drop(stats::DROP_ENCAP_FAILED))?;
+        .map_err(|_| DropReason::EncapFailed)?;
 
     let outer_len = len + VXLAN_OVERHEAD - EthHdr::LEN as u32;
     // A GSO super-packet can be longer than an IPv4 length can say; segmentation rewrites the
@@ -107,10 +107,10 @@ pub fn to_remote(
     };
     hdr.outer_ip.check = hdr.outer_ip.checksum().to_be_bytes();
 
-    ctx.store(0, &hdr, 0).map_err(|_| Drop(stats::DROP_ENCAP_FAILED))?;
+    ctx.store(0, &hdr, 0).map_err(|_| DropReason::EncapFailed)?;
 
     // SAFETY: plain helper call; a null params pointer asks for a FIB lookup on the outer
     // destination, which resolves the next hop whether it is the peer or a router.
     let verdict = unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) };
-    redirected(verdict, stats::TX_ENCAP, len + VXLAN_OVERHEAD, stats::DROP_ENCAP_FAILED)
+    redirected(verdict, stats::TX_ENCAP, len + VXLAN_OVERHEAD, DropReason::EncapFailed)
 }
