@@ -1,13 +1,20 @@
-//! Which frames on the uplink are VXLAN for this host, and whether each one may be delivered.
+//! VXLAN decapsulation on the uplink, the mirror of encap.rs: which frames are VXLAN for this
+//! host, whether each one may be delivered, and the removal of the outer headers, in XDP
+//! ([`strip_xdp`]) and in TC ([`strip_tc`]).
 //!
-//! Shared by the uplink's XDP program and its TC fallback so both apply exactly the same rules.
-//! The order of the checks is the order of the headers: a frame is dropped for the first thing
-//! wrong with it, and frames that are not VXLAN for this host are never touched.
+//! The checks are shared by the uplink's XDP program and its TC fallback so both apply exactly
+//! the same rules. Their order is the order of the headers: a frame is dropped for the first
+//! thing wrong with it, and frames that are not VXLAN for this host are never touched.
 
+use aya_ebpf::{
+    bindings::{BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    helpers::bpf_xdp_adjust_head,
+    programs::{TcContext, XdpContext},
+};
 use overlay_common::{
-    VXLAN_PORT,
+    VXLAN_OVERHEAD, VXLAN_PORT,
     maps::{Config, ENDPOINT_LOCAL, EndpointKey, PeerKey},
-    stats::DropReason,
+    stats::{self, DropReason},
     wire::{
         ETH_P_IP, EthHdr, INNER_ETH_OFF, INNER_IP_OFF, IPPROTO_UDP, Ipv4Hdr, OUTER_IP_OFF, OUTER_UDP_OFF,
         UdpHdr, VXLAN_FLAG_I, VXLAN_OFF, VxlanHdr,
@@ -17,6 +24,7 @@ use overlay_common::{
 use crate::{
     maps::{ENDPOINTS, NETWORKS, PEERS},
     packet::Packet,
+    stats::count,
 };
 
 /// Bytes of headers the checks read: everything up to and including the inner IPv4 header.
@@ -122,4 +130,39 @@ fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option
         Some(dst) if dst.flags & ENDPOINT_LOCAL != 0 => Ok(Some(dst.ifindex)),
         _ => Err(DropReason::NotLocal),
     }
+}
+
+/// Decapsulates, in XDP, a frame [`classify`] said to deliver: `len` bytes long, it starts
+/// `VXLAN_OVERHEAD` bytes later, with the inner Ethernet header. Metadata written in front of
+/// the data before this call moves along with the data start.
+#[inline(always)]
+pub fn strip_xdp(ctx: &XdpContext, len: usize) -> Result<(), DropReason> {
+    // SAFETY: plain helper call on our frame.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, VXLAN_OVERHEAD as i32) } != 0 {
+        return Err(DropReason::DecapFailed);
+    }
+    count(stats::RX_DECAP, (len - VXLAN_OVERHEAD as usize) as u32);
+    Ok(())
+}
+
+/// Decapsulates, in TC, a frame [`classify`] said to deliver, whose headers are in `pkt`.
+/// bpf_skb_adjust_room removes outer IPv4, UDP, VXLAN and the inner Ethernet header from behind
+/// the outer Ethernet header (FIXED_GSO keeps a GRO-merged packet's segment size; DECAP_L3_IPV4
+/// tells the kernel the tunnel is gone), then the inner Ethernet header goes where the outer one
+/// was.
+#[inline(always)]
+pub fn strip_tc(ctx: &TcContext, pkt: Packet) -> Result<(), DropReason> {
+    let len = ctx.len();
+    let inner_eth = pkt.header::<EthHdr>(INNER_ETH_OFF).ok_or(DropReason::Truncated)?;
+    // SAFETY: bounds-checked above.
+    let inner_eth = unsafe { *inner_eth };
+    ctx.adjust_room(
+        -(VXLAN_OVERHEAD as i32),
+        BPF_ADJ_ROOM_MAC,
+        (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) as u64,
+    )
+    .map_err(|_| DropReason::DecapFailed)?;
+    ctx.store(0, &inner_eth, 0).map_err(|_| DropReason::DecapFailed)?;
+    count(stats::RX_DECAP, len - VXLAN_OVERHEAD);
+    Ok(())
 }
