@@ -5,7 +5,7 @@ use aya_ebpf::helpers::bpf_redirect;
 use overlay_common::{
     maps::{EndpointKey, Iface},
     stats::{self, DropReason},
-    wire::{ARP_OP_REPLY, ARP_OP_REQUEST, ArpHdr, EthHdr},
+    wire::{ARP_OP_REPLY, ARP_OP_REQUEST, ArpHdr, EthHdr, is_ethernet_ipv4},
 };
 
 use crate::{
@@ -18,12 +18,10 @@ use crate::{
 /// straight back out of the same veth to the container.
 #[inline(always)]
 pub fn reply(pkt: Packet, ifindex: u32, iface: &Iface) -> Result<i32, DropReason> {
-    let eth = pkt.header::<EthHdr>(0).ok_or(DropReason::Malformed)?;
-    let arp = pkt.header::<ArpHdr>(EthHdr::LEN).ok_or(DropReason::Malformed)?;
-    // SAFETY: both pointers were bounds-checked against the packet above.
-    let (eth, arp) = unsafe { (&mut *eth, &mut *arp) };
+    let mut eth: EthHdr = pkt.read(0).ok_or(DropReason::Malformed)?;
+    let mut arp: ArpHdr = pkt.read(EthHdr::LEN).ok_or(DropReason::Malformed)?;
 
-    if !arp.is_ethernet_ipv4() || arp.op() != ARP_OP_REQUEST {
+    if !is_ethernet_ipv4(&arp) || arp.oper() != ARP_OP_REQUEST {
         return Err(DropReason::Arp);
     }
     // The requester must be the endpoint itself: a container cannot ask in someone else's name.
@@ -38,13 +36,17 @@ pub fn reply(pkt: Packet, ifindex: u32, iface: &Iface) -> Result<i32, DropReason
     }
     let owner_mac = owner(iface.vni, target).ok_or(DropReason::Arp)?;
 
-    eth.dst = eth.src;
-    eth.src = owner_mac;
-    arp.op = ARP_OP_REPLY.to_be_bytes();
+    eth.dst_addr = eth.src_addr;
+    eth.src_addr = owner_mac;
+    arp.set_oper(ARP_OP_REPLY);
     arp.tha = arp.sha;
     arp.tpa = arp.spa;
     arp.sha = owner_mac;
     arp.spa = target;
+    // Both fit: they were read from the same places.
+    if !pkt.write(0, eth) || !pkt.write(EthHdr::LEN, arp) {
+        return Err(DropReason::Malformed);
+    }
 
     // Egress of the host-side veth is the container's ingress.
     // SAFETY: plain helper call.

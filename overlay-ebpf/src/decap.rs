@@ -16,8 +16,8 @@ use overlay_common::{
     maps::{Config, ENDPOINT_LOCAL, EndpointKey, PeerKey},
     stats::{self, DropReason},
     wire::{
-        ETH_P_IP, EthHdr, INNER_ETH_OFF, INNER_IP_OFF, IPPROTO_UDP, Ipv4Hdr, OUTER_IP_OFF, OUTER_UDP_OFF,
-        UdpHdr, VXLAN_FLAG_I, VXLAN_OFF, VxlanHdr,
+        ETH_P_IP, EthHdr, INNER_ETH_OFF, INNER_IP_OFF, IpProto, Ipv4Hdr, OUTER_IP_OFF, OUTER_UDP_OFF, UdpHdr,
+        VXLAN_OFF, VxlanHdr, ether_type, ipv4_header_sum, is_fragment,
     },
 };
 
@@ -55,55 +55,54 @@ fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option
     let truncated = DropReason::Truncated;
 
     // Is it ours? Anything that is not UDP to our VTEP's port 4789 passes untouched.
-    let Some(eth) = pkt.header::<EthHdr>(0) else { return Ok(None) };
-    // SAFETY: every header pointer below was bounds-checked by Packet::header.
-    if unsafe { (*eth).ether_type() } != ETH_P_IP {
+    let Some(eth) = pkt.read::<EthHdr>(0) else { return Ok(None) };
+    if ether_type(&eth) != ETH_P_IP {
         return Ok(None);
     }
-    let Some(ip) = pkt.header::<Ipv4Hdr>(OUTER_IP_OFF) else { return Ok(None) };
-    let ip = unsafe { *ip };
-    if ip.protocol != IPPROTO_UDP || ip.dst != cfg.vtep {
+    let Some(ip) = pkt.read::<Ipv4Hdr>(OUTER_IP_OFF) else { return Ok(None) };
+    if ip.proto != IpProto::Udp as u8 || ip.dst_addr != cfg.vtep {
         return Ok(None);
     }
     // Options would move the UDP header; VTEPs never send them, and such a frame is left to
     // the stack, which has no socket on the VXLAN port and answers it as it would any stray UDP.
-    if ip.version_ihl != 0x45 {
+    if ip.vihl != 0x45 {
         return Ok(None);
     }
     // A later fragment carries no UDP header: nothing here says whether it is VXLAN.
-    if ip.frag_off() & overlay_common::wire::IPV4_FRAG_OFFSET_MASK != 0 {
+    if ip.frag_offset() != 0 {
         return Ok(None);
     }
     // UDP to our VTEP with a cut-off UDP header is garbage whatever its port: drop and count.
-    let udp = unsafe { *pkt.header::<UdpHdr>(OUTER_UDP_OFF).ok_or(truncated)? };
+    let udp: UdpHdr = pkt.read(OUTER_UDP_OFF).ok_or(truncated)?;
     if udp.dst_port() != VXLAN_PORT {
         return Ok(None);
     }
 
     // From here on the frame is VXLAN for this host: deliver it or drop it with a reason.
-    if ip.is_fragment() {
+    if is_fragment(&ip) {
         return Err(DropReason::Fragment);
     }
-    if ip.checksum() != 0 {
+    if ipv4_header_sum(&ip) != 0 {
         return Err(DropReason::BadOuterIp);
     }
     // SAFETY: copied out at once.
-    if unsafe { PEERS.get(PeerKey { vtep: ip.src }) }.is_none() {
+    if unsafe { PEERS.get(PeerKey { vtep: ip.src_addr }) }.is_none() {
         return Err(DropReason::UnknownPeer);
     }
-    let vxlan = unsafe { *pkt.header::<VxlanHdr>(VXLAN_OFF).ok_or(truncated)? };
-    if vxlan.flags & VXLAN_FLAG_I == 0 {
+    let vxlan: VxlanHdr = pkt.read(VXLAN_OFF).ok_or(truncated)?;
+    if !vxlan.vni_present() {
         return Err(DropReason::BadFlags);
     }
     let vni = vxlan.vni();
+    // SAFETY: only tested for presence.
     if unsafe { NETWORKS.get(vni) }.is_none() {
         return Err(DropReason::UnknownVni);
     }
-    let inner_eth = unsafe { *pkt.header::<EthHdr>(INNER_ETH_OFF).ok_or(truncated)? };
-    if inner_eth.ether_type() != ETH_P_IP {
+    let inner_eth: EthHdr = pkt.read(INNER_ETH_OFF).ok_or(truncated)?;
+    if ether_type(&inner_eth) != ETH_P_IP {
         return Err(DropReason::InnerNotIpv4);
     }
-    let inner_ip = unsafe { *pkt.header::<Ipv4Hdr>(INNER_IP_OFF).ok_or(truncated)? };
+    let inner_ip: Ipv4Hdr = pkt.read(INNER_IP_OFF).ok_or(truncated)?;
 
     // The lengths must describe this frame exactly: IPv4 total length up to the end of the
     // frame and UDP length up to the end of the IPv4 payload. An unsegmented GSO packet (seen
@@ -111,21 +110,25 @@ fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option
     // clamped them at 0xffff, and segmentation would rewrite them.
     let ip_len = ip.tot_len() as usize;
     let gso = gso || (ip_len == 0xffff && wire_len > ip_len + EthHdr::LEN);
-    if !gso && (ip_len + EthHdr::LEN != wire_len || udp.length() as usize + Ipv4Hdr::LEN != ip_len) {
+    if !gso && (ip_len + EthHdr::LEN != wire_len || udp.len() as usize + Ipv4Hdr::LEN != ip_len) {
         return Err(DropReason::BadLength);
     }
-    if inner_ip.version_ihl >> 4 != 4 {
+    if inner_ip.version() != 4 {
         return Err(DropReason::InnerNotIpv4);
     }
 
     // The inner source must be an endpoint that lives behind the VTEP the frame came from, with
     // its own MAC: a host can only speak for its own containers, as they are.
-    let src = unsafe { ENDPOINTS.get(EndpointKey { vni, ip: inner_ip.src }) };
+    // SAFETY: both endpoint lookups are read at once, before anything can change the entries.
+    let src = unsafe { ENDPOINTS.get(EndpointKey { vni, ip: inner_ip.src_addr }) };
     match src {
-        Some(src) if src.flags & ENDPOINT_LOCAL == 0 && src.vtep == ip.src && src.mac == inner_eth.src => {}
+        Some(src)
+            if src.flags & ENDPOINT_LOCAL == 0
+                && src.vtep == ip.src_addr
+                && src.mac == inner_eth.src_addr => {}
         _ => return Err(DropReason::InnerSpoofed),
     }
-    let dst = unsafe { ENDPOINTS.get(EndpointKey { vni, ip: inner_ip.dst }) };
+    let dst = unsafe { ENDPOINTS.get(EndpointKey { vni, ip: inner_ip.dst_addr }) };
     match dst {
         Some(dst) if dst.flags & ENDPOINT_LOCAL != 0 => Ok(Some(dst.ifindex)),
         _ => Err(DropReason::NotLocal),
@@ -153,9 +156,7 @@ pub fn strip_xdp(ctx: &XdpContext, len: usize) -> Result<(), DropReason> {
 #[inline(always)]
 pub fn strip_tc(ctx: &TcContext, pkt: Packet) -> Result<(), DropReason> {
     let len = ctx.len();
-    let inner_eth = pkt.header::<EthHdr>(INNER_ETH_OFF).ok_or(DropReason::Truncated)?;
-    // SAFETY: bounds-checked above.
-    let inner_eth = unsafe { *inner_eth };
+    let inner_eth: EthHdr = pkt.read(INNER_ETH_OFF).ok_or(DropReason::Truncated)?;
     ctx.adjust_room(
         -(VXLAN_OVERHEAD as i32),
         BPF_ADJ_ROOM_MAC,

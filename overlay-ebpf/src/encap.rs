@@ -18,7 +18,7 @@ use overlay_common::{
     VXLAN_OVERHEAD, VXLAN_PORT, VXLAN_SRC_PORT_MAX, VXLAN_SRC_PORT_MIN,
     maps::{Config, Endpoint},
     stats::{self, DropReason},
-    wire::{ETH_P_IP, EthHdr, IPPROTO_UDP, IPV4_DF, Ipv4Hdr, UdpHdr, VxlanEncap, VxlanHdr},
+    wire::{EthHdr, EtherType, IPV4_DF, IpProto, Ipv4Hdr, UdpHdr, VxlanEncap, VxlanHdr, ipv4_header_sum},
 };
 
 use crate::skb::redirected;
@@ -73,30 +73,26 @@ pub fn to_remote(
     let src_port = VXLAN_SRC_PORT_MIN + ((hash as u64 * span) >> 32) as u16;
 
     let mut hdr = VxlanEncap {
-        outer_eth: EthHdr {
-            // bpf_redirect_neigh fills in the next hop's MAC.
-            dst: [0; 6],
-            src: cfg.uplink_mac,
-            ether_type: ETH_P_IP.to_be_bytes(),
-        },
+        // bpf_redirect_neigh fills in the next hop's MAC.
+        outer_eth: EthHdr::new([0; 6], cfg.uplink_mac, EtherType::Ipv4),
         outer_ip: Ipv4Hdr {
-            version_ihl: 0x45,
+            vihl: 0x45,
             // DSCP and ECN of the inner packet (RFC 6040 normal mode), so the underlay can
             // honour its class and mark congestion.
             tos: inner_tos,
             tot_len: ip_len.to_be_bytes(),
             id: [0; 2],
             // VTEPs must not fragment (RFC 7348 section 4.3); DF also makes an ID unnecessary.
-            frag_off: IPV4_DF.to_be_bytes(),
+            frags: IPV4_DF.to_be_bytes(),
             ttl: OUTER_TTL,
-            protocol: IPPROTO_UDP,
+            proto: IpProto::Udp as u8,
             check: [0; 2],
-            src: cfg.vtep,
-            dst: ep.vtep,
+            src_addr: cfg.vtep,
+            dst_addr: ep.vtep,
         },
         udp: UdpHdr {
-            src_port: src_port.to_be_bytes(),
-            dst_port: VXLAN_PORT.to_be_bytes(),
+            src: src_port.to_be_bytes(),
+            dst: VXLAN_PORT.to_be_bytes(),
             len: udp_len.to_be_bytes(),
             // Zero UDP checksum is allowed for VXLAN over IPv4 (RFC 7348); the inner packet
             // carries its own checksums end to end.
@@ -105,7 +101,7 @@ pub fn to_remote(
         vxlan: VxlanHdr::new(vni),
         inner_eth,
     };
-    hdr.outer_ip.check = hdr.outer_ip.checksum().to_be_bytes();
+    hdr.outer_ip.check = ipv4_header_sum(&hdr.outer_ip).to_be_bytes();
 
     ctx.store(0, &hdr, 0).map_err(|_| DropReason::EncapFailed)?;
 

@@ -8,7 +8,7 @@ use aya_ebpf::programs::TcContext;
 use overlay_common::{
     maps::{ENDPOINT_LOCAL, Endpoint, EndpointKey},
     stats::{self, DropReason},
-    wire::{ETH_P_ARP, ETH_P_IP, EthHdr, Ipv4Hdr},
+    wire::{ArpHdr, ETH_P_ARP, ETH_P_IP, EthHdr, Ipv4Hdr, ether_type},
 };
 
 use crate::{
@@ -19,7 +19,7 @@ use crate::{
 
 /// Bytes the program needs in the linear part of the skb: Ethernet plus ARP (the longer of
 /// ARP and a minimal IPv4 header).
-const HEADERS: u32 = (EthHdr::LEN + 28) as u32;
+const HEADERS: u32 = (EthHdr::LEN + ArpHdr::LEN) as u32;
 
 #[inline(always)]
 pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
@@ -34,30 +34,26 @@ pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
         ctx.pull_data(HEADERS).map_err(|_| DropReason::Malformed)?;
         pkt = packet(ctx);
     }
-    let eth = pkt.header::<EthHdr>(0).ok_or(DropReason::Malformed)?;
-    // SAFETY: bounds-checked above.
-    let eth = unsafe { *eth };
-    if eth.src != iface.mac {
+    let eth: EthHdr = pkt.read(0).ok_or(DropReason::Malformed)?;
+    if eth.src_addr != iface.mac {
         return Err(DropReason::Spoofed);
     }
-    match eth.ether_type() {
+    match ether_type(&eth) {
         ETH_P_IP => {}
         ETH_P_ARP => return arp::reply(pkt, ifindex, &iface),
         _ => return Err(DropReason::Unsupported),
     }
 
-    let ip = pkt.header::<Ipv4Hdr>(EthHdr::LEN).ok_or(DropReason::Malformed)?;
-    // SAFETY: bounds-checked above.
-    let ip = unsafe { *ip };
-    if ip.version() != 4 || ip.header_len() < Ipv4Hdr::LEN {
+    let ip: Ipv4Hdr = pkt.read(EthHdr::LEN).ok_or(DropReason::Malformed)?;
+    if ip.version() != 4 || (ip.ihl() as usize) < Ipv4Hdr::LEN {
         return Err(DropReason::Malformed);
     }
-    if ip.src != iface.ip {
+    if ip.src_addr != iface.ip {
         return Err(DropReason::Spoofed);
     }
     // The key carries the sender's VNI: a destination on another network is simply not found.
     // SAFETY: copied out at once.
-    let ep: Endpoint = *unsafe { ENDPOINTS.get(EndpointKey { vni: iface.vni, ip: ip.dst }) }
+    let ep: Endpoint = *unsafe { ENDPOINTS.get(EndpointKey { vni: iface.vni, ip: ip.dst_addr }) }
         .ok_or(DropReason::NoEndpoint)?;
 
     if ep.flags & ENDPOINT_LOCAL != 0 {

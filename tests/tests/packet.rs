@@ -34,9 +34,8 @@ use overlay_common::{
     maps::{Config, ENDPOINT_LOCAL, Endpoint, EndpointKey, Iface, Network, Peer, PeerKey, XDP_META_MAGIC},
     stats::{self, *},
     wire::{
-        ARP_OP_REPLY, ARP_OP_REQUEST, ETH_P_ARP, ETH_P_IP, EthHdr, INNER_ETH_OFF, INNER_IP_OFF, IPPROTO_ICMP,
-        IPPROTO_TCP, IPPROTO_UDP, IPV4_DF, IPV4_MF, Ipv4Hdr, OUTER_IP_OFF, OUTER_UDP_OFF, UdpHdr, VXLAN_OFF,
-        VxlanHdr,
+        ARP_OP_REPLY, ARP_OP_REQUEST, ETH_P_ARP, ETH_P_IP, EthHdr, INNER_ETH_OFF, INNER_IP_OFF, IPV4_DF,
+        IPV4_MF, Ipv4Hdr, OUTER_IP_OFF, OUTER_UDP_OFF, UdpHdr, VXLAN_OFF, VxlanHdr,
     },
 };
 use overlay_tests::{Run, frames::*, in_ns, sh, skip_unless_privileged, wait_for};
@@ -541,7 +540,7 @@ fn expected_encap(inner: &[u8], vni: u32, remote_vtep: Ip, actual: &[u8]) -> Vec
     f.extend_from_slice(&UPLINK_MAC);
     f.extend_from_slice(&[0x08, 0x00]);
     f.extend_from_slice(bytes_of(&outer_ip.header(udp_len)));
-    f.extend_from_slice(&actual_udp.src_port);
+    f.extend_from_slice(&actual_udp.src);
     f.extend_from_slice(&[0x12, 0xb5]); // 4789
     f.extend_from_slice(&(udp_len as u16).to_be_bytes());
     f.extend_from_slice(&[0, 0]);
@@ -726,8 +725,8 @@ fn decap_ignores_what_rfc7348_says_receivers_ignore() {
     let mut reserved = vxlan(&from_peer2(BLUE), &inner);
     edit::<VxlanHdr>(&mut reserved, VXLAN_OFF, |v| {
         v.flags = 0xff;
-        v.reserved1 = [0xaa, 0xbb, 0xcc];
-        v.reserved2 = 0xdd;
+        v._reserved1 = [0xaa, 0xbb, 0xcc];
+        v._reserved2 = 0xdd;
     });
     // A non-zero UDP checksum, correctly computed over the whole datagram: receivers MAY verify
     // it, and must then accept it.
@@ -739,7 +738,7 @@ fn decap_ignores_what_rfc7348_says_receivers_ignore() {
     assert_ne!(read::<UdpHdr>(&checksummed, OUTER_UDP_OFF).check, [0, 0]);
     // Any source port: it is the sender's flow hash.
     let mut low_port = vxlan(&from_peer2(BLUE), &inner);
-    edit::<UdpHdr>(&mut low_port, OUTER_UDP_OFF, |u| u.src_port = 1024u16.to_be_bytes());
+    edit::<UdpHdr>(&mut low_port, OUTER_UDP_OFF, |u| u.src = 1024u16.to_be_bytes());
 
     for (what, frame) in
         [("reserved bits", reserved), ("UDP checksum", checksummed), ("source port", low_port)]
@@ -893,7 +892,7 @@ fn uplink_drops_fragmented_vxlan() {
     // A first fragment carries the UDP header, so it is recognisably VXLAN; VTEPs never
     // fragment (RFC 7348 section 4.3) and the receiver may discard fragments.
     let mut first = valid_vxlan();
-    edit::<Ipv4Hdr>(&mut first, OUTER_IP_OFF, |ip| ip.frag_off = IPV4_MF.to_be_bytes());
+    edit::<Ipv4Hdr>(&mut first, OUTER_IP_OFF, |ip| ip.frags = IPV4_MF.to_be_bytes());
     reseal_ipv4(&mut first, OUTER_IP_OFF);
     check_uplink_drop(&h, "first fragment (MF, offset 0)", &first, DropReason::Fragment);
 }
@@ -970,7 +969,7 @@ fn not_ours() -> Vec<(&'static str, Vec<u8>)> {
         ethernet(UPLINK_MAC, PEER2_MAC, ETH_P_IP, &Ipv4::new(PEER2, VTEP, protocol).packet(l4))
     };
     let mut later_fragment = valid_vxlan();
-    edit::<Ipv4Hdr>(&mut later_fragment, OUTER_IP_OFF, |ip| ip.frag_off = 0x00b9u16.to_be_bytes());
+    edit::<Ipv4Hdr>(&mut later_fragment, OUTER_IP_OFF, |ip| ip.frags = 0x00b9u16.to_be_bytes());
     reseal_ipv4(&mut later_fragment, OUTER_IP_OFF);
     // Options move the UDP header; decap.rs leaves such frames to the host's stack.
     let with_options = {
@@ -988,7 +987,7 @@ fn not_ours() -> Vec<(&'static str, Vec<u8>)> {
         f
     };
     let mut to_other_ip = valid_vxlan();
-    edit::<Ipv4Hdr>(&mut to_other_ip, OUTER_IP_OFF, |ip| ip.dst = [198, 18, 0, 50]);
+    edit::<Ipv4Hdr>(&mut to_other_ip, OUTER_IP_OFF, |ip| ip.dst_addr = [198, 18, 0, 50]);
     reseal_ipv4(&mut to_other_ip, OUTER_IP_OFF);
     vec![
         ("UDP to another port of the VTEP", host(&udp(PEER2, VTEP, 51234, 53, b"query"), IPPROTO_UDP)),
