@@ -1,4 +1,5 @@
-//! Builds the eBPF object (crate overlay-ebpf) for the BPF target; the agent embeds it.
+//! Builds the eBPF object `overlay-ebpf` (the crate and its one [[bin]]) for the BPF target;
+//! the agent embeds it from OUT_DIR.
 use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 

@@ -248,7 +248,9 @@ fn name_reason(msg: &str) -> String {
     let Some(at) = msg.find("reason=") else { return msg.to_owned() };
     let start = at + "reason=".len();
     let end = msg[start..].find(|c: char| !c.is_ascii_digit()).map_or(msg.len(), |i| start + i);
-    match msg[start..end].parse().ok().and_then(overlay_common::stats::name) {
+    // Only drop reasons: the programs log nothing else with a reason=.
+    let reason = msg[start..end].parse().ok().and_then(overlay_common::stats::DropReason::from_code);
+    match reason.map(overlay_common::stats::DropReason::name) {
         Some(name) => format!("{}{name}{}", &msg[..start], &msg[end..]),
         None => msg.to_owned(),
     }

@@ -2,7 +2,8 @@
 //!
 //! Everything here is `#[repr(C)]`, has its padding spelled out, and is checked for size and
 //! field offsets at compile time, so both sides agree on the bytes of every map entry and every
-//! header they read or write. With the `user` feature the map types implement `aya::Pod`.
+//! header they read or write. The packet headers are network-types' (see `wire`). With the
+//! `user` feature the map types implement `aya::Pod`.
 #![no_std]
 
 pub mod maps;

@@ -1,8 +1,8 @@
 //! Counter codes: the index of each counter in the per-CPU `STATS` array.
 //!
 //! Codes below [`DROP_BASE`] count packets that went somewhere; codes from `DROP_BASE` on count
-//! packets dropped, one code per reason. The same table names them for the agent's `stats`
-//! command, so a reason has one number and one name everywhere.
+//! packets dropped, one [`DropReason`] each. [`name`] names every code for the agent's `stats`
+//! command, its logs and metric labels, so a reason has one number and one name everywhere.
 
 /// Frames from a container encapsulated toward another host (direction: tx).
 pub const TX_ENCAP: u32 = 0;
@@ -17,54 +17,145 @@ pub const RX_DELIVER: u32 = 4;
 /// Uplink frames that are not VXLAN for this host, passed untouched to the host stack.
 pub const UPLINK_PASS: u32 = 5;
 
+/// The first code of a drop reason: codes from here to [`STATS_LEN`] belong to [`DropReason`].
 pub const DROP_BASE: u32 = 16;
-/// A frame on a veth the agent has not registered (it is being set up or torn down).
-pub const DROP_UNKNOWN_IFACE: u32 = 16;
-/// Source MAC or IPv4 that is not the sending endpoint's own.
-pub const DROP_SPOOFED: u32 = 17;
-/// An ethertype the overlay does not carry (it carries IPv4 and answers ARP).
-pub const DROP_UNSUPPORTED: u32 = 18;
-/// A frame from a container too short for the headers it claims.
-pub const DROP_MALFORMED: u32 = 19;
-/// No endpoint owns the destination on the sender's network (unknown, or on another network).
-pub const DROP_NO_ENDPOINT: u32 = 20;
-/// An ARP packet that is not a request we can answer.
-pub const DROP_ARP: u32 = 21;
-/// The agent has not configured this host yet.
-pub const DROP_NO_CONFIG: u32 = 22;
-/// The kernel refused to grow the frame for the VXLAN headers.
-pub const DROP_ENCAP_FAILED: u32 = 23;
-/// VXLAN from a source that is not a known peer VTEP.
-pub const DROP_UNKNOWN_PEER: u32 = 24;
-/// VXLAN with a VNI that no network on this host has.
-pub const DROP_UNKNOWN_VNI: u32 = 25;
-/// VXLAN header without the I flag.
-pub const DROP_BAD_FLAGS: u32 = 26;
-/// VXLAN frame that ends inside one of its headers.
-pub const DROP_TRUNCATED: u32 = 27;
-/// Outer IPv4 or UDP length that does not match the frame.
-pub const DROP_BAD_LENGTH: u32 = 28;
-/// A fragment of a VXLAN frame (VTEPs never fragment; RFC 7348 lets receivers discard them).
-pub const DROP_FRAGMENT: u32 = 29;
-/// VXLAN for this host whose outer IPv4 header checksum is wrong. (An outer header with
-/// options is not taken for VXLAN at all: VTEPs never send one, and it goes to the host stack.)
-pub const DROP_BAD_OUTER_IP: u32 = 30;
-/// Inner frame that is not IPv4 (the overlay never sends anything else).
-pub const DROP_INNER_NOT_IPV4: u32 = 31;
-/// Inner source that the sending VTEP does not own.
-pub const DROP_INNER_SPOOFED: u32 = 32;
-/// Inner destination that is not an endpoint on this host.
-pub const DROP_NOT_LOCAL: u32 = 33;
-/// The kernel refused to shrink the frame or redirect it.
-pub const DROP_DECAP_FAILED: u32 = 34;
 
-/// Frame too large for the uplink once encapsulated (a container raised its MTU).
-pub const DROP_TOO_BIG: u32 = 35;
+/// Why a packet was dropped. The discriminant is the reason's counter code in `STATS` (pinned
+/// maps outlive an upgrade of the agent, so a reason keeps its number for good), and
+/// [`DropReason::name`] is the one table of names: the agent's `stats` table and JSON, its drop
+/// log lines and metric labels all print these.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DropReason {
+    /// A frame on a veth the agent has not registered (it is being set up or torn down).
+    UnknownIface = 16,
+    /// Source MAC or IPv4 that is not the sending endpoint's own.
+    Spoofed = 17,
+    /// An ethertype the overlay does not carry (it carries IPv4 and answers ARP).
+    Unsupported = 18,
+    /// A frame from a container too short for the headers it claims.
+    Malformed = 19,
+    /// No endpoint owns the destination on the sender's network (unknown, or on another network).
+    NoEndpoint = 20,
+    /// An ARP packet that is not a request we can answer.
+    Arp = 21,
+    /// The agent has not configured this host yet.
+    NoConfig = 22,
+    /// The kernel refused to grow the frame for the VXLAN headers.
+    EncapFailed = 23,
+    /// VXLAN from a source that is not a known peer VTEP.
+    UnknownPeer = 24,
+    /// VXLAN with a VNI that no network on this host has.
+    UnknownVni = 25,
+    /// VXLAN header without the I flag.
+    BadFlags = 26,
+    /// VXLAN frame that ends inside one of its headers.
+    Truncated = 27,
+    /// Outer IPv4 or UDP length that does not match the frame.
+    BadLength = 28,
+    /// A fragment of a VXLAN frame (VTEPs never fragment; RFC 7348 lets receivers discard them).
+    Fragment = 29,
+    /// VXLAN for this host whose outer IPv4 header checksum is wrong. (An outer header with
+    /// options is not taken for VXLAN at all: VTEPs never send one, and it goes to the host stack.)
+    BadOuterIp = 30,
+    /// Inner frame that is not IPv4 (the overlay never sends anything else).
+    InnerNotIpv4 = 31,
+    /// Inner source that the sending VTEP does not own.
+    InnerSpoofed = 32,
+    /// Inner destination that is not an endpoint on this host.
+    NotLocal = 33,
+    /// The kernel refused to shrink the frame or redirect it.
+    DecapFailed = 34,
+    /// Frame too large for the uplink once encapsulated (a container raised its MTU).
+    TooBig = 35,
+}
+
+impl DropReason {
+    /// Every reason, in code order.
+    pub const ALL: [Self; 20] = [
+        Self::UnknownIface,
+        Self::Spoofed,
+        Self::Unsupported,
+        Self::Malformed,
+        Self::NoEndpoint,
+        Self::Arp,
+        Self::NoConfig,
+        Self::EncapFailed,
+        Self::UnknownPeer,
+        Self::UnknownVni,
+        Self::BadFlags,
+        Self::Truncated,
+        Self::BadLength,
+        Self::Fragment,
+        Self::BadOuterIp,
+        Self::InnerNotIpv4,
+        Self::InnerSpoofed,
+        Self::NotLocal,
+        Self::DecapFailed,
+        Self::TooBig,
+    ];
+
+    /// The reason's counter code: its index in `STATS`.
+    #[inline(always)]
+    pub const fn code(self) -> u32 {
+        self as u32
+    }
+
+    /// The reason counted under `code`, if any.
+    pub const fn from_code(code: u32) -> Option<Self> {
+        if code < DROP_BASE {
+            return None;
+        }
+        let i = (code - DROP_BASE) as usize;
+        if i < Self::ALL.len() { Some(Self::ALL[i]) } else { None }
+    }
+
+    /// The reason's name, as printed by the agent and used as a metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::UnknownIface => "unknown_iface",
+            Self::Spoofed => "spoofed_source",
+            Self::Unsupported => "unsupported_ethertype",
+            Self::Malformed => "malformed",
+            Self::NoEndpoint => "no_endpoint",
+            Self::Arp => "arp_unanswerable",
+            Self::NoConfig => "no_config",
+            Self::EncapFailed => "encap_failed",
+            Self::UnknownPeer => "unknown_peer",
+            Self::UnknownVni => "unknown_vni",
+            Self::BadFlags => "bad_vxlan_flags",
+            Self::Truncated => "truncated",
+            Self::BadLength => "bad_length",
+            Self::Fragment => "outer_fragment",
+            Self::BadOuterIp => "bad_outer_ip",
+            Self::InnerNotIpv4 => "inner_not_ipv4",
+            Self::InnerSpoofed => "inner_spoofed",
+            Self::NotLocal => "not_local",
+            Self::DecapFailed => "decap_failed",
+            Self::TooBig => "too_big",
+        }
+    }
+
+    /// Drops that say something is wrong with the host rather than with the packet (the kernel
+    /// refused to grow, shrink or redirect a frame; no configuration yet). The programs always
+    /// log these; other drops only when drop logging is on.
+    #[inline(always)]
+    pub const fn is_fault(self) -> bool {
+        matches!(self, Self::EncapFailed | Self::DecapFailed | Self::NoConfig)
+    }
+}
+
+impl From<DropReason> for u32 {
+    fn from(reason: DropReason) -> Self {
+        reason.code()
+    }
+}
 
 /// Length of the `STATS` array (room for new codes without a layout change).
 pub const STATS_LEN: u32 = 48;
 
-/// Name of a counter code, as printed by the agent and used as a metric label.
+/// Name of a counter code, as printed by the agent and used as a metric label: the packets that
+/// went somewhere by the table below, drops by [`DropReason::name`].
 pub const fn name(code: u32) -> Option<&'static str> {
     Some(match code {
         TX_ENCAP => "tx_encap",
@@ -73,27 +164,10 @@ pub const fn name(code: u32) -> Option<&'static str> {
         RX_DECAP => "rx_decap",
         RX_DELIVER => "rx_deliver",
         UPLINK_PASS => "uplink_pass",
-        DROP_UNKNOWN_IFACE => "unknown_iface",
-        DROP_SPOOFED => "spoofed_source",
-        DROP_UNSUPPORTED => "unsupported_ethertype",
-        DROP_MALFORMED => "malformed",
-        DROP_NO_ENDPOINT => "no_endpoint",
-        DROP_ARP => "arp_unanswerable",
-        DROP_NO_CONFIG => "no_config",
-        DROP_ENCAP_FAILED => "encap_failed",
-        DROP_UNKNOWN_PEER => "unknown_peer",
-        DROP_UNKNOWN_VNI => "unknown_vni",
-        DROP_BAD_FLAGS => "bad_vxlan_flags",
-        DROP_TRUNCATED => "truncated",
-        DROP_BAD_LENGTH => "bad_length",
-        DROP_FRAGMENT => "outer_fragment",
-        DROP_BAD_OUTER_IP => "bad_outer_ip",
-        DROP_INNER_NOT_IPV4 => "inner_not_ipv4",
-        DROP_INNER_SPOOFED => "inner_spoofed",
-        DROP_NOT_LOCAL => "not_local",
-        DROP_DECAP_FAILED => "decap_failed",
-        DROP_TOO_BIG => "too_big",
-        _ => return None,
+        _ => match DropReason::from_code(code) {
+            Some(reason) => reason.name(),
+            None => return None,
+        },
     })
 }
 
@@ -101,13 +175,40 @@ pub const fn is_drop(code: u32) -> bool {
     code >= DROP_BASE
 }
 
-/// Drops that say something is wrong with the host rather than with the packet (the kernel
-/// refused to grow, shrink or redirect a frame; no configuration yet). The programs always log
-/// these; other drops only when drop logging is on.
-pub const fn is_fault(code: u32) -> bool {
-    matches!(code, DROP_ENCAP_FAILED | DROP_DECAP_FAILED | DROP_NO_CONFIG)
-}
-
 const _: () = {
-    assert!(DROP_TOO_BIG < STATS_LEN);
+    // ALL lists every reason once, in code order from DROP_BASE, so from_code inverts code, and
+    // every code fits in STATS.
+    let mut i = 0;
+    while i < DropReason::ALL.len() {
+        assert!(DropReason::ALL[i].code() == DROP_BASE + i as u32);
+        i += 1;
+    }
+    assert!(DropReason::TooBig.code() < STATS_LEN);
+    assert!(UPLINK_PASS < DROP_BASE);
 };
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn codes_and_names_are_one_table() {
+        let mut names = BTreeSet::new();
+        for reason in DropReason::ALL {
+            assert_eq!(DropReason::from_code(reason.code()), Some(reason));
+            assert_eq!(name(reason.code()), Some(reason.name()));
+            assert!(is_drop(reason.code()));
+            assert!(names.insert(reason.name()), "{} named twice", reason.name());
+        }
+        for code in [TX_ENCAP, TX_LOCAL, ARP_REPLY, RX_DECAP, RX_DELIVER, UPLINK_PASS] {
+            assert!(!is_drop(code));
+            assert!(names.insert(name(code).expect("named")));
+        }
+        assert_eq!(DropReason::from_code(DROP_BASE - 1), None);
+        assert_eq!(DropReason::from_code(DropReason::TooBig.code() + 1), None);
+        assert_eq!(name(STATS_LEN - 1), None);
+    }
+}

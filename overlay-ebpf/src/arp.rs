@@ -4,52 +4,53 @@
 use aya_ebpf::helpers::bpf_redirect;
 use overlay_common::{
     maps::{EndpointKey, Iface},
-    stats,
-    wire::{ARP_OP_REPLY, ARP_OP_REQUEST, ArpHdr, EthHdr},
+    stats::{self, DropReason},
+    wire::{ARP_OP_REPLY, ARP_OP_REQUEST, ArpHdr, EthHdr, is_ethernet_ipv4},
 };
 
 use crate::{
     maps::{ENDPOINTS, NETWORKS},
     packet::Packet,
     skb::redirected,
-    stats::Drop,
 };
 
 /// Answers an ARP request from the endpoint behind `ifindex` in place and sends the reply
 /// straight back out of the same veth to the container.
 #[inline(always)]
-pub fn reply(pkt: Packet, ifindex: u32, iface: &Iface) -> Result<i32, Drop> {
-    let eth = pkt.header::<EthHdr>(0).ok_or(Drop::MALFORMED)?;
-    let arp = pkt.header::<ArpHdr>(EthHdr::LEN).ok_or(Drop::MALFORMED)?;
-    // SAFETY: both pointers were bounds-checked against the packet above.
-    let (eth, arp) = unsafe { (&mut *eth, &mut *arp) };
+pub fn reply(pkt: Packet, ifindex: u32, iface: &Iface) -> Result<i32, DropReason> {
+    let mut eth: EthHdr = pkt.read(0).ok_or(DropReason::Malformed)?;
+    let mut arp: ArpHdr = pkt.read(EthHdr::LEN).ok_or(DropReason::Malformed)?;
 
-    if !arp.is_ethernet_ipv4() || arp.op() != ARP_OP_REQUEST {
-        return Err(Drop(stats::DROP_ARP));
+    if !is_ethernet_ipv4(&arp) || arp.oper() != ARP_OP_REQUEST {
+        return Err(DropReason::Arp);
     }
     // The requester must be the endpoint itself: a container cannot ask in someone else's name.
     if arp.sha != iface.mac || arp.spa != iface.ip {
-        return Err(Drop(stats::DROP_SPOOFED));
+        return Err(DropReason::Spoofed);
     }
     let target = arp.tpa;
     // A request for its own address is a gratuitous ARP or a duplicate-address probe: there is
     // nobody else to answer for it.
     if target == iface.ip {
-        return Err(Drop(stats::DROP_ARP));
+        return Err(DropReason::Arp);
     }
-    let owner_mac = owner(iface.vni, target).ok_or(Drop(stats::DROP_ARP))?;
+    let owner_mac = owner(iface.vni, target).ok_or(DropReason::Arp)?;
 
-    eth.dst = eth.src;
-    eth.src = owner_mac;
-    arp.op = ARP_OP_REPLY.to_be_bytes();
+    eth.dst_addr = eth.src_addr;
+    eth.src_addr = owner_mac;
+    arp.set_oper(ARP_OP_REPLY);
     arp.tha = arp.sha;
     arp.tpa = arp.spa;
     arp.sha = owner_mac;
     arp.spa = target;
+    // Both fit: they were read from the same places.
+    if !pkt.write(0, eth) || !pkt.write(EthHdr::LEN, arp) {
+        return Err(DropReason::Malformed);
+    }
 
     // Egress of the host-side veth is the container's ingress.
     // SAFETY: plain helper call.
-    redirected(unsafe { bpf_redirect(ifindex, 0) }, stats::ARP_REPLY, pkt.len() as u32, stats::DROP_ARP)
+    redirected(unsafe { bpf_redirect(ifindex, 0) }, stats::ARP_REPLY, pkt.len() as u32, DropReason::Arp)
 }
 
 /// The MAC that owns `ip` on network `vni`: an endpoint, or the network's gateway.

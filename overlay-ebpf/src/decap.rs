@@ -1,23 +1,30 @@
-//! Which frames on the uplink are VXLAN for this host, and whether each one may be delivered.
+//! VXLAN decapsulation on the uplink, the mirror of encap.rs: which frames are VXLAN for this
+//! host, whether each one may be delivered, and the removal of the outer headers, in XDP
+//! ([`strip_xdp`]) and in TC ([`strip_tc`]).
 //!
-//! Shared by the uplink's XDP program and its TC fallback so both apply exactly the same rules.
-//! The order of the checks is the order of the headers: a frame is dropped for the first thing
-//! wrong with it, and frames that are not VXLAN for this host are never touched.
+//! The checks are shared by the uplink's XDP program and its TC fallback so both apply exactly
+//! the same rules. Their order is the order of the headers: a frame is dropped for the first
+//! thing wrong with it, and frames that are not VXLAN for this host are never touched.
 
+use aya_ebpf::{
+    bindings::{BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},
+    helpers::bpf_xdp_adjust_head,
+    programs::{TcContext, XdpContext},
+};
 use overlay_common::{
-    VXLAN_PORT,
+    VXLAN_OVERHEAD, VXLAN_PORT,
     maps::{Config, ENDPOINT_LOCAL, EndpointKey, PeerKey},
-    stats,
+    stats::{self, DropReason},
     wire::{
-        ETH_P_IP, EthHdr, INNER_ETH_OFF, INNER_IP_OFF, IPPROTO_UDP, Ipv4Hdr, OUTER_IP_OFF, OUTER_UDP_OFF,
-        UdpHdr, VXLAN_FLAG_I, VXLAN_OFF, VxlanHdr,
+        ETH_P_IP, EthHdr, INNER_ETH_OFF, INNER_IP_OFF, IpProto, Ipv4Hdr, OUTER_IP_OFF, OUTER_UDP_OFF, UdpHdr,
+        VXLAN_OFF, VxlanHdr, ether_type, ipv4_header_sum, is_fragment,
     },
 };
 
 use crate::{
     maps::{ENDPOINTS, NETWORKS, PEERS},
     packet::Packet,
-    stats::Drop,
+    stats::count,
 };
 
 /// Bytes of headers the checks read: everything up to and including the inner IPv4 header.
@@ -28,7 +35,7 @@ pub enum Verdict {
     Pass,
     /// A valid frame for the local endpoint behind this host-side veth.
     Deliver(u32),
-    Drop(Drop),
+    Drop(DropReason),
 }
 
 /// Classifies a frame whose first bytes are `pkt`. `wire_len` is the frame's full length and
@@ -44,59 +51,58 @@ pub fn classify(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Verdic
 }
 
 #[inline(always)]
-fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option<u32>, Drop> {
-    let truncated = Drop(stats::DROP_TRUNCATED);
+fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option<u32>, DropReason> {
+    let truncated = DropReason::Truncated;
 
     // Is it ours? Anything that is not UDP to our VTEP's port 4789 passes untouched.
-    let Some(eth) = pkt.header::<EthHdr>(0) else { return Ok(None) };
-    // SAFETY: every header pointer below was bounds-checked by Packet::header.
-    if unsafe { (*eth).ether_type() } != ETH_P_IP {
+    let Some(eth) = pkt.read::<EthHdr>(0) else { return Ok(None) };
+    if ether_type(&eth) != ETH_P_IP {
         return Ok(None);
     }
-    let Some(ip) = pkt.header::<Ipv4Hdr>(OUTER_IP_OFF) else { return Ok(None) };
-    let ip = unsafe { *ip };
-    if ip.protocol != IPPROTO_UDP || ip.dst != cfg.vtep {
+    let Some(ip) = pkt.read::<Ipv4Hdr>(OUTER_IP_OFF) else { return Ok(None) };
+    if ip.proto != IpProto::Udp as u8 || ip.dst_addr != cfg.vtep {
         return Ok(None);
     }
     // Options would move the UDP header; VTEPs never send them, and such a frame is left to
     // the stack, which has no socket on the VXLAN port and answers it as it would any stray UDP.
-    if ip.version_ihl != 0x45 {
+    if ip.vihl != 0x45 {
         return Ok(None);
     }
     // A later fragment carries no UDP header: nothing here says whether it is VXLAN.
-    if ip.frag_off() & overlay_common::wire::IPV4_FRAG_OFFSET_MASK != 0 {
+    if ip.frag_offset() != 0 {
         return Ok(None);
     }
     // UDP to our VTEP with a cut-off UDP header is garbage whatever its port: drop and count.
-    let udp = unsafe { *pkt.header::<UdpHdr>(OUTER_UDP_OFF).ok_or(truncated)? };
+    let udp: UdpHdr = pkt.read(OUTER_UDP_OFF).ok_or(truncated)?;
     if udp.dst_port() != VXLAN_PORT {
         return Ok(None);
     }
 
     // From here on the frame is VXLAN for this host: deliver it or drop it with a reason.
-    if ip.is_fragment() {
-        return Err(Drop(stats::DROP_FRAGMENT));
+    if is_fragment(&ip) {
+        return Err(DropReason::Fragment);
     }
-    if ip.checksum() != 0 {
-        return Err(Drop(stats::DROP_BAD_OUTER_IP));
+    if ipv4_header_sum(&ip) != 0 {
+        return Err(DropReason::BadOuterIp);
     }
     // SAFETY: copied out at once.
-    if unsafe { PEERS.get(PeerKey { vtep: ip.src }) }.is_none() {
-        return Err(Drop(stats::DROP_UNKNOWN_PEER));
+    if unsafe { PEERS.get(PeerKey { vtep: ip.src_addr }) }.is_none() {
+        return Err(DropReason::UnknownPeer);
     }
-    let vxlan = unsafe { *pkt.header::<VxlanHdr>(VXLAN_OFF).ok_or(truncated)? };
-    if vxlan.flags & VXLAN_FLAG_I == 0 {
-        return Err(Drop(stats::DROP_BAD_FLAGS));
+    let vxlan: VxlanHdr = pkt.read(VXLAN_OFF).ok_or(truncated)?;
+    if !vxlan.vni_present() {
+        return Err(DropReason::BadFlags);
     }
     let vni = vxlan.vni();
+    // SAFETY: only tested for presence.
     if unsafe { NETWORKS.get(vni) }.is_none() {
-        return Err(Drop(stats::DROP_UNKNOWN_VNI));
+        return Err(DropReason::UnknownVni);
     }
-    let inner_eth = unsafe { *pkt.header::<EthHdr>(INNER_ETH_OFF).ok_or(truncated)? };
-    if inner_eth.ether_type() != ETH_P_IP {
-        return Err(Drop(stats::DROP_INNER_NOT_IPV4));
+    let inner_eth: EthHdr = pkt.read(INNER_ETH_OFF).ok_or(truncated)?;
+    if ether_type(&inner_eth) != ETH_P_IP {
+        return Err(DropReason::InnerNotIpv4);
     }
-    let inner_ip = unsafe { *pkt.header::<Ipv4Hdr>(INNER_IP_OFF).ok_or(truncated)? };
+    let inner_ip: Ipv4Hdr = pkt.read(INNER_IP_OFF).ok_or(truncated)?;
 
     // The lengths must describe this frame exactly: IPv4 total length up to the end of the
     // frame and UDP length up to the end of the IPv4 payload. An unsegmented GSO packet (seen
@@ -104,23 +110,60 @@ fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option
     // clamped them at 0xffff, and segmentation would rewrite them.
     let ip_len = ip.tot_len() as usize;
     let gso = gso || (ip_len == 0xffff && wire_len > ip_len + EthHdr::LEN);
-    if !gso && (ip_len + EthHdr::LEN != wire_len || udp.length() as usize + Ipv4Hdr::LEN != ip_len) {
-        return Err(Drop(stats::DROP_BAD_LENGTH));
+    if !gso && (ip_len + EthHdr::LEN != wire_len || udp.len() as usize + Ipv4Hdr::LEN != ip_len) {
+        return Err(DropReason::BadLength);
     }
-    if inner_ip.version_ihl >> 4 != 4 {
-        return Err(Drop(stats::DROP_INNER_NOT_IPV4));
+    if inner_ip.version() != 4 {
+        return Err(DropReason::InnerNotIpv4);
     }
 
     // The inner source must be an endpoint that lives behind the VTEP the frame came from, with
     // its own MAC: a host can only speak for its own containers, as they are.
-    let src = unsafe { ENDPOINTS.get(EndpointKey { vni, ip: inner_ip.src }) };
+    // SAFETY: both endpoint lookups are read at once, before anything can change the entries.
+    let src = unsafe { ENDPOINTS.get(EndpointKey { vni, ip: inner_ip.src_addr }) };
     match src {
-        Some(src) if src.flags & ENDPOINT_LOCAL == 0 && src.vtep == ip.src && src.mac == inner_eth.src => {}
-        _ => return Err(Drop(stats::DROP_INNER_SPOOFED)),
+        Some(src)
+            if src.flags & ENDPOINT_LOCAL == 0
+                && src.vtep == ip.src_addr
+                && src.mac == inner_eth.src_addr => {}
+        _ => return Err(DropReason::InnerSpoofed),
     }
-    let dst = unsafe { ENDPOINTS.get(EndpointKey { vni, ip: inner_ip.dst }) };
+    let dst = unsafe { ENDPOINTS.get(EndpointKey { vni, ip: inner_ip.dst_addr }) };
     match dst {
         Some(dst) if dst.flags & ENDPOINT_LOCAL != 0 => Ok(Some(dst.ifindex)),
-        _ => Err(Drop(stats::DROP_NOT_LOCAL)),
+        _ => Err(DropReason::NotLocal),
     }
+}
+
+/// Decapsulates, in XDP, a frame [`classify`] said to deliver: `len` bytes long, it starts
+/// `VXLAN_OVERHEAD` bytes later, with the inner Ethernet header. Metadata written in front of
+/// the data before this call moves along with the data start.
+#[inline(always)]
+pub fn strip_xdp(ctx: &XdpContext, len: usize) -> Result<(), DropReason> {
+    // SAFETY: plain helper call on our frame.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, VXLAN_OVERHEAD as i32) } != 0 {
+        return Err(DropReason::DecapFailed);
+    }
+    count(stats::RX_DECAP, (len - VXLAN_OVERHEAD as usize) as u32);
+    Ok(())
+}
+
+/// Decapsulates, in TC, a frame [`classify`] said to deliver, whose headers are in `pkt`.
+/// bpf_skb_adjust_room removes outer IPv4, UDP, VXLAN and the inner Ethernet header from behind
+/// the outer Ethernet header (FIXED_GSO keeps a GRO-merged packet's segment size; DECAP_L3_IPV4
+/// tells the kernel the tunnel is gone), then the inner Ethernet header goes where the outer one
+/// was.
+#[inline(always)]
+pub fn strip_tc(ctx: &TcContext, pkt: Packet) -> Result<(), DropReason> {
+    let len = ctx.len();
+    let inner_eth: EthHdr = pkt.read(INNER_ETH_OFF).ok_or(DropReason::Truncated)?;
+    ctx.adjust_room(
+        -(VXLAN_OVERHEAD as i32),
+        BPF_ADJ_ROOM_MAC,
+        (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) as u64,
+    )
+    .map_err(|_| DropReason::DecapFailed)?;
+    ctx.store(0, &inner_eth, 0).map_err(|_| DropReason::DecapFailed)?;
+    count(stats::RX_DECAP, len - VXLAN_OVERHEAD);
+    Ok(())
 }

@@ -17,11 +17,11 @@ use aya_ebpf::{
 use overlay_common::{
     VXLAN_OVERHEAD, VXLAN_PORT, VXLAN_SRC_PORT_MAX, VXLAN_SRC_PORT_MIN,
     maps::{Config, Endpoint},
-    stats,
-    wire::{ETH_P_IP, EthHdr, IPPROTO_UDP, IPV4_DF, Ipv4Hdr, UdpHdr, VxlanEncap, VxlanHdr},
+    stats::{self, DropReason},
+    wire::{EthHdr, EtherType, IPV4_DF, IpProto, Ipv4Hdr, UdpHdr, VxlanEncap, VxlanHdr, ipv4_header_sum},
 };
 
-use crate::{skb::redirected, stats::Drop};
+use crate::skb::redirected;
 
 /// Outer TTL, as the kernel's vxlan device uses by default.
 const OUTER_TTL: u8 = 64;
@@ -46,7 +46,7 @@ pub fn to_remote(
     ep: &Endpoint,
     inner_eth: EthHdr,
     inner_tos: u8,
-) -> Result<i32, Drop> {
+) -> Result<i32, DropReason> {
     let skb = ctx.skb.skb;
     let len = ctx.len();
     // SAFETY: reading fields of the context the kernel gave us.
@@ -55,14 +55,14 @@ pub fn to_remote(
     // device; drop it here where it is counted. (Only possible if a container raised its MTU;
     // GSO packets are segmented to the container's MSS, which fits.)
     if !gso && len - EthHdr::LEN as u32 + VXLAN_OVERHEAD > cfg.uplink_mtu {
-        return Err(Drop(stats::DROP_TOO_BIG));
+        return Err(DropReason::TooBig);
     }
     // Hash of the inner flow, taken before the headers change, for the UDP source port.
     // SAFETY: plain helper call on our skb.
     let hash = unsafe { bpf_get_hash_recalc(skb) };
 
     ctx.adjust_room(VXLAN_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
-        .map_err(|_| Drop(stats::DROP_ENCAP_FAILED))?;
+        .map_err(|_| DropReason::EncapFailed)?;
 
     let outer_len = len + VXLAN_OVERHEAD - EthHdr::LEN as u32;
     // A GSO super-packet can be longer than an IPv4 length can say; segmentation rewrites the
@@ -73,30 +73,26 @@ pub fn to_remote(
     let src_port = VXLAN_SRC_PORT_MIN + ((hash as u64 * span) >> 32) as u16;
 
     let mut hdr = VxlanEncap {
-        outer_eth: EthHdr {
-            // bpf_redirect_neigh fills in the next hop's MAC.
-            dst: [0; 6],
-            src: cfg.uplink_mac,
-            ether_type: ETH_P_IP.to_be_bytes(),
-        },
+        // bpf_redirect_neigh fills in the next hop's MAC.
+        outer_eth: EthHdr::new([0; 6], cfg.uplink_mac, EtherType::Ipv4),
         outer_ip: Ipv4Hdr {
-            version_ihl: 0x45,
+            vihl: 0x45,
             // DSCP and ECN of the inner packet (RFC 6040 normal mode), so the underlay can
             // honour its class and mark congestion.
             tos: inner_tos,
             tot_len: ip_len.to_be_bytes(),
             id: [0; 2],
             // VTEPs must not fragment (RFC 7348 section 4.3); DF also makes an ID unnecessary.
-            frag_off: IPV4_DF.to_be_bytes(),
+            frags: IPV4_DF.to_be_bytes(),
             ttl: OUTER_TTL,
-            protocol: IPPROTO_UDP,
+            proto: IpProto::Udp as u8,
             check: [0; 2],
-            src: cfg.vtep,
-            dst: ep.vtep,
+            src_addr: cfg.vtep,
+            dst_addr: ep.vtep,
         },
         udp: UdpHdr {
-            src_port: src_port.to_be_bytes(),
-            dst_port: VXLAN_PORT.to_be_bytes(),
+            src: src_port.to_be_bytes(),
+            dst: VXLAN_PORT.to_be_bytes(),
             len: udp_len.to_be_bytes(),
             // Zero UDP checksum is allowed for VXLAN over IPv4 (RFC 7348); the inner packet
             // carries its own checksums end to end.
@@ -105,12 +101,12 @@ pub fn to_remote(
         vxlan: VxlanHdr::new(vni),
         inner_eth,
     };
-    hdr.outer_ip.check = hdr.outer_ip.checksum().to_be_bytes();
+    hdr.outer_ip.check = ipv4_header_sum(&hdr.outer_ip).to_be_bytes();
 
-    ctx.store(0, &hdr, 0).map_err(|_| Drop(stats::DROP_ENCAP_FAILED))?;
+    ctx.store(0, &hdr, 0).map_err(|_| DropReason::EncapFailed)?;
 
     // SAFETY: plain helper call; a null params pointer asks for a FIB lookup on the outer
     // destination, which resolves the next hop whether it is the peer or a router.
     let verdict = unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) };
-    redirected(verdict, stats::TX_ENCAP, len + VXLAN_OVERHEAD, stats::DROP_ENCAP_FAILED)
+    redirected(verdict, stats::TX_ENCAP, len + VXLAN_OVERHEAD, DropReason::EncapFailed)
 }

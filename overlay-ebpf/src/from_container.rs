@@ -7,64 +7,59 @@
 use aya_ebpf::programs::TcContext;
 use overlay_common::{
     maps::{ENDPOINT_LOCAL, Endpoint, EndpointKey},
-    stats,
-    wire::{ETH_P_ARP, ETH_P_IP, EthHdr, Ipv4Hdr},
+    stats::{self, DropReason},
+    wire::{ArpHdr, ETH_P_ARP, ETH_P_IP, EthHdr, Ipv4Hdr, ether_type},
 };
 
 use crate::{
     arp, encap,
     maps::{ENDPOINTS, IFACES, config},
     skb::{deliver, packet},
-    stats::Drop,
 };
 
 /// Bytes the program needs in the linear part of the skb: Ethernet plus ARP (the longer of
 /// ARP and a minimal IPv4 header).
-const HEADERS: u32 = (EthHdr::LEN + 28) as u32;
+const HEADERS: u32 = (EthHdr::LEN + ArpHdr::LEN) as u32;
 
 #[inline(always)]
-pub fn process(ctx: &TcContext) -> Result<i32, Drop> {
+pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
     // SAFETY: reading a field of the context the kernel gave us.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: copied out at once.
-    let iface = *unsafe { IFACES.get(ifindex) }.ok_or(Drop(stats::DROP_UNKNOWN_IFACE))?;
+    let iface = *unsafe { IFACES.get(ifindex) }.ok_or(DropReason::UnknownIface)?;
 
     let mut pkt = packet(ctx);
     if pkt.len() < HEADERS as usize && ctx.len() >= HEADERS {
         // Headers in a paged fragment: bring them into the linear part.
-        ctx.pull_data(HEADERS).map_err(|_| Drop::MALFORMED)?;
+        ctx.pull_data(HEADERS).map_err(|_| DropReason::Malformed)?;
         pkt = packet(ctx);
     }
-    let eth = pkt.header::<EthHdr>(0).ok_or(Drop::MALFORMED)?;
-    // SAFETY: bounds-checked above.
-    let eth = unsafe { *eth };
-    if eth.src != iface.mac {
-        return Err(Drop(stats::DROP_SPOOFED));
+    let eth: EthHdr = pkt.read(0).ok_or(DropReason::Malformed)?;
+    if eth.src_addr != iface.mac {
+        return Err(DropReason::Spoofed);
     }
-    match eth.ether_type() {
+    match ether_type(&eth) {
         ETH_P_IP => {}
         ETH_P_ARP => return arp::reply(pkt, ifindex, &iface),
-        _ => return Err(Drop(stats::DROP_UNSUPPORTED)),
+        _ => return Err(DropReason::Unsupported),
     }
 
-    let ip = pkt.header::<Ipv4Hdr>(EthHdr::LEN).ok_or(Drop::MALFORMED)?;
-    // SAFETY: bounds-checked above.
-    let ip = unsafe { *ip };
-    if ip.version() != 4 || ip.header_len() < Ipv4Hdr::LEN {
-        return Err(Drop::MALFORMED);
+    let ip: Ipv4Hdr = pkt.read(EthHdr::LEN).ok_or(DropReason::Malformed)?;
+    if ip.version() != 4 || (ip.ihl() as usize) < Ipv4Hdr::LEN {
+        return Err(DropReason::Malformed);
     }
-    if ip.src != iface.ip {
-        return Err(Drop(stats::DROP_SPOOFED));
+    if ip.src_addr != iface.ip {
+        return Err(DropReason::Spoofed);
     }
     // The key carries the sender's VNI: a destination on another network is simply not found.
     // SAFETY: copied out at once.
-    let ep: Endpoint = *unsafe { ENDPOINTS.get(EndpointKey { vni: iface.vni, ip: ip.dst }) }
-        .ok_or(Drop(stats::DROP_NO_ENDPOINT))?;
+    let ep: Endpoint = *unsafe { ENDPOINTS.get(EndpointKey { vni: iface.vni, ip: ip.dst_addr }) }
+        .ok_or(DropReason::NoEndpoint)?;
 
     if ep.flags & ENDPOINT_LOCAL != 0 {
         return to_local(ctx, &ep);
     }
-    let cfg = config().ok_or(Drop(stats::DROP_NO_CONFIG))?;
+    let cfg = config().ok_or(DropReason::NoConfig)?;
     encap::to_remote(ctx, cfg, iface.vni, &ep, eth, ip.tos)
 }
 
@@ -72,6 +67,6 @@ pub fn process(ctx: &TcContext) -> Result<i32, Drop> {
 /// the host's stack: bpf_redirect_peer puts it on the ingress of the container side of the
 /// endpoint's veth.
 #[inline(always)]
-fn to_local(ctx: &TcContext, ep: &Endpoint) -> Result<i32, Drop> {
-    deliver(ctx, ep.ifindex, stats::TX_LOCAL, stats::DROP_NO_ENDPOINT)
+fn to_local(ctx: &TcContext, ep: &Endpoint) -> Result<i32, DropReason> {
+    deliver(ctx, ep.ifindex, stats::TX_LOCAL, DropReason::NoEndpoint)
 }

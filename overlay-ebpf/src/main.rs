@@ -27,9 +27,9 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::{info, warn};
-use overlay_common::{maps::CONFIG_DEBUG_DROPS, stats::is_fault};
+use overlay_common::{maps::CONFIG_DEBUG_DROPS, stats::DropReason};
 
-use crate::stats::{Drop, count};
+use crate::stats::count;
 
 #[classifier]
 pub fn from_container(ctx: TcContext) -> i32 {
@@ -69,15 +69,16 @@ pub fn uplink_tc(ctx: TcContext) -> i32 {
 /// not with the packet. Every other drop is logged only when the operator switched drop logging
 /// on, so the fast path carries no log call by default.
 #[inline(always)]
-fn dropped<C: aya_ebpf::EbpfContext>(ctx: &C, drop: Drop, len: u32) {
-    count(drop.0, len);
-    if is_fault(drop.0) {
-        warn!(ctx, "drop reason={} len={}", drop.0, len);
+fn dropped<C: aya_ebpf::EbpfContext>(ctx: &C, drop: DropReason, len: u32) {
+    // The programs log the code; the agent prints it as the reason's name (DropReason::name).
+    count(drop.code(), len);
+    if drop.is_fault() {
+        warn!(ctx, "drop reason={} len={}", drop.code(), len);
     } else if let Some(cfg) = maps::CONFIG.get(0)
         && cfg.flags & CONFIG_DEBUG_DROPS != 0
     {
         // Info, not debug: these records exist only because the operator asked for them.
-        info!(ctx, "drop reason={} len={}", drop.0, len);
+        info!(ctx, "drop reason={} len={}", drop.code(), len);
     }
 }
 

@@ -1,8 +1,10 @@
 //! Bounds-checked access to packet bytes, shared by the TC and XDP programs.
 //!
 //! The verifier only accepts a packet access after a comparison against `data_end` on the same
-//! path; every header read goes through `header` so that comparison is always there. The wire
-//! structs have alignment 1, so a reference at any offset is sound.
+//! path; every header access goes through `header`, `read` or `write` so that comparison is
+//! always there. Headers are copied in and out with unaligned reads and writes: `EthHdr` has
+//! alignment 2 (see overlay_common::wire) and nothing promises that a header in a packet sits at
+//! an even address.
 
 use core::mem::size_of;
 
@@ -19,13 +21,32 @@ impl Packet {
         self.end - self.start
     }
 
-    /// A header of type `T` at `offset`, if the packet is long enough to hold it.
+    /// Where a `T` at `offset` would be, if the packet is long enough to hold it.
     #[inline(always)]
-    pub fn header<T>(&self, offset: usize) -> Option<*mut T> {
+    fn header<T>(&self, offset: usize) -> Option<*mut T> {
         let at = self.start + offset;
         if at + size_of::<T>() > self.end {
             return None;
         }
         Some(at as *mut T)
+    }
+
+    /// A copy of the header of type `T` at `offset`, if the packet is long enough to hold it.
+    /// `T` is a wire header: plain bytes, for which every pattern is a valid value.
+    #[inline(always)]
+    pub fn read<T: Copy>(&self, offset: usize) -> Option<T> {
+        let at = self.header::<T>(offset)?;
+        // SAFETY: `at..at + size_of::<T>()` lies inside the packet (checked above); the read
+        // makes no alignment assumption.
+        Some(unsafe { at.read_unaligned() })
+    }
+
+    /// Writes `value` at `offset`; false if the packet is too short to hold it.
+    #[inline(always)]
+    pub fn write<T: Copy>(&self, offset: usize, value: T) -> bool {
+        let Some(at) = self.header::<T>(offset) else { return false };
+        // SAFETY: as in `read`; the programs own the packet bytes they are handed.
+        unsafe { at.write_unaligned(value) };
+        true
     }
 }

@@ -2,10 +2,9 @@
 
 use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect_peer, programs::TcContext};
 
-use crate::{
-    packet::Packet,
-    stats::{Drop, count},
-};
+use overlay_common::stats::DropReason;
+
+use crate::{packet::Packet, stats::count};
 
 /// linux/if_packet.h: the frame is for this host.
 const PACKET_HOST: u32 = 0;
@@ -16,9 +15,9 @@ const PACKET_HOST: u32 = 0;
 /// it PACKET_OTHERHOST; the container's IP layer would discard it as such. It is for that
 /// container, so mark it PACKET_HOST first.
 #[inline(always)]
-pub fn deliver(ctx: &TcContext, ifindex: u32, counter: u32, failure: u32) -> Result<i32, Drop> {
+pub fn deliver(ctx: &TcContext, ifindex: u32, counter: u32, failure: DropReason) -> Result<i32, DropReason> {
     let len = ctx.len();
-    ctx.change_type(PACKET_HOST).map_err(|_| Drop(failure))?;
+    ctx.change_type(PACKET_HOST).map_err(|_| failure)?;
     // SAFETY: plain helper call.
     redirected(unsafe { bpf_redirect_peer(ifindex, 0) }, counter, len, failure)
 }
@@ -26,12 +25,12 @@ pub fn deliver(ctx: &TcContext, ifindex: u32, counter: u32, failure: u32) -> Res
 /// Turns what a redirect helper returned into the program's verdict: on success count the
 /// frame under `counter` and return TC_ACT_REDIRECT; otherwise it is dropped for `failure`.
 #[inline(always)]
-pub fn redirected(helper: i64, counter: u32, bytes: u32, failure: u32) -> Result<i32, Drop> {
+pub fn redirected(helper: i64, counter: u32, bytes: u32, failure: DropReason) -> Result<i32, DropReason> {
     if helper == TC_ACT_REDIRECT as i64 {
         count(counter, bytes);
         Ok(TC_ACT_REDIRECT)
     } else {
-        Err(Drop(failure))
+        Err(failure)
     }
 }
 

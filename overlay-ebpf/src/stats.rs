@@ -1,6 +1,5 @@
 //! Counting: every verdict a program returns is counted here, once, by its code.
-
-use overlay_common::stats;
+//! A drop is counted under its `DropReason`'s code; the programs' errors are that enum itself.
 
 use crate::maps::STATS;
 
@@ -14,12 +13,4 @@ pub fn count(code: u32, bytes: u32) {
             (*c).bytes += bytes as u64;
         }
     }
-}
-
-/// A reason a packet is dropped: one of the `overlay_common::stats::DROP_*` codes.
-#[derive(Clone, Copy)]
-pub struct Drop(pub u32);
-
-impl Drop {
-    pub const MALFORMED: Self = Self(stats::DROP_MALFORMED);
 }

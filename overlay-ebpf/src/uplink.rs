@@ -15,18 +15,13 @@
 //! then TC classifies and decapsulates the frame itself with the same rules.
 
 use aya_ebpf::{
-    bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK,
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
-    },
-    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
+    bindings::{TC_ACT_OK, xdp_action},
+    helpers::bpf_xdp_adjust_meta,
     programs::{TcContext, XdpContext},
 };
 use overlay_common::{
-    VXLAN_OVERHEAD,
     maps::{XDP_META_MAGIC, XdpMeta},
-    stats,
-    wire::{EthHdr, INNER_ETH_OFF},
+    stats::{self, DropReason},
 };
 
 use crate::{
@@ -34,15 +29,15 @@ use crate::{
     maps::config,
     packet::Packet,
     skb::{deliver, packet},
-    stats::{Drop, count},
+    stats::count,
 };
 
 /// What XDP leaves for TC when it has already decided the frame is not ours.
 const META_PASS: u32 = 0;
 
-/// The XDP half: classify, drop, decapsulate.
+/// The XDP half: classify, drop, decapsulate (decap.rs), and tell TC where the frame goes.
 #[inline(always)]
-pub fn xdp(ctx: &XdpContext) -> Result<u32, Drop> {
+pub fn xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     // Not configured yet: the uplink is just the host's interface.
     let Some(cfg) = config() else { return Ok(xdp_action::XDP_PASS) };
     let pkt = Packet { start: ctx.data(), end: ctx.data_end() };
@@ -61,11 +56,7 @@ pub fn xdp(ctx: &XdpContext) -> Result<u32, Drop> {
             if set_meta(ctx, ifindex).is_err() {
                 return Ok(xdp_action::XDP_PASS);
             }
-            // SAFETY: plain helper call; the metadata moves along with the data start.
-            if unsafe { bpf_xdp_adjust_head(ctx.ctx, VXLAN_OVERHEAD as i32) } != 0 {
-                return Err(Drop(stats::DROP_DECAP_FAILED));
-            }
-            count(stats::RX_DECAP, (pkt.len() - VXLAN_OVERHEAD as usize) as u32);
+            decap::strip_xdp(ctx, pkt.len())?;
             Ok(xdp_action::XDP_PASS)
         }
     }
@@ -87,14 +78,15 @@ fn set_meta(ctx: &XdpContext, ifindex: u32) -> Result<(), ()> {
     Ok(())
 }
 
-/// The TC half: deliver what XDP decapsulated, or do all of it when XDP could not.
+/// The TC half: deliver what XDP decapsulated, or classify and decapsulate (decap.rs) when XDP
+/// could not.
 #[inline(always)]
-pub fn tc(ctx: &TcContext) -> Result<i32, Drop> {
+pub fn tc(ctx: &TcContext) -> Result<i32, DropReason> {
     if let Some(meta) = meta(ctx) {
         if meta.ifindex == META_PASS {
             return Ok(TC_ACT_OK);
         }
-        return deliver(ctx, meta.ifindex, stats::RX_DELIVER, stats::DROP_DECAP_FAILED);
+        return deliver(ctx, meta.ifindex, stats::RX_DELIVER, DropReason::DecapFailed);
     }
 
     let Some(cfg) = config() else { return Ok(TC_ACT_OK) };
@@ -102,7 +94,7 @@ pub fn tc(ctx: &TcContext) -> Result<i32, Drop> {
     let len = ctx.len();
     if pkt.len() < decap::HEADERS && len as usize >= decap::HEADERS {
         // Headers in a paged fragment: bring them into the linear part.
-        ctx.pull_data(decap::HEADERS as u32).map_err(|_| Drop(stats::DROP_TRUNCATED))?;
+        ctx.pull_data(decap::HEADERS as u32).map_err(|_| DropReason::Truncated)?;
         pkt = packet(ctx);
     }
     // SAFETY: reading a field of the context the kernel gave us.
@@ -111,20 +103,8 @@ pub fn tc(ctx: &TcContext) -> Result<i32, Drop> {
         Verdict::Pass => Ok(TC_ACT_OK),
         Verdict::Drop(drop) => Err(drop),
         Verdict::Deliver(ifindex) => {
-            // Remove outer IPv4, UDP, VXLAN and inner Ethernet from behind the outer Ethernet
-            // header, then put the inner Ethernet header where the outer one was.
-            let inner_eth = pkt.header::<EthHdr>(INNER_ETH_OFF).ok_or(Drop(stats::DROP_TRUNCATED))?;
-            // SAFETY: bounds-checked above.
-            let inner_eth = unsafe { *inner_eth };
-            ctx.adjust_room(
-                -(VXLAN_OVERHEAD as i32),
-                BPF_ADJ_ROOM_MAC,
-                (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) as u64,
-            )
-            .map_err(|_| Drop(stats::DROP_DECAP_FAILED))?;
-            ctx.store(0, &inner_eth, 0).map_err(|_| Drop(stats::DROP_DECAP_FAILED))?;
-            count(stats::RX_DECAP, len - VXLAN_OVERHEAD);
-            deliver(ctx, ifindex, stats::RX_DELIVER, stats::DROP_DECAP_FAILED)
+            decap::strip_tc(ctx, pkt)?;
+            deliver(ctx, ifindex, stats::RX_DELIVER, DropReason::DecapFailed)
         }
     }
 }

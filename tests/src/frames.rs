@@ -8,8 +8,7 @@
 use std::mem::size_of;
 
 use overlay_common::wire::{
-    ArpHdr, ETH_P_IP, EthHdr, IPPROTO_TCP, IPPROTO_UDP, IPV4_DF, Ipv4Hdr, OUTER_IP_OFF, OUTER_UDP_OFF,
-    UdpHdr, VxlanEncap, VxlanHdr,
+    ArpHdr, ETH_P_IP, EthHdr, IPV4_DF, Ipv4Hdr, OUTER_IP_OFF, OUTER_UDP_OFF, UdpHdr, VxlanEncap, VxlanHdr,
 };
 
 pub type Mac = [u8; 6];
@@ -18,8 +17,14 @@ pub type Ip = [u8; 4];
 pub const BROADCAST: Mac = [0xff; 6];
 pub const ETH_P_IPV6: u16 = 0x86dd;
 
-/// The on-wire header structs: `#[repr(C)]`, alignment 1, nothing but byte fields, so every byte
-/// pattern is a valid value and their bytes are exactly the header's bytes.
+/// IP protocol numbers (IANA), as the tests write them into headers.
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// The on-wire header structs (network-types'): `#[repr(C)]`, byte arrays and one `u16`
+/// (`EthHdr::ether_type`, network order), no padding, so every byte pattern is a valid value and
+/// their bytes are exactly the header's bytes.
 pub trait Header: Copy {}
 impl Header for EthHdr {}
 impl Header for Ipv4Hdr {}
@@ -92,7 +97,7 @@ fn pseudo_header_sum(src: Ip, dst: Ip, protocol: u8, len: usize) -> u32 {
 }
 
 pub fn ethernet(dst: Mac, src: Mac, ether_type: u16, payload: &[u8]) -> Vec<u8> {
-    let eth = EthHdr { dst, src, ether_type: ether_type.to_be_bytes() };
+    let eth = EthHdr { dst_addr: dst, src_addr: src, ether_type: ether_type.to_be() };
     [bytes_of(&eth), payload].concat()
 }
 
@@ -122,16 +127,16 @@ impl Ipv4 {
     /// The header for `payload_len` bytes of payload, checksum filled in.
     pub fn header(&self, payload_len: usize) -> Ipv4Hdr {
         let mut h = Ipv4Hdr {
-            version_ihl: 0x45,
+            vihl: 0x45,
             tos: self.tos,
             tot_len: ((Ipv4Hdr::LEN + payload_len) as u16).to_be_bytes(),
             id: self.id.to_be_bytes(),
-            frag_off: self.frag_off.to_be_bytes(),
+            frags: self.frag_off.to_be_bytes(),
             ttl: self.ttl,
-            protocol: self.protocol,
+            proto: self.protocol,
             check: [0; 2],
-            src: self.src,
-            dst: self.dst,
+            src_addr: self.src,
+            dst_addr: self.dst,
         };
         h.check = internet_checksum(0, bytes_of(&h)).to_be_bytes();
         h
@@ -147,8 +152,8 @@ impl Ipv4 {
 pub fn udp(src: Ip, dst: Ip, src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
     let len = UdpHdr::LEN + payload.len();
     let mut h = UdpHdr {
-        src_port: src_port.to_be_bytes(),
-        dst_port: dst_port.to_be_bytes(),
+        src: src_port.to_be_bytes(),
+        dst: dst_port.to_be_bytes(),
         len: (len as u16).to_be_bytes(),
         check: [0; 2],
     };
@@ -201,7 +206,7 @@ pub fn arp(op: u16, sha: Mac, spa: Ip, tha: Mac, tpa: Ip) -> Vec<u8> {
         ptype: ETH_P_IP.to_be_bytes(),
         hlen: 6,
         plen: 4,
-        op: op.to_be_bytes(),
+        oper: op.to_be_bytes(),
         sha,
         spa,
         tha,
@@ -214,8 +219,8 @@ pub fn arp(op: u16, sha: Mac, spa: Ip, tha: Mac, tpa: Ip) -> Vec<u8> {
 /// its ethertype, version and ports. The UDP checksum is left zero: nothing here verifies it.
 pub fn ipv6_udp(src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
     let udp = UdpHdr {
-        src_port: src_port.to_be_bytes(),
-        dst_port: dst_port.to_be_bytes(),
+        src: src_port.to_be_bytes(),
+        dst: dst_port.to_be_bytes(),
         len: ((UdpHdr::LEN + payload.len()) as u16).to_be_bytes(),
         check: [0; 2],
     };
@@ -249,16 +254,16 @@ pub struct Tunnel {
 /// frame) unchanged.
 pub fn vxlan(t: &Tunnel, inner: &[u8]) -> Vec<u8> {
     let vni = t.vni.to_be_bytes();
-    let vx = VxlanHdr { flags: 0x08, reserved1: [0; 3], vni: [vni[1], vni[2], vni[3]], reserved2: 0 };
+    let vx = VxlanHdr { flags: 0x08, _reserved1: [0; 3], vni: [vni[1], vni[2], vni[3]], _reserved2: 0 };
     let udp_len = UdpHdr::LEN + VxlanHdr::LEN + inner.len();
     let udp = UdpHdr {
-        src_port: t.src_port.to_be_bytes(),
-        dst_port: 4789u16.to_be_bytes(),
+        src: t.src_port.to_be_bytes(),
+        dst: 4789u16.to_be_bytes(),
         len: (udp_len as u16).to_be_bytes(),
         check: [0; 2],
     };
     let ip = Ipv4::new(t.src_vtep, t.dst_vtep, IPPROTO_UDP).header(udp_len);
-    let eth = EthHdr { dst: t.dst_mac, src: t.src_mac, ether_type: ETH_P_IP.to_be_bytes() };
+    let eth = EthHdr { dst_addr: t.dst_mac, src_addr: t.src_mac, ether_type: ETH_P_IP.to_be() };
     [bytes_of(&eth), bytes_of(&ip), bytes_of(&udp), bytes_of(&vx), inner].concat()
 }
 

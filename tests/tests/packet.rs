@@ -34,9 +34,8 @@ use overlay_common::{
     maps::{Config, ENDPOINT_LOCAL, Endpoint, EndpointKey, Iface, Network, Peer, PeerKey, XDP_META_MAGIC},
     stats::{self, *},
     wire::{
-        ARP_OP_REPLY, ARP_OP_REQUEST, ETH_P_ARP, ETH_P_IP, EthHdr, INNER_ETH_OFF, INNER_IP_OFF, IPPROTO_ICMP,
-        IPPROTO_TCP, IPPROTO_UDP, IPV4_DF, IPV4_MF, Ipv4Hdr, OUTER_IP_OFF, OUTER_UDP_OFF, UdpHdr, VXLAN_OFF,
-        VxlanHdr,
+        ARP_OP_REPLY, ARP_OP_REQUEST, ETH_P_ARP, ETH_P_IP, EthHdr, INNER_ETH_OFF, INNER_IP_OFF, IPV4_DF,
+        IPV4_MF, Ipv4Hdr, OUTER_IP_OFF, OUTER_UDP_OFF, UdpHdr, VXLAN_OFF, VxlanHdr,
     },
 };
 use overlay_tests::{Run, frames::*, in_ns, sh, skip_unless_privileged, wait_for};
@@ -541,7 +540,7 @@ fn expected_encap(inner: &[u8], vni: u32, remote_vtep: Ip, actual: &[u8]) -> Vec
     f.extend_from_slice(&UPLINK_MAC);
     f.extend_from_slice(&[0x08, 0x00]);
     f.extend_from_slice(bytes_of(&outer_ip.header(udp_len)));
-    f.extend_from_slice(&actual_udp.src_port);
+    f.extend_from_slice(&actual_udp.src);
     f.extend_from_slice(&[0x12, 0xb5]); // 4789
     f.extend_from_slice(&(udp_len as u16).to_be_bytes());
     f.extend_from_slice(&[0, 0]);
@@ -643,7 +642,7 @@ fn encap_drops_what_would_not_fit_the_uplink() {
     let too_big = udp_frame(A, R, 53, 1451 - 28);
     let (out, counts) = h.counting(|h| h.from_container("veth-a", &too_big));
     assert_eq!(out.verdict, TC_ACT_SHOT);
-    assert_eq!(counts, one_each(&[(DROP_TOO_BIG, too_big.len())]));
+    assert_eq!(counts, one_each(&[(DropReason::TooBig.code(), too_big.len())]));
 }
 
 #[test]
@@ -655,7 +654,7 @@ fn unconfigured_host_does_not_encapsulate() {
     let frame = udp_frame(A, R, 53, 20);
     let (out, counts) = h.counting(|h| h.from_container("veth-a", &frame));
     assert_eq!(out.verdict, TC_ACT_SHOT);
-    assert_eq!(counts, one_each(&[(DROP_NO_CONFIG, frame.len())]));
+    assert_eq!(counts, one_each(&[(DropReason::NoConfig.code(), frame.len())]));
     // Delivery on the host needs no tunnel configuration.
     let local = udp_frame(A, B, 53, 20);
     let (out, counts) = h.counting(|h| h.from_container("veth-a", &local));
@@ -726,8 +725,8 @@ fn decap_ignores_what_rfc7348_says_receivers_ignore() {
     let mut reserved = vxlan(&from_peer2(BLUE), &inner);
     edit::<VxlanHdr>(&mut reserved, VXLAN_OFF, |v| {
         v.flags = 0xff;
-        v.reserved1 = [0xaa, 0xbb, 0xcc];
-        v.reserved2 = 0xdd;
+        v._reserved1 = [0xaa, 0xbb, 0xcc];
+        v._reserved2 = 0xdd;
     });
     // A non-zero UDP checksum, correctly computed over the whole datagram: receivers MAY verify
     // it, and must then accept it.
@@ -739,7 +738,7 @@ fn decap_ignores_what_rfc7348_says_receivers_ignore() {
     assert_ne!(read::<UdpHdr>(&checksummed, OUTER_UDP_OFF).check, [0, 0]);
     // Any source port: it is the sender's flow hash.
     let mut low_port = vxlan(&from_peer2(BLUE), &inner);
-    edit::<UdpHdr>(&mut low_port, OUTER_UDP_OFF, |u| u.src_port = 1024u16.to_be_bytes());
+    edit::<UdpHdr>(&mut low_port, OUTER_UDP_OFF, |u| u.src = 1024u16.to_be_bytes());
 
     for (what, frame) in
         [("reserved bits", reserved), ("UDP checksum", checksummed), ("source port", low_port)]
@@ -760,13 +759,13 @@ fn decap_ignores_what_rfc7348_says_receivers_ignore() {
 
 /// Checks that `frame` is dropped on the uplink for `reason`, by XDP and by TC, and that
 /// nothing else is counted.
-fn check_uplink_drop(h: &Host, what: &str, frame: &[u8], reason: u32) {
+fn check_uplink_drop(h: &Host, what: &str, frame: &[u8], reason: DropReason) {
     let (out, counts) = h.counting(|h| h.uplink_xdp(frame));
     assert_eq!(out.verdict, XDP_DROP, "XDP verdict: {what}");
-    assert_eq!(counts, one_each(&[(reason, frame.len())]), "XDP counters: {what}");
+    assert_eq!(counts, one_each(&[(reason.code(), frame.len())]), "XDP counters: {what}");
     let (out, counts) = h.counting(|h| h.uplink_tc(frame));
     assert_eq!(out.verdict, TC_ACT_SHOT, "TC verdict: {what}");
-    assert_eq!(counts, one_each(&[(reason, frame.len())]), "TC counters: {what}");
+    assert_eq!(counts, one_each(&[(reason.code(), frame.len())]), "TC counters: {what}");
 }
 
 #[test]
@@ -778,7 +777,7 @@ fn uplink_drops_vxlan_from_unknown_peers() {
     // Everything else about them is right, including an inner source that exists (behind PEER2).
     for (what, src_vtep) in [("source VTEP not a peer", STRANGER), ("source is this host's own VTEP", VTEP)] {
         let t = Tunnel { src_vtep, ..from_peer2(BLUE) };
-        check_uplink_drop(&h, what, &vxlan(&t, &udp_frame(R, A, 7000, 64)), DROP_UNKNOWN_PEER);
+        check_uplink_drop(&h, what, &vxlan(&t, &udp_frame(R, A, 7000, 64)), DropReason::UnknownPeer);
     }
 }
 
@@ -789,7 +788,7 @@ fn uplink_drops_unknown_vni() {
     }
     let h = Host::new("pkvni");
     let frame = vxlan(&from_peer2(0x00_99_99), &udp_frame(R, A, 7000, 64));
-    check_uplink_drop(&h, "VNI of no network here", &frame, DROP_UNKNOWN_VNI);
+    check_uplink_drop(&h, "VNI of no network here", &frame, DropReason::UnknownVni);
 }
 
 #[test]
@@ -808,7 +807,7 @@ fn uplink_drops_inner_destinations_that_are_not_local() {
         ("destination on another network", vxlan(&from_peer2(RED), &udp_frame(Q, A, 7000, 64))),
     ];
     for (what, frame) in cases {
-        check_uplink_drop(&h, what, &frame, DROP_NOT_LOCAL);
+        check_uplink_drop(&h, what, &frame, DropReason::NotLocal);
     }
 }
 
@@ -821,7 +820,7 @@ fn uplink_drops_vxlan_without_the_i_flag() {
     for flags in [0x00, 0xf7] {
         let mut frame = valid_vxlan();
         edit::<VxlanHdr>(&mut frame, VXLAN_OFF, |v| v.flags = flags);
-        check_uplink_drop(&h, &format!("VXLAN flags {flags:#04x}"), &frame, DROP_BAD_FLAGS);
+        check_uplink_drop(&h, &format!("VXLAN flags {flags:#04x}"), &frame, DropReason::BadFlags);
     }
 }
 
@@ -842,7 +841,7 @@ fn uplink_drops_truncated_frames() {
     for (what, len) in cuts {
         let mut frame = valid_vxlan();
         truncate_consistently(&mut frame, len);
-        check_uplink_drop(&h, what, &frame, DROP_TRUNCATED);
+        check_uplink_drop(&h, what, &frame, DropReason::Truncated);
     }
 }
 
@@ -880,7 +879,7 @@ fn uplink_drops_lengths_that_do_not_match_the_frame() {
     trailing.extend_from_slice(&[0; 4]);
     cases.push(("bytes after the IPv4 packet", trailing));
     for (what, frame) in cases {
-        check_uplink_drop(&h, what, &frame, DROP_BAD_LENGTH);
+        check_uplink_drop(&h, what, &frame, DropReason::BadLength);
     }
 }
 
@@ -893,9 +892,9 @@ fn uplink_drops_fragmented_vxlan() {
     // A first fragment carries the UDP header, so it is recognisably VXLAN; VTEPs never
     // fragment (RFC 7348 section 4.3) and the receiver may discard fragments.
     let mut first = valid_vxlan();
-    edit::<Ipv4Hdr>(&mut first, OUTER_IP_OFF, |ip| ip.frag_off = IPV4_MF.to_be_bytes());
+    edit::<Ipv4Hdr>(&mut first, OUTER_IP_OFF, |ip| ip.frags = IPV4_MF.to_be_bytes());
     reseal_ipv4(&mut first, OUTER_IP_OFF);
-    check_uplink_drop(&h, "first fragment (MF, offset 0)", &first, DROP_FRAGMENT);
+    check_uplink_drop(&h, "first fragment (MF, offset 0)", &first, DropReason::Fragment);
 }
 
 #[test]
@@ -907,7 +906,7 @@ fn uplink_drops_bad_outer_checksum() {
     let mut frame = valid_vxlan();
     frame[OUTER_IP_OFF + 10] ^= 0x01;
     assert!(!ipv4_checksum_ok(&frame[OUTER_IP_OFF..OUTER_UDP_OFF]));
-    check_uplink_drop(&h, "outer IPv4 checksum off by one bit", &frame, DROP_BAD_OUTER_IP);
+    check_uplink_drop(&h, "outer IPv4 checksum off by one bit", &frame, DropReason::BadOuterIp);
 }
 
 #[test]
@@ -934,7 +933,7 @@ fn uplink_drops_inner_frames_that_are_not_ipv4() {
         ("IPv4 ethertype, version 6", not_v4),
         ("802.1Q tagged", tagged),
     ] {
-        check_uplink_drop(&h, what, &vxlan(&from_peer2(BLUE), &inner), DROP_INNER_NOT_IPV4);
+        check_uplink_drop(&h, what, &vxlan(&from_peer2(BLUE), &inner), DropReason::InnerNotIpv4);
     }
 }
 
@@ -956,7 +955,7 @@ fn uplink_drops_inner_sources_the_peer_does_not_own() {
         ("source address with another MAC", udp_frame(Ep { ip: R.ip, mac: S.mac }, A, 7000, 64)),
     ];
     for (what, inner) in cases {
-        check_uplink_drop(&h, what, &vxlan(&from_peer2(BLUE), &inner), DROP_INNER_SPOOFED);
+        check_uplink_drop(&h, what, &vxlan(&from_peer2(BLUE), &inner), DropReason::InnerSpoofed);
     }
 }
 
@@ -970,7 +969,7 @@ fn not_ours() -> Vec<(&'static str, Vec<u8>)> {
         ethernet(UPLINK_MAC, PEER2_MAC, ETH_P_IP, &Ipv4::new(PEER2, VTEP, protocol).packet(l4))
     };
     let mut later_fragment = valid_vxlan();
-    edit::<Ipv4Hdr>(&mut later_fragment, OUTER_IP_OFF, |ip| ip.frag_off = 0x00b9u16.to_be_bytes());
+    edit::<Ipv4Hdr>(&mut later_fragment, OUTER_IP_OFF, |ip| ip.frags = 0x00b9u16.to_be_bytes());
     reseal_ipv4(&mut later_fragment, OUTER_IP_OFF);
     // Options move the UDP header; decap.rs leaves such frames to the host's stack.
     let with_options = {
@@ -988,7 +987,7 @@ fn not_ours() -> Vec<(&'static str, Vec<u8>)> {
         f
     };
     let mut to_other_ip = valid_vxlan();
-    edit::<Ipv4Hdr>(&mut to_other_ip, OUTER_IP_OFF, |ip| ip.dst = [198, 18, 0, 50]);
+    edit::<Ipv4Hdr>(&mut to_other_ip, OUTER_IP_OFF, |ip| ip.dst_addr = [198, 18, 0, 50]);
     reseal_ipv4(&mut to_other_ip, OUTER_IP_OFF);
     vec![
         ("UDP to another port of the VTEP", host(&udp(PEER2, VTEP, 51234, 53, b"query"), IPPROTO_UDP)),
@@ -1098,39 +1097,54 @@ fn arp_requests_that_cannot_be_answered_are_dropped() {
     let h = Host::new("pkarpno");
     let mut not_ethernet = arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, R.ip);
     not_ethernet[EthHdr::LEN + 1] = 6; // hardware type 6 (IEEE 802)
-    let cases: Vec<(&str, &str, Vec<u8>, u32)> = vec![
-        ("unknown address", "veth-a", arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, NOBODY), DROP_ARP),
+    let cases: Vec<(&str, &str, Vec<u8>, DropReason)> = vec![
+        ("unknown address", "veth-a", arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, NOBODY), DropReason::Arp),
         // Gratuitous ARP or duplicate address detection: nobody else to answer for it.
-        ("its own address", "veth-a", arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, A.ip), DROP_ARP),
+        ("its own address", "veth-a", arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, A.ip), DropReason::Arp),
         // Isolation: Q's address exists only on red.
         (
             "an address of another network",
             "veth-a",
             arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, Q.ip),
-            DROP_ARP,
+            DropReason::Arp,
         ),
         // Red has no gateway, and 0.0.0.0 is nobody's.
         (
             "0.0.0.0 on a network without gateway",
             "veth-x",
             arp_frame(X.mac, ARP_OP_REQUEST, X.mac, X.ip, [0; 4]),
-            DROP_ARP,
+            DropReason::Arp,
         ),
-        ("a reply, not a request", "veth-a", arp_frame(A.mac, ARP_OP_REPLY, A.mac, A.ip, R.ip), DROP_ARP),
-        ("not Ethernet/IPv4", "veth-a", not_ethernet, DROP_ARP),
-        ("spoofed sender MAC", "veth-a", arp_frame(A.mac, ARP_OP_REQUEST, B.mac, A.ip, R.ip), DROP_SPOOFED),
-        ("spoofed sender IPv4", "veth-a", arp_frame(A.mac, ARP_OP_REQUEST, A.mac, B.ip, R.ip), DROP_SPOOFED),
+        (
+            "a reply, not a request",
+            "veth-a",
+            arp_frame(A.mac, ARP_OP_REPLY, A.mac, A.ip, R.ip),
+            DropReason::Arp,
+        ),
+        ("not Ethernet/IPv4", "veth-a", not_ethernet, DropReason::Arp),
+        (
+            "spoofed sender MAC",
+            "veth-a",
+            arp_frame(A.mac, ARP_OP_REQUEST, B.mac, A.ip, R.ip),
+            DropReason::Spoofed,
+        ),
+        (
+            "spoofed sender IPv4",
+            "veth-a",
+            arp_frame(A.mac, ARP_OP_REQUEST, A.mac, B.ip, R.ip),
+            DropReason::Spoofed,
+        ),
         (
             "spoofed Ethernet source",
             "veth-a",
             arp_frame(B.mac, ARP_OP_REQUEST, B.mac, B.ip, R.ip),
-            DROP_SPOOFED,
+            DropReason::Spoofed,
         ),
         (
             "truncated",
             "veth-a",
             arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, R.ip)[..EthHdr::LEN + 20].to_vec(),
-            DROP_MALFORMED,
+            DropReason::Malformed,
         ),
     ];
     for (what, dev, frame, reason) in cases {
@@ -1161,10 +1175,10 @@ fn local_delivery_leaves_the_frame_unchanged() {
 }
 
 /// Checks that `frame` sent on `dev` is dropped for `reason` and nothing else is counted.
-fn check_container_drop(h: &Host, what: &str, dev: &str, frame: &[u8], reason: u32) {
+fn check_container_drop(h: &Host, what: &str, dev: &str, frame: &[u8], reason: DropReason) {
     let (out, counts) = h.counting(|h| h.from_container(dev, frame));
     assert_eq!(out.verdict, TC_ACT_SHOT, "verdict: {what}");
-    assert_eq!(counts, one_each(&[(reason, frame.len())]), "counters: {what}");
+    assert_eq!(counts, one_each(&[(reason.code(), frame.len())]), "counters: {what}");
 }
 
 #[test]
@@ -1175,13 +1189,19 @@ fn from_container_drops_spoofed_sources() {
     let h = Host::new("pkcspoof");
     let mut wrong_mac = udp_frame(A, R, 53, 20);
     wrong_mac[6..12].copy_from_slice(&B.mac);
-    check_container_drop(&h, "B's MAC from A's veth", "veth-a", &wrong_mac, DROP_SPOOFED);
+    check_container_drop(&h, "B's MAC from A's veth", "veth-a", &wrong_mac, DropReason::Spoofed);
     let wrong_ip = ip_frame(A, R, Ipv4::new(B.ip, R.ip, IPPROTO_UDP), &udp(B.ip, R.ip, 1, 53, b"x"));
-    check_container_drop(&h, "B's IPv4 from A's veth", "veth-a", &wrong_ip, DROP_SPOOFED);
+    check_container_drop(&h, "B's IPv4 from A's veth", "veth-a", &wrong_ip, DropReason::Spoofed);
     // Local destinations get the same check.
     let wrong_ip_local =
         ip_frame(A, B, Ipv4::new(NOBODY, B.ip, IPPROTO_UDP), &udp(NOBODY, B.ip, 1, 53, b"x"));
-    check_container_drop(&h, "made-up IPv4 to a local endpoint", "veth-a", &wrong_ip_local, DROP_SPOOFED);
+    check_container_drop(
+        &h,
+        "made-up IPv4 to a local endpoint",
+        "veth-a",
+        &wrong_ip_local,
+        DropReason::Spoofed,
+    );
 }
 
 #[test]
@@ -1191,11 +1211,23 @@ fn networks_are_isolated() {
     }
     let h = Host::new("pkiso");
     // Q exists, but on red: from blue it is not there, whatever its address looks like.
-    check_container_drop(&h, "blue to red's Q", "veth-a", &udp_frame(A, Q, 53, 20), DROP_NO_ENDPOINT);
+    check_container_drop(&h, "blue to red's Q", "veth-a", &udp_frame(A, Q, 53, 20), DropReason::NoEndpoint);
     // Nor is a local endpoint of another network.
-    check_container_drop(&h, "blue to red's X (local)", "veth-a", &udp_frame(A, X, 53, 20), DROP_NO_ENDPOINT);
-    check_container_drop(&h, "red to blue's R", "veth-x", &udp_frame(X, R, 53, 20), DROP_NO_ENDPOINT);
-    check_container_drop(&h, "red to blue's A (local)", "veth-x", &udp_frame(X, A, 53, 20), DROP_NO_ENDPOINT);
+    check_container_drop(
+        &h,
+        "blue to red's X (local)",
+        "veth-a",
+        &udp_frame(A, X, 53, 20),
+        DropReason::NoEndpoint,
+    );
+    check_container_drop(&h, "red to blue's R", "veth-x", &udp_frame(X, R, 53, 20), DropReason::NoEndpoint);
+    check_container_drop(
+        &h,
+        "red to blue's A (local)",
+        "veth-x",
+        &udp_frame(X, A, 53, 20),
+        DropReason::NoEndpoint,
+    );
 }
 
 #[test]
@@ -1205,10 +1237,10 @@ fn from_container_drops_unknown_destinations() {
     }
     let h = Host::new("pkunk");
     let frame = udp_frame(A, Ep { ip: NOBODY, mac: BLUE_GATEWAY_MAC }, 53, 20);
-    check_container_drop(&h, "no endpoint has the address", "veth-a", &frame, DROP_NO_ENDPOINT);
+    check_container_drop(&h, "no endpoint has the address", "veth-a", &frame, DropReason::NoEndpoint);
     // The gateway answers ARP but is not an endpoint: traffic to it has nowhere to go.
     let frame = udp_frame(A, Ep { ip: BLUE_GATEWAY, mac: BLUE_GATEWAY_MAC }, 53, 20);
-    check_container_drop(&h, "the gateway's own address", "veth-a", &frame, DROP_NO_ENDPOINT);
+    check_container_drop(&h, "the gateway's own address", "veth-a", &frame, DropReason::NoEndpoint);
 }
 
 #[test]
@@ -1218,19 +1250,19 @@ fn from_container_drops_unsupported_and_malformed_frames() {
     }
     let h = Host::new("pkmal");
     let v6 = ethernet(R.mac, A.mac, ETH_P_IPV6, &ipv6_udp(1, 2, b"v6"));
-    check_container_drop(&h, "IPv6", "veth-a", &v6, DROP_UNSUPPORTED);
+    check_container_drop(&h, "IPv6", "veth-a", &v6, DropReason::Unsupported);
     let vlan = ethernet(R.mac, A.mac, 0x8100, &[0, 5, 0x08, 0x00, 0x45, 0, 0, 20]);
-    check_container_drop(&h, "802.1Q tagged", "veth-a", &vlan, DROP_UNSUPPORTED);
+    check_container_drop(&h, "802.1Q tagged", "veth-a", &vlan, DropReason::Unsupported);
 
     // test_run refuses IPv4 frames shorter than 14 + 20 bytes before the program runs (EINVAL);
     // truncated_ipv4_from_a_container_is_malformed sends one through a live veth instead.
     let full = udp_frame(A, R, 53, 20);
     let mut short_ihl = full.clone();
     short_ihl[EthHdr::LEN] = 0x44;
-    check_container_drop(&h, "IHL 4 (16-byte header)", "veth-a", &short_ihl, DROP_MALFORMED);
+    check_container_drop(&h, "IHL 4 (16-byte header)", "veth-a", &short_ihl, DropReason::Malformed);
     let mut not_v4 = full.clone();
     not_v4[EthHdr::LEN] = 0x65;
-    check_container_drop(&h, "IPv4 ethertype, version 6", "veth-a", &not_v4, DROP_MALFORMED);
+    check_container_drop(&h, "IPv4 ethertype, version 6", "veth-a", &not_v4, DropReason::Malformed);
 }
 
 #[test]
@@ -1246,10 +1278,10 @@ fn frames_on_unregistered_veths_are_dropped() {
         "A's frame on a stray veth",
         "stray",
         &udp_frame(A, R, 53, 20),
-        DROP_UNKNOWN_IFACE,
+        DropReason::UnknownIface,
     );
     let arp = arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, R.ip);
-    check_container_drop(&h, "A's ARP on a stray veth", "stray", &arp, DROP_UNKNOWN_IFACE);
+    check_container_drop(&h, "A's ARP on a stray veth", "stray", &arp, DropReason::UnknownIface);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1277,9 +1309,9 @@ fn truncated_ipv4_from_a_container_is_malformed() {
     let frame = udp_frame(A, R, 53, 20)[..EthHdr::LEN + 10].to_vec();
     let ((), counts) = h.counting(|h| {
         PacketSocket::open("veth-a-p").send(&frame);
-        wait_counted(h, DROP_MALFORMED);
+        wait_counted(h, DropReason::Malformed.code());
     });
-    assert_eq!(counts, one_each(&[(DROP_MALFORMED, frame.len())]));
+    assert_eq!(counts, one_each(&[(DropReason::Malformed.code(), frame.len())]));
 }
 
 #[test]

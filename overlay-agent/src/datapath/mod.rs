@@ -20,8 +20,8 @@ use tracing::info;
 
 pub use self::{attach::XdpPreference, maps::Maps, pins::PinDir};
 
-/// The eBPF object, built by build.rs from the overlay-ebpf crate.
-pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay"));
+/// The eBPF object `overlay-ebpf`, built by build.rs from the crate of that name.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay-ebpf"));
 
 pub const PROG_FROM_CONTAINER: &str = "from_container";
 pub const PROG_UPLINK_XDP: &str = "uplink_xdp";

@@ -3,6 +3,15 @@
 //! With XDP on the uplink, decapsulated frames are passed up and the driver's GRO merges the
 //! inner TCP segments before TC delivers them into the container: without GRO every 1500-byte
 //! frame is delivered on its own. Physical NICs have GRO on by default; veth has it off.
+//!
+//! Why an ioctl and not rust-netlink's `ethtool` crate (the netlink twin of the `rtnetlink` crate
+//! used elsewhere): its newest release, 0.3.0, only reads features (`EthtoolFeatureHandle::get`,
+//! ETHTOOL_MSG_FEATURES_GET); its one set command is ETHTOOL_MSG_CHANNELS_SET and its command enum
+//! is closed, so ETHTOOL_MSG_FEATURES_SET, which turning GRO on needs, cannot be sent through it
+//! (upstream: rust-netlink/ethtool issue 9, "SET commands", open). It would also bring a second
+//! netlink stack (netlink-packet-core 0.9, netlink-proto 0.13) beside rtnetlink 0.18's (0.8,
+//! 0.12). The legacy ETHTOOL_GGRO/ETHTOOL_SGRO ioctl is what `ethtool -K` falls back to and is
+//! served by every kernel the overlay runs on: two commands, one small struct.
 
 use std::{io, os::fd::AsRawFd as _};
 
