@@ -242,7 +242,7 @@ pub fn load(
         xdp_mode: "off",
         log: run.path(&format!("agent-{tag}.log")),
     })?;
-    let done = agent.wait_for_unless("full reconcile done", &ETCD_FAILURES, Duration::from_secs(120))?;
+    let done = agent.wait_for_unless("full reconcile done", &ETCD_FAILURES, Duration::from_mins(2))?;
     let wall_ms = done.mono_ns.saturating_sub(t0) as f64 / 1e6;
     let reconcile_ms = done.fields["took_ms"].as_f64().unwrap_or(f64::NAN);
     let reported = done.fields["map_endpoints"].as_u64().unwrap_or(0) as usize;
@@ -311,5 +311,5 @@ fn count_endpoints(pins: &PinDir) -> anyhow::Result<usize> {
     let data = aya::maps::MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
     let map: aya::maps::HashMap<_, EndpointKey, MapEndpoint> =
         aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
-    Ok(map.keys().filter(Result::is_ok).count())
+    Ok(map.keys().filter_map(Result::ok).count())
 }

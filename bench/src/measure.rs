@@ -141,7 +141,7 @@ fn rr(topo: &Topology, exe: &Path, proto: &str, plan: &Plan) -> anyhow::Result<D
         .stdout(Stdio::piped());
     let mut client = Proc::try_spawn(&format!("{proto} rr client"), &mut cmd)?;
     // Generous: a lost UDP request costs a whole timeout.
-    let limit = Duration::from_secs(60) + Duration::from_millis(plan.rr_count as u64 / 10);
+    let limit = Duration::from_mins(1) + Duration::from_millis(plan.rr_count as u64 / 10);
     let out = client.wait_output(limit)?;
     let r: RrResult = serde_json::from_str(out.trim()).context("parsing the rr client's result")?;
     Ok(Data::Rr { proto: proto.to_owned(), size: plan.rr_size, rtt_ns: r.rtt_ns, lost: r.lost })
@@ -176,7 +176,7 @@ fn iperf(topo: &Topology, secs: u32, rate_bps: Option<u64>) -> anyhow::Result<Ip
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
         if let Some(err) = v.get("error").and_then(|e| e.as_str()) {
-            last_error = err.to_owned();
+            err.clone_into(&mut last_error);
             if err.contains("busy") || err.contains("unable to connect") || err.contains("Connection refused")
             {
                 std::thread::sleep(Duration::from_millis(200));

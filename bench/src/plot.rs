@@ -166,7 +166,7 @@ fn panel_chart(panel: &Area<'_>, r: &Results, proto: &str) -> Result<(), Box<dyn
         let steps = 600;
         let points: Vec<(f64, f64)> = (0..=steps)
             .map(|i| {
-                let x = x_max.powf(i as f64 / steps as f64);
+                let x = x_max.powf(f64::from(i) / f64::from(steps));
                 let p = 1.0 - 1.0 / x;
                 (x, percentile(v, p.max(1.0 / v.len() as f64)) / 1000.0)
             })

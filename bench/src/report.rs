@@ -58,7 +58,7 @@ impl Machine {
                 .find_map(|l| l.strip_prefix("model name"))
                 .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned())
                 .unwrap_or_default(),
-            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpus: std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
             mem_total_gib: mem_kib / (1024.0 * 1024.0),
             loadavg_start: loadavg(),
             loadavg_end: 0.0,
@@ -104,7 +104,7 @@ impl Spread {
         }
         sorted.sort_by(f64::total_cmp);
         let n = sorted.len();
-        let median = if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 };
+        let median = if n % 2 == 1 { sorted[n / 2] } else { f64::midpoint(sorted[n / 2 - 1], sorted[n / 2]) };
         Some(Self { median, min: sorted[0], max: sorted[n - 1], values })
     }
 }

@@ -3,6 +3,7 @@
 //! a stale layout; and `Publisher`, how the harness adds endpoints to either source.
 
 use std::{
+    fmt::Write as _,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     time::Duration,
@@ -24,7 +25,7 @@ pub fn object_id(seed: u64) -> String {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^= z >> 31;
-        out.push_str(&format!("{z:016x}"));
+        let _ = write!(out, "{z:016x}");
     }
     out
 }

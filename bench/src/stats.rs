@@ -26,6 +26,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[expect(clippy::float_cmp, reason = "nearest-rank percentiles of integers are exact")]
     fn nearest_rank_percentiles() {
         let v: Vec<u64> = (1..=1000).collect();
         assert_eq!(percentile(&v, 0.5), 500.0);

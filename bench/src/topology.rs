@@ -231,7 +231,7 @@ impl Topology {
             Kind::NoOverlay => topo.build_routed()?,
             Kind::KernelVxlan => topo.build_kernel_vxlan()?,
             Kind::Ebpf if opts.ebpf_source == EbpfSource::Etcd => {
-                topo.build_ebpf_on_etcd(run, &underlay_ns, opts)?
+                topo.build_ebpf_on_etcd(run, &underlay_ns, opts)?;
             }
             Kind::Ebpf => topo.build_ebpf(run, opts)?,
         }

@@ -122,7 +122,7 @@ pub fn rr(
                 let answered = loop {
                     match s.recv(&mut answer) {
                         Ok(n) if n >= 8 && answer[..8] == seq.to_le_bytes() => break true,
-                        Ok(_) => continue,
+                        Ok(_) => {}
                         Err(e)
                             if matches!(
                                 e.kind(),
@@ -174,7 +174,7 @@ pub fn udp_sink(port: u16, secs: f64, warmup: Duration, first_timeout: Duration)
             sock.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_RCVBUFFORCE,
-            (&size as *const libc::c_int).cast(),
+            (&raw const size).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         );
     }
@@ -288,7 +288,7 @@ pub fn udp_flood(to: SocketAddr, size: usize, secs: f64, pps: Option<u64>) -> an
         .map(|_| {
             // SAFETY: an all-zero mmsghdr is a valid empty header.
             let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = &mut iov;
+            m.msg_hdr.msg_iov = &raw mut iov;
             m.msg_hdr.msg_iovlen = 1;
             m
         })

@@ -68,11 +68,11 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
         // Decapsulated frames are merged by the uplink's GRO before TC delivers them.
         match crate::netlink::ethtool::enable_gro(&uplink.name) {
             Ok(true) => {
-                info!(uplink = %uplink.name, "turned GRO on: XDP passes decapsulated frames up for GRO to merge")
+                info!(uplink = %uplink.name, "turned GRO on: XDP passes decapsulated frames up for GRO to merge");
             }
             Ok(false) => {}
             Err(e) => {
-                warn!(uplink = %uplink.name, error = %e, "cannot turn GRO on; decapsulated TCP will not be merged")
+                warn!(uplink = %uplink.name, error = %e, "cannot turn GRO on; decapsulated TCP will not be merged");
             }
         }
     }
@@ -80,9 +80,9 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
     let health = crate::health::Shared::default();
     {
         let mut h = health.lock().expect("health");
-        h.host = cfg.host.clone();
+        h.host.clone_from(&cfg.host);
         h.xdp = dp.xdp;
-        h.uplink = uplink.name.clone();
+        h.uplink.clone_from(&uplink.name);
     }
     if let Some(addr) = cfg.health {
         crate::health::serve(addr, health.clone()).await?;
@@ -141,7 +141,7 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
                     );
                 }
             }
-            _ = sleep_until(retry_at) => {
+            () = sleep_until(retry_at) => {
                 dirty = std::mem::take(&mut retry);
                 retry_at = None;
             }

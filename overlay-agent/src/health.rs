@@ -46,10 +46,7 @@ pub async fn serve(addr: SocketAddr, health: Shared) -> anyhow::Result<()> {
             let health = health.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
-                let n = match conn.read(&mut buf).await {
-                    Ok(n) => n,
-                    Err(_) => return,
-                };
+                let Ok(n) = conn.read(&mut buf).await else { return };
                 let request = String::from_utf8_lossy(&buf[..n]);
                 let path = request.split_whitespace().nth(1).unwrap_or("");
                 let (code, body) = if path == "/healthz" {

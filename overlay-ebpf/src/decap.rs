@@ -160,7 +160,7 @@ pub fn strip_tc(ctx: &TcContext, pkt: Packet) -> Result<(), DropReason> {
     ctx.adjust_room(
         -(VXLAN_OVERHEAD as i32),
         BPF_ADJ_ROOM_MAC,
-        (BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4) as u64,
+        u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4),
     )
     .map_err(|_| DropReason::DecapFailed)?;
     ctx.store(0, &inner_eth, 0).map_err(|_| DropReason::DecapFailed)?;

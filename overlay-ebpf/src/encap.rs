@@ -69,8 +69,8 @@ pub fn to_remote(
     // outer lengths of every segment, so clamping here only affects the unsegmented view.
     let ip_len = if outer_len > 0xffff { 0xffff } else { outer_len as u16 };
     let udp_len = ip_len - Ipv4Hdr::LEN as u16;
-    let span = (VXLAN_SRC_PORT_MAX - VXLAN_SRC_PORT_MIN) as u64 + 1;
-    let src_port = VXLAN_SRC_PORT_MIN + ((hash as u64 * span) >> 32) as u16;
+    let span = u64::from(VXLAN_SRC_PORT_MAX - VXLAN_SRC_PORT_MIN) + 1;
+    let src_port = VXLAN_SRC_PORT_MIN + ((u64::from(hash) * span) >> 32) as u16;
 
     let mut hdr = VxlanEncap {
         // bpf_redirect_neigh fills in the next hop's MAC.

@@ -26,7 +26,7 @@ pub fn deliver(ctx: &TcContext, ifindex: u32, counter: u32, failure: DropReason)
 /// frame under `counter` and return TC_ACT_REDIRECT; otherwise it is dropped for `failure`.
 #[inline(always)]
 pub fn redirected(helper: i64, counter: u32, bytes: u32, failure: DropReason) -> Result<i32, DropReason> {
-    if helper == TC_ACT_REDIRECT as i64 {
+    if helper == i64::from(TC_ACT_REDIRECT) {
         count(counter, bytes);
         Ok(TC_ACT_REDIRECT)
     } else {

@@ -10,7 +10,7 @@ pub fn count(code: u32, bytes: u32) {
         // else writes it concurrently.
         unsafe {
             (*c).packets += 1;
-            (*c).bytes += bytes as u64;
+            (*c).bytes += u64::from(bytes);
         }
     }
 }

@@ -6,6 +6,7 @@
 use std::{net::Ipv4Addr, path::Path, process::Command};
 
 /// Where an agent reads its desired state from.
+#[derive(Clone, Copy)]
 pub enum Source<'a> {
     /// A state file, which the agent polls.
     File(&'a Path),

@@ -36,7 +36,7 @@ impl Header for VxlanEncap {}
 /// The bytes of a header.
 pub fn bytes_of<T: Header>(h: &T) -> &[u8] {
     // SAFETY: `Header` types are plain byte arrays with no padding (see the trait).
-    unsafe { std::slice::from_raw_parts((h as *const T).cast::<u8>(), size_of::<T>()) }
+    unsafe { std::slice::from_raw_parts(std::ptr::from_ref::<T>(h).cast::<u8>(), size_of::<T>()) }
 }
 
 /// The header of type `T` at `off` in `frame`.
@@ -308,8 +308,8 @@ mod tests {
             dst_mac: [2, 0, 0, 0, 0, 1],
             src_vtep: [198, 18, 0, 2],
             dst_vtep: [198, 18, 0, 1],
-            src_port: 50000,
-            vni: 0x0a0b0c,
+            src_port: 50_000,
+            vni: 0x000a_0b0c,
         };
         let inner = ethernet([1; 6], [2; 6], ETH_P_IP, &[0xaa; 30]);
         let f = vxlan(&t, &inner);

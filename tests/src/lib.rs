@@ -42,9 +42,10 @@ pub const REQUIRE_ALL_ENV: &str = "OVERLAY_TESTS_REQUIRE_ALL";
 /// test can `if skip("...") { return; }`. Panics instead when `OVERLAY_TESTS_REQUIRE_ALL` is set.
 pub fn skip(why: &str) -> bool {
     let test = std::thread::current().name().unwrap_or("test").to_owned();
-    if std::env::var_os(REQUIRE_ALL_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
-        panic!("{test} cannot run: {why} ({REQUIRE_ALL_ENV} is set, so this is a failure, not a skip)");
-    }
+    assert!(
+        !std::env::var_os(REQUIRE_ALL_ENV).is_some_and(|v| !v.is_empty() && v != "0"),
+        "{test} cannot run: {why} ({REQUIRE_ALL_ENV} is set, so this is a failure, not a skip)"
+    );
     eprintln!("skipping: {test}: {why}");
     true
 }
@@ -143,8 +144,7 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 /// The workspace's target directory.
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"), PathBuf::from)
 }
 
 /// A binary of the workspace, as `cargo xtask test` built it (OVERLAY_BIN_DIR), or from the
@@ -446,8 +446,8 @@ pub fn cleanup_on_signal() -> std::io::Result<()> {
         action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
         action.sa_flags = libc::SA_RESTART;
         // SAFETY: sigemptyset and sigaction on structs we own.
-        unsafe { libc::sigemptyset(&mut action.sa_mask) };
-        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+        unsafe { libc::sigemptyset(&raw mut action.sa_mask) };
+        if unsafe { libc::sigaction(signal, &raw const action, std::ptr::null_mut()) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
     }

@@ -167,11 +167,15 @@ const _: () = {
 trait Ctx: Copy + Default {
     fn as_bytes(&self) -> &[u8] {
         // SAFETY: see the trait comment.
-        unsafe { std::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>()) }
+        unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref::<Self>(self).cast::<u8>(), size_of::<Self>())
+        }
     }
     fn as_bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as above; every byte pattern is a valid value.
-        unsafe { std::slice::from_raw_parts_mut((self as *mut Self).cast::<u8>(), size_of::<Self>()) }
+        unsafe {
+            std::slice::from_raw_parts_mut(std::ptr::from_mut::<Self>(self).cast::<u8>(), size_of::<Self>())
+        }
     }
 }
 impl Ctx for SkBuff {}
@@ -464,7 +468,7 @@ impl PacketSocket {
                     buf.len(),
                     0,
                     (&raw mut sll).cast::<libc::sockaddr>(),
-                    &mut len,
+                    &raw mut len,
                 )
             };
             if n < 0 {

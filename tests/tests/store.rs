@@ -91,7 +91,8 @@ fn source(
 ) -> (mpsc::Receiver<Update>, mpsc::Sender<Report>) {
     let (tx, rx) = mpsc::channel(1024);
     let (stx, srx) = mpsc::channel(1024);
-    let lease = reg.map_or_else(|| tokio::sync::watch::channel(0).1, |r| r.leases());
+    let lease =
+        reg.map_or_else(|| tokio::sync::watch::channel(0).1, overlay_agent::source::HostRegistration::leases);
     tokio::spawn(EtcdSource::new(store.clone(), host, lease).run(tx, srx));
     (rx, stx)
 }
@@ -720,7 +721,7 @@ async fn a_dead_hosts_endpoints_vanish_with_its_lease() {
     let s = store(&etcd.url()).await;
     let ttl = Duration::from_secs(2);
     let h1 = register(&s, "h1", 1, ttl).await;
-    let _h2 = register(&s, "h2", 2, Duration::from_secs(60)).await;
+    let _h2 = register(&s, "h2", 2, Duration::from_mins(1)).await;
     let h3 = register(&s, "h3", 3, ttl).await;
     s.create_network(&net("blue", "10.0.9.0/24")).await.unwrap();
     let a1 = s.create_container(&ctr("a1", "h1", Some("blue"))).await.unwrap().endpoint.unwrap();
@@ -830,12 +831,12 @@ fn fake_agent(store: &Store, host: &str, reg: &HostRegistration, netns: PathBuf)
                 Update::Delete(ObjectRef::Endpoint(id))
                     if state.endpoints.get(id).is_some_and(|e| e.host == host) =>
                 {
-                    reports.push(Report::EndpointGone { id: id.clone() })
+                    reports.push(Report::EndpointGone { id: id.clone() });
                 }
                 Update::Delete(ObjectRef::Container(name))
                     if state.containers.get(name).is_some_and(|c| c.host == host) =>
                 {
-                    reports.push(Report::ContainerGone { name: name.clone() })
+                    reports.push(Report::ContainerGone { name: name.clone() });
                 }
                 _ => {}
             }
@@ -853,10 +854,10 @@ fn fake_agent(store: &Store, host: &str, reg: &HostRegistration, netns: PathBuf)
 
 /// The `overlay` binary, if built (`cargo build -p overlay-agent --bin overlay`).
 fn overlay_cli() -> Option<PathBuf> {
-    let candidates =
-        std::env::var_os("OVERLAY_BIN_DIR").map(|d| vec![PathBuf::from(d).join("overlay")]).unwrap_or_else(
-            || ["debug", "release"].map(|p| overlay_tests::target_dir().join(p).join("overlay")).to_vec(),
-        );
+    let candidates = std::env::var_os("OVERLAY_BIN_DIR").map_or_else(
+        || ["debug", "release"].map(|p| overlay_tests::target_dir().join(p).join("overlay")).to_vec(),
+        |d| vec![PathBuf::from(d).join("overlay")],
+    );
     candidates.into_iter().find(|p| p.exists())
 }
 

@@ -164,25 +164,24 @@ fn main() -> anyhow::Result<()> {
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
-                match run.state_file {
-                    Some(path) => agent::run(cfg, FileSource::new(path)).await,
-                    None => {
-                        // The host record says what the other hosts need: the VTEP, and the
-                        // uplink MTU for inspection.
-                        let uplink = agent::uplink(&Netlink::current()?, &cfg.uplink).await?;
-                        let host = Host {
-                            name: cfg.host.clone(),
-                            vtep: cfg.vtep,
-                            uplink_mtu: Some(uplink.mtu),
-                            lease: 0,
-                        };
-                        let source = AgentEtcd {
-                            config: run.etcd.config(),
-                            host,
-                            lease_ttl: Duration::from_secs(run.lease_ttl.max(1)),
-                        };
-                        agent::run(cfg, source).await
-                    }
+                if let Some(path) = run.state_file {
+                    agent::run(cfg, FileSource::new(path)).await
+                } else {
+                    // The host record says what the other hosts need: the VTEP, and the
+                    // uplink MTU for inspection.
+                    let uplink = agent::uplink(&Netlink::current()?, &cfg.uplink).await?;
+                    let host = Host {
+                        name: cfg.host.clone(),
+                        vtep: cfg.vtep,
+                        uplink_mtu: Some(uplink.mtu),
+                        lease: 0,
+                    };
+                    let source = AgentEtcd {
+                        config: run.etcd.config(),
+                        host,
+                        lease_ttl: Duration::from_secs(run.lease_ttl.max(1)),
+                    };
+                    agent::run(cfg, source).await
                 }
             })
         }

@@ -7,6 +7,7 @@ pub mod inspect;
 use std::{
     collections::BTreeMap,
     ffi::CString,
+    fmt::Write as _,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::ExitCode,
@@ -440,7 +441,7 @@ impl Ctx {
                 h.vtep.to_string(),
                 h.uplink_mtu.map(|m| m.to_string()).unwrap_or_default(),
                 if h.lease != 0 { format!("{:x}", h.lease) } else { "-".into() },
-                ttl.map(|t| format!("{t}s")).unwrap_or_else(|| "-".into()),
+                ttl.map_or_else(|| "-".into(), |t| format!("{t}s")),
             ]);
         }
         print_table(&["NAME", "VTEP", "UPLINK MTU", "LEASE", "TTL"], rows.into_iter());
@@ -462,7 +463,7 @@ fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
             if i + 1 == cells.len() {
                 out.push_str(cell);
             } else {
-                out.push_str(&format!("{cell:<w$}   "));
+                let _ = write!(out, "{cell:<w$}   ");
             }
         }
         println!("{}", out.trim_end());

@@ -104,7 +104,7 @@ pub fn create(name: &str) -> io::Result<PathBuf> {
 pub fn delete(name: &str) -> io::Result<()> {
     let path = named(name);
     match umount2(&path, MntFlags::MNT_DETACH) {
-        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+        Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
         Err(e) => return Err(io::Error::other(format!("unmounting {}: {e}", path.display()))),
     }
     match std::fs::remove_file(&path) {

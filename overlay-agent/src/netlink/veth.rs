@@ -145,10 +145,11 @@ async fn configure(host: &Netlink, spec: &Spec<'_>, name: &str, tmp: &str) -> Re
 /// The lowest `ethN` not taken in the container.
 async fn free_ifname(container: &Netlink) -> Result<String, Error> {
     let names: Vec<String> = container.links().await?.into_iter().map(|l| l.name).collect();
-    Ok((0..)
+    // Among names.len() + 1 candidates one is always free.
+    Ok((0..=names.len())
         .map(|n| format!("eth{n}"))
         .find(|candidate| !names.contains(candidate))
-        .expect("an unbounded range always has a free name"))
+        .expect("one of len + 1 names is free"))
 }
 
 /// Writes a sysctl inside the namespace at `netns`, from a thread that visits it.

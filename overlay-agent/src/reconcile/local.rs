@@ -228,31 +228,22 @@ impl Locals {
                 let (e, _, c) = here.local_here(desired, id)?;
                 Some((e.id.clone(), e.network_id.clone(), here.netns_of(c)))
             });
-            match adopt {
-                Some((id, network_id, netns)) => {
-                    let ifname = veth::container_ifname(link).unwrap_or_default();
-                    self.by_id.insert(
-                        id.clone(),
-                        Local {
-                            ifindex: link.index,
-                            host_name: link.name.clone(),
-                            ifname,
-                            netns,
-                            network_id,
-                        },
-                    );
-                    if let Err(e) = dp.attach_endpoint(&link.name, link.index) {
-                        warn!(veth = %link.name, error = %e, "cannot re-attach to an existing endpoint");
-                        out.retry.endpoints.insert(id);
-                    }
+            if let Some((id, network_id, netns)) = adopt {
+                let ifname = veth::container_ifname(link).unwrap_or_default();
+                self.by_id.insert(
+                    id.clone(),
+                    Local { ifindex: link.index, host_name: link.name.clone(), ifname, netns, network_id },
+                );
+                if let Err(e) = dp.attach_endpoint(&link.name, link.index) {
+                    warn!(veth = %link.name, error = %e, "cannot re-attach to an existing endpoint");
+                    out.retry.endpoints.insert(id);
                 }
-                None => {
-                    info!(veth = %link.name, "removing an interface nothing wants");
-                    let _ = dp.detach_endpoint(link.index);
-                    if let Err(e) = self.host.delete_link(link.index).await {
-                        warn!(veth = %link.name, error = %e, "cannot remove");
-                        out.retry.full = true;
-                    }
+            } else {
+                info!(veth = %link.name, "removing an interface nothing wants");
+                let _ = dp.detach_endpoint(link.index);
+                if let Err(e) = self.host.delete_link(link.index).await {
+                    warn!(veth = %link.name, error = %e, "cannot remove");
+                    out.retry.full = true;
                 }
             }
         }

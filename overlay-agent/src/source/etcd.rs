@@ -42,7 +42,8 @@ impl Source for AgentEtcd {
         // Held for as long as the source runs: dropping it would stop renewing the lease.
         let registration = HostRegistration::spawn(store.clone(), self.host.clone(), self.lease_ttl);
         let source = EtcdSource::registered(store, &self.host.name, &registration);
-        let result = source.run(updates, status).await;
+        // Boxed: the follow loop's future is large (tens of KiB) and would sit on the stack.
+        let result = Box::pin(source.run(updates, status)).await;
         drop(registration);
         result
     }

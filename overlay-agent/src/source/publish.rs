@@ -86,7 +86,7 @@ impl Publisher {
                         self.wanted.iter().filter(|(_, v)| v.is_some()).map(|(k, _)| k.clone()).collect();
                     self.dirty.extend(keys);
                 }
-                _ = sleep_until(retry_at) => {}
+                () = sleep_until(retry_at) => {}
             }
             if self.flush().await {
                 backoff.reset();

@@ -103,7 +103,7 @@ impl Retry {
         if self.attempt >= MAX_ATTEMPTS {
             return Err(StoreError::Contended { op: self.op, attempts: self.attempt });
         }
-        let cap = (2 * self.attempt).min(40) as u64;
+        let cap = u64::from((2 * self.attempt).min(40));
         let jitter = u64::from(u16::from_ne_bytes(super::random_bytes::<2>())) % cap.max(1);
         tokio::time::sleep(Duration::from_millis(1 + jitter)).await;
         Ok(())
@@ -158,7 +158,7 @@ impl Store {
             }
             let resp = self.call(format!("{op}: read {prefix}"), kv.get(from.clone(), Some(opts))).await?;
             if rev == 0 {
-                rev = resp.header().map_or(0, |h| h.revision());
+                rev = resp.header().map_or(0, etcd_client::ResponseHeader::revision);
             }
             let kvs = resp.kvs();
             kvs.iter().for_each(&mut each);
@@ -183,7 +183,7 @@ impl Store {
             .collect();
         let mut kv = self.kv();
         let resp = self.call(format!("{op}: read"), kv.txn(Txn::new().and_then(ops))).await?;
-        let rev = resp.header().map_or(0, |h| h.revision());
+        let rev = resp.header().map_or(0, etcd_client::ResponseHeader::revision);
         let results = resp
             .op_responses()
             .into_iter()
@@ -206,13 +206,13 @@ impl Store {
         let mut kv = self.kv();
         let resp =
             self.call(format!("{op}: commit"), kv.txn(Txn::new().when(compares).and_then(ops))).await?;
-        Ok(resp.succeeded().then(|| resp.header().map_or(0, |h| h.revision())))
+        Ok(resp.succeeded().then(|| resp.header().map_or(0, etcd_client::ResponseHeader::revision)))
     }
 
     pub(crate) async fn get(&self, op: &str, key: &str) -> Result<(Option<KeyValue>, i64)> {
         let mut kv = self.kv();
         let mut resp = self.call(format!("{op}: read {key}"), kv.get(key, None)).await?;
-        let rev = resp.header().map_or(0, |h| h.revision());
+        let rev = resp.header().map_or(0, etcd_client::ResponseHeader::revision);
         Ok((resp.take_kvs().into_iter().next(), rev))
     }
 

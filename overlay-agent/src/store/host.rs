@@ -21,7 +21,7 @@ pub(crate) async fn register_once(store: &Store, host: &Host, ttl: Duration) -> 
     let mut retry = Retry::new(OP);
     loop {
         let (kv, _) = store.get(OP, &key).await?;
-        let current = kv.as_ref().map_or(0, |kv| kv.lease());
+        let current = kv.as_ref().map_or(0, etcd_client::KeyValue::lease);
         if current != 0 {
             let mut leases = store.client.lease_client();
             let alive = store
@@ -36,9 +36,8 @@ pub(crate) async fn register_once(store: &Store, host: &Host, ttl: Duration) -> 
                 let guard = Compare::lease(key.as_str(), CompareOp::Equal, current);
                 match store.commit(OP, vec![guard], vec![put]).await {
                     Ok(Some(_)) => return Ok(current),
-                    Ok(None) => {}
-                    // The lease ran out between the check and the write.
-                    Err(StoreError::Etcd { .. }) => {}
+                    // Another writer won, or the lease ran out between the check and the write.
+                    Ok(None) | Err(StoreError::Etcd { .. }) => {}
                     Err(e) => return Err(e),
                 }
                 retry.again().await?;

@@ -24,7 +24,7 @@ pub(crate) mod load;
 pub mod network;
 pub mod status;
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{fmt::Write as _, net::Ipv4Addr, time::Duration};
 
 pub use config::{EtcdArgs, StoreConfig};
 pub use container::{ContainerSpec, CreatedContainer};
@@ -147,7 +147,7 @@ fn describe(error: &etcd_client::Error) -> String {
         cause = c.source();
     }
     if let Some(c) = innermost {
-        text.push_str(&format!(" ({c})"));
+        let _ = write!(text, " ({c})");
     }
     text
 }
@@ -174,7 +174,10 @@ pub fn check_name(what: &'static str, name: &str) -> Result<()> {
 
 /// A random 64-hex-digit id, like Docker's network and endpoint ids.
 pub fn new_id() -> String {
-    random_bytes::<32>().iter().map(|b| format!("{b:02x}")).collect()
+    random_bytes::<32>().iter().fold(String::with_capacity(64), |mut id, b| {
+        let _ = write!(id, "{b:02x}");
+        id
+    })
 }
 
 pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {

@@ -194,13 +194,12 @@ impl Store {
             if existing.iter().any(|(n, _)| n.name == spec.name) {
                 return Err(StoreError::NetworkExists { name: spec.name.clone() });
             }
-            let addressing = match &given {
-                Some(a) => a.clone(),
-                None => {
-                    let taken: Vec<_> = existing.iter().map(|(n, _)| n.subnet).collect();
-                    let subnet = ipam::default_subnet(&taken).ok_or(StoreError::NoDefaultSubnet)?;
-                    Addressing::new(subnet, p.gateway, p.ip_range, p.aux.clone())?
-                }
+            let addressing = if let Some(a) = &given {
+                a.clone()
+            } else {
+                let taken: Vec<_> = existing.iter().map(|(n, _)| n.subnet).collect();
+                let subnet = ipam::default_subnet(&taken).ok_or(StoreError::NoDefaultSubnet)?;
+                Addressing::new(subnet, p.gateway, p.ip_range, p.aux.clone())?
             };
             if let Some((other, _)) =
                 existing.iter().find(|(n, _)| ipam::overlaps(n.subnet, addressing.subnet))
@@ -211,20 +210,17 @@ impl Store {
                     other: other.subnet,
                 });
             }
-            let vni = match p.vni {
-                Some(vni) => {
-                    if let Some((other, _)) = existing.iter().find(|(n, _)| n.vni == vni) {
-                        return Err(StoreError::VniTaken { vni, network: other.name.clone() });
-                    }
-                    vni
+            let vni = if let Some(vni) = p.vni {
+                if let Some((other, _)) = existing.iter().find(|(n, _)| n.vni == vni) {
+                    return Err(StoreError::VniTaken { vni, network: other.name.clone() });
                 }
-                None => {
-                    let used: std::collections::BTreeSet<u32> = existing.iter().map(|(n, _)| n.vni).collect();
-                    (AUTO_VNI_START..=VNI_MAX)
-                        .chain(VNI_MIN..AUTO_VNI_START)
-                        .find(|v| !used.contains(v))
-                        .ok_or(StoreError::VnisExhausted)?
-                }
+                vni
+            } else {
+                let used: std::collections::BTreeSet<u32> = existing.iter().map(|(n, _)| n.vni).collect();
+                (AUTO_VNI_START..=VNI_MAX)
+                    .chain(VNI_MIN..AUTO_VNI_START)
+                    .find(|v| !used.contains(v))
+                    .ok_or(StoreError::VnisExhausted)?
             };
             let network = Network {
                 id: new_id(),

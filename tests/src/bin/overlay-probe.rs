@@ -46,7 +46,7 @@ type Result = std::result::Result<(), String>;
 fn serve(port: u16) -> Result {
     let udp = UdpSocket::bind(("0.0.0.0", port)).map_err(|e| e.to_string())?;
     std::thread::spawn(move || {
-        let mut buf = [0u8; 65536];
+        let mut buf = vec![0u8; 65536];
         while let Ok((n, from)) = udp.recv_from(&mut buf) {
             let _ = udp.send_to(&buf[..n], from);
         }
