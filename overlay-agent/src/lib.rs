@@ -1,20 +1,28 @@
-//! The overlay agent: it makes one host's part of the desired state real.
-//!
-//! - `model`: the desired state (networks, endpoints, containers, hosts).
-//! - `source`: where that state comes from (a file, or etcd).
-//! - `datapath`: the eBPF programs and maps (load, pin, attach, write).
-//! - `netlink`: namespaces, veths, addresses and routes.
-//! - `reconcile`: the difference between desired and actual, and the steps that close it.
+//! The overlay agent (`overlay-agent`) and the CLI (`overlay`), one module a concern; the arrows
+//! between them run one way (docs/architecture.md has the map and two walks through it).
 
+/// The agent's main loop: source -> desired state -> reconcile -> reports, retries, resync.
 pub mod agent;
+/// The one exponential backoff every retry loop uses.
 pub mod backoff;
+/// The `overlay` command line, shaped like `docker network`; writes the store and waits.
 pub mod cli;
+/// The kernel side: load, pin and attach the eBPF programs; typed maps; counters.
 pub mod datapath;
+/// The agent's view of the desired state: what this host needs, its indexes, the dirty keys.
 pub mod desired;
+/// `GET /healthz`.
 pub mod health;
+/// The desired state's objects (networks, endpoints, containers, hosts) and their updates.
 pub mod model;
+/// Kernel plumbing over rtnetlink: namespaces, veths, addresses, routes; GRO by ethtool ioctl.
 pub mod netlink;
+/// One pass closing the gap between desired and actual: plan, local plumbing, map mirror.
 pub mod reconcile;
+/// The network namespaces the agent makes for containers.
 pub mod sandbox;
+/// What the agent consumes and reports: follow etcd (or a file), publish reports, host lease.
 pub mod source;
+/// The state in etcd shared by CLI and agent: keys, transactions, IPAM, waits. Never imports
+/// `source`.
 pub mod store;
