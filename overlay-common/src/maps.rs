@@ -154,7 +154,7 @@ const _: () = {
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::*;
+    use super::{Config, Counter, Endpoint, EndpointKey, Iface, Network, Peer, PeerKey};
     // SAFETY: all of these are repr(C), Copy, and every bit pattern is a valid value.
     unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for Endpoint {}

@@ -53,11 +53,12 @@ pub fn is_fragment(ip: &Ipv4Hdr) -> bool {
 #[inline(always)]
 pub fn ipv4_header_sum(ip: &Ipv4Hdr) -> u16 {
     // SAFETY: Ipv4Hdr is 20 bytes of byte arrays (alignment 1, no padding).
-    let bytes: &[u8; Ipv4Hdr::LEN] = unsafe { &*(ip as *const Ipv4Hdr).cast::<[u8; Ipv4Hdr::LEN]>() };
+    let bytes: &[u8; Ipv4Hdr::LEN] =
+        unsafe { &*core::ptr::from_ref::<Ipv4Hdr>(ip).cast::<[u8; Ipv4Hdr::LEN]>() };
     let mut sum: u32 = 0;
     let mut i = 0;
     while i < Ipv4Hdr::LEN {
-        sum += u16::from_be_bytes([bytes[i], bytes[i + 1]]) as u32;
+        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
         i += 2;
     }
     sum = (sum & 0xffff) + (sum >> 16);
