@@ -1035,6 +1035,43 @@ async fn cli_writes_waits_and_refuses() {
     assert!(left.iter().all(|k| k.starts_with("/overlay/v1/hosts/")), "{left:#?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_output_into_a_closed_pipe_ends_quietly() {
+    let Some(etcd) = Etcd::start_or_skip() else { return };
+    let Some(bin) = overlay_cli() else {
+        overlay_tests::skip("the overlay binary is not built (cargo xtask test builds it)");
+        return;
+    };
+    let s = store(&etcd.url()).await;
+    let _h1 = register(&s, "h1", 1, Duration::from_secs(30)).await;
+    s.create_network(&net("blue", "10.0.9.0/24")).await.unwrap();
+    s.create_container(&ctr("c1", "h1", Some("blue"))).await.unwrap();
+    for args in [
+        &["container", "ls"][..],
+        &["network", "ls"],
+        &["network", "ls", "-q"],
+        &["network", "inspect", "blue"],
+        &["host", "ls"],
+    ] {
+        let mut child = std::process::Command::new(&bin)
+            .args(["--etcd-endpoints", &etcd.url()])
+            .args(args)
+            .env_remove("OVERLAY_ETCD_ENDPOINTS")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("runs overlay");
+        // The reader goes away before the CLI (which first asks etcd) writes anything, as
+        // `| head -0` would; every write of the CLI then meets a closed pipe.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("overlay ends");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "overlay {args:?} into a closed pipe: {stderr}");
+        assert!(out.status.success(), "overlay {args:?} into a closed pipe: {:?} {stderr}", out.status);
+        assert_eq!(stderr, "", "overlay {args:?} into a closed pipe says nothing");
+    }
+}
+
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
 fn make_pki(dir: &std::path::Path) -> bool {
     let ext = dir.join("ext.cnf");

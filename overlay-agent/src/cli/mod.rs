@@ -3,6 +3,7 @@
 //! that host reports it done, so a command that returns has taken effect.
 
 pub mod inspect;
+mod output;
 
 use std::{
     collections::BTreeMap,
@@ -18,6 +19,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use tokio::time::Instant;
 
+use self::output::say;
 use crate::store::{ContainerSpec, EtcdArgs, NetworkSpec, Store, StoreError};
 
 #[derive(Parser)]
@@ -264,14 +266,14 @@ impl Ctx {
                     labels: c.label,
                 };
                 let network = store.create_network(&spec).await?;
-                println!("{}", network.id);
+                say(&network.id)?;
             }
             NetworkCommand::Ls { quiet, no_trunc } => {
                 let networks = store.networks().await?;
                 let id = |id: &str| if no_trunc { id.to_owned() } else { id[..12.min(id.len())].to_owned() };
                 if quiet {
                     for n in &networks {
-                        println!("{}", id(&n.id));
+                        say(id(&n.id))?;
                     }
                 } else {
                     let rows = networks.iter().map(|n| {
@@ -284,7 +286,7 @@ impl Ctx {
                             n.vni.to_string(),
                         ]
                     });
-                    print_table(&["NETWORK ID", "NAME", "DRIVER", "SCOPE", "SUBNET", "VNI"], rows);
+                    print_table(&["NETWORK ID", "NAME", "DRIVER", "SCOPE", "SUBNET", "VNI"], rows)?;
                 }
             }
             NetworkCommand::Inspect { networks } => {
@@ -304,14 +306,14 @@ impl Ctx {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                println!("{}", inspect::to_json(&out));
+                say(inspect::to_json(&out))?;
                 return Ok(if failed { Outcome::Failed } else { Outcome::Done });
             }
             NetworkCommand::Rm { networks } => {
                 let mut failed = false;
                 for query in &networks {
                     match store.remove_network(query).await {
-                        Ok(_) => println!("{query}"),
+                        Ok(_) => say(query)?,
                         Err(e) => {
                             eprintln!("Error: {e}");
                             failed = true;
@@ -366,13 +368,13 @@ impl Ctx {
                         store.wait_endpoint_ready(ep, network, deadline).await.with_context(pending)?;
                     }
                 }
-                println!("{name}");
+                say(&name)?;
             }
             ContainerCommand::Rm { containers } => {
                 let mut failed = false;
                 for name in &containers {
                     match self.container_rm(name).await {
-                        Ok(()) => println!("{name}"),
+                        Ok(()) => say(name)?,
                         Err(e) => {
                             eprintln!("Error: {e:#}");
                             failed = true;
@@ -401,7 +403,7 @@ impl Ctx {
                     };
                     vec![c.name.clone(), c.host.clone(), nets.join(","), status.to_owned()]
                 });
-                print_table(&["NAME", "HOST", "NETWORKS", "STATUS"], rows);
+                print_table(&["NAME", "HOST", "NETWORKS", "STATUS"], rows)?;
             }
             ContainerCommand::Exec { container, command } => {
                 let (ctr, revision) = store.container_revision(&container).await?;
@@ -444,12 +446,12 @@ impl Ctx {
                 ttl.map_or_else(|| "-".into(), |t| format!("{t}s")),
             ]);
         }
-        print_table(&["NAME", "VTEP", "UPLINK MTU", "LEASE", "TTL"], rows.into_iter());
+        print_table(&["NAME", "VTEP", "UPLINK MTU", "LEASE", "TTL"], rows.into_iter())?;
         Ok(Outcome::Done)
     }
 }
 
-fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> std::io::Result<()> {
     let rows: Vec<Vec<String>> = rows.collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &rows {
@@ -466,12 +468,13 @@ fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
                 let _ = write!(out, "{cell:<w$}   ");
             }
         }
-        println!("{}", out.trim_end());
+        say(out.trim_end())
     };
-    line(header.to_vec());
+    line(header.to_vec())?;
     for row in &rows {
-        line(row.iter().map(String::as_str).collect());
+        line(row.iter().map(String::as_str).collect())?;
     }
+    Ok(())
 }
 
 /// Enters `netns` and replaces this process with `command`; returns only on failure.
