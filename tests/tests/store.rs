@@ -276,6 +276,76 @@ async fn bad_inputs_are_refused_and_write_nothing() {
         "invalid option \"encrypted\": unknown (known: mtu, vni)",
     )
     .await;
+    // Subnets whose addresses the kernel gives a meaning of their own, and a range left empty.
+    for (subnet, message) in [
+        (
+            "0.0.0.0/8",
+            "subnet 0.0.0.0/8 cannot be used: it overlaps 0.0.0.0/8, \"this network\" (RFC 1122), valid only as a source while a host has no address",
+        ),
+        (
+            "127.0.0.0/16",
+            "subnet 127.0.0.0/16 cannot be used: it overlaps 127.0.0.0/8, loopback (RFC 1122), whose packets never leave a host",
+        ),
+        (
+            "169.254.1.0/24",
+            "subnet 169.254.1.0/24 cannot be used: it overlaps 169.254.0.0/16, link-local (RFC 3927), which hosts assign themselves and routers never forward",
+        ),
+        (
+            "224.0.0.0/24",
+            "subnet 224.0.0.0/24 cannot be used: it overlaps 224.0.0.0/4, multicast (RFC 5771), which no interface may hold as its own address",
+        ),
+        (
+            "240.0.0.0/4",
+            "subnet 240.0.0.0/4 cannot be used: it overlaps 240.0.0.0/4, reserved (RFC 1112), with the limited broadcast 255.255.255.255; hosts drop it",
+        ),
+        (
+            "255.255.255.255/32",
+            "subnet 255.255.255.255/32 cannot be used: it overlaps 240.0.0.0/4, reserved (RFC 1112), with the limited broadcast 255.255.255.255; hosts drop it",
+        ),
+    ] {
+        refused(&s, &before, create(net("x", subnet)).await, message).await;
+    }
+    refused(
+        &s,
+        &before,
+        create(NetworkSpec {
+            ip_range: Some("10.2.0.0/31".into()),
+            aux_addresses: vec![],
+            ..net("x", "10.2.0.0/24")
+        })
+        .await,
+        "ip-range 10.2.0.0/31 has no usable address: each of its addresses is the network or broadcast address of subnet 10.2.0.0/24, its gateway or an auxiliary address",
+    )
+    .await;
+    refused(
+        &s,
+        &before,
+        create(NetworkSpec {
+            ip_range: Some("10.2.0.8/31".into()),
+            aux_addresses: vec!["a=10.2.0.8".into(), "b=10.2.0.9".into()],
+            ..net("x", "10.2.0.0/24")
+        })
+        .await,
+        "ip-range 10.2.0.8/31 has no usable address: each of its addresses is the network or broadcast address of subnet 10.2.0.0/24, its gateway or an auxiliary address",
+    )
+    .await;
+    // A name that is (or could be) an id would make `network rm`/`inspect` ambiguous.
+    let blue_id = s.network("blue").await.unwrap().id;
+    refused(
+        &s,
+        &before,
+        create(net(&blue_id, "10.9.0.0/24")).await,
+        &format!("invalid network name {blue_id:?}: 64 hex digits are a network id, not a name"),
+    )
+    .await;
+    let id_like = "AbCdEf0123456789".repeat(4);
+    refused(
+        &s,
+        &before,
+        create(net(&id_like, "10.9.0.0/24")).await,
+        &format!("invalid network name {id_like:?}: 64 hex digits are a network id, not a name"),
+    )
+    .await;
     refused(
         &s,
         &before,

@@ -25,12 +25,32 @@ pub const DEFAULT_PREFIX_LEN: u8 = 24;
 /// The longest prefix an overlay subnet may have: a /30 still holds a gateway and one endpoint.
 pub const MAX_PREFIX_LEN: u8 = 30;
 
+const fn block(a: u8, b: u8, prefix_len: u8) -> Ipv4Net {
+    match Ipv4Net::new(Ipv4Addr::new(a, b, 0, 0), prefix_len) {
+        Ok(net) => net,
+        Err(_) => unreachable!(),
+    }
+}
+
+/// Address blocks no overlay subnet may touch, each with why: the kernel (and every router)
+/// gives their addresses a meaning of their own, so an endpoint holding one would be dropped,
+/// answered by the host itself, or flooded, never delivered as a unicast to one container.
+pub const UNUSABLE: [(Ipv4Net, &str); 5] = [
+    (block(0, 0, 8), "\"this network\" (RFC 1122), valid only as a source while a host has no address"),
+    (block(127, 0, 8), "loopback (RFC 1122), whose packets never leave a host"),
+    (block(169, 254, 16), "link-local (RFC 3927), which hosts assign themselves and routers never forward"),
+    (block(224, 0, 4), "multicast (RFC 5771), which no interface may hold as its own address"),
+    (block(240, 0, 4), "reserved (RFC 1112), with the limited broadcast 255.255.255.255; hosts drop it"),
+];
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum IpamError {
     #[error("invalid {what} {value:?}: {reason}")]
     InvalidCidr { what: &'static str, value: String, reason: String },
     #[error("invalid {what} {value}: it has host bits set (did you mean {expected}?)")]
     HostBitsSet { what: &'static str, value: Ipv4Net, expected: Ipv4Net },
+    #[error("subnet {subnet} cannot be used: it overlaps {block}, {reason}")]
+    SubnetUnusable { subnet: Ipv4Net, block: Ipv4Net, reason: &'static str },
     #[error("subnet {subnet} is too small: an overlay network needs at least a /{MAX_PREFIX_LEN}")]
     SubnetTooSmall { subnet: Ipv4Net },
     #[error("invalid {what} {value:?}: {reason}")]
@@ -41,6 +61,10 @@ pub enum IpamError {
     GatewayReserved { gateway: Ipv4Addr, subnet: Ipv4Net, reserved: Reserved },
     #[error("ip-range {range} is outside subnet {subnet}")]
     RangeOutsideSubnet { range: Ipv4Net, subnet: Ipv4Net },
+    #[error(
+        "ip-range {range} has no usable address: each of its addresses is the network or broadcast address of subnet {subnet}, its gateway or an auxiliary address"
+    )]
+    RangeEmpty { range: Ipv4Net, subnet: Ipv4Net },
     #[error("auxiliary address {name}={ip} is outside subnet {subnet}")]
     AuxOutsideSubnet { name: String, ip: Ipv4Addr, subnet: Ipv4Net },
     #[error("auxiliary address {name}={ip} is the {reserved}")]
@@ -115,6 +139,11 @@ impl Addressing {
         ip_range: Option<Ipv4Net>,
         aux_addresses: BTreeMap<String, Ipv4Addr>,
     ) -> Result<Self, IpamError> {
+        // First, so that a subnet both unusable and small (127.0.0.1/32) is refused for the
+        // reason that no other size would fix.
+        if let Some(&(block, reason)) = UNUSABLE.iter().find(|(block, _)| overlaps(*block, subnet)) {
+            return Err(IpamError::SubnetUnusable { subnet, block, reason });
+        }
         if subnet.prefix_len() > MAX_PREFIX_LEN {
             return Err(IpamError::SubnetTooSmall { subnet });
         }
@@ -142,6 +171,15 @@ impl Addressing {
                 return Err(IpamError::AuxReserved { name: name.clone(), ip, reserved });
             }
             seen.insert(ip, name);
+        }
+        // A range of only reserved addresses would make a network every connect without --ip
+        // fails on. At most 3 + aux addresses are reserved, so this looks at that many plus one.
+        if let Some(range) = ip_range
+            && !(u32::from(range.network())..=u32::from(range.broadcast()))
+                .map(Ipv4Addr::from)
+                .any(|ip| edge(subnet, ip).is_none() && ip != gateway && !seen.contains_key(&ip))
+        {
+            return Err(IpamError::RangeEmpty { range, subnet });
         }
         Ok(Self { subnet, gateway, ip_range, aux_addresses })
     }
@@ -331,6 +369,63 @@ mod tests {
             Addressing::new(net("10.0.9.0/31"), None, None, BTreeMap::new()),
             Err(IpamError::SubnetTooSmall { .. })
         ));
+    }
+
+    #[test]
+    fn subnets_that_cannot_work_are_refused() {
+        let refused = |subnet: &str| {
+            Addressing::new(net(subnet), None, None, BTreeMap::new()).map(|_| ()).unwrap_err().to_string()
+        };
+        for (subnet, block) in [
+            ("0.0.0.0/8", "0.0.0.0/8"),
+            ("0.1.0.0/16", "0.0.0.0/8"),
+            ("0.0.0.0/0", "0.0.0.0/8"),
+            ("127.0.0.0/8", "127.0.0.0/8"),
+            ("127.10.0.0/24", "127.0.0.0/8"),
+            ("126.0.0.0/7", "127.0.0.0/8"),
+            ("169.254.0.0/16", "169.254.0.0/16"),
+            ("169.254.7.0/24", "169.254.0.0/16"),
+            ("169.0.0.0/8", "169.254.0.0/16"),
+            ("224.0.0.0/4", "224.0.0.0/4"),
+            ("239.1.2.0/24", "224.0.0.0/4"),
+            ("192.0.0.0/2", "224.0.0.0/4"),
+            ("240.0.0.0/4", "240.0.0.0/4"),
+            ("250.0.0.0/24", "240.0.0.0/4"),
+            ("255.255.255.255/32", "240.0.0.0/4"),
+        ] {
+            let e = refused(subnet);
+            assert!(e.starts_with(&format!("subnet {subnet} cannot be used: it overlaps {block}, ")), "{e}");
+        }
+        assert_eq!(
+            refused("127.0.0.0/8"),
+            "subnet 127.0.0.0/8 cannot be used: it overlaps 127.0.0.0/8, loopback (RFC 1122), whose packets never leave a host"
+        );
+        // The neighbours of each block are fine.
+        for subnet in ["1.0.0.0/24", "126.255.255.0/24", "128.0.0.0/24", "169.253.0.0/24", "169.255.0.0/24"] {
+            assert!(Addressing::new(net(subnet), None, None, BTreeMap::new()).is_ok(), "{subnet}");
+        }
+        assert!(Addressing::new(net("223.255.255.0/24"), None, None, BTreeMap::new()).is_ok());
+    }
+
+    #[test]
+    fn a_range_with_no_usable_address_is_refused() {
+        let empty = |range: &str, gateway: Option<&str>, aux: &[(&str, &str)]| {
+            let aux = aux.iter().map(|(n, a)| ((*n).to_owned(), ip(a))).collect();
+            Addressing::new(net("10.0.9.0/24"), gateway.map(ip), Some(net(range)), aux)
+        };
+        assert_eq!(
+            empty("10.0.9.0/31", None, &[]).unwrap_err(),
+            IpamError::RangeEmpty { range: net("10.0.9.0/31"), subnet: net("10.0.9.0/24") }
+        );
+        assert!(matches!(empty("10.0.9.255/32", None, &[]), Err(IpamError::RangeEmpty { .. })));
+        assert!(matches!(empty("10.0.9.8/32", Some("10.0.9.8"), &[]), Err(IpamError::RangeEmpty { .. })));
+        assert!(matches!(
+            empty("10.0.9.8/31", None, &[("a", "10.0.9.8"), ("b", "10.0.9.9")]),
+            Err(IpamError::RangeEmpty { .. })
+        ));
+        assert!(empty("10.0.9.8/31", None, &[("a", "10.0.9.8")]).is_ok(), "10.0.9.9 is left");
+        assert!(empty("10.0.9.0/30", None, &[]).is_ok(), "10.0.9.2 is left");
+        assert!(empty("10.0.9.7/32", None, &[]).is_ok());
     }
 
     #[test]

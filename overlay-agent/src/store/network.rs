@@ -86,6 +86,15 @@ struct Parsed {
 impl NetworkSpec {
     fn parse(&self) -> Result<Parsed> {
         check_name("network name", &self.name)?;
+        // `network rm`/`inspect` take a name or an id; a name shaped like an id could be
+        // another network's id, and which one a command then hits would depend on sort order.
+        if is_full_id(&self.name) {
+            return Err(StoreError::Invalid {
+                what: "network name",
+                value: self.name.clone(),
+                reason: format!("{ID_LEN} hex digits are a network id, not a name"),
+            });
+        }
         if let Some(driver) = &self.driver
             && driver != DRIVER_OVERLAY
         {
@@ -143,6 +152,14 @@ impl NetworkSpec {
         let labels = pairs("label", &self.labels, true)?;
         Ok(Parsed { subnet, gateway, ip_range, aux, mtu, vni, options, labels })
     }
+}
+
+/// How many hex digits an id has (`store::new_id`).
+const ID_LEN: usize = 64;
+
+/// Whether `s` has the shape of an id.
+fn is_full_id(s: &str) -> bool {
+    s.len() == ID_LEN && s.chars().all(|c| c.is_ascii_hexdigit())
 }
 
 /// Finds a network by name, full id or unique id prefix (as `docker network` does).
