@@ -1142,6 +1142,94 @@ async fn cli_output_into_a_closed_pipe_ends_quietly() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_value_is_skipped_with_a_warning_naming_its_key() {
+    let Some(etcd) = Etcd::start_or_skip() else { return };
+    let Some(bin) = overlay_cli() else {
+        overlay_tests::skip("the overlay binary is not built (cargo xtask test builds it)");
+        return;
+    };
+    let s = store(&etcd.url()).await;
+    let _h1 = register(&s, "h1", 1, Duration::from_secs(30)).await;
+    let blue = s.create_network(&net("blue", "10.0.9.0/24")).await.unwrap();
+    s.create_network(&net("red", "10.0.10.0/24")).await.unwrap();
+    s.create_container(&ctr("c1", "h1", Some("blue"))).await.unwrap();
+    // Values no code of the project writes: by hand, cut short, or from another layout.
+    let k = s.keys().clone();
+    let bad_network = k.network(&"f".repeat(64));
+    let bad_endpoint = k.endpoint(&blue.id, &"e".repeat(64));
+    let bad_container = k.container("broken");
+    let bad_host = k.host("hx");
+    let mut raw = s.client();
+    for (key, value) in [
+        (&bad_network, "not json"),
+        (&bad_endpoint, "{\"id\": 7}"),
+        (&bad_container, "{\"name\": \"broken\""),
+        (&bad_host, "[]"),
+    ] {
+        raw.put(key.as_str(), value, None).await.unwrap();
+    }
+    let cli = Cli { bin, url: etcd.url() };
+    let warns = |out: &Out, key: &str| {
+        out.stderr.lines().any(|l| l.contains("ignoring a value that does not parse") && l.contains(key))
+    };
+
+    let out = cli.run(&["network", "ls"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    let names: Vec<_> = out.stdout.lines().skip(1).filter_map(|l| l.split_whitespace().nth(1)).collect();
+    assert_eq!(names, ["blue", "red"], "{}", out.stdout);
+    assert!(warns(&out, &bad_network), "network ls names {bad_network}: {}", out.stderr);
+
+    let out = cli.run(&["container", "ls"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    let names: Vec<_> = out.stdout.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(names, ["c1"], "{}", out.stdout);
+    assert!(out.stdout.contains("blue=10.0.9.2"), "{}", out.stdout);
+    for key in [&bad_container, &bad_endpoint] {
+        assert!(warns(&out, key), "container ls names {key}: {}", out.stderr);
+    }
+
+    let out = cli.run(&["host", "ls"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    assert!(out.stdout.contains("h1") && !out.stdout.contains("hx"), "{}", out.stdout);
+    assert!(warns(&out, &bad_host), "host ls names {bad_host}: {}", out.stderr);
+
+    let out = cli.run(&["network", "inspect", "blue", "red"]).await;
+    assert!(out.ok, "{}", out.stderr);
+    let inspect: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(inspect[0]["Name"], "blue");
+    assert_eq!(inspect[1]["Name"], "red");
+    assert_eq!(inspect[0]["Containers"].as_object().unwrap().len(), 1, "c1's endpoint only");
+    assert!(warns(&out, &bad_endpoint), "inspect names {bad_endpoint}: {}", out.stderr);
+
+    // The other operations that look a network up among all of them are not blocked either.
+    cli.ok(&["--timeout", "0", "container", "create", "--host", "h1", "--network", "red", "c2"]).await;
+
+    // The agent's side: the snapshot holds every good object and none of the bad ones, and a
+    // bad value arriving through the watch is skipped while the good ones after it arrive.
+    let (state, _) = s.load().await.unwrap();
+    let mut networks: Vec<_> = state.networks.values().map(|n| n.name.as_str()).collect();
+    networks.sort_unstable();
+    assert_eq!(networks, ["blue", "red"]);
+    assert_eq!(state.containers.keys().collect::<Vec<_>>(), ["c1", "c2"]);
+    assert_eq!(state.endpoints.len(), 2);
+    assert_eq!(state.hosts.keys().collect::<Vec<_>>(), ["h1"]);
+    let (mut rx, _status) = source(&s, "h1", None);
+    let Update::Snapshot(snap) = next(&mut rx).await else { panic!("a snapshot first") };
+    assert_eq!(snap.networks.len(), 2);
+    assert_eq!(snap.containers.keys().collect::<Vec<_>>(), ["c1", "c2"]);
+    raw.put(bad_container.as_str(), "{}", None).await.unwrap();
+    s.create_container(&ctr("c3", "h1", None)).await.unwrap();
+    match next(&mut rx).await {
+        Update::Put(Object::Container(c)) => assert_eq!(c.name, "c3"),
+        other => panic!("expected Put(Container c3), got {other:?}"),
+    }
+
+    // Network create alone must see every subnet to rule out an overlap: it names the key.
+    let err = s.create_network(&net("green", "10.0.11.0/24")).await.unwrap_err();
+    assert!(err.to_string().starts_with(&format!("{bad_network}: the stored value does not parse")), "{err}");
+}
+
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
 fn make_pki(dir: &std::path::Path) -> bool {
     let ext = dir.join("ext.cnf");

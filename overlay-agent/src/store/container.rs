@@ -9,7 +9,7 @@ use etcd_client::{Compare, CompareOp, DeleteOptions, TxnOp};
 use super::{
     Result, Store, StoreError, check_name,
     endpoint::{self, put_leased},
-    etcd::{Range, Retry, absent, decode, encode, range_unchanged_since, unchanged},
+    etcd::{Range, Retry, absent, decode, decode_or_skip, encode, range_unchanged_since, unchanged},
     network::{decode_networks, resolve},
     now_rfc3339,
 };
@@ -86,7 +86,7 @@ impl Store {
             let mut ops = vec![put_leased(k.container(&spec.name), encode(&container), lease)];
             let mut endpoint = None;
             if let Some(network) = &spec.network {
-                let networks = decode_networks(view.prefix(2))?;
+                let networks = decode_networks(view.prefix(2));
                 let (net, net_kv) = resolve(&networks, network)?;
                 let more = self
                     .view(
@@ -171,10 +171,11 @@ impl Store {
 
     /// Every container, by name.
     pub async fn containers(&self) -> Result<Vec<Container>> {
-        self.list("container ls", &self.keys.containers())
+        Ok(self
+            .list("container ls", &self.keys.containers())
             .await?
             .iter()
-            .map(|kv| Ok(Container { revision: kv.create_revision(), ..decode(kv)? }))
-            .collect()
+            .filter_map(|kv| Some(Container { revision: kv.create_revision(), ..decode_or_skip(kv)? }))
+            .collect())
     }
 }

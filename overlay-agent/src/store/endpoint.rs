@@ -110,7 +110,7 @@ impl Store {
         loop {
             let view =
                 self.view(OP, &[Range::Prefix(k.networks()), Range::Key(k.container(container))]).await?;
-            let networks = decode_networks(view.prefix(0))?;
+            let networks = decode_networks(view.prefix(0));
             let (net, net_kv) = resolve(&networks, network)?;
             let ctr_kv = view.key(1).ok_or_else(|| StoreError::ContainerNotFound(container.to_owned()))?;
             let ctr: Container = decode(ctr_kv)?;
@@ -140,7 +140,7 @@ impl Store {
         loop {
             let view =
                 self.view(OP, &[Range::Prefix(k.networks()), Range::Key(k.container(container))]).await?;
-            let networks = decode_networks(view.prefix(0))?;
+            let networks = decode_networks(view.prefix(0));
             let (net, _) = resolve(&networks, network)?;
             if view.key(1).is_none() {
                 return Err(StoreError::ContainerNotFound(container.to_owned()));

@@ -7,6 +7,7 @@ use std::{collections::BTreeMap, future::Future, time::Duration};
 
 use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, KvClient, Txn, TxnOp, TxnOpResponse};
 use serde::de::DeserializeOwned;
+use tracing::warn;
 
 use super::{Result, Store, StoreError};
 
@@ -59,6 +60,14 @@ pub(crate) fn key_str(kv: &KeyValue) -> String {
 
 pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
     serde_json::from_slice(kv.value()).map_err(|error| StoreError::Corrupt { key: key_str(kv), error })
+}
+
+/// Decodes a value read as part of a listing. One that does not parse is skipped with a
+/// warning naming its key: a single bad record (written by hand, by a newer layout, or cut
+/// short) must not hide every good one from `ls`, `inspect` or the operations that only need
+/// to find something else in the same range.
+pub(crate) fn decode_or_skip<T: DeserializeOwned>(kv: &KeyValue) -> Option<T> {
+    decode(kv).map_err(|e| warn!(key = key_str(kv), error = %e, "ignoring a value that does not parse")).ok()
 }
 
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {

@@ -8,7 +8,7 @@ use etcd_client::{Compare, CompareOp, LeaseTimeToLiveOptions, PutOptions, TxnOp}
 
 use super::{
     Result, Store, StoreError,
-    etcd::{Retry, decode, encode, unchanged},
+    etcd::{Retry, decode_or_skip, encode, unchanged},
 };
 use crate::model::Host;
 
@@ -59,11 +59,12 @@ pub(crate) async fn register_once(store: &Store, host: &Host, ttl: Duration) -> 
 impl Store {
     /// Every registered host, by name, with the lease it is registered under.
     pub async fn hosts(&self) -> Result<Vec<Host>> {
-        self.list("host ls", &self.keys.hosts())
+        Ok(self
+            .list("host ls", &self.keys.hosts())
             .await?
             .iter()
-            .map(|kv| Ok(Host { lease: kv.lease(), ..decode(kv)? }))
-            .collect()
+            .filter_map(|kv| Some(Host { lease: kv.lease(), ..decode_or_skip(kv)? }))
+            .collect())
     }
 
     /// Seconds left on a lease (None: expired or unknown).

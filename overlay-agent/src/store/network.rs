@@ -7,7 +7,7 @@ use etcd_client::{DeleteOptions, KeyValue, TxnOp};
 
 use super::{
     Result, Store, StoreError, check_name,
-    etcd::{Range, Retry, absent, decode, encode, range_unchanged_since, unchanged},
+    etcd::{Range, Retry, absent, decode, decode_or_skip, encode, range_unchanged_since, unchanged},
     ipam::{self, Addressing},
     new_id, now_rfc3339,
 };
@@ -188,11 +188,13 @@ pub(crate) fn resolve<'a>(
 }
 
 /// Decodes network keys, by name: refusals then name the same conflicting network every time.
-pub(crate) fn decode_networks(kvs: &[KeyValue]) -> Result<Vec<(Network, KeyValue)>> {
-    let mut networks =
-        kvs.iter().map(|kv| Ok((decode::<Network>(kv)?, kv.clone()))).collect::<Result<Vec<_>>>()?;
+/// A network whose value does not parse is skipped (with a warning naming its key): nothing
+/// can be resolved to it, so the others stay usable.
+pub(crate) fn decode_networks(kvs: &[KeyValue]) -> Vec<(Network, KeyValue)> {
+    let mut networks: Vec<_> =
+        kvs.iter().filter_map(|kv| Some((decode_or_skip::<Network>(kv)?, kv.clone()))).collect();
     networks.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-    Ok(networks)
+    networks
 }
 
 impl Store {
@@ -207,7 +209,12 @@ impl Store {
         let mut retry = Retry::new(OP);
         loop {
             let view = self.view(OP, &[Range::Prefix(k.networks())]).await?;
-            let existing = decode_networks(view.prefix(0))?;
+            // Ruling out an overlap needs every network's subnet: here a value that does not
+            // parse is refused (naming its key) rather than skipped as listings skip it.
+            for kv in view.prefix(0) {
+                decode::<Network>(kv)?;
+            }
+            let existing = decode_networks(view.prefix(0));
             if existing.iter().any(|(n, _)| n.name == spec.name) {
                 return Err(StoreError::NetworkExists { name: spec.name.clone() });
             }
@@ -279,7 +286,7 @@ impl Store {
         let mut retry = Retry::new(OP);
         loop {
             let view = self.view(OP, &[Range::Prefix(k.networks())]).await?;
-            let networks = decode_networks(view.prefix(0))?;
+            let networks = decode_networks(view.prefix(0));
             let (network, kv) = resolve(&networks, name_or_id)?;
             let eps = self.view(OP, &[Range::Prefix(k.network_endpoints(&network.id))]).await?;
             if !eps.prefix(0).is_empty() {
@@ -312,14 +319,14 @@ impl Store {
     /// A network by name, id or unique id prefix.
     pub async fn network(&self, name_or_id: &str) -> Result<Network> {
         let kvs = self.list("network inspect", &self.keys.networks()).await?;
-        let networks = decode_networks(&kvs)?;
+        let networks = decode_networks(&kvs);
         Ok(resolve(&networks, name_or_id)?.0.clone())
     }
 
     /// Every network, by name.
     pub async fn networks(&self) -> Result<Vec<Network>> {
         let kvs = self.list("network ls", &self.keys.networks()).await?;
-        let mut networks: Vec<Network> = kvs.iter().map(decode).collect::<Result<_>>()?;
+        let mut networks: Vec<Network> = kvs.iter().filter_map(decode_or_skip).collect();
         networks.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(networks)
     }
@@ -327,7 +334,7 @@ impl Store {
     /// The endpoints of one network, by container name.
     pub async fn network_endpoints(&self, network_id: &str) -> Result<Vec<Endpoint>> {
         let kvs = self.list("network endpoints", &self.keys.network_endpoints(network_id)).await?;
-        let mut eps: Vec<Endpoint> = kvs.iter().map(decode).collect::<Result<_>>()?;
+        let mut eps: Vec<Endpoint> = kvs.iter().filter_map(decode_or_skip).collect();
         eps.sort_by(|a, b| a.container.cmp(&b.container));
         Ok(eps)
     }
