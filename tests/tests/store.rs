@@ -346,6 +346,14 @@ async fn bad_inputs_are_refused_and_write_nothing() {
         &format!("invalid network name {id_like:?}: 64 hex digits are a network id, not a name"),
     )
     .await;
+    // h1's uplink (MTU 1500) carries at most 1450 inside VXLAN.
+    refused(
+        &s,
+        &before,
+        create(NetworkSpec { options: vec!["mtu=1451".into()], ..net("x", "10.9.0.0/24") }).await,
+        "MTU 1451 is more than host \"h1\" can carry: its uplink's MTU 1500 leaves 1450 once VXLAN adds its 50 bytes",
+    )
+    .await;
     refused(
         &s,
         &before,

@@ -126,6 +126,18 @@ impl Locals {
             anyhow::bail!("the namespace of container {} ({}) does not exist", c.name, netns.display());
         }
         let mtu = endpoint_mtu(dp.uplink.mtu, n.mtu);
+        if let Some(requested) = n.mtu.filter(|&m| m > mtu) {
+            // `network create` refuses this for the hosts registered then; a host that came
+            // later with a smaller uplink ends up here, and inspect still shows `requested`.
+            warn!(
+                network = %n.name,
+                container = %c.name,
+                requested,
+                used = mtu,
+                uplink_mtu = dp.uplink.mtu,
+                "the network's MTU is more than this host's uplink carries with VXLAN; clamped"
+            );
+        }
         let spec = veth::Spec {
             endpoint_id: &e.id,
             netns: &netns,

@@ -11,7 +11,7 @@ use super::{
     ipam::{self, Addressing},
     new_id, now_rfc3339,
 };
-use crate::model::{DRIVER_OVERLAY, Endpoint, Network, VNI_MAX, VNI_MIN};
+use crate::model::{DRIVER_OVERLAY, Endpoint, Host, Network, VNI_MAX, VNI_MIN};
 
 /// Where automatic VNIs start, as in Docker's overlay driver; lower ones are left for people
 /// who pick their own with `-o vni=N`.
@@ -187,6 +187,19 @@ pub(crate) fn resolve<'a>(
     Err(StoreError::NetworkNotFound(query.to_owned()))
 }
 
+/// The registered host whose uplink cannot carry frames of `mtu` once VXLAN is added (the one
+/// with the smallest limit, so the message names the tightest bound), and that limit.
+fn mtu_too_large(hosts: &[Host], mtu: u32) -> Option<(&Host, u32, u32)> {
+    hosts
+        .iter()
+        .filter_map(|h| {
+            let uplink = h.uplink_mtu?;
+            Some((h, uplink, uplink.saturating_sub(overlay_common::VXLAN_OVERHEAD)))
+        })
+        .filter(|(_, _, limit)| mtu > *limit)
+        .min_by(|a, b| a.2.cmp(&b.2).then_with(|| a.0.name.cmp(&b.0.name)))
+}
+
 /// Decodes network keys, by name: refusals then name the same conflicting network every time.
 /// A network whose value does not parse is skipped (with a warning naming its key): nothing
 /// can be resolved to it, so the others stay usable.
@@ -208,7 +221,16 @@ impl Store {
         let k = &self.keys;
         let mut retry = Retry::new(OP);
         loop {
-            let view = self.view(OP, &[Range::Prefix(k.networks())]).await?;
+            let view = self.view(OP, &[Range::Prefix(k.networks()), Range::Prefix(k.hosts())]).await?;
+            // An MTU some host's uplink cannot carry would be clamped there, silently for the
+            // user, while inspect shows the requested value. The hosts are not guarded: one that
+            // registers later with a smaller uplink clamps, and its agent says so.
+            if let Some(mtu) = p.mtu {
+                let hosts: Vec<Host> = view.prefix(1).iter().filter_map(decode_or_skip).collect();
+                if let Some((host, uplink, limit)) = mtu_too_large(&hosts, mtu) {
+                    return Err(StoreError::MtuTooLarge { mtu, host: host.name.clone(), uplink, limit });
+                }
+            }
             // Ruling out an overlap needs every network's subnet: here a value that does not
             // parse is refused (naming its key) rather than skipped as listings skip it.
             for kv in view.prefix(0) {
@@ -337,5 +359,27 @@ impl Store {
         let mut eps: Vec<Endpoint> = kvs.iter().filter_map(decode_or_skip).collect();
         eps.sort_by(|a, b| a.container.cmp(&b.container));
         Ok(eps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::mtu_too_large;
+    use crate::model::Host;
+
+    fn host(name: &str, uplink_mtu: Option<u32>) -> Host {
+        Host { name: name.into(), vtep: Ipv4Addr::LOCALHOST, uplink_mtu, lease: 0 }
+    }
+
+    #[test]
+    fn the_tightest_uplink_bounds_the_mtu() {
+        let hosts = [host("a", Some(9000)), host("b", Some(1500)), host("c", None), host("d", Some(1500))];
+        assert!(mtu_too_large(&hosts, 1450).is_none(), "1500 - 50 fits");
+        let (h, uplink, limit) = mtu_too_large(&hosts, 1451).unwrap();
+        assert_eq!((h.name.as_str(), uplink, limit), ("b", 1500, 1450));
+        assert!(mtu_too_large(&[host("c", None)], 65535).is_none(), "an unknown uplink bounds nothing");
+        assert!(mtu_too_large(&[], 65535).is_none());
     }
 }
