@@ -10,7 +10,7 @@ use std::{
 
 use overlay_tests::{
     cluster::{Cluster, HEALTH_ADDR},
-    in_ns, skip_unless_privileged, try_sh, wait_for,
+    in_ns, ip_in, skip_unless_privileged, try_sh, wait_for,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_overlay-probe");
@@ -355,4 +355,33 @@ fn an_etcd_outage_keeps_traffic_flowing_and_later_changes_arrive() {
     let late = c.address("net", "late");
     assert!(comes_to_reach(&c, "h1", "a", late), "a -> late (created after the outage)");
     assert!(comes_to_reach(&c, "h2", "b", late), "b -> late");
+}
+
+#[test]
+fn an_mtu_an_uplink_cannot_carry_is_refused_or_clamped_with_a_warning() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let Some(mut c) = Cluster::start("mtu", 2, 15) else { return };
+    // Both uplinks carry 1500 bytes, so 1450 inside VXLAN.
+    let err = c.refused(&["network", "create", "--subnet", "10.70.0.0/24", "-o", "mtu=1451", "big"]);
+    assert!(
+        err.contains("MTU 1451 is more than host \"h1\" can carry: its uplink's MTU 1500 leaves 1450"),
+        "{err}"
+    );
+    c.ok(&["network", "create", "--subnet", "10.70.0.0/24", "-o", "mtu=1450", "big"]);
+
+    // h2's uplink shrinks after the network was made, and its agent starts again with it.
+    c.kill_agent("h2");
+    let h2 = c.topo.host("h2");
+    ip_in(&h2.ns, &["link", "set", &h2.uplink, "mtu", "1400"]).expect("lowering h2's uplink MTU");
+    c.start_agent("h2");
+    c.ok(&["container", "create", "--host", "h2", "--network", "big", "a"]);
+    let link = try_sh(&mut in_ns(&c.container_ns("h2", "a"), &["ip", "-o", "link", "show", "eth0"]));
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains("mtu 1350"), "a gets what h2's uplink carries: {link}");
+    assert!(c.topo.wait_log("h2", "clamped", Duration::from_secs(5)), "h2's agent says it clamped the MTU");
+    let log = std::fs::read_to_string(&c.topo.host("h2").log).expect("h2's log");
+    let line = log.lines().find(|l| l.contains("clamped")).expect("the clamp's line");
+    assert!(line.contains("1450") && line.contains("1350"), "the warning names both MTUs: {line}");
 }
