@@ -1,8 +1,11 @@
 //! Container sandboxes the agent makes itself: a named network namespace with a long-running
 //! holder process in it, for people who have no other container runtime.
 //!
-//! What the agent made is recorded in its state directory, so a restarted agent knows which
-//! sandboxes are its own to keep or remove (it never touches a namespace it did not create).
+//! What the agent set up is recorded in its state directory, so a restarted agent knows which
+//! sandboxes are its own to keep or remove. A container given a namespace of another runtime
+//! (`container create --netns`) is recorded too, as foreign: the agent never creates or removes
+//! that namespace, but it must know the container was set up here, to take its endpoints out of
+//! the namespace and report it gone when it is removed.
 //! The holder runs in its own session, so it outlives the agent like a container outlives a
 //! restarted daemon.
 
@@ -22,6 +25,9 @@ use crate::{model::Container, netlink::netns, source::Report};
 struct Record {
     netns: PathBuf,
     pid: Option<u32>,
+    /// The namespace belongs to another runtime: never created, held or removed by the agent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    foreign: bool,
 }
 
 pub struct Sandboxes {
@@ -54,20 +60,41 @@ impl Sandboxes {
         &self.prefix
     }
 
-    pub fn names(&self) -> Vec<String> {
-        self.records.keys().cloned().collect()
-    }
-
     pub fn has(&self, name: &str) -> bool {
         self.records.contains_key(name)
     }
 
+    /// The namespace of a container set up here, by name and netns path.
+    pub fn netns_by_name(&self) -> BTreeMap<String, PathBuf> {
+        self.records.iter().map(|(name, r)| (name.clone(), r.netns.clone())).collect()
+    }
+
+    /// The namespace of a container set up here.
+    pub fn path_of(&self, name: &str) -> Option<PathBuf> {
+        self.records.get(name).map(|r| r.netns.clone())
+    }
+
+    /// Whether the container's namespace belongs to another runtime (`--netns`).
+    pub fn is_foreign(&self, name: &str) -> bool {
+        self.records.get(name).is_some_and(|r| r.foreign)
+    }
+
     /// Makes sure the container's namespace exists, with its holder running.
     pub fn ensure(&mut self, c: &Container) -> anyhow::Result<Report> {
+        let wanted = c.netns.clone().unwrap_or_else(|| self.path(&c.name));
+        if self.records.get(&c.name).is_some_and(|r| r.netns != wanted || r.foreign != c.netns.is_some()) {
+            // A container of the same name set up differently before (removed and created
+            // again while the agent was away): take the old one down first.
+            self.remove(&c.name)?;
+        }
         if let Some(path) = &c.netns {
             // A namespace from another runtime: use it, never create or remove it.
             if !netns::exists(path) {
                 bail!("namespace {} of container {} does not exist", path.display(), c.name);
+            }
+            if !self.has(&c.name) {
+                self.records.insert(c.name.clone(), Record { netns: path.clone(), pid: None, foreign: true });
+                self.save()?;
             }
             return Ok(Report::ContainerReady {
                 name: c.name.clone(),
@@ -80,8 +107,11 @@ impl Sandboxes {
         let name = path.file_name().and_then(|n| n.to_str()).context("namespace name")?.to_owned();
         let fresh = !netns::exists(&path);
         netns::create(&name).with_context(|| format!("creating namespace {}", path.display()))?;
-        let mut record =
-            self.records.get(&c.name).cloned().unwrap_or(Record { netns: path.clone(), pid: None });
+        let mut record = self.records.get(&c.name).cloned().unwrap_or(Record {
+            netns: path.clone(),
+            pid: None,
+            foreign: false,
+        });
         if fresh || !record.pid.is_some_and(|pid| holds(pid, &path)) {
             record.pid = Some(spawn_holder(&path)?);
         }
@@ -91,9 +121,14 @@ impl Sandboxes {
         Ok(Report::ContainerReady { name: c.name.clone(), revision: c.revision, netns: path, pid })
     }
 
-    /// Stops the holder and removes the namespace (and with it whatever interfaces remain).
+    /// Stops the holder and removes the namespace (and with it whatever interfaces remain); of a
+    /// foreign namespace, only forgets it.
     pub fn remove(&mut self, name: &str) -> anyhow::Result<()> {
         let Some(record) = self.records.get(name).cloned() else { return Ok(()) };
+        if record.foreign {
+            self.records.remove(name);
+            return self.save();
+        }
         if let Some(pid) = record.pid.filter(|pid| holds(*pid, &record.netns)) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),

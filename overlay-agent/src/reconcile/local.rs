@@ -2,7 +2,7 @@
 //! with the from-container program attached, created, removed, or adopted from a previous agent.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     path::PathBuf,
 };
 
@@ -46,9 +46,10 @@ impl Locals {
         &self.by_id
     }
 
-    /// Containers whose sandbox the agent made.
-    pub fn sandbox_names(&self) -> Vec<String> {
-        self.sandboxes.names()
+    /// Containers set up here (their sandbox made, or their foreign namespace used), with
+    /// their namespace.
+    pub fn sandboxes(&self) -> BTreeMap<String, PathBuf> {
+        self.sandboxes.netns_by_name()
     }
 
     /// Makes the sandboxes of the desired containers among `containers`.
@@ -71,6 +72,23 @@ impl Locals {
     pub fn remove_sandboxes(&mut self, desired: &Desired, containers: &BTreeSet<String>, out: &mut Outcome) {
         for c in containers {
             if desired.container(c).is_none() && self.sandboxes.has(c) {
+                // A foreign namespace stays, so its container is gone only once none of its
+                // endpoint interfaces is left in it (removing a namespace of ours takes them
+                // with it). Interfaces of another container still desired in the same namespace
+                // are not its own.
+                if self.sandboxes.is_foreign(c) {
+                    let netns = self.sandboxes.path_of(c);
+                    let of_another = |id: &Id| {
+                        desired
+                            .endpoint(id)
+                            .and_then(|e| e.container.as_deref())
+                            .is_some_and(|owner| owner != c && desired.container(owner).is_some())
+                    };
+                    if self.by_id.iter().any(|(id, l)| Some(&l.netns) == netns.as_ref() && !of_another(id)) {
+                        out.retry.containers.insert(c.clone());
+                        continue;
+                    }
+                }
                 match self.sandboxes.remove(c) {
                     Ok(()) => out.status.push(Report::ContainerGone { name: c.clone() }),
                     Err(e) => {

@@ -80,7 +80,7 @@ impl Reconciler {
         }
         let existing = Existing {
             locals: self.locals.by_id(),
-            sandboxes: self.locals.sandbox_names(),
+            sandboxes: self.locals.sandboxes(),
             mirror: &self.mirror,
         };
         let plan = Plan::new(&self.here, desired, dirty, &existing);

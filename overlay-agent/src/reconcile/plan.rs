@@ -34,12 +34,13 @@ impl Here {
         c.netns.clone().unwrap_or_else(|| sandbox::path(&self.sandbox_prefix, &c.name))
     }
 
-    /// The namespace of a container by name, also once it is no longer desired (then the agent
-    /// may have made it).
-    fn netns_of_name(&self, desired: &Desired, name: &str) -> PathBuf {
+    /// The namespace of a container by name, also once it is no longer desired: then the one
+    /// it was set up in (`sandboxes`: a foreign one for `--netns`), or the one the agent would
+    /// have made.
+    fn netns_of_name(&self, desired: &Desired, sandboxes: &BTreeMap<String, PathBuf>, name: &str) -> PathBuf {
         match desired.container(name) {
             Some(c) => self.netns_of(c),
-            None => sandbox::path(&self.sandbox_prefix, name),
+            None => sandboxes.get(name).cloned().unwrap_or_else(|| sandbox::path(&self.sandbox_prefix, name)),
         }
     }
 
@@ -69,8 +70,9 @@ impl Here {
 pub struct Existing<'a> {
     /// Local endpoints whose interface exists.
     pub locals: &'a HashMap<Id, Local>,
-    /// Containers whose sandbox the agent made.
-    pub sandboxes: Vec<String>,
+    /// Containers set up here (the agent made their sandbox, or used their `--netns`), with
+    /// their namespace.
+    pub sandboxes: BTreeMap<String, PathBuf>,
     /// What the maps hold.
     pub mirror: &'a Mirror,
 }
@@ -112,7 +114,7 @@ impl Plan {
             );
             dirty
                 .containers
-                .extend(desired.containers().map(|c| c.name.clone()).chain(sandboxes.iter().cloned()));
+                .extend(desired.containers().map(|c| c.name.clone()).chain(sandboxes.keys().cloned()));
             dirty.hosts.extend(desired.hosts().map(|h| h.name.clone()).chain(mirror.peer_names().cloned()));
         }
         let Dirty { networks: dirty_networks, endpoints, containers, hosts, full } = dirty;
@@ -122,7 +124,7 @@ impl Plan {
         let mut local_set: BTreeSet<Id> = endpoints.clone();
         for c in &containers {
             local_set.extend(desired.endpoints_of_container(c).cloned());
-            let netns = here.netns_of_name(desired, c);
+            let netns = here.netns_of_name(desired, sandboxes, c);
             local_set.extend(locals.iter().filter(|(_, l)| l.netns == netns).map(|(id, _)| id.clone()));
         }
         for n in &dirty_networks {
@@ -176,7 +178,7 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use std::{
-        collections::{BTreeSet, HashMap},
+        collections::{BTreeMap, BTreeSet, HashMap},
         net::Ipv4Addr,
     };
 
@@ -196,7 +198,7 @@ mod tests {
     }
 
     fn plan(desired: &Desired, dirty: Dirty, locals: &HashMap<Id, Local>, mirror: &Mirror) -> Plan {
-        Plan::new(&here(), desired, dirty, &Existing { locals, sandboxes: Vec::new(), mirror })
+        Plan::new(&here(), desired, dirty, &Existing { locals, sandboxes: BTreeMap::new(), mirror })
     }
 
     #[test]
@@ -235,6 +237,28 @@ mod tests {
         let p = plan(&pass.desired, dirty, &pass.locals, &pass.mirror);
         assert_eq!(ids(&p.locals), ["a"]);
         assert_eq!(p.networks.get("n1"), Some(&None), "n1 has no local endpoint left");
+    }
+
+    #[test]
+    fn a_removed_container_in_a_foreign_namespace_reaches_the_interfaces_there() {
+        let mut pass = Pass::new();
+        let mut s = state();
+        add_network(&mut s, "n1", 100, 1);
+        add_endpoint(&mut s, "a", "n1", "ca", "h1", Ipv4Addr::new(10, 0, 1, 2));
+        let foreign = std::path::PathBuf::from("/run/netns/other-runtime");
+        s.containers.get_mut("ca").expect("ca").netns = Some(foreign.clone());
+        pass.snapshot(s.clone(), true);
+        assert_eq!(pass.locals["a"].netns, foreign);
+
+        // As in the test above, but the namespace is not one the agent names: only what the
+        // agent recorded of the container says where its interfaces are.
+        s.containers.remove("ca");
+        let mut dirty = Dirty::default();
+        pass.desired.apply(Update::Snapshot(s), &mut dirty);
+        let sandboxes = [("ca".to_owned(), foreign)].into();
+        let existing = Existing { locals: &pass.locals, sandboxes, mirror: &pass.mirror };
+        let p = Plan::new(&here(), &pass.desired, dirty, &existing);
+        assert_eq!(ids(&p.locals), ["a"]);
     }
 
     #[test]
@@ -290,8 +314,11 @@ mod tests {
         // Everything vanished from the desired state without a word (a store wiped clean).
         pass.desired = Desired::new("h1");
         let dirty = Dirty { full: true, ..Dirty::default() };
-        let existing =
-            Existing { locals: &pass.locals, sandboxes: vec!["old".to_owned()], mirror: &pass.mirror };
+        let existing = Existing {
+            locals: &pass.locals,
+            sandboxes: [("old".to_owned(), sandbox_path("old"))].into(),
+            mirror: &pass.mirror,
+        };
         let p = Plan::new(&here(), &pass.desired, dirty, &existing);
         assert!(p.full);
         assert_eq!(ids(&p.locals), ["a", "b"]);

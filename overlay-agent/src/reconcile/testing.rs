@@ -213,7 +213,7 @@ impl Pass {
 
     pub fn run(&mut self, dirty: Dirty) -> Plan {
         let here = here();
-        let existing = Existing { locals: &self.locals, sandboxes: Vec::new(), mirror: &self.mirror };
+        let existing = Existing { locals: &self.locals, sandboxes: BTreeMap::new(), mirror: &self.mirror };
         let plan = Plan::new(&here, &self.desired, dirty, &existing);
         let mut out = Outcome::default();
         // What Locals::sync does, without the interfaces: a local endpoint gets an ifindex and
