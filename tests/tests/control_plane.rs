@@ -2,15 +2,20 @@
 //! `overlay` CLI run on a host the way a person drives `docker network`.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    path::Path,
     process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
+use overlay_agent::{
+    netlink::netns::NetnsGuard,
+    store::{ContainerStatus, EndpointStatus, Store, StoreConfig},
+};
 use overlay_tests::{
     cluster::{Cluster, HEALTH_ADDR},
-    in_ns, ip_in, skip_unless_privileged, try_sh, wait_for,
+    in_ns, ip, ip_in, skip_unless_privileged, try_sh, wait_for,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_overlay-probe");
@@ -35,7 +40,27 @@ fn interfaces(c: &Cluster, host: &str, name: &str) -> String {
 }
 
 fn netns_exists(name: &str) -> bool {
-    std::path::Path::new("/run/netns").join(name).exists()
+    Path::new("/run/netns").join(name).exists()
+}
+
+type Statuses = (BTreeMap<String, EndpointStatus>, BTreeMap<String, ContainerStatus>);
+
+/// Every status the agents reported, read from etcd the way the CLI reads it (from h1: etcd is
+/// on the underlay, which only the hosts reach).
+fn statuses(c: &Cluster) -> Statuses {
+    let h1 = Path::new("/run/netns").join(&c.topo.host("h1").ns);
+    let url = c.url.clone();
+    // A thread of its own enters h1's namespace; the test's threads stay put.
+    std::thread::spawn(move || {
+        let _in_h1 = NetnsGuard::enter_path(&h1).expect("entering h1");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let store = Store::connect(&StoreConfig::new([url])).await.expect("connect");
+            store.statuses().await.expect("statuses")
+        })
+    })
+    .join()
+    .expect("reading the statuses")
 }
 
 #[test]
@@ -384,4 +409,57 @@ fn an_mtu_an_uplink_cannot_carry_is_refused_or_clamped_with_a_warning() {
     let log = std::fs::read_to_string(&c.topo.host("h2").log).expect("h2's log");
     let line = log.lines().find(|l| l.contains("clamped")).expect("the clamp's line");
     assert!(line.contains("1450") && line.contains("1350"), "the warning names both MTUs: {line}");
+}
+
+/// A container in a namespace another runtime made (`--netns`): the agent puts its endpoint in
+/// that namespace, and `container rm` takes the endpoint out again and reports the container
+/// gone at once, leaving the namespace (not the agent's) in place.
+#[test]
+fn a_container_in_a_foreign_namespace_is_removed_but_its_namespace_stays() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let Some(c) = Cluster::start("netns", 2, 15) else { return };
+    // The other runtime's namespace, named after the run so the run's cleanup removes it.
+    let foreign = c.topo.run.ns("foreign");
+    ip(&["netns", "add", &foreign]).expect("creating the foreign namespace");
+    let path = Path::new("/run/netns").join(&foreign);
+    c.ok(&["network", "create", "--subnet", "10.90.0.0/24", "net"]);
+    c.ok(&["container", "create", "--host", "h2", "--network", "net", "b"]);
+    c.ok(&[
+        "container",
+        "create",
+        "--host",
+        "h1",
+        "--netns",
+        path.to_str().unwrap(),
+        "--network",
+        "net",
+        "f",
+    ]);
+    let b = c.address("net", "b");
+    let eth0 = || try_sh(&mut in_ns(&foreign, &["ip", "-o", "link", "show", "eth0"])).status.success();
+    assert!(eth0(), "f's endpoint is in the foreign namespace");
+    let reached = wait_for(Duration::from_secs(10), || {
+        try_sh(&mut in_ns(&foreign, &["ping", "-c", "1", "-W", "1", &b.to_string()]))
+            .status
+            .success()
+            .then_some(())
+    });
+    assert!(reached.is_some(), "f (h1, foreign namespace) -> b (h2)");
+    let (eps, ctrs) = statuses(&c);
+    assert!(ctrs.contains_key("f") && eps.values().any(|s| s.container == "f"), "f reported ready");
+
+    // The CLI waits up to 30 s for the host to report the container gone.
+    let started = Instant::now();
+    c.ok(&["container", "rm", "f"]);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "container rm took {took:?}");
+    assert!(!eth0(), "f's endpoint is still in the foreign namespace");
+    assert!(netns_exists(&foreign), "the foreign namespace was removed with the container");
+    let (eps, ctrs) = statuses(&c);
+    assert_eq!(ctrs.keys().collect::<Vec<_>>(), ["b"], "container statuses left: {ctrs:?}");
+    assert!(eps.values().all(|s| s.container == "b"), "endpoint statuses left: {eps:?}");
+    // b is untouched.
+    assert!(ip_in(&c.container_ns("h2", "b"), &["link", "show", "eth0"]).is_ok(), "b keeps its endpoint");
 }
