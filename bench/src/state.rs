@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use overlay_agent::model::{Container, DRIVER_OVERLAY, Endpoint, Host, MacAddr, Network, State};
+use overlay_agent::model::{Container, Endpoint, Host, Network, State};
 
 use crate::sys::mono_ns;
 
@@ -31,20 +31,7 @@ pub fn object_id(seed: u64) -> String {
 }
 
 pub fn network(id: &str, name: &str, vni: u32, subnet: &str, gateway: Ipv4Addr) -> anyhow::Result<Network> {
-    Ok(Network {
-        id: id.to_owned(),
-        name: name.to_owned(),
-        driver: DRIVER_OVERLAY.to_owned(),
-        vni,
-        subnet: subnet.parse().with_context(|| format!("subnet {subnet}"))?,
-        gateway,
-        ip_range: None,
-        aux_addresses: Default::default(),
-        mtu: None,
-        options: Default::default(),
-        labels: Default::default(),
-        created: String::new(),
-    })
+    Ok(Network::new(id, name, vni, subnet.parse().with_context(|| format!("subnet {subnet}"))?, gateway))
 }
 
 pub fn host(name: &str, vtep: Ipv4Addr) -> Host {
@@ -56,14 +43,7 @@ pub fn container(name: &str, host: &str, netns: Option<PathBuf>) -> Container {
 }
 
 pub fn endpoint(id: &str, network_id: &str, container: &str, host: &str, ip: Ipv4Addr) -> Endpoint {
-    Endpoint {
-        id: id.to_owned(),
-        network_id: network_id.to_owned(),
-        container: container.to_owned(),
-        ipv4: ip,
-        mac: MacAddr::from_ip(ip),
-        host: host.to_owned(),
-    }
+    Endpoint::new(id, network_id, container, host, ip)
 }
 
 /// Adds a container and its one endpoint on `network_id`.

@@ -48,6 +48,25 @@ pub struct Network {
 }
 
 impl Network {
+    /// A network of the overlay driver with nothing but its addressing: no range, auxiliary
+    /// addresses, MTU, options, labels or creation time.
+    pub fn new(id: &str, name: &str, vni: u32, subnet: Ipv4Net, gateway: Ipv4Addr) -> Self {
+        Self {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            driver: DRIVER_OVERLAY.to_owned(),
+            vni,
+            subnet,
+            gateway,
+            ip_range: None,
+            aux_addresses: BTreeMap::new(),
+            mtu: None,
+            options: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            created: String::new(),
+        }
+    }
+
     /// The MAC the ARP responder gives for the gateway address.
     pub fn gateway_mac(&self) -> MacAddr {
         MacAddr::from_ip(self.gateway)
@@ -65,6 +84,21 @@ pub struct Endpoint {
     pub mac: MacAddr,
     /// The host the container lives on.
     pub host: String,
+}
+
+impl Endpoint {
+    /// Container `container`'s endpoint on `network_id` with address `ip`; its MAC is derived
+    /// from the address, as for every endpoint the store allocates.
+    pub fn new(id: &str, network_id: &str, container: &str, host: &str, ip: Ipv4Addr) -> Self {
+        Self {
+            id: id.to_owned(),
+            network_id: network_id.to_owned(),
+            container: container.to_owned(),
+            ipv4: ip,
+            mac: MacAddr::from_ip(ip),
+            host: host.to_owned(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,6 +1,6 @@
 //! Desired states for the end-to-end tests, built with the agent's own model types.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use overlay_agent::model::{Container, Endpoint, Host, MacAddr, Network, State};
@@ -15,20 +15,13 @@ pub fn id(seed: &str) -> String {
 
 pub fn network(name: &str, vni: u32, subnet: &str) -> Network {
     let subnet: Ipv4Net = subnet.parse().expect("subnet");
-    Network {
-        id: id(&format!("network {name}")),
-        name: name.into(),
-        driver: "overlay".into(),
+    Network::new(
+        &id(&format!("network {name}")),
+        name,
         vni,
         subnet,
-        gateway: Ipv4Addr::from(u32::from(subnet.network()) + 1),
-        ip_range: None,
-        aux_addresses: BTreeMap::new(),
-        mtu: None,
-        options: BTreeMap::new(),
-        labels: BTreeMap::new(),
-        created: String::new(),
-    }
+        Ipv4Addr::from(u32::from(subnet.network()) + 1),
+    )
 }
 
 /// Builds a state: the topology's hosts, the given networks, and containers placed as

@@ -19,7 +19,7 @@ use super::{
 use crate::{
     datapath::{Error, MapWriter},
     desired::{Desired, Dirty, Id},
-    model::{Container, DRIVER_OVERLAY, Endpoint, Host, MacAddr, Network, State},
+    model::{Container, Endpoint, Host, Network, State},
 };
 
 /// This host.
@@ -118,20 +118,13 @@ impl MapWriter for Kernel {
 }
 
 pub fn network(id: &str, vni: u32, third_octet: u8) -> Network {
-    Network {
-        id: id.to_owned(),
-        name: id.to_owned(),
-        driver: DRIVER_OVERLAY.to_owned(),
+    Network::new(
+        id,
+        id,
         vni,
-        subnet: format!("10.0.{third_octet}.0/24").parse().unwrap(),
-        gateway: Ipv4Addr::new(10, 0, third_octet, 1),
-        ip_range: None,
-        aux_addresses: BTreeMap::new(),
-        mtu: None,
-        options: BTreeMap::new(),
-        labels: BTreeMap::new(),
-        created: String::new(),
-    }
+        format!("10.0.{third_octet}.0/24").parse().unwrap(),
+        Ipv4Addr::new(10, 0, third_octet, 1),
+    )
 }
 
 pub fn host(name: &str, vtep: Ipv4Addr) -> Host {
@@ -166,17 +159,7 @@ pub fn add_endpoint(s: &mut State, id: &str, network_id: &str, container: &str, 
         created: String::new(),
         revision: 0,
     });
-    s.endpoints.insert(
-        id.to_owned(),
-        Endpoint {
-            id: id.to_owned(),
-            network_id: network_id.to_owned(),
-            container: container.to_owned(),
-            ipv4: ip,
-            mac: MacAddr::from_ip(ip),
-            host: host.to_owned(),
-        },
-    );
+    s.endpoints.insert(id.to_owned(), Endpoint::new(id, network_id, container, host, ip));
 }
 
 /// The plan and the mirror of one host, over an in-memory kernel.

@@ -14,7 +14,7 @@ use super::{
     network::{decode_networks, resolve},
     new_id,
 };
-use crate::model::{Container, Endpoint, MacAddr, Network};
+use crate::model::{Container, Endpoint, Network};
 
 /// The value of an address key: who holds the address.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -74,14 +74,7 @@ pub(crate) fn plan(
         }
         None => pool.first_free(&used).map_err(address_error)?,
     };
-    let endpoint = Endpoint {
-        id: new_id(),
-        network_id: network.id.clone(),
-        container: container.name.clone(),
-        ipv4: ip,
-        mac: MacAddr::from_ip(ip),
-        host: container.host.clone(),
-    };
+    let endpoint = Endpoint::new(&new_id(), &network.id, &container.name, &container.host, ip);
     let holder = AddressHolder { endpoint: endpoint.id.clone(), container: container.name.clone() };
     // Only the chosen address is guarded: clients taking different addresses do not conflict,
     // and two taking the same one cannot both succeed.
