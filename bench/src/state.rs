@@ -35,7 +35,7 @@ pub fn network(id: &str, name: &str, vni: u32, subnet: &str, gateway: Ipv4Addr) 
 }
 
 pub fn host(name: &str, vtep: Ipv4Addr) -> Host {
-    Host { name: name.to_owned(), vtep, uplink_mtu: None, lease: 0 }
+    Host::new(name, vtep)
 }
 
 pub fn container(name: &str, host: &str, netns: Option<PathBuf>) -> Container {

@@ -126,9 +126,35 @@ pub struct Host {
     /// MTU of the host's uplink, for inspection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uplink_mtu: Option<u32>,
-    /// The store lease the host's record and its endpoints live under (0: none).
+    /// The store lease the key was read under (0: none): for `hosts/`, the host's records lease
+    /// (its containers and endpoints live under it); for `alive/`, its liveness lease.
     #[serde(default)]
     pub lease: i64,
+    /// The agent that serves the host: a second agent for the same host is refused while this
+    /// one is alive, and told who holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentIdentity>,
+}
+
+impl Host {
+    pub fn new(name: impl Into<String>, vtep: Ipv4Addr) -> Self {
+        Self { name: name.into(), vtep, uplink_mtu: None, lease: 0, agent: None }
+    }
+}
+
+/// Who an agent is: what makes two agents for one host tell each other apart, and what an
+/// operator needs to find the one that holds a host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentIdentity {
+    /// Random, kept in the agent's state directory: a restarted agent is the same agent.
+    pub id: String,
+    /// The machine's hostname.
+    pub machine: String,
+    pub pid: u32,
+    /// The identity (`<dev>:<inode>`) of the network namespace the agent runs in: the host's
+    /// own namespace, which `container create --netns` must never be given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
 }
 
 /// Everything the store holds, keyed the way the store keys it.

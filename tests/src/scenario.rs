@@ -34,10 +34,7 @@ impl Scenario {
     pub fn new(topo: &Topology, networks: &[Network]) -> Self {
         let mut state = State::default();
         for h in &topo.hosts {
-            state.hosts.insert(
-                h.name.clone(),
-                Host { name: h.name.clone(), vtep: h.vtep, uplink_mtu: None, lease: 0 },
-            );
+            state.hosts.insert(h.name.clone(), Host::new(h.name.clone(), h.vtep));
         }
         for n in networks {
             state.networks.insert(n.id.clone(), n.clone());

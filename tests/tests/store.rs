@@ -35,7 +35,7 @@ async fn store(url: &str) -> Store {
 }
 
 fn host(name: &str, last: u8) -> Host {
-    Host { name: name.into(), vtep: Ipv4Addr::new(198, 18, 0, last), uplink_mtu: Some(1500), lease: 0 }
+    Host { uplink_mtu: Some(1500), ..Host::new(name, Ipv4Addr::new(198, 18, 0, last)) }
 }
 
 async fn register(store: &Store, name: &str, last: u8, ttl: Duration) -> HostRegistration {

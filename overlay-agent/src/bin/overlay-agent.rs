@@ -170,12 +170,7 @@ fn main() -> anyhow::Result<()> {
                     // The host record says what the other hosts need: the VTEP, and the
                     // uplink MTU for inspection.
                     let uplink = agent::uplink(&Netlink::current()?, &cfg.uplink).await?;
-                    let host = Host {
-                        name: cfg.host.clone(),
-                        vtep: cfg.vtep,
-                        uplink_mtu: Some(uplink.mtu),
-                        lease: 0,
-                    };
+                    let host = Host { uplink_mtu: Some(uplink.mtu), ..Host::new(cfg.host.clone(), cfg.vtep) };
                     let source = AgentEtcd {
                         config: run.etcd.config(),
                         host,

@@ -183,7 +183,7 @@ mod tests {
             mac: MacAddr::from_ip(ip),
             host: "h1".into(),
         };
-        let h = Host { name: "h1".into(), vtep: "198.18.0.1".parse().unwrap(), uplink_mtu: None, lease: 0 };
+        let h = Host::new("h1", "198.18.0.1".parse().unwrap());
         let v: serde_json::Value =
             serde_json::from_str(&to_json(&[NetworkInspect::new(&n, &[e], &[h])])).unwrap();
         let n0 = &v[0];

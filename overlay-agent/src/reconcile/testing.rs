@@ -128,7 +128,7 @@ pub fn network(id: &str, vni: u32, third_octet: u8) -> Network {
 }
 
 pub fn host(name: &str, vtep: Ipv4Addr) -> Host {
-    Host { name: name.to_owned(), vtep, uplink_mtu: None, lease: 0 }
+    Host::new(name, vtep)
 }
 
 /// The VTEP of test host `hN`.

@@ -370,7 +370,7 @@ mod tests {
     use crate::model::Host;
 
     fn host(name: &str, uplink_mtu: Option<u32>) -> Host {
-        Host { name: name.into(), vtep: Ipv4Addr::LOCALHOST, uplink_mtu, lease: 0 }
+        Host { uplink_mtu, ..Host::new(name, Ipv4Addr::LOCALHOST) }
     }
 
     #[test]
