@@ -91,7 +91,9 @@ pub fn serve(etcd: &str) -> anyhow::Result<()> {
 
 async fn handle(store: &Store, request: Request) -> anyhow::Result<Answer> {
     match request {
-        Request::Hosts => Ok(Answer::Hosts(store.hosts().await?.into_iter().map(|h| h.name).collect())),
+        Request::Hosts => Ok(Answer::Hosts(
+            store.hosts().await?.into_iter().filter(|e| e.alive.is_some()).map(|e| e.host.name).collect(),
+        )),
         Request::Network { name, subnet, gateway, vni } => {
             let spec = NetworkSpec {
                 name,
@@ -128,8 +130,10 @@ async fn fill(store: &Store, state: &State) -> anyhow::Result<()> {
     for n in state.networks.values() {
         puts.push(put(k.network(&n.id), n)?);
     }
+    // Registered and alive (without leases: these hosts have no agents to renew them).
     for h in state.hosts.values() {
         puts.push(put(k.host(&h.name), h)?);
+        puts.push(put(k.alive_host(&h.name), h)?);
     }
     for c in state.containers.values() {
         puts.push(put(k.container(&c.name), c)?);

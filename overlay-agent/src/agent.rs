@@ -37,6 +37,9 @@ pub struct Config {
     pub resync: Duration,
     /// Where to serve `GET /healthz`, if anywhere.
     pub health: Option<std::net::SocketAddr>,
+    /// The largest share (0..=1) of this host's containers one re-read of the store may remove
+    /// without an operator's go-ahead (brake.rs); 1: no brake.
+    pub brake_share: f64,
 }
 
 /// Most updates applied before reconciling, so a burst becomes one pass.
@@ -51,7 +54,9 @@ pub async fn uplink(nl: &Netlink, name: &str) -> anyhow::Result<Uplink> {
     Ok(Uplink { name: link.name, ifindex: link.index, mac: link.mac, mtu: link.mtu, kind: link.kind })
 }
 
-pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
+    // Before anything is touched: a second agent here would take over the first one's datapath.
+    let _lock = crate::identity::lock(&cfg.state_dir, &cfg.host)?;
     let nl = Netlink::current()?;
     let uplink = uplink(&nl, &cfg.uplink).await?;
     let mut dp = Datapath::open(&datapath::Options {
@@ -84,9 +89,11 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
         h.xdp = dp.xdp;
         h.uplink.clone_from(&uplink.name);
     }
+    let (release_tx, mut release) = mpsc::unbounded_channel();
     if let Some(addr) = cfg.health {
-        crate::health::serve(addr, health.clone()).await?;
+        crate::health::serve(addr, health.clone(), release_tx).await?;
     }
+    source.attach_health(health.clone());
     let sandboxes = Sandboxes::open(&cfg.state_dir, &cfg.netns_prefix)?;
     let mut rec = Reconciler::new(&cfg.host, dp, nl, sandboxes)?;
 
@@ -105,6 +112,11 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
     let mut retry_at: Option<Instant> = None;
     let mut resync = tokio::time::interval(cfg.resync);
     resync.tick().await;
+    // What the safety brake holds back while engaged; `go_ahead`: the operator released it.
+    let mut held: Option<Dirty> = None;
+    let mut go_ahead = false;
+    // Store resets already accounted for: a whole state read after a new one is judged.
+    let mut trusted = 0;
 
     loop {
         let mut dirty = Dirty::default();
@@ -118,14 +130,18 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
                         Err(e) => Err(anyhow::anyhow!("desired-state source panicked: {e}")),
                     };
                 };
-                let snapshot = matches!(update, Update::Snapshot(_));
+                let mut snapshot = matches!(update, Update::Snapshot(_));
                 desired.apply(update, &mut dirty);
                 while dirty.len() < BATCH {
                     match updates.try_recv() {
-                        Ok(update) => desired.apply(update, &mut dirty),
+                        Ok(update) => {
+                            snapshot |= matches!(update, Update::Snapshot(_));
+                            desired.apply(update, &mut dirty);
+                        }
                         Err(_) => break,
                     }
                 }
+                dirty.full |= snapshot;
                 if !started {
                     if !snapshot {
                         warn!("updates before the first snapshot; waiting for it");
@@ -146,11 +162,59 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
                 retry_at = None;
             }
             _ = resync.tick(), if started => dirty.full = true,
+            Some(()) = release.recv() => {
+                if let Some(h) = held.take() {
+                    go_ahead = true;
+                    dirty = h;
+                    dirty.full = true;
+                }
+            }
             _ = sigterm.recv() => { info!("SIGTERM: stopping, the datapath keeps forwarding"); return Ok(()) }
             _ = sigint.recv() => { info!("SIGINT: stopping, the datapath keeps forwarding"); return Ok(()) }
         }
         if dirty.is_empty() {
             continue;
+        }
+        // A whole state read after the store was found reset (or anything while the brake is
+        // engaged) is judged before it is applied. Otherwise a state read again (a restart, a
+        // compaction) is trusted: containers removed meanwhile were removed by someone.
+        let resets = health.lock().map_or(0, |h| h.store_resets);
+        if ((dirty.full && resets > trusted) || held.is_some()) && !go_ahead {
+            let running = rec.containers();
+            if let Some(brake) =
+                crate::brake::judge(&running, &desired, cfg.brake_share, crate::health::now())
+            {
+                if held.is_none() {
+                    error!(
+                        would_remove = brake.would_remove,
+                        of = brake.of,
+                        containers = ?brake.containers,
+                        share = cfg.brake_share,
+                        "safety brake: the desired state just read would remove more than the allowed share of this host's containers; nothing is applied (the datapath keeps forwarding as it is) until the store holds them again or an operator sends POST /brake/release"
+                    );
+                }
+                let since = health.lock().ok().and_then(|h| h.brake.as_ref().map(|b| b.since));
+                if let Ok(mut h) = health.lock() {
+                    h.brake = Some(crate::health::Brake { since: since.unwrap_or(brake.since), ..brake });
+                }
+                held.get_or_insert_with(Dirty::default).merge(dirty);
+                continue;
+            }
+            if let Some(h) = held.take() {
+                info!(
+                    "safety brake released: the desired state no longer removes too many of this host's containers"
+                );
+                dirty.merge(h);
+                dirty.full = true;
+            }
+        }
+        if go_ahead {
+            info!("applying what the safety brake held, as the operator asked");
+            go_ahead = false;
+        }
+        trusted = resets;
+        if let Ok(mut h) = health.lock() {
+            h.brake = None;
         }
         let started_at = Instant::now();
         let full = dirty.full;

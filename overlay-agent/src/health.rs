@@ -1,6 +1,10 @@
-//! The agent's health endpoint: `GET /healthz` answers 200 once the first full reconcile is done
-//! (503 before), with a JSON body saying what the agent holds. For liveness/readiness probes of
-//! whatever supervises the agent.
+//! The agent's health endpoint, for the probes of whatever supervises the agent, with a JSON body
+//! saying what the agent holds:
+//! - `GET /healthz` answers 200 once the first full reconcile is done (503 before);
+//! - `GET /readyz` answers 200 only while the host is also registered in the store and the
+//!   safety brake is not holding anything (503 with the reasons otherwise);
+//! - `POST /brake/release` is the operator's explicit go-ahead for a change the safety brake
+//!   holds (agent.rs).
 
 use std::{
     net::SocketAddr,
@@ -28,6 +32,53 @@ pub struct Health {
     pub last_reconcile: u64,
     /// Keys that failed and wait for a retry.
     pub pending_retries: usize,
+    /// The host is registered in the store (both its leases held).
+    pub registered: bool,
+    /// Why it is, or is not.
+    pub registration: String,
+    /// Times the store turned out not to be the one followed (replaced, rolled back, emptied,
+    /// or holding no registration of this host): each makes the safety brake judge the next
+    /// state read.
+    pub store_resets: u64,
+    pub last_store_reset: Option<String>,
+    /// What the safety brake holds back, if anything.
+    pub brake: Option<Brake>,
+}
+
+/// A change the safety brake did not apply: it would have removed `would_remove` of the `of`
+/// containers this host runs.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Brake {
+    pub would_remove: usize,
+    pub of: usize,
+    /// Some of their names.
+    pub containers: Vec<String>,
+    /// Unix time the brake engaged.
+    pub since: u64,
+}
+
+impl Health {
+    /// Why the agent is not ready (empty: ready).
+    pub fn not_ready(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        if !self.ready {
+            why.push("the first full reconcile is not done".to_owned());
+        }
+        if !self.registered {
+            why.push(if self.registration.is_empty() {
+                "not registered".to_owned()
+            } else {
+                self.registration.clone()
+            });
+        }
+        if let Some(b) = &self.brake {
+            why.push(format!(
+                "the safety brake holds a change that would remove {} of {} containers",
+                b.would_remove, b.of
+            ));
+        }
+        why
+    }
 }
 
 pub type Shared = Arc<Mutex<Health>>;
@@ -36,25 +87,47 @@ pub fn now() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Serves `GET /healthz` on `addr` until the runtime ends.
-pub async fn serve(addr: SocketAddr, health: Shared) -> anyhow::Result<()> {
+/// Serves the endpoints on `addr` until the runtime ends; a brake release is sent on `release`.
+pub async fn serve(
+    addr: SocketAddr,
+    health: Shared,
+    release: tokio::sync::mpsc::UnboundedSender<()>,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     info!(%addr, "health endpoint listening");
     tokio::spawn(async move {
         loop {
             let Ok((mut conn, _)) = listener.accept().await else { continue };
             let health = health.clone();
+            let release = release.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 let Ok(n) = conn.read(&mut buf).await else { return };
                 let request = String::from_utf8_lossy(&buf[..n]);
-                let path = request.split_whitespace().nth(1).unwrap_or("");
-                let (code, body) = if path == "/healthz" {
-                    let h = health.lock().map(|h| h.clone()).unwrap_or_default();
-                    let code = if h.ready { "200 OK" } else { "503 Service Unavailable" };
-                    (code, serde_json::to_string(&h).unwrap_or_default())
-                } else {
-                    ("404 Not Found", "{}".to_owned())
+                let mut words = request.split_whitespace();
+                let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                let h = health.lock().map(|h| h.clone()).unwrap_or_default();
+                let unavailable = "503 Service Unavailable";
+                let (code, body) = match (method, path) {
+                    ("GET", "/healthz") => (
+                        if h.ready { "200 OK" } else { unavailable },
+                        serde_json::to_string(&h).unwrap_or_default(),
+                    ),
+                    ("GET", "/readyz") => {
+                        let why = h.not_ready();
+                        let body =
+                            serde_json::json!({ "ready": why.is_empty(), "reasons": why, "health": h });
+                        (if why.is_empty() { "200 OK" } else { unavailable }, body.to_string())
+                    }
+                    ("POST", "/brake/release") if h.brake.is_some() => {
+                        warn!("the operator released the safety brake");
+                        let _ = release.send(());
+                        ("200 OK", serde_json::json!({ "released": h.brake }).to_string())
+                    }
+                    ("POST", "/brake/release") => {
+                        ("409 Conflict", r#"{"error":"the brake holds nothing"}"#.to_owned())
+                    }
+                    _ => ("404 Not Found", "{}".to_owned()),
                 };
                 let response = format!(
                     "HTTP/1.1 {code}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -5,14 +5,18 @@
 pub mod agent;
 /// The one exponential backoff every retry loop uses.
 pub mod backoff;
+/// The safety brake: a change that would remove most of a host's containers waits for an operator.
+pub mod brake;
 /// The `overlay` command line, shaped like `docker network`; writes the store and waits.
 pub mod cli;
 /// The kernel side: load, pin and attach the eBPF programs; typed maps; counters.
 pub mod datapath;
 /// The agent's view of the desired state: what this host needs, its indexes, the dirty keys.
 pub mod desired;
-/// `GET /healthz`.
+/// `GET /healthz`, `GET /readyz`, `POST /brake/release`.
 pub mod health;
+/// Who this agent is (its id, machine, netns) and the lock that keeps one agent per state dir.
+pub mod identity;
 /// The desired state's objects (networks, endpoints, containers, hosts) and their updates.
 pub mod model;
 /// Kernel plumbing over rtnetlink: namespaces, veths, addresses, routes; GRO by ethtool ioctl.

@@ -123,16 +123,21 @@ impl Cluster {
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
-    /// Whether `overlay host ls` lists `host`.
+    /// Waits until `overlay host ls` lists `host` as alive.
     pub fn wait_registered(&self, host: &str) -> bool {
-        wait_for(Duration::from_secs(20), || {
-            let out = self.cli(&["host", "ls"]);
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .any(|l| l.split_whitespace().next() == Some(host))
-                .then_some(())
-        })
-        .is_some()
+        wait_for(Duration::from_secs(20), || (self.host_state(host)? == "alive").then_some(())).is_some()
+    }
+
+    /// The STATE column of `overlay host ls` for `host` (None: not listed).
+    pub fn host_state(&self, host: &str) -> Option<String> {
+        let out = self.cli(&["host", "ls"]);
+        let header_and_rows = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = header_and_rows.lines();
+        let at = lines.next()?.find("STATE")?;
+        let row = lines.find(|l| l.split_whitespace().next() == Some(host))?;
+        let rest = row.get(at..)?;
+        // Up to the AGENT column, which follows after three spaces.
+        Some(rest.split("   ").next().unwrap_or("").trim().to_owned())
     }
 
     /// The namespace the agent of `host` made for container `name`.

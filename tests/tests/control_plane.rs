@@ -291,9 +291,10 @@ fn an_agent_killed_while_state_changes_converges_when_restarted() {
     let _ = d;
 }
 
-/// A host whose agent dies disappears from every other host's maps once its lease runs out.
+/// A host whose agent dies disappears from every other host's maps once its liveness lease runs
+/// out, and comes back when its agent does; nothing of it is deleted meanwhile.
 #[test]
-fn a_dead_hosts_endpoints_leave_the_maps_when_its_lease_expires() {
+fn a_dead_hosts_endpoints_leave_the_maps_when_its_lease_expires_and_return_with_it() {
     if skip_unless_privileged() {
         return;
     }
@@ -324,8 +325,24 @@ fn a_dead_hosts_endpoints_leave_the_maps_when_its_lease_expires() {
     }
     // Not before the lease could have run out: a live host is never dropped early.
     assert!(killed.elapsed() >= Duration::from_secs(ttl - 1), "removed after {:?}", killed.elapsed());
-    assert!(!c.ok(&["host", "ls"]).lines().any(|l| l.starts_with("h3 ")), "h3 still registered");
+    let state = c.host_state("h3").expect("h3 stays registered");
+    assert!(state.starts_with("down (records removed in"), "{state}");
     assert!(!reaches(&c, "h1", "a", z));
+    // Its records stay: z is still a container on h3 with its address.
+    assert!(c.ok(&["container", "ls"]).lines().any(|l| l.starts_with("z ") && l.contains(&z.to_string())));
+    let refusal = c.refused(&["host", "rm", "h2"]);
+    assert!(refusal.contains("host \"h2\" is alive"), "{refusal}");
+
+    // The agent comes back: h3 is alive again and z is reachable, nothing recreated.
+    c.start_agent("h3");
+    assert!(c.wait_registered("h3"));
+    for host in ["h1", "h2"] {
+        assert!(
+            wait_for(Duration::from_secs(5), || c.maps_hold(host, z).then_some(())).is_some(),
+            "{host} maps z again"
+        );
+    }
+    assert!(comes_to_reach(&c, "h1", "a", z), "a -> z after h3 came back");
 }
 
 /// etcd going away and coming back breaks no packet path, and changes made afterwards arrive.

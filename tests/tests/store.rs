@@ -17,7 +17,7 @@ use std::{
 
 use overlay_agent::{
     model::{Container, Host, Object, ObjectRef, State, Update},
-    source::{EtcdSource, HostRegistration, Report, Source as _},
+    source::{EtcdSource, HostRegistration, Lifetimes, Report, Source as _},
     store::{ContainerSpec, NetworkSpec, Store, StoreConfig, StoreError},
 };
 use overlay_tests::etcd::{Etcd, EtcdOptions, EtcdTls};
@@ -39,7 +39,13 @@ fn host(name: &str, last: u8) -> Host {
 }
 
 async fn register(store: &Store, name: &str, last: u8, ttl: Duration) -> HostRegistration {
-    HostRegistration::register(store.clone(), host(name, last), ttl).await.expect("register")
+    HostRegistration::register(
+        store.clone(),
+        host(name, last),
+        Lifetimes { ttl, grace: Duration::from_hours(1) },
+    )
+    .await
+    .expect("register")
 }
 
 fn net(name: &str, subnet: &str) -> NetworkSpec {
@@ -447,7 +453,7 @@ async fn bad_inputs_are_refused_and_write_nothing() {
         &s,
         &before,
         s.create_container(&ctr("c9", "h9", None)).await,
-        "host \"h9\" is not registered (no agent on it holds a live lease)",
+        "host \"h9\" is not registered (no agent has ever registered it, or it was removed)",
     )
     .await;
     refused(
@@ -794,7 +800,7 @@ async fn source_catches_up_after_a_cut_and_relists_after_compaction() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_hosts_endpoints_vanish_with_its_lease() {
+async fn a_dead_host_leaves_the_maps_but_keeps_its_records_until_host_rm() {
     let Some(etcd) = Etcd::start_or_skip() else { return };
     let s = store(&etcd.url()).await;
     let ttl = Duration::from_secs(2);
@@ -806,57 +812,112 @@ async fn a_dead_hosts_endpoints_vanish_with_its_lease() {
     let a2 = s.create_container(&ctr("a2", "h2", Some("blue"))).await.unwrap().endpoint.unwrap();
     let a3 = s.create_container(&ctr("a3", "h3", Some("blue"))).await.unwrap().endpoint.unwrap();
     assert_eq!([a1.ipv4, a2.ipv4, a3.ipv4], ["10.0.9.2", "10.0.9.3", "10.0.9.4"].map(ip));
+    let records_h1 = s.hosts().await.unwrap().into_iter().find(|e| e.host.name == "h1").unwrap().host.lease;
     let (mut rx, _status) = source(&s, "h2", None);
     assert!(matches!(next(&mut rx).await, Update::Snapshot(_)));
 
-    // h1's agent dies. h3's restarts at once and takes its lease over.
+    // h1's agent dies. h3's restarts at once and takes its liveness lease over.
     let h3_lease = h3.lease();
     drop(h1);
     drop(h3);
     let h3 = register(&s, "h3", 3, ttl).await;
-    assert_eq!(h3.lease(), h3_lease, "a quick restart keeps the host's lease");
+    assert_eq!(h3.lease(), h3_lease, "a quick restart keeps the host's liveness lease");
 
-    let mut deleted = BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while deleted.len() < 3 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match timeout(left, rx.recv()).await.expect("h1's objects deleted in time").unwrap() {
-            Update::Delete(what) => drop(deleted.insert(what)),
+    // Within the TTL and a second, h1 is no longer alive: that is the only deletion.
+    let lapsed = Instant::now();
+    loop {
+        let left = (lapsed + ttl + Duration::from_millis(1500)).saturating_duration_since(Instant::now());
+        match timeout(left, rx.recv()).await.expect("h1 leaves within TTL + 1.5 s").unwrap() {
+            Update::Delete(ObjectRef::Host(h)) if h == "h1" => break,
             Update::Put(Object::Host(h)) if h.name == "h3" => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    quiet(&mut rx, Duration::from_millis(500)).await;
+    let (state, _) = s.load().await.unwrap();
+    let alive: BTreeSet<_> = state.hosts.keys().map(String::as_str).collect();
+    assert_eq!(alive, BTreeSet::from(["h2", "h3"]));
+    let ctrs: BTreeSet<_> = state.containers.keys().map(String::as_str).collect();
+    assert_eq!(ctrs, BTreeSet::from(["a1", "a2", "a3"]), "a lapse deletes nothing");
+    assert!(state.endpoints.contains_key(&a1.id));
+    let entries = s.hosts().await.unwrap();
+    let h1_entry = entries.iter().find(|e| e.host.name == "h1").expect("h1 still registered");
+    assert!(h1_entry.alive.is_none());
+    // a1 still holds its address.
+    s.create_container(&ctr("b2", "h2", None)).await.unwrap();
+    assert_eq!(s.network_connect("blue", "b2", None).await.unwrap().ipv4, ip("10.0.9.5"));
+
+    // h1 comes back: alive again, under the same records lease; its endpoint never left.
+    let h1 = register(&s, "h1", 1, ttl).await;
+    loop {
+        match next(&mut rx).await {
+            Update::Put(Object::Host(h)) if h.name == "h1" => break,
+            // b2 and its endpoint, just made.
+            Update::Put(Object::Container(_) | Object::Endpoint(_)) => {}
+            other => panic!("expected h1 back, got {other:?}"),
+        }
+    }
+    let entry = s.hosts().await.unwrap().into_iter().find(|e| e.host.name == "h1").unwrap();
+    assert_eq!(entry.host.lease, records_h1);
+    assert!(s.container("a1").await.is_ok());
+
+    // host rm is refused while the host is alive, and changes nothing.
+    let before = s.dump().await.unwrap();
+    refused(
+        &s,
+        &before,
+        s.remove_host("h1").await,
+        "host \"h1\" is alive (served by an agent with VTEP 198.18.0.1); stop its agent and wait for its liveness lease to run out before removing it",
+    )
+    .await;
+    refused(
+        &s,
+        &before,
+        s.remove_host("h9").await,
+        "host \"h9\" is not registered (no agent has ever registered it, or it was removed)",
+    )
+    .await;
+    // Once it is gone, host rm removes it and everything it owned, in one go.
+    drop(h1);
+    loop {
+        match next(&mut rx).await {
+            Update::Delete(ObjectRef::Host(h)) if h == "h1" => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(s.remove_host("h1").await.unwrap(), 1);
+    let mut deleted = BTreeSet::new();
+    while deleted.len() < 2 {
+        match next(&mut rx).await {
+            Update::Delete(what) => drop(deleted.insert(what)),
             other => panic!("unexpected {other:?}"),
         }
     }
     assert_eq!(
         deleted,
-        BTreeSet::from([
-            ObjectRef::Host("h1".into()),
-            ObjectRef::Container("a1".into()),
-            ObjectRef::Endpoint(a1.id.clone())
-        ])
+        BTreeSet::from([ObjectRef::Container("a1".into()), ObjectRef::Endpoint(a1.id.clone())])
     );
-    let (state, _) = s.load().await.unwrap();
-    let hosts: BTreeSet<_> = state.hosts.keys().map(String::as_str).collect();
-    assert_eq!(hosts, BTreeSet::from(["h2", "h3"]));
-    let ctrs: BTreeSet<_> = state.containers.keys().map(String::as_str).collect();
-    assert_eq!(ctrs, BTreeSet::from(["a2", "a3"]), "h3's container outlived its agent's restart");
     let dump = s.dump().await.unwrap();
-    assert!(!dump.keys().any(|k| k.contains("/attachments/a1/") || k.ends_with("/10.0.9.2")), "{dump:#?}");
+    assert!(
+        !dump.keys().any(|k| k.contains("/h1") || k.contains("/attachments/a1/") || k.ends_with("/10.0.9.2")),
+        "{dump:#?}"
+    );
     // a1's address is free again.
-    s.create_container(&ctr("b2", "h2", None)).await.unwrap();
-    assert_eq!(s.network_connect("blue", "b2", None).await.unwrap().ipv4, ip("10.0.9.2"));
+    s.create_container(&ctr("b3", "h2", None)).await.unwrap();
+    assert_eq!(s.network_connect("blue", "b3", None).await.unwrap().ipv4, ip("10.0.9.2"));
 
-    // h3's lease is revoked behind its back: it registers again under a new lease.
+    // h3's liveness lease is revoked behind its back: it registers again under a new one, and
+    // its container is untouched.
     let mut leases = h3.leases();
     s.client().lease_revoke(h3_lease).await.unwrap();
     timeout(Duration::from_secs(10), leases.wait_for(|l| *l != h3_lease))
         .await
         .expect("re-registered")
         .unwrap();
-    let hosts = s.hosts().await.unwrap();
-    let h3_now = hosts.iter().find(|h| h.name == "h3").expect("h3 registered again");
-    assert_eq!(h3_now.lease, h3.lease());
-    assert_ne!(h3_now.lease, h3_lease);
-    assert!(s.container("a3").await.is_err(), "what lived under the old lease is gone");
+    let entries = s.hosts().await.unwrap();
+    let h3_now = entries.iter().find(|e| e.host.name == "h3").expect("h3 registered");
+    assert_eq!(h3_now.alive.as_ref().map(|a| a.lease), Some(h3.lease()));
+    assert!(s.container("a3").await.is_ok(), "a lapse of liveness deletes nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1110,7 +1171,10 @@ async fn cli_writes_waits_and_refuses() {
     cli.fails(&["container", "rm", "c1"], "container \"c1\" not found").await;
     assert_eq!(cli.ok(&["network", "rm", "blue"]).await.trim(), "blue");
     let left: Vec<String> = s.dump().await.unwrap().into_keys().collect();
-    assert!(left.iter().all(|k| k.starts_with("/overlay/v1/hosts/")), "{left:#?}");
+    assert!(
+        left.iter().all(|k| k.starts_with("/overlay/v1/hosts/") || k.starts_with("/overlay/v1/alive/")),
+        "{left:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1168,12 +1232,14 @@ async fn a_malformed_value_is_skipped_with_a_warning_naming_its_key() {
     let bad_endpoint = k.endpoint(&blue.id, &"e".repeat(64));
     let bad_container = k.container("broken");
     let bad_host = k.host("hx");
+    let bad_alive = k.alive_host("hy");
     let mut raw = s.client();
     for (key, value) in [
         (&bad_network, "not json"),
         (&bad_endpoint, "{\"id\": 7}"),
         (&bad_container, "{\"name\": \"broken\""),
         (&bad_host, "[]"),
+        (&bad_alive, "{"),
     ] {
         raw.put(key.as_str(), value, None).await.unwrap();
     }

@@ -13,7 +13,7 @@ use overlay_agent::{
     model::Host,
     netlink::{Netlink, netns},
     sandbox,
-    source::{etcd::AgentEtcd, file::FileSource},
+    source::{Lifetimes, etcd::AgentEtcd, file::FileSource},
     store::EtcdArgs,
 };
 
@@ -115,11 +115,23 @@ struct Run {
     state_file: Option<PathBuf>,
     #[command(flatten)]
     etcd: EtcdArgs,
-    /// Seconds this host's lease lives without the agent renewing it: how long a dead host's
-    /// containers stay in every other host's maps, and how long an agent may be down (restart,
-    /// upgrade) without its containers being removed.
-    #[arg(long, env = "OVERLAY_LEASE_TTL", default_value_t = 10)]
+    /// Seconds this host stays alive in the store without the agent renewing its liveness lease:
+    /// how long other hosts keep sending to a host whose agent went quiet (crashed, cut off from
+    /// etcd, restarting). Nothing is deleted when it runs out: the host's endpoints leave the
+    /// other hosts' maps and come back when the agent registers again.
+    #[arg(long, env = "OVERLAY_LEASE_TTL", default_value_t = 30)]
     lease_ttl: u64,
+    /// Seconds a host's containers and endpoints stay in the store after its agent was last
+    /// heard from; after that they are garbage-collected (their addresses go back to the pools).
+    /// `overlay host rm` removes a dead host's records at once.
+    #[arg(long, env = "OVERLAY_GC_GRACE", default_value_t = 86_400)]
+    gc_grace: u64,
+    /// The largest share (0 to 1) of this host's containers that one re-read of the store (the
+    /// agent's start, a store found replaced or rolled back, a compaction) may remove; a
+    /// larger removal is held, logged and shown in /readyz until an operator sends
+    /// POST /brake/release to the health address. 1 turns the brake off.
+    #[arg(long, env = "OVERLAY_BRAKE_SHARE", default_value_t = 0.5)]
+    brake_share: f64,
     /// Serve GET /healthz on this address (e.g. 127.0.0.1:9700): 200 once the agent has
     /// reconciled the host. With --netns, the address is inside that namespace.
     #[arg(long, env = "OVERLAY_HEALTH_ADDR")]
@@ -161,6 +173,7 @@ fn main() -> anyhow::Result<()> {
                 debug_drops: run.debug_drops,
                 resync: Duration::from_secs(run.resync_secs.max(1)),
                 health: run.health_addr,
+                brake_share: run.brake_share.clamp(0.0, 1.0),
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
@@ -170,11 +183,20 @@ fn main() -> anyhow::Result<()> {
                     // The host record says what the other hosts need: the VTEP, and the
                     // uplink MTU for inspection.
                     let uplink = agent::uplink(&Netlink::current()?, &cfg.uplink).await?;
-                    let host = Host { uplink_mtu: Some(uplink.mtu), ..Host::new(cfg.host.clone(), cfg.vtep) };
+                    let host = Host {
+                        uplink_mtu: Some(uplink.mtu),
+                        agent: Some(overlay_agent::identity::load(&cfg.state_dir)?),
+                        ..Host::new(cfg.host.clone(), cfg.vtep)
+                    };
                     let source = AgentEtcd {
                         config: run.etcd.config(),
                         host,
-                        lease_ttl: Duration::from_secs(run.lease_ttl.max(1)),
+                        life: Lifetimes {
+                            ttl: Duration::from_secs(run.lease_ttl.max(1)),
+                            grace: Duration::from_secs(run.gc_grace.max(run.lease_ttl).max(1)),
+                        },
+                        state_dir: cfg.state_dir.clone(),
+                        health: None,
                     };
                     agent::run(cfg, source).await
                 }

@@ -170,9 +170,17 @@ pub enum ContainerCommand {
 
 #[derive(Subcommand)]
 pub enum HostCommand {
-    /// List registered hosts: name, VTEP, uplink MTU and the lease that keeps them registered.
+    /// List registered hosts: name, VTEP, uplink MTU, whether each is alive (its agent renews
+    /// its liveness lease) and, for a host that is not, when its records are garbage-collected.
     #[command(visible_alias = "list")]
     Ls,
+    /// Decommission a host that is gone for good: remove its registration, its containers and
+    /// their endpoints and addresses. Refused while the host is alive.
+    #[command(visible_alias = "remove")]
+    Rm {
+        /// The host's name.
+        name: String,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -238,6 +246,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Network(cmd) => ctx.network(cmd).await,
         Command::Container(cmd) => ctx.container(cmd).await,
         Command::Host(HostCommand::Ls) => ctx.host_ls().await,
+        Command::Host(HostCommand::Rm { name }) => {
+            let containers = ctx.store.remove_host(&name).await?;
+            say(format_args!("{name} (and its {containers} container(s))"))?;
+            Ok(Outcome::Done)
+        }
     }
 }
 
@@ -290,7 +303,7 @@ impl Ctx {
                 }
             }
             NetworkCommand::Inspect { networks } => {
-                let hosts = store.hosts().await?;
+                let hosts: Vec<_> = store.hosts().await?.into_iter().map(|e| e.host).collect();
                 let mut out = Vec::new();
                 let mut failed = false;
                 for query in &networks {
@@ -436,17 +449,35 @@ impl Ctx {
     async fn host_ls(&self) -> anyhow::Result<Outcome> {
         let store = &self.store;
         let mut rows = Vec::new();
-        for h in store.hosts().await? {
-            let ttl = if h.lease != 0 { store.lease_ttl(h.lease).await? } else { None };
+        for entry in store.hosts().await? {
+            let h = &entry.host;
+            let (state, agent) = match &entry.alive {
+                Some(alive) => (
+                    "alive".to_owned(),
+                    alive
+                        .agent
+                        .as_ref()
+                        .map_or_else(|| "-".into(), |a| format!("pid {} on {}", a.pid, a.machine)),
+                ),
+                None => {
+                    // Not alive: its records go when the records lease runs out.
+                    let gc = if h.lease != 0 { store.lease_ttl(h.lease).await? } else { None };
+                    let when = gc.map_or_else(
+                        || "-".into(),
+                        |t| humantime::format_duration(Duration::from_secs(t.unsigned_abs())).to_string(),
+                    );
+                    (format!("down (records removed in {when})"), "-".into())
+                }
+            };
             rows.push(vec![
                 h.name.clone(),
                 h.vtep.to_string(),
                 h.uplink_mtu.map(|m| m.to_string()).unwrap_or_default(),
-                if h.lease != 0 { format!("{:x}", h.lease) } else { "-".into() },
-                ttl.map_or_else(|| "-".into(), |t| format!("{t}s")),
+                state,
+                agent,
             ]);
         }
-        print_table(&["NAME", "VTEP", "UPLINK MTU", "LEASE", "TTL"], rows.into_iter())?;
+        print_table(&["NAME", "VTEP", "UPLINK MTU", "STATE", "AGENT"], rows.into_iter())?;
         Ok(Outcome::Done)
     }
 }

@@ -68,6 +68,11 @@ impl Reconciler {
         Ok(Self { here, dp, locals: Locals::new(host, sandboxes), mirror: Mirror::new(found) })
     }
 
+    /// The containers this host runs (their sandboxes, made here or recorded as foreign).
+    pub fn containers(&self) -> Vec<String> {
+        self.locals.sandboxes().into_keys().collect()
+    }
+
     /// Number of entries in the endpoint map (local and remote).
     pub fn endpoint_entries(&self) -> usize {
         self.mirror.endpoint_entries()

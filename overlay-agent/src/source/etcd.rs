@@ -4,12 +4,18 @@
 //! the agent's reports back. All of it runs inside the source task, after the datapath is up, so
 //! an agent started while etcd is down still takes over and keeps forwarding what it finds.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use super::{Report, Source, follow::Follower, lease::HostRegistration, publish::Publisher};
+use super::{
+    Report, Source,
+    follow::Follower,
+    history::SeenFile,
+    lease::{HostRegistration, Lifetimes, Registered},
+    publish::Publisher,
+};
 use crate::{
     backoff::Backoff,
     model::{Host, Update},
@@ -18,8 +24,12 @@ use crate::{
 
 pub struct AgentEtcd {
     pub config: StoreConfig,
+    /// With `agent` set: who serves it.
     pub host: Host,
-    pub lease_ttl: Duration,
+    pub life: Lifetimes,
+    /// Where the store's identity is kept across restarts.
+    pub state_dir: PathBuf,
+    pub health: Option<crate::health::Shared>,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
@@ -39,13 +49,66 @@ impl Source for AgentEtcd {
             }
         };
         info!(endpoints = store.etcd_endpoints(), "connected to etcd");
-        // Held for as long as the source runs: dropping it would stop renewing the lease.
-        let registration = HostRegistration::spawn(store.clone(), self.host.clone(), self.lease_ttl);
-        let source = EtcdSource::registered(store, &self.host.name, &registration);
+        // Nothing is followed before the host is registered: an agent refused for a host
+        // another agent holds must not make that host's containers here. Held for as long as
+        // the source runs: dropping it would stop renewing the leases.
+        let registration = HostRegistration::register(store.clone(), self.host.clone(), self.life).await?;
+        if let (Some(health), Registered::Yes(leases)) = (&self.health, &*registration.state().borrow()) {
+            // Before the first snapshot, so the safety brake judges it with this in mind.
+            doubt_if_fresh(health, leases);
+        }
+        if let Some(health) = &self.health {
+            tokio::spawn(mirror_registration(registration.state(), health.clone()));
+        }
+        let mut source = EtcdSource::registered(store, &self.host.name, &registration);
+        source.state_dir = Some(self.state_dir);
+        source.health = self.health;
         // Boxed: the follow loop's future is large (tens of KiB) and would sit on the stack.
         let result = Box::pin(source.run(updates, status)).await;
         drop(registration);
         result
+    }
+
+    fn attach_health(&mut self, health: crate::health::Shared) {
+        self.health = Some(health);
+    }
+}
+
+/// A host registered afresh while it may run containers: the store did not hold its
+/// registration (emptied, restored from before the host existed, garbage-collected), so what it
+/// says about this host's containers is in doubt until an operator or the safety brake's judge
+/// says otherwise.
+fn doubt_if_fresh(health: &crate::health::Shared, leases: &crate::store::host::Leases) {
+    if leases.fresh
+        && let Ok(mut h) = health.lock()
+    {
+        h.store_resets += 1;
+        h.last_store_reset = Some("the store held no registration of this host: its records are new".into());
+    }
+}
+
+/// Keeps health's view of the registration current.
+async fn mirror_registration(mut state: watch::Receiver<Registered>, health: crate::health::Shared) {
+    let mut first = true;
+    loop {
+        let now = state.borrow_and_update().clone();
+        if let Registered::Yes(leases) = &now
+            && !std::mem::take(&mut first)
+        {
+            doubt_if_fresh(&health, leases);
+        }
+        if let Ok(mut h) = health.lock() {
+            h.registered = matches!(now, Registered::Yes(_));
+            h.registration = match now {
+                Registered::Yes(l) => {
+                    format!("registered (records lease {:x}, liveness lease {:x})", l.records, l.alive)
+                }
+                Registered::No(why) => format!("not registered: {why}"),
+            };
+        }
+        if state.changed().await.is_err() {
+            return;
+        }
     }
 }
 
@@ -54,18 +117,22 @@ pub struct EtcdSource {
     store: Store,
     host: String,
     lease: watch::Receiver<i64>,
+    beats: Option<watch::Receiver<Option<(u64, i64)>>>,
+    /// Where the store's identity is kept (None: nowhere).
+    pub state_dir: Option<PathBuf>,
+    pub health: Option<crate::health::Shared>,
 }
 
 impl EtcdSource {
     /// `host` is the agent's host, named in the reports it publishes; `lease` the lease they are
     /// published under (0: none), as a `HostRegistration` follows it.
     pub fn new(store: Store, host: impl Into<String>, lease: watch::Receiver<i64>) -> Self {
-        Self { store, host: host.into(), lease }
+        Self { store, host: host.into(), lease, beats: None, state_dir: None, health: None }
     }
 
     /// A source whose reports live under the registration's lease.
     pub fn registered(store: Store, host: impl Into<String>, registration: &HostRegistration) -> Self {
-        Self::new(store, host, registration.leases())
+        Self { beats: Some(registration.headers()), ..Self::new(store, host, registration.leases()) }
     }
 }
 
@@ -75,7 +142,17 @@ impl Source for EtcdSource {
         let publisher = Publisher::new(self.store.clone(), self.host.clone(), self.lease);
         let publishing = AbortOnDrop(tokio::spawn(publisher.run(status, live_rx)));
         let agent = updates.clone();
-        let follower = Follower { store: self.store, host: self.host.clone(), updates, live: live_tx };
+        let (seen, before) = SeenFile::open(self.state_dir.as_deref());
+        let follower = Follower {
+            store: self.store,
+            host: self.host.clone(),
+            updates,
+            live: live_tx,
+            beats: self.beats,
+            seen,
+            before,
+            health: self.health,
+        };
         // The agent may stop reading while nothing is sent (etcd down, or a quiet store).
         tokio::select! {
             () = follower.run() => {}

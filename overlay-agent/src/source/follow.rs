@@ -6,14 +6,22 @@
 //! nothing: the datapath keeps what it has) and watches again from the last revision it
 //! delivered; only if etcd compacted that revision away does it read everything again and send
 //! a new snapshot.
+//!
+//! It also checks every answer's cluster id and revision against what it applied
+//! (`history`): a store replaced, restored from an older backup or restarted empty is read
+//! again from scratch, with a loud log line, instead of being watched from a revision it never
+//! had.
 
 use std::time::Duration;
 
 use etcd_client::{EventType, KeyValue, WatchOptions};
-use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
 
-use super::publish::Live;
+use super::{
+    history::{Reset, Seen, SeenFile},
+    publish::Live,
+};
 use crate::{
     backoff::Backoff,
     model::Update,
@@ -34,6 +42,8 @@ enum Stop {
     AgentGone,
     /// The revision to resume from was compacted: read everything again.
     Compacted(i64),
+    /// The store is not the one followed so far: read everything again.
+    Reset(Reset),
     Failed(StoreError),
 }
 
@@ -43,18 +53,31 @@ pub(super) struct Follower {
     pub(super) host: String,
     pub(super) updates: mpsc::Sender<Update>,
     pub(super) live: mpsc::UnboundedSender<Live>,
+    /// Answers to the host's lease keep-alives: (cluster id, revision), a beat from the store
+    /// even when nothing changes in it.
+    pub(super) beats: Option<watch::Receiver<Option<(u64, i64)>>>,
+    pub(super) seen: SeenFile,
+    /// What was seen when the agent last ran (from the state directory).
+    pub(super) before: Seen,
+    pub(super) health: Option<crate::health::Shared>,
 }
 
 impl Follower {
-    pub(super) async fn run(self) {
+    pub(super) async fn run(mut self) {
         let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         // The revision everything up to which has been delivered; None: a snapshot is due.
         let mut delivered: Option<i64> = None;
+        // The cluster id, once an answer has told it.
+        let mut cluster = self.before.cluster_id;
+        let mut first = true;
         loop {
             let from = match delivered {
                 Some(rev) => rev,
-                None => match self.snapshot().await {
-                    Ok(Some(rev)) => rev,
+                None => match self.snapshot(first, &mut cluster).await {
+                    Ok(Some(rev)) => {
+                        first = false;
+                        rev
+                    }
                     Ok(None) => return,
                     Err(e) => {
                         warn!(error = %e, "cannot read the desired state from etcd; retrying");
@@ -65,8 +88,13 @@ impl Follower {
             };
             delivered = Some(from);
             let mut progressed = false;
-            match self.follow(from, &mut delivered, &mut progressed).await {
+            match self.follow(from, &mut delivered, &mut cluster, &mut progressed).await {
                 Stop::AgentGone => return,
+                Stop::Reset(reset) => {
+                    self.reset_seen(&reset);
+                    cluster = 0;
+                    delivered = None;
+                }
                 Stop::Compacted(at) => {
                     warn!(
                         resume = from + 1,
@@ -86,9 +114,15 @@ impl Follower {
         }
     }
 
-    /// Reads and sends a snapshot; returns its revision (None: the agent is gone).
-    async fn snapshot(&self) -> Result<Option<i64>> {
+    /// Reads and sends a snapshot; returns its revision (None: the agent is gone). The first
+    /// one is judged against what the agent applied when it last ran, before it is sent.
+    async fn snapshot(&mut self, first: bool, cluster: &mut u64) -> Result<Option<i64>> {
         let (state, rev) = load(&self.store, Some(&self.host)).await?;
+        if first && let Some(reset) = self.before.judge(0, rev) {
+            // An agent restarted against a store that lost what it applied.
+            self.reset_seen(&reset);
+            *cluster = 0;
+        }
         info!(
             revision = rev,
             networks = state.networks.len(),
@@ -108,16 +142,67 @@ impl Follower {
         Ok(Some(rev))
     }
 
-    async fn follow(&self, from: i64, delivered: &mut Option<i64>, progressed: &mut bool) -> Stop {
-        let store = &self.store;
+    /// A store that is not the one followed: said loudly, counted in health.
+    fn reset_seen(&mut self, reset: &Reset) {
+        error!(%reset, "the store is not the one this agent followed; reading everything again (the safety brake holds a difference that would remove many of this host's containers)");
+        if let Some(h) = &self.health
+            && let Ok(mut h) = h.lock()
+        {
+            h.store_resets += 1;
+            h.last_store_reset = Some(reset.to_string());
+        }
+        self.seen.save(Seen::default());
+    }
+
+    /// Checks one answer of the store against what was applied; learns the cluster id.
+    fn check(
+        &mut self,
+        header: Option<&etcd_client::ResponseHeader>,
+        delivered: Option<i64>,
+        cluster: &mut u64,
+    ) -> Option<Reset> {
+        let h = header?;
+        let seen = Seen { cluster_id: *cluster, revision: delivered.unwrap_or(0) };
+        if let Some(reset) = seen.judge(h.cluster_id(), h.revision()) {
+            return Some(reset);
+        }
+        if *cluster == 0 && h.cluster_id() != 0 {
+            *cluster = h.cluster_id();
+        }
+        self.seen.save(Seen { cluster_id: *cluster, revision: delivered.unwrap_or(0) });
+        None
+    }
+
+    async fn follow(
+        &mut self,
+        from: i64,
+        delivered: &mut Option<i64>,
+        cluster: &mut u64,
+        progressed: &mut bool,
+    ) -> Stop {
+        let store = self.store.clone();
+        let store = &store;
         let mut client = store.client().watch_client();
         let options = WatchOptions::new().with_prefix().with_start_revision(from + 1).with_progress_notify();
         let mut stream = match store.call("watch", client.watch(store.keys().root(), Some(options))).await {
             Ok(s) => s,
             Err(e) => return Stop::Failed(e),
         };
+        let mut beats = self.beats.clone();
         loop {
-            let resp = match stream.message().await {
+            let message = tokio::select! {
+                m = stream.message() => m,
+                Some((id, rev)) = next_beat(beats.as_mut()) => {
+                    let seen = Seen { cluster_id: *cluster, revision: delivered.unwrap_or(0) };
+                    if let Some(reset) = seen.judge(id, rev)
+                        && self.confirm(&reset).await
+                    {
+                        return Stop::Reset(reset);
+                    }
+                    continue;
+                }
+            };
+            let resp = match message {
                 Ok(Some(resp)) => resp,
                 Ok(None) => {
                     return Stop::Failed(StoreError::Unreachable {
@@ -136,6 +221,11 @@ impl Follower {
             };
             if resp.compact_revision() > 0 {
                 return Stop::Compacted(resp.compact_revision());
+            }
+            if let Some(reset) = self.check(resp.header(), *delivered, cluster)
+                && self.confirm(&reset).await
+            {
+                return Stop::Reset(reset);
             }
             if resp.canceled() {
                 return Stop::Failed(StoreError::Unreachable {
@@ -167,6 +257,16 @@ impl Follower {
         }
     }
 
+    /// A revision behind what was applied is confirmed by a linearizable read before anything
+    /// is read again: a keep-alive answer taken before the follower delivered newer events, or
+    /// an answer from a member that lags, is not a store that went back.
+    async fn confirm(&self, reset: &Reset) -> bool {
+        match reset {
+            Reset::NewCluster { .. } => true,
+            Reset::Backwards { applied, .. } => self.store.revision().await.is_ok_and(|now| now < *applied),
+        }
+    }
+
     fn translate(&self, kind: EventType, kv: &KeyValue) -> Option<Update> {
         let key = key_str(kv);
         let Kind::Object(what) = self.store.keys().parse(&key) else { return None };
@@ -183,6 +283,19 @@ impl Follower {
                 };
                 Some(Update::Put(object))
             }
+        }
+    }
+}
+
+/// The next keep-alive answer, if there is a beat to follow.
+async fn next_beat(beats: Option<&mut watch::Receiver<Option<(u64, i64)>>>) -> Option<(u64, i64)> {
+    let Some(rx) = beats else { return std::future::pending().await };
+    loop {
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        if let Some(beat) = *rx.borrow_and_update() {
+            return Some(beat);
         }
     }
 }

@@ -15,6 +15,7 @@
 pub mod etcd;
 pub mod file;
 mod follow;
+mod history;
 pub mod lease;
 mod publish;
 
@@ -24,7 +25,10 @@ use tokio::sync::mpsc;
 
 use crate::model::Update;
 
-pub use self::{etcd::EtcdSource, lease::HostRegistration};
+pub use self::{
+    etcd::EtcdSource,
+    lease::{HostRegistration, Lifetimes, Registered},
+};
 
 /// What the agent made real on its host (or took down): its report to the store, which publishes
 /// it for the CLI to wait on.
@@ -59,4 +63,8 @@ pub trait Source: Send + 'static {
         updates: mpsc::Sender<Update>,
         status: mpsc::Receiver<Report>,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Gives the source the agent's health record, for what only it knows (registration, store
+    /// resets).
+    fn attach_health(&mut self, _health: crate::health::Shared) {}
 }

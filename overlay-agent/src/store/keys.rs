@@ -98,8 +98,20 @@ impl Keys {
         format!("{}/hosts/", self.prefix)
     }
 
+    /// A host's registration: not leased to its liveness, so it outlives a lapse (see
+    /// `alive`); it lives under the host's records lease, with its containers and endpoints.
     pub fn host(&self, name: &str) -> String {
         format!("{}{name}", self.hosts())
+    }
+
+    /// Hosts that are alive: each key lives under its host's short liveness lease. What the
+    /// agents follow: a host's endpoints are in the maps while its key is here.
+    pub fn alive(&self) -> String {
+        format!("{}/alive/", self.prefix)
+    }
+
+    pub fn alive_host(&self, name: &str) -> String {
+        format!("{}{name}", self.alive())
     }
 
     pub fn endpoint_statuses(&self) -> String {
@@ -132,7 +144,8 @@ impl Keys {
             (Some("containers"), Some(name), None, None) if !name.is_empty() => {
                 ObjectRef::Container(name.to_owned())
             }
-            (Some("hosts"), Some(name), None, None) if !name.is_empty() => ObjectRef::Host(name.to_owned()),
+            // The agents' model holds the hosts that are alive; registrations are bookkeeping.
+            (Some("alive"), Some(name), None, None) if !name.is_empty() => ObjectRef::Host(name.to_owned()),
             _ => return Kind::Other,
         };
         Kind::Object(kind)
@@ -156,7 +169,7 @@ mod tests {
         assert_eq!(k.parse(&k.network("abc")), Kind::Object(ObjectRef::Network("abc".into())));
         assert_eq!(k.parse(&k.endpoint("n", "e")), Kind::Object(ObjectRef::Endpoint("e".into())));
         assert_eq!(k.parse(&k.container("c1")), Kind::Object(ObjectRef::Container("c1".into())));
-        assert_eq!(k.parse(&k.host("h1")), Kind::Object(ObjectRef::Host("h1".into())));
+        assert_eq!(k.parse(&k.alive_host("h1")), Kind::Object(ObjectRef::Host("h1".into())));
         for other in [
             k.network_name("blue"),
             k.vni(4096),
@@ -164,6 +177,7 @@ mod tests {
             k.attachment("c1", "n"),
             k.endpoint_status("e"),
             k.container_status("c1"),
+            k.host("h1"),
             "/overlay/v10/networks/x".to_owned(),
             "/other/networks/x".to_owned(),
         ] {

@@ -35,7 +35,7 @@ pub(crate) async fn load(store: &Store, host: Option<&str>) -> Result<(State, i6
     let host = host.map(str::to_owned);
     let spawn = |prefix: String| tokio::spawn(load_prefix(store.clone(), prefix, rev, host.clone()));
     let (endpoints, containers, hosts) =
-        tokio::join!(spawn(k.all_endpoints()), spawn(k.containers()), spawn(k.hosts()));
+        tokio::join!(spawn(k.all_endpoints()), spawn(k.containers()), spawn(k.alive()));
     let mut state = State::default();
     for part in [Ok(Ok((networks, rev))), endpoints, containers, hosts] {
         let (objects, _) = part.map_err(|e| StoreError::Task { op: "load", error: e.to_string() })??;

@@ -102,8 +102,14 @@ pub enum StoreError {
     ContainerNotFound(String),
     #[error("container {name:?} already exists (on host {host:?})")]
     ContainerExists { name: String, host: String },
-    #[error("host {0:?} is not registered (no agent on it holds a live lease)")]
+    #[error("host {0:?} is not registered (no agent has ever registered it, or it was removed)")]
     HostNotRegistered(String),
+    #[error("host {host:?} is served by {holder}, which is alive; {}", if *.vtep_change { "a live host's VTEP cannot change: stop that agent and let its liveness lease run out first" } else { "stop that agent first (one agent per host)" })]
+    HostHeld { host: String, holder: String, vtep_change: bool },
+    #[error(
+        "host {host:?} is alive (served by {holder}); stop its agent and wait for its liveness lease to run out before removing it"
+    )]
+    HostAlive { host: String, holder: String },
     #[error("container {container:?} is already connected to network {network:?}")]
     AlreadyConnected { container: String, network: String },
     #[error("container {container:?} is not connected to network {network:?}")]
