@@ -140,6 +140,31 @@ impl Cluster {
         Some(rest.split("   ").next().unwrap_or("").trim().to_owned())
     }
 
+    /// One ping from the container `name` on `host` to `ip`.
+    pub fn reaches(&self, host: &str, name: &str, ip: Ipv4Addr) -> bool {
+        let ns = self.container_ns(host, name);
+        try_sh(&mut in_ns(&ns, &["ping", "-c", "1", "-W", "1", &ip.to_string()])).status.success()
+    }
+
+    /// Waits (a little) until the container reaches `ip`: right after a change on another
+    /// host, that host's maps may lag by a watch event.
+    pub fn comes_to_reach(&self, host: &str, name: &str, ip: Ipv4Addr) -> bool {
+        wait_for(Duration::from_secs(10), || self.reaches(host, name, ip).then_some(())).is_some()
+    }
+
+    /// `method path` on the health address of `host`'s agent: the status code and the JSON
+    /// body (None: nothing answered).
+    pub fn health(&self, host: &str, method: &str, path: &str) -> Option<(u16, serde_json::Value)> {
+        let url = format!("http://{HEALTH_ADDR}{path}");
+        let out = try_sh(&mut in_ns(
+            &self.topo.host(host).ns,
+            &["curl", "-s", "-m", "5", "-X", method, "-w", "\n%{http_code}", &url],
+        ));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n')?;
+        Some((code.trim().parse().ok()?, serde_json::from_str(body).ok()?))
+    }
+
     /// The namespace the agent of `host` made for container `name`.
     pub fn container_ns(&self, host: &str, name: &str) -> String {
         self.topo.host(host).container_ns(name)

@@ -161,6 +161,49 @@ impl Etcd {
         self.launch()
     }
 
+    /// SIGSTOP: etcd holds every connection open and answers nothing, as a member stuck in a
+    /// long GC pause, a frozen VM or a full disk would.
+    pub fn pause(&mut self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&mut self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&mut self, sig: libc::c_int) {
+        let pid = self.child.as_ref().map(Child::id).expect("etcd running");
+        // SAFETY: signalling our own child (`ip netns exec` execs etcd: the pid is etcd's).
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, sig) }, 0, "signalling etcd");
+    }
+
+    /// Restarts it with an empty data directory on the same ports: a member whose disk was lost,
+    /// or a store "restored" from nothing.
+    pub fn restart_empty(&mut self) -> std::io::Result<()> {
+        self.stop();
+        std::fs::remove_dir_all(self.data_dir())?;
+        self.launch()
+    }
+
+    /// A copy of its data as of now (stopping and restarting it around the copy): a backup.
+    pub fn backup(&mut self) -> std::io::Result<tempfile::TempDir> {
+        self.stop();
+        let to = tempfile::Builder::new().prefix("overlay-etcd-backup-").tempdir_in(self.dir.path())?;
+        copy_dir(&self.data_dir(), &to.path().join("data"))?;
+        self.launch()?;
+        Ok(to)
+    }
+
+    /// Restarts it on `backup`'s data: a store restored from an older backup, whose revision is
+    /// behind what its clients saw.
+    pub fn restore(&mut self, backup: &Path) -> std::io::Result<()> {
+        self.stop();
+        std::fs::remove_dir_all(self.data_dir())?;
+        copy_dir(&backup.join("data"), &self.data_dir())?;
+        self.launch()
+    }
+
     fn launch(&mut self) -> std::io::Result<()> {
         let bin = Self::binary().ok_or_else(|| std::io::Error::other("no etcd binary"))?;
         let log =
@@ -255,6 +298,15 @@ impl Drop for Etcd {
             }
         }
         self.stop();
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    let status = Command::new("cp").arg("-a").arg(from).arg(to).status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("cp -a {} {}", from.display(), to.display())))
     }
 }
 

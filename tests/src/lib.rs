@@ -14,6 +14,8 @@ pub mod etcd;
 pub mod frames;
 /// Just enough of the pcap format to read back what crossed the underlay.
 pub mod pcap;
+/// A ping for the length of a fault, and what it lost.
+pub mod ping;
 /// Desired states built with the agent's model types.
 pub mod scenario;
 /// Simulated hosts on the underlay, each with its agent, pin and state directories.

@@ -20,16 +20,12 @@ use overlay_tests::{
 
 const PROBE: &str = env!("CARGO_BIN_EXE_overlay-probe");
 
-/// One ping from the container `name` on `host` to `ip`.
 fn reaches(c: &Cluster, host: &str, name: &str, ip: Ipv4Addr) -> bool {
-    let ns = c.container_ns(host, name);
-    try_sh(&mut in_ns(&ns, &["ping", "-c", "1", "-W", "1", &ip.to_string()])).status.success()
+    c.reaches(host, name, ip)
 }
 
-/// Waits (a little) until the container reaches `ip`: right after a change on another host,
-/// that host's maps may lag by a watch event.
 fn comes_to_reach(c: &Cluster, host: &str, name: &str, ip: Ipv4Addr) -> bool {
-    wait_for(Duration::from_secs(10), || reaches(c, host, name, ip).then_some(())).is_some()
+    c.comes_to_reach(host, name, ip)
 }
 
 fn interfaces(c: &Cluster, host: &str, name: &str) -> String {

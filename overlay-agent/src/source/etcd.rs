@@ -118,6 +118,7 @@ pub struct EtcdSource {
     host: String,
     lease: watch::Receiver<i64>,
     beats: Option<watch::Receiver<Option<(u64, i64)>>>,
+    recheck: Option<std::sync::Arc<tokio::sync::Notify>>,
     /// Where the store's identity is kept (None: nowhere).
     pub state_dir: Option<PathBuf>,
     pub health: Option<crate::health::Shared>,
@@ -127,12 +128,16 @@ impl EtcdSource {
     /// `host` is the agent's host, named in the reports it publishes; `lease` the lease they are
     /// published under (0: none), as a `HostRegistration` follows it.
     pub fn new(store: Store, host: impl Into<String>, lease: watch::Receiver<i64>) -> Self {
-        Self { store, host: host.into(), lease, beats: None, state_dir: None, health: None }
+        Self { store, host: host.into(), lease, beats: None, recheck: None, state_dir: None, health: None }
     }
 
     /// A source whose reports live under the registration's lease.
     pub fn registered(store: Store, host: impl Into<String>, registration: &HostRegistration) -> Self {
-        Self { beats: Some(registration.headers()), ..Self::new(store, host, registration.leases()) }
+        Self {
+            beats: Some(registration.headers()),
+            recheck: Some(registration.recheck()),
+            ..Self::new(store, host, registration.leases())
+        }
     }
 }
 
@@ -152,6 +157,8 @@ impl Source for EtcdSource {
             seen,
             before,
             health: self.health,
+            last_event: None,
+            recheck: self.recheck,
         };
         // The agent may stop reading while nothing is sent (etcd down, or a quiet store).
         tokio::select! {

@@ -60,6 +60,19 @@ pub(super) struct Follower {
     /// What was seen when the agent last ran (from the state directory).
     pub(super) before: Seen,
     pub(super) health: Option<crate::health::Shared>,
+    /// The last event delivered: a watch resumed after it must find it in the store's history.
+    pub(super) last_event: Option<LastEvent>,
+    /// Tells the host's registration to check its leases now (after a reset, they are likely
+    /// gone).
+    pub(super) recheck: Option<std::sync::Arc<tokio::sync::Notify>>,
+}
+
+/// An event as the store's history must still hold it.
+#[derive(Clone, Debug)]
+pub(super) struct LastEvent {
+    key: Vec<u8>,
+    revision: i64,
+    deleted: bool,
 }
 
 impl Follower {
@@ -118,6 +131,7 @@ impl Follower {
     /// one is judged against what the agent applied when it last ran, before it is sent.
     async fn snapshot(&mut self, first: bool, cluster: &mut u64) -> Result<Option<i64>> {
         let (state, rev) = load(&self.store, Some(&self.host)).await?;
+        self.last_event = None;
         if first && let Some(reset) = self.before.judge(0, rev) {
             // An agent restarted against a store that lost what it applied.
             self.reset_seen(&reset);
@@ -152,6 +166,38 @@ impl Follower {
             h.last_store_reset = Some(reset.to_string());
         }
         self.seen.save(Seen::default());
+        if let Some(recheck) = &self.recheck {
+            recheck.notify_one();
+        }
+    }
+
+    /// Whether the store's history still holds the last event delivered (None: cannot tell).
+    /// A store restored from an older backup can have caught up to (or passed) the revision
+    /// the agent applied by the time the watch resumes, with other writes: its revision alone
+    /// does not show it, the event at that revision does.
+    async fn history_holds(&self, last: &LastEvent) -> Option<Result<(), Reset>> {
+        let mut kv = self.store.client().kv_client();
+        let options = etcd_client::GetOptions::new().with_revision(last.revision);
+        match self.store.call("check history", kv.get(last.key.clone(), Some(options))).await {
+            Ok(resp) => {
+                let found = resp.kvs().first().map(KeyValue::mod_revision);
+                let holds = if last.deleted { found.is_none() } else { found == Some(last.revision) };
+                Some(if holds {
+                    Ok(())
+                } else {
+                    Err(Reset::Rewritten {
+                        revision: last.revision,
+                        key: String::from_utf8_lossy(&last.key).into_owned(),
+                    })
+                })
+            }
+            Err(e) if e.to_string().contains("future revision") => {
+                let now = self.store.revision().await.ok()?;
+                Some(Err(Reset::Backwards { applied: last.revision, now }))
+            }
+            // Compacted (the watch says so itself), or unreachable (the watch fails too).
+            Err(_) => None,
+        }
     }
 
     /// Checks one answer of the store against what was applied; learns the cluster id.
@@ -222,6 +268,12 @@ impl Follower {
             if resp.compact_revision() > 0 {
                 return Stop::Compacted(resp.compact_revision());
             }
+            if resp.created()
+                && let Some(last) = self.last_event.clone()
+                && let Some(Err(reset)) = self.history_holds(&last).await
+            {
+                return Stop::Reset(reset);
+            }
             if let Some(reset) = self.check(resp.header(), *delivered, cluster)
                 && self.confirm(&reset).await
             {
@@ -253,6 +305,11 @@ impl Follower {
                     return Stop::AgentGone;
                 }
                 *delivered = Some(kv.mod_revision());
+                self.last_event = Some(LastEvent {
+                    key: kv.key().to_vec(),
+                    revision: kv.mod_revision(),
+                    deleted: event.event_type() == EventType::Delete,
+                });
             }
         }
     }
@@ -262,7 +319,7 @@ impl Follower {
     /// an answer from a member that lags, is not a store that went back.
     async fn confirm(&self, reset: &Reset) -> bool {
         match reset {
-            Reset::NewCluster { .. } => true,
+            Reset::NewCluster { .. } | Reset::Rewritten { .. } => true,
             Reset::Backwards { applied, .. } => self.store.revision().await.is_ok_and(|now| now < *applied),
         }
     }

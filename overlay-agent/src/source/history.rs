@@ -24,8 +24,19 @@ pub struct Seen {
 /// Why the store cannot be the one the agent followed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reset {
-    NewCluster { was: u64, now: u64 },
-    Backwards { applied: i64, now: i64 },
+    NewCluster {
+        was: u64,
+        now: u64,
+    },
+    Backwards {
+        applied: i64,
+        now: i64,
+    },
+    /// The event the agent applied at `revision` is not in the store's history.
+    Rewritten {
+        revision: i64,
+        key: String,
+    },
 }
 
 impl std::fmt::Display for Reset {
@@ -37,6 +48,10 @@ impl std::fmt::Display for Reset {
             Self::Backwards { applied, now } => write!(
                 f,
                 "etcd's revision went backwards (now {now}, this agent applied {applied}): restored from an older backup, or restarted empty"
+            ),
+            Self::Rewritten { revision, key } => write!(
+                f,
+                "etcd's history went backwards: revision {revision} no longer holds the change to {key} this agent applied (restored from an older backup)"
             ),
         }
     }

@@ -7,7 +7,12 @@
 use std::time::Duration;
 
 use etcd_client::ResponseHeader;
-use tokio::{sync::watch, task::JoinHandle};
+use std::sync::Arc;
+
+use tokio::{
+    sync::{Notify, watch},
+    task::JoinHandle,
+};
 use tracing::{error, info, warn};
 
 use crate::{
@@ -42,6 +47,7 @@ pub struct HostRegistration {
     lease: watch::Receiver<i64>,
     state: watch::Receiver<Registered>,
     headers: watch::Receiver<Option<(u64, i64)>>,
+    recheck: Arc<Notify>,
     task: JoinHandle<()>,
 }
 
@@ -74,9 +80,11 @@ impl HostRegistration {
         let (lease_tx, lease) = watch::channel(leases.alive);
         let (state_tx, state) = watch::channel(Registered::Yes(leases));
         let (headers_tx, headers) = watch::channel(None);
-        let channels = Channels { lease: lease_tx, state: state_tx, headers: headers_tx };
+        let recheck = Arc::new(Notify::new());
+        let channels =
+            Channels { lease: lease_tx, state: state_tx, headers: headers_tx, recheck: recheck.clone() };
         let task = tokio::spawn(maintain(store, host, life, leases, channels));
-        Self { lease, state, headers, task }
+        Self { lease, state, headers, recheck, task }
     }
 
     /// The liveness lease the host's reports are written under.
@@ -87,6 +95,12 @@ impl HostRegistration {
     /// The liveness lease, followed: it changes when the host had to register again.
     pub fn leases(&self) -> watch::Receiver<i64> {
         self.lease.clone()
+    }
+
+    /// Notified when the leases should be checked at once, not at the next beat: the source
+    /// found the store reset, so they are likely gone.
+    pub fn recheck(&self) -> Arc<Notify> {
+        self.recheck.clone()
     }
 
     /// Whether the host is registered now.
@@ -111,6 +125,7 @@ struct Channels {
     lease: watch::Sender<i64>,
     state: watch::Sender<Registered>,
     headers: watch::Sender<Option<(u64, i64)>>,
+    recheck: Arc<Notify>,
 }
 
 fn log_registered(host: &Host, leases: Leases, again: bool) {
@@ -129,19 +144,16 @@ enum KeepAlive {
     Lapsed(&'static str),
 }
 
-/// Renews both leases every third of the liveness TTL until one is found gone or etcd fails.
-async fn keep_alive(
-    store: &Store,
-    leases: Leases,
-    ttl: Duration,
-    headers: &watch::Sender<Option<(u64, i64)>>,
-) -> Result<KeepAlive> {
+/// Renews both leases every third of the liveness TTL (every 5 s at most, so a lease has most of
+/// its TTL left when etcd pauses) until one is found gone or etcd fails.
+async fn keep_alive(store: &Store, leases: Leases, ttl: Duration, ch: &Channels) -> Result<KeepAlive> {
+    let headers = &ch.headers;
     let mut client = store.client().lease_client();
     let (mut alive_keeper, mut alive_stream) =
         store.call("lease keep-alive", client.keep_alive(leases.alive)).await?;
     let (mut records_keeper, mut records_stream) =
         store.call("lease keep-alive", client.keep_alive(leases.records)).await?;
-    let every = (ttl / 3).max(Duration::from_millis(300));
+    let every = (ttl / 3).clamp(Duration::from_millis(300), Duration::from_secs(5));
     loop {
         for (which, keeper, stream) in [
             ("liveness", &mut alive_keeper, &mut alive_stream),
@@ -166,7 +178,10 @@ async fn keep_alive(
                 }
             }
         }
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = ch.recheck.notified() => {}
+        }
     }
 }
 
@@ -203,7 +218,7 @@ async fn maintain(store: Store, host: Host, life: Lifetimes, first: Leases, ch: 
             }
             continue;
         };
-        match keep_alive(&store, current, life.ttl, &ch.headers).await {
+        match keep_alive(&store, current, life.ttl, &ch).await {
             Ok(KeepAlive::Lapsed(which)) => {
                 let why = format!("its {which} lease ran out or etcd lost it");
                 warn!(host = %host.name, records = format!("{:x}", current.records), alive = format!("{:x}", current.alive), "the host is not registered: {why}; registering again");
