@@ -46,6 +46,8 @@ const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 /// How long to gather link events after the first, so a burst of them becomes one pass.
 const LINK_DEBOUNCE: Duration = Duration::from_millis(150);
+/// How often to look for pins removed by hand (between the full passes, which look too).
+const PIN_CHECK: Duration = Duration::from_secs(1);
 
 /// Reads the uplink's ifindex, MAC and MTU.
 pub async fn uplink(nl: &Netlink, name: &str) -> anyhow::Result<Uplink> {
@@ -79,6 +81,7 @@ pub async fn run(cfg: Config, source: impl Source) -> anyhow::Result<()> {
         }
     }
     spawn_bpf_logger(&mut dp);
+    dp.keep_pins(PIN_CHECK);
     // Opened here, in the agent's namespace, where the host sides of the veths are.
     let mut link_events = crate::netlink::events::subscribe(LINK_DEBOUNCE)?;
     let health = crate::health::Shared::default();

@@ -541,3 +541,54 @@ fn a_veth_deleted_by_hand_comes_back_within_seconds() {
         "h1 did not say what it repaired"
     );
 }
+
+/// Pins removed by hand (a map, the uplink's attachment, an endpoint's attachment) take
+/// nothing away from the running datapath, since the agent holds every object, and come back
+/// within seconds; `overlay-agent stats`, which opens the pins, works afterwards.
+#[test]
+fn pins_removed_by_hand_are_pinned_again() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let topo = repair_topology("rp");
+    let h1 = topo.host("h1");
+    let a_ns = h1.container_ns("a");
+    let (_, ifindex) = endpoint_veth(h1, "a");
+    let links = h1.pin_dir.join("links");
+    let pins = [
+        h1.pin_dir.join("STATS"),
+        links.join("uplink_tc"),
+        links.join(format!("ep_{}", ifindex.expect("a's veth"))),
+    ];
+    for pin in &pins {
+        std::fs::remove_file(pin).unwrap_or_else(|e| panic!("removing {}: {e}", pin.display()));
+    }
+    let removed = Instant::now();
+    // Still attached, both ways: a's traffic leaves through its veth's program and b's
+    // answers come in through the uplink's.
+    assert!(ping_once(&a_ns, "10.10.0.3"), "a lost b when the pins were removed");
+
+    let back =
+        wait_for(Duration::from_secs(5), || pins.iter().all(|p| p.exists()).then(|| removed.elapsed()));
+    let Some(back) = back else {
+        topo.dump_logs();
+        let missing: Vec<_> = pins.iter().filter(|p| !p.exists()).collect();
+        panic!("not pinned again within 5 s: {missing:?}");
+    };
+    eprintln!("pinned again within {} ms", back.as_millis());
+    for pin in &pins[1..] {
+        sh(Command::new("bpftool").args(["link", "show", "pinned"]).arg(pin));
+    }
+    // The pinned counters are the live ones: stats sees a's traffic.
+    let before = h1.counter("tx_encap");
+    assert!(ping_once(&a_ns, "10.10.0.3"));
+    assert!(h1.counter("tx_encap") > before, "stats does not see the running datapath's counters");
+    let log = std::fs::read_to_string(&h1.log).unwrap_or_default();
+    for pin in &pins {
+        assert!(
+            log.lines().any(|l| l.contains("pinned again") && l.contains(&*pin.to_string_lossy())),
+            "h1 did not name {} in its log",
+            pin.display()
+        );
+    }
+}

@@ -79,6 +79,7 @@ impl Reconciler {
         let mut out = Outcome::default();
         if dirty.full {
             self.locals.adopt(&self.here, desired, &mut self.dp, &mut self.mirror, &mut out).await;
+            self.dp.repin();
         } else {
             self.locals.forget_vanished(&dirty.endpoints, &mut self.dp, &mut self.mirror, &mut out).await;
         }
