@@ -47,6 +47,10 @@ const BATCH: usize = 4096;
 /// First delay before retrying what failed; doubles up to RETRY_MAX.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(10);
+/// How long to gather link events after the first, so a burst of them becomes one pass.
+const LINK_DEBOUNCE: Duration = Duration::from_millis(150);
+/// How often to look for pins removed by hand (between the full passes, which look too).
+const PIN_CHECK: Duration = Duration::from_secs(1);
 
 /// Reads the uplink's ifindex, MAC and MTU.
 pub async fn uplink(nl: &Netlink, name: &str) -> anyhow::Result<Uplink> {
@@ -82,6 +86,9 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
         }
     }
     spawn_bpf_logger(&mut dp);
+    dp.keep_pins(PIN_CHECK);
+    // Opened here, in the agent's namespace, where the host sides of the veths are.
+    let mut link_events = crate::netlink::events::subscribe(LINK_DEBOUNCE)?;
     let health = crate::health::Shared::default();
     {
         let mut h = health.lock().expect("health");
@@ -168,6 +175,10 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
                     dirty = h;
                     dirty.full = true;
                 }
+            }
+            Some(gone) = link_events.recv(), if started => {
+                dirty.full = gone.lost;
+                desired.mark_vanished(gone.endpoints, &mut dirty);
             }
             _ = sigterm.recv() => { info!("SIGTERM: stopping, the datapath keeps forwarding"); return Ok(()) }
             _ = sigint.recv() => { info!("SIGINT: stopping, the datapath keeps forwarding"); return Ok(()) }

@@ -223,6 +223,25 @@ impl Desired {
         Some(ep)
     }
 
+    /// Marks the endpoints whose interface vanished from under the agent (a link event), with
+    /// their containers: the namespace may have gone too, and has to be made before them.
+    pub fn mark_vanished(&self, endpoints: impl IntoIterator<Item = String>, dirty: &mut Dirty) {
+        for id in endpoints {
+            match self.endpoints.get(id.as_str()) {
+                Some(e) => {
+                    dirty.endpoints.insert(e.id.clone());
+                    if let Some(c) = &e.container {
+                        dirty.containers.insert(c.to_string());
+                    }
+                }
+                // Not desired: the pass clears what the maps still hold of it.
+                None => {
+                    dirty.endpoints.insert(id.into());
+                }
+            }
+        }
+    }
+
     pub fn network(&self, id: &str) -> Option<&Network> {
         self.networks.get(id)
     }
@@ -305,6 +324,19 @@ mod tests {
 
     fn ids(set: &BTreeSet<Id>) -> Vec<&str> {
         set.iter().map(|i| &**i).collect()
+    }
+
+    #[test]
+    fn a_vanished_endpoint_marks_its_container() {
+        let mut d = Desired::new("h1");
+        let mut s = State::default();
+        s.endpoints.insert("a".into(), ep("a", "n1", "h1"));
+        d.apply(Update::Snapshot(s), &mut Dirty::default());
+        let mut dirty = Dirty::default();
+        d.mark_vanished(["a".to_owned(), "gone".to_owned()], &mut dirty);
+        assert_eq!(ids(&dirty.endpoints), ["a", "gone"]);
+        assert_eq!(dirty.containers, ["c-a".to_owned()].into());
+        assert!(!dirty.full);
     }
 
     #[test]

@@ -3,18 +3,14 @@
 //! following etcd, and the `overlay` CLI run from a host's namespace the way a person on that
 //! host would run it.
 
-use std::{
-    net::Ipv4Addr,
-    process::{Command, Output},
-    time::Duration,
-};
+use std::{net::Ipv4Addr, process::Output, time::Duration};
 
 use crate::{
     Run,
     agent::Source,
     binary,
     etcd::{Etcd, EtcdOptions},
-    in_ns, ip_in, sh,
+    in_ns, ip_in,
     topology::Topology,
     try_sh,
     underlay::PREFIX_LEN,
@@ -193,16 +189,7 @@ impl Cluster {
     /// The entries of a pinned map of `host` as bpftool decodes them with the map's BTF:
     /// `[{"key": {...}, "value": {...}}, ...]` with named fields.
     pub fn map(&self, host: &str, map: &str) -> serde_json::Value {
-        let path = self.topo.host(host).pin_dir.join(map);
-        let out = sh(Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(path));
-        let raw: serde_json::Value = serde_json::from_str(&out).expect("bpftool JSON");
-        // With -j, bpftool gives raw hex bytes in key/value and the BTF view in "formatted".
-        let entries = raw
-            .as_array()
-            .expect("array")
-            .iter()
-            .map(|e| e.get("formatted").cloned().unwrap_or_else(|| e.clone()));
-        serde_json::Value::Array(entries.collect())
+        self.topo.host(host).map(map)
     }
 
     /// The value of the entry of `host`'s `map` whose key field `field` is `addr`, if any.

@@ -50,6 +50,21 @@ impl Host {
     pub fn counter(&self, name: &str) -> u64 {
         self.counters()[name]["packets"].as_u64().unwrap_or(0)
     }
+
+    /// The entries of this host's pinned map `map` as bpftool decodes them with the map's BTF:
+    /// `[{"key": {...}, "value": {...}}, ...]` with named fields.
+    pub fn map(&self, map: &str) -> serde_json::Value {
+        let out =
+            sh(Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(self.pin_dir.join(map)));
+        let raw: serde_json::Value = serde_json::from_str(&out).expect("bpftool JSON");
+        // With -j, bpftool gives raw hex bytes in key/value and the BTF view in "formatted".
+        let entries = raw
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|e| e.get("formatted").cloned().unwrap_or_else(|| e.clone()));
+        serde_json::Value::Array(entries.collect())
+    }
 }
 
 pub struct Topology {

@@ -10,16 +10,16 @@ use std::{
     net::Ipv4Addr,
     process::{Child, Command, Stdio},
     sync::{Mutex, PoisonError},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use overlay_tests::{
     Proc,
     agent::Source,
     in_ns, pcap,
-    scenario::{Scenario, network},
+    scenario::{self, Scenario, network},
     sh, skip_unless_privileged,
-    topology::Topology,
+    topology::{Host, Topology},
     try_sh, wait_for,
 };
 
@@ -442,4 +442,153 @@ fn xdp_falls_back_to_generic_and_drops_are_logged_only_when_asked() {
         topo.wait_log("h2", "drop reason=no_config", Duration::from_secs(5)),
         "h2 did not log the fault without --debug-drops"
     );
+}
+
+/// Two hosts whose agents repair nothing by themselves for ten minutes (`--resync-secs 600`):
+/// container a on h1 and b on h2, both on blue. Returns the topology once a reaches b.
+fn repair_topology(tag: &str) -> Topology {
+    let mut topo = Topology::new(tag, 2);
+    let mut s = Scenario::new(&topo, &[network("blue", BLUE_VNI, "10.10.0.0/24")]);
+    s.attach("a", "h1", "blue", Ipv4Addr::new(10, 10, 0, 2)).attach(
+        "b",
+        "h2",
+        "blue",
+        Ipv4Addr::new(10, 10, 0, 3),
+    );
+    let state = topo.run.path("state.json");
+    s.write(&state);
+    for host in ["h1", "h2"] {
+        topo.start_agent(host, Source::File(&state), &["--resync-secs", "600"]);
+    }
+    let a_ns = topo.host("h1").container_ns("a");
+    let up = wait_for(Duration::from_secs(20), || ping_once(&a_ns, "10.10.0.3").then_some(()));
+    if up.is_none() {
+        topo.dump_logs();
+        panic!("a never reached b");
+    }
+    topo
+}
+
+fn ping_once(ns: &str, ip: &str) -> bool {
+    try_sh(&mut in_ns(ns, &["ping", "-c", "1", "-W", "1", ip])).status.success()
+}
+
+/// The host-side veth of container `c`'s endpoint on blue, and its ifindex if it exists.
+fn endpoint_veth(host: &Host, c: &str) -> (String, Option<u32>) {
+    let name = overlay_agent::netlink::veth::host_name(&scenario::id(&format!("endpoint {c} blue")));
+    let out = try_sh(&mut in_ns(&host.ns, &["ip", "-j", "link", "show", "dev", &name]));
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let ifindex = links[0]["ifindex"].as_u64().map(|i| i as u32);
+    (name, ifindex)
+}
+
+/// A veth deleted by hand comes back within a couple of seconds, though the agents only
+/// resync every ten minutes and the desired state does not change: the agent hears the
+/// deletion from the kernel. Traffic from the container flows through the new veth.
+#[test]
+fn a_veth_deleted_by_hand_comes_back_within_seconds() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let topo = repair_topology("rv");
+    let h1 = topo.host("h1");
+    let a_ns = h1.container_ns("a");
+    let (veth, old) = endpoint_veth(h1, "a");
+    let old = old.expect("a's veth");
+
+    sh(&mut in_ns(&h1.ns, &["ip", "link", "del", &veth]));
+    let deleted = Instant::now();
+    // The container side went with it.
+    assert!(!try_sh(&mut in_ns(&a_ns, &["ip", "link", "show", "dev", "eth0"])).status.success());
+    let back = loop {
+        if ping_once(&a_ns, "10.10.0.3") {
+            break deleted.elapsed();
+        }
+        if deleted.elapsed() > Duration::from_secs(3) {
+            topo.dump_logs();
+            panic!("a did not reach b again within 3 s of its veth being deleted");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("a reached b again {} ms after its veth was deleted", back.as_millis());
+
+    // A new veth, and the maps name it instead of the old one.
+    let (_, new) = endpoint_veth(h1, "a");
+    let new = new.expect("a's veth was made again");
+    assert_ne!(new, old, "the same interface?");
+    let ifaces: BTreeSet<u64> =
+        h1.map("IFACES").as_array().expect("IFACES").iter().filter_map(|e| e["key"].as_u64()).collect();
+    assert!(
+        ifaces.contains(&u64::from(new)) && !ifaces.contains(&u64::from(old)),
+        "IFACES: {ifaces:?}, veth {old} -> {new}"
+    );
+    let entry = h1
+        .map("ENDPOINTS")
+        .as_array()
+        .expect("ENDPOINTS")
+        .iter()
+        .find(|e| e["key"]["ip"] == serde_json::json!([10, 10, 0, 2]))
+        .map(|e| e["value"]["ifindex"].clone());
+    assert_eq!(entry, Some(serde_json::json!(new)), "a's ENDPOINTS entry");
+    // The from-container program on the new veth is what carries a's traffic to b.
+    let before = h1.counter("tx_encap");
+    assert!(ping_once(&a_ns, "10.10.0.3"));
+    assert!(h1.counter("tx_encap") > before, "nothing encapsulated from the new veth");
+    assert!(
+        std::fs::read_to_string(&h1.log)
+            .unwrap_or_default()
+            .contains("endpoint interface vanished; recreating it"),
+        "h1 did not say what it repaired"
+    );
+}
+
+/// Pins removed by hand (a map, the uplink's attachment, an endpoint's attachment) take
+/// nothing away from the running datapath, since the agent holds every object, and come back
+/// within seconds; `overlay-agent stats`, which opens the pins, works afterwards.
+#[test]
+fn pins_removed_by_hand_are_pinned_again() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let topo = repair_topology("rp");
+    let h1 = topo.host("h1");
+    let a_ns = h1.container_ns("a");
+    let (_, ifindex) = endpoint_veth(h1, "a");
+    let links = h1.pin_dir.join("links");
+    let pins = [
+        h1.pin_dir.join("STATS"),
+        links.join("uplink_tc"),
+        links.join(format!("ep_{}", ifindex.expect("a's veth"))),
+    ];
+    for pin in &pins {
+        std::fs::remove_file(pin).unwrap_or_else(|e| panic!("removing {}: {e}", pin.display()));
+    }
+    let removed = Instant::now();
+    // Still attached, both ways: a's traffic leaves through its veth's program and b's
+    // answers come in through the uplink's.
+    assert!(ping_once(&a_ns, "10.10.0.3"), "a lost b when the pins were removed");
+
+    let back =
+        wait_for(Duration::from_secs(5), || pins.iter().all(|p| p.exists()).then(|| removed.elapsed()));
+    let Some(back) = back else {
+        topo.dump_logs();
+        let missing: Vec<_> = pins.iter().filter(|p| !p.exists()).collect();
+        panic!("not pinned again within 5 s: {missing:?}");
+    };
+    eprintln!("pinned again within {} ms", back.as_millis());
+    for pin in &pins[1..] {
+        sh(Command::new("bpftool").args(["link", "show", "pinned"]).arg(pin));
+    }
+    // The pinned counters are the live ones: stats sees a's traffic.
+    let before = h1.counter("tx_encap");
+    assert!(ping_once(&a_ns, "10.10.0.3"));
+    assert!(h1.counter("tx_encap") > before, "stats does not see the running datapath's counters");
+    let log = std::fs::read_to_string(&h1.log).unwrap_or_default();
+    for pin in &pins {
+        assert!(
+            log.lines().any(|l| l.contains("pinned again") && l.contains(&*pin.to_string_lossy())),
+            "h1 did not name {} in its log",
+            pin.display()
+        );
+    }
 }

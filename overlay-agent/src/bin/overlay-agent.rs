@@ -136,8 +136,10 @@ struct Run {
     /// reconciled the host. With --netns, the address is inside that namespace.
     #[arg(long, env = "OVERLAY_HEALTH_ADDR")]
     health_addr: Option<std::net::SocketAddr>,
-    /// Seconds between full reconciles, which repair what changed behind the agent's back (a
-    /// veth deleted by hand, a map entry removed) even when etcd says nothing changed.
+    /// Seconds between full reconciles, which repair what changed behind the agent's back and
+    /// nothing announced (a map entry removed by hand) even when etcd says nothing changed. A
+    /// veth deleted by hand is made again at once (the kernel says so), a pin removed by hand
+    /// within a second.
     #[arg(long, env = "OVERLAY_RESYNC_SECS", default_value_t = 60)]
     resync_secs: u64,
     /// Run inside this network namespace (a path, or a name under /run/netns), as if it were the

@@ -4,7 +4,8 @@
 //! (and the program and maps it references) after the agent exits, so traffic keeps flowing
 //! through a restart or a crash. A restarted agent does not detach anything: it points each
 //! pinned link at the program it just loaded with one atomic link update, so no packet ever
-//! sees an interface without a program.
+//! sees an interface without a program. While it runs, the agent also holds each link open
+//! (`held.rs`), so that a pin removed by hand detaches nothing and can be made again.
 
 use std::{io, path::Path};
 

@@ -3,10 +3,11 @@
 
 pub mod attach;
 pub mod counters;
+pub mod held;
 pub mod maps;
 pub mod pins;
 
-use std::{io, net::Ipv4Addr};
+use std::{io, net::Ipv4Addr, path::Path, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -18,6 +19,7 @@ use overlay_common::maps::{
 };
 use tracing::info;
 
+use self::held::Held;
 pub use self::{attach::XdpPreference, maps::Maps, pins::PinDir};
 
 /// The eBPF object `overlay-ebpf`, built by build.rs from the crate of that name.
@@ -113,6 +115,8 @@ pub struct Datapath {
     pub uplink: Uplink,
     /// Whether an XDP program is attached to the uplink.
     pub xdp: bool,
+    /// Every pinned object, held open, so that a pin removed by hand can be made again.
+    held: Held,
 }
 
 impl Datapath {
@@ -149,19 +153,45 @@ impl Datapath {
             xdp,
             "datapath attached"
         );
-        Ok(Self { ebpf, maps, pins: opts.pins.clone(), uplink: opts.uplink.clone(), xdp })
+        let held = Held::default();
+        let mut pinned: Vec<_> = PINNED_MAPS.iter().map(|name| opts.pins.map(name)).collect();
+        pinned.push(opts.pins.uplink_tc());
+        if xdp {
+            pinned.push(opts.pins.uplink_xdp());
+        }
+        for pin in &pinned {
+            hold(&held, pin)?;
+        }
+        Ok(Self { ebpf, maps, pins: opts.pins.clone(), uplink: opts.uplink.clone(), xdp, held })
+    }
+
+    /// Pins again whatever pin was removed by hand (the agent still holds every object).
+    pub fn repin(&self) {
+        self.held.repin();
+    }
+
+    /// Checks the pins every `every` from a task of its own, between passes too.
+    pub fn keep_pins(&self, every: Duration) {
+        self.held.keep(every);
     }
 
     /// Attaches the from-container program to an endpoint's host-side veth.
     pub fn attach_endpoint(&mut self, ifname: &str, ifindex: u32) -> Result<(), Error> {
         let prog: &mut SchedClassifier = program(&mut self.ebpf, PROG_FROM_CONTAINER)?;
-        attach::tc_ingress(prog, ifname, &self.pins.endpoint_link(ifindex))
+        let pin = self.pins.endpoint_link(ifindex);
+        attach::tc_ingress(prog, ifname, &pin)?;
+        hold(&self.held, &pin)
     }
 
-    /// Drops the attachment of a veth that is going away.
+    /// Drops the attachment of a veth that is going away (the agent's hold on it, and its pin).
     pub fn detach_endpoint(&mut self, ifindex: u32) -> Result<(), Error> {
-        attach::unpin(&self.pins.endpoint_link(ifindex))
+        let pin = self.pins.endpoint_link(ifindex);
+        self.held.unpin(&pin).map_err(|e| Error::Pin(pin.display().to_string(), e))
     }
+}
+
+fn hold(held: &Held, pin: &Path) -> Result<(), Error> {
+    held.hold(pin).map_err(|e| Error::Pin(pin.display().to_string(), e))
 }
 
 /// Writing the maps the agent fills, one entry at a time. Removing an entry that is not there

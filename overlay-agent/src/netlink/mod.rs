@@ -3,6 +3,7 @@
 //! request it makes lands there, whatever thread the agent runs it from.
 
 pub mod ethtool;
+pub mod events;
 pub mod netns;
 pub mod veth;
 
@@ -161,6 +162,18 @@ impl Netlink {
             Ok(msg) => Ok(msg.map(Link::from_message)),
             Err(e) => {
                 let err = Error::Netlink { context: format!("looking up {name}"), source: e };
+                if err.errno() == Some(libc::ENODEV) { Ok(None) } else { Err(err) }
+            }
+        }
+    }
+
+    /// The interface with this index, if there is one.
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, Error> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(msg) => Ok(msg.map(Link::from_message)),
+            Err(e) => {
+                let err = Error::Netlink { context: format!("looking up interface {index}"), source: e };
                 if err.errno() == Some(libc::ENODEV) { Ok(None) } else { Err(err) }
             }
         }

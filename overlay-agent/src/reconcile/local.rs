@@ -215,6 +215,35 @@ impl Locals {
         Ok(())
     }
 
+    /// Forgets those of `ids` whose interface is gone (a link event said so), so that the pass
+    /// makes them again. A full pass finds them in `adopt` instead, from the list of links.
+    pub async fn forget_vanished(
+        &mut self,
+        ids: &BTreeSet<Id>,
+        dp: &mut Datapath,
+        mirror: &mut Mirror,
+        out: &mut Outcome,
+    ) {
+        for id in ids {
+            let Some(l) = self.by_id.get(id).cloned() else { continue };
+            match self.host.link_by_index(l.ifindex).await {
+                // The index may have gone to another interface since.
+                Ok(Some(link)) if link.name == l.host_name => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(endpoint = %id, error = %e, "cannot look up the endpoint interface");
+                    out.retry.endpoints.insert(id.clone());
+                    continue;
+                }
+            }
+            warn!(endpoint = %id, veth = %l.host_name, "endpoint interface vanished; recreating it");
+            if let Err(e) = self.forget(id, &l, dp, mirror) {
+                warn!(endpoint = %id, error = %e, "cannot clear the vanished endpoint");
+                out.retry.endpoints.insert(id.clone());
+            }
+        }
+    }
+
     /// Takes over endpoint interfaces that exist already, and removes the ones nothing wants.
     pub async fn adopt(
         &mut self,

@@ -4,7 +4,9 @@
 //! contents of the datapath maps (of which it keeps a mirror, so it only writes what changes).
 //! Each pass works on what is dirty; a full pass (at startup, and periodically) looks at
 //! everything and also removes whatever nothing desires any more, which is how an agent that
-//! restarts picks up the datapath its predecessor left without disturbing it.
+//! restarts picks up the datapath its predecessor left without disturbing it. An endpoint is
+//! also dirty when the kernel says its veth was deleted (`netlink::events`): the pass finds the
+//! interface gone and makes it again, without waiting for the next full pass.
 //!
 //! A host only carries the networks it takes part in (those with an endpoint on it), as
 //! libnetwork's overlay does: their remote endpoints, their VNIs. Every other host is a peer.
@@ -82,6 +84,9 @@ impl Reconciler {
         let mut out = Outcome::default();
         if dirty.full {
             self.locals.adopt(&self.here, desired, &mut self.dp, &mut self.mirror, &mut out).await;
+            self.dp.repin();
+        } else {
+            self.locals.forget_vanished(&dirty.endpoints, &mut self.dp, &mut self.mirror, &mut out).await;
         }
         let existing = Existing {
             locals: self.locals.by_id(),

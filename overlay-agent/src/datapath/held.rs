@@ -1,0 +1,137 @@
+//! Every object the agent pins (maps, attachments), also held open by the agent, and pinned
+//! again where it was if its pin is removed by hand.
+//!
+//! A pin is what keeps an object alive once the agent is gone; while the agent runs, its own
+//! file descriptor does. So removing a pin by hand (`rm /sys/fs/bpf/overlay/<host>/links/...`)
+//! takes nothing away from the running datapath: a bpf_link the agent holds stays attached,
+//! a map stays in use. But the next agent, and `overlay-agent stats`, find objects by their
+//! pins: each one missing is pinned again from the descriptor held here, by the periodic full
+//! pass and by a check of its own every second or so.
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
+
+use tracing::{info, warn};
+
+/// Open descriptors of the pinned objects, by pin path; shared with the task that re-pins.
+#[derive(Clone, Default)]
+pub struct Held {
+    by_pin: Arc<Mutex<BTreeMap<PathBuf, OwnedFd>>>,
+}
+
+impl Held {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<PathBuf, OwnedFd>> {
+        self.by_pin.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Opens the object pinned at `pin` and keeps it open.
+    pub fn hold(&self, pin: &Path) -> io::Result<()> {
+        let fd = obj_get(pin)?;
+        self.lock().insert(pin.to_owned(), fd);
+        Ok(())
+    }
+
+    /// Lets go of the object pinned at `pin` and removes the pin: the object goes away with its
+    /// last reference (for an attachment, it detaches). Both under the lock, so the re-pinning
+    /// task cannot put back a pin being removed.
+    pub fn unpin(&self, pin: &Path) -> io::Result<()> {
+        let mut held = self.lock();
+        held.remove(pin);
+        match std::fs::remove_file(pin) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Pins again every held object whose pin is gone; returns the pins it made.
+    pub fn repin(&self) -> Vec<PathBuf> {
+        let held = self.lock();
+        let mut made = Vec::new();
+        for (pin, fd) in held.iter() {
+            // `exists` follows the path: an operator's `mv` elsewhere leaves nothing here.
+            if pin.exists() {
+                continue;
+            }
+            // The whole directory may be gone (`rm -r`): make it again first.
+            if let Some(dir) = pin.parent()
+                && let Err(e) = std::fs::create_dir_all(dir)
+            {
+                warn!(pin = %pin.display(), error = %e, "cannot re-create the pin directory");
+                continue;
+            }
+            match obj_pin(fd.as_fd(), pin) {
+                Ok(()) => {
+                    warn!(pin = %pin.display(), "pin removed behind the agent's back; pinned again");
+                    made.push(pin.clone());
+                }
+                // Another pin appeared meanwhile: whatever it is, it is not ours to replace.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => warn!(pin = %pin.display(), error = %e, "cannot pin again"),
+            }
+        }
+        made
+    }
+
+    /// Re-pins what is missing every `every`, for as long as the runtime runs.
+    pub fn keep(&self, every: Duration) {
+        let held = self.clone();
+        info!(every_ms = every.as_millis() as u64, "checking the pins");
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                // A handful of stat calls (and a pin only when one is missing): cheap enough to
+                // run on the runtime's thread.
+                held.repin();
+            }
+        });
+    }
+}
+
+// The two bpf(2) commands on pins. aya pins and opens objects through its own types, but has
+// no call that pins a descriptor it did not make (a link it handed over is pinned once, by
+// value), which is what re-pinning needs.
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+
+/// The part of `union bpf_attr` the pin commands read (the kernel zeroes the rest).
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+fn bpf_obj(cmd: libc::c_long, path: &Path, fd: u32) -> io::Result<libc::c_long> {
+    let path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let attr = ObjAttr { pathname: path.as_ptr() as u64, bpf_fd: fd, file_flags: 0 };
+    // SAFETY: `attr` and the string it points to live across the call; the kernel reads
+    // size_of::<ObjAttr>() bytes of it and writes nothing back.
+    let ret = unsafe {
+        libc::syscall(libc::SYS_bpf, cmd, &raw const attr, std::mem::size_of::<ObjAttr>() as libc::c_ulong)
+    };
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+/// Opens the object pinned at `path`.
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let fd = bpf_obj(BPF_OBJ_GET, path, 0)?;
+    // SAFETY: BPF_OBJ_GET returned a new descriptor (close-on-exec) that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins the object of `fd` at `path`.
+fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    bpf_obj(BPF_OBJ_PIN, path, fd.as_raw_fd() as u32).map(drop)
+}
