@@ -193,11 +193,11 @@ impl Forbidden {
         forbidden
     }
 
-    /// Adds the machine's initial namespace, if it can be read (it takes root).
+    /// Adds the machine's initial namespace (as far as it can be identified: see
+    /// [`netns::initial_identities`]).
     pub fn add_initial(&mut self) {
-        match netns::identity(Path::new(netns::INITIAL_NETNS)) {
-            Ok(id) => self.add(id, "the machine's initial network namespace (the host's own)"),
-            Err(e) => tracing::warn!(error = %e, "cannot identify the initial network namespace"),
+        for id in netns::initial_identities() {
+            self.add(id, "the machine's initial network namespace (the host's own)");
         }
     }
 

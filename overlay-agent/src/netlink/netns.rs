@@ -26,6 +26,11 @@ const THREAD_NETNS: &str = "/proc/thread-self/ns/net";
 /// The initial network namespace (init's): the machine's own.
 pub const INITIAL_NETNS: &str = "/proc/1/ns/net";
 
+/// The inode number of the initial network namespace on kernels that give the initial
+/// namespaces fixed ones (`PROC_NET_INIT_INO`, include/linux/proc_ns.h). Dynamic ones start at
+/// 0xF0000000, so on older kernels no namespace has it.
+const INITIAL_NETNS_INO: u64 = 0xEFFF_FFF9;
+
 /// `NS_GET_NSTYPE` (linux/nsfs.h): which kind of namespace an nsfs file is.
 const NS_GET_NSTYPE: libc::Ioctl = 0xb703;
 
@@ -99,6 +104,23 @@ pub fn identity(path: &Path) -> io::Result<String> {
 /// The identity of the current thread's network namespace (see [`identity`]).
 pub fn current_identity() -> io::Result<String> {
     identity(Path::new(THREAD_NETNS))
+}
+
+/// The identities the initial network namespace may have: init's, where /proc/1 can be read
+/// (it takes root, and some sandboxes deny it even then), and the fixed one newer kernels give
+/// it, which needs no access to init at all.
+pub fn initial_identities() -> Vec<String> {
+    let mut ids = Vec::new();
+    if let Some((dev, _)) = current_identity().ok().as_deref().and_then(|id| id.split_once(':')) {
+        // Every namespace file lives on the one nsfs: the same device.
+        ids.push(format!("{dev}:{INITIAL_NETNS_INO}"));
+    }
+    if let Ok(id) = identity(Path::new(INITIAL_NETNS))
+        && !ids.contains(&id)
+    {
+        ids.push(id);
+    }
+    ids
 }
 
 fn kind_name(clone_flag: libc::c_int) -> &'static str {
