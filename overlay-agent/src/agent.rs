@@ -248,6 +248,9 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
             h.last_reconcile = crate::health::now();
             h.pending_retries = outcome.retry.len() + retry.len();
         }
+        if let Ok(mut h) = health.lock() {
+            outcome.status.iter().for_each(|r| h.note(r));
+        }
         for status in outcome.status {
             if status_tx.send(status).await.is_err() {
                 error!("the source stopped taking status reports");

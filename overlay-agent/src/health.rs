@@ -19,6 +19,8 @@ use tokio::{
 };
 use tracing::{info, warn};
 
+use crate::source::Report;
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Health {
     pub host: String,
@@ -43,6 +45,8 @@ pub struct Health {
     pub last_store_reset: Option<String>,
     /// What the safety brake holds back, if anything.
     pub brake: Option<Brake>,
+    /// What the agent cannot make real now (also in the store's status keys), by container.
+    pub failures: Vec<Failure>,
 }
 
 /// A change the safety brake did not apply: it would have removed `would_remove` of the `of`
@@ -55,6 +59,16 @@ pub struct Brake {
     pub containers: Vec<String>,
     /// Unix time the brake engaged.
     pub since: u64,
+}
+
+/// A container, or one of its endpoints, that the agent cannot make (it keeps trying).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Failure {
+    pub container: String,
+    /// The endpoint, when it is one of the container's endpoints that failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    pub error: String,
 }
 
 impl Health {
@@ -78,6 +92,30 @@ impl Health {
             ));
         }
         why
+    }
+
+    /// Keeps `failures` in step with a report the agent sends to the store.
+    pub fn note(&mut self, report: &Report) {
+        match report {
+            Report::ContainerFailed { name, error, .. } => {
+                self.failures.retain(|f| !(f.container == *name && f.endpoint.is_none()));
+                self.failures.push(Failure { container: name.clone(), endpoint: None, error: error.clone() });
+            }
+            Report::ContainerReady { name, .. } | Report::ContainerGone { name } => {
+                self.failures.retain(|f| !(f.container == *name && f.endpoint.is_none()));
+            }
+            Report::EndpointFailed { id, container, error } => {
+                self.failures.retain(|f| f.endpoint.as_ref() != Some(id));
+                self.failures.push(Failure {
+                    container: container.clone(),
+                    endpoint: Some(id.clone()),
+                    error: error.clone(),
+                });
+            }
+            Report::EndpointReady { id, .. } | Report::EndpointGone { id } => {
+                self.failures.retain(|f| f.endpoint.as_ref() != Some(id));
+            }
+        }
     }
 }
 
@@ -140,4 +178,36 @@ pub async fn serve(
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::{Failure, Health};
+    use crate::source::Report;
+
+    #[test]
+    fn failures_come_with_failed_reports_and_go_with_ready_or_gone_ones() {
+        let mut h = Health::default();
+        let failed = |error: &str| Report::ContainerFailed {
+            name: "c1".into(),
+            revision: 3,
+            netns: PathBuf::from("/run/netns/x"),
+            error: error.into(),
+        };
+        h.note(&failed("EINVAL"));
+        h.note(&failed("ENETUNREACH"));
+        h.note(&Report::EndpointFailed { id: "e1".into(), container: "c2".into(), error: "EEXIST".into() });
+        assert_eq!(
+            h.failures,
+            [
+                Failure { container: "c1".into(), endpoint: None, error: "ENETUNREACH".into() },
+                Failure { container: "c2".into(), endpoint: Some("e1".into()), error: "EEXIST".into() },
+            ]
+        );
+        h.note(&Report::ContainerReady { name: "c1".into(), revision: 3, netns: PathBuf::new(), pid: None });
+        h.note(&Report::EndpointGone { id: "e1".into() });
+        assert!(h.failures.is_empty(), "{:?}", h.failures);
+    }
 }

@@ -9,7 +9,7 @@
 use std::{
     fs::{self, File, OpenOptions},
     io::{Read as _, Seek as _, Write as _},
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    os::fd::AsRawFd as _,
     path::Path,
 };
 
@@ -32,21 +32,12 @@ pub fn load(state_dir: &Path) -> anyhow::Result<AgentIdentity> {
             id
         }
     };
-    let machine =
-        fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
     Ok(AgentIdentity {
         id,
-        machine,
+        machine: crate::sandbox::machine().unwrap_or_default(),
         pid: std::process::id(),
-        netns: netns_identity(Path::new("/proc/self/ns/net")).ok(),
+        netns: crate::netlink::netns::current_identity().ok(),
     })
-}
-
-/// A network namespace's identity, `<dev>:<inode>` of its nsfs file (what `ip netns identify`
-/// compares).
-pub fn netns_identity(path: &Path) -> std::io::Result<String> {
-    let m = fs::metadata(path)?;
-    Ok(format!("{}:{}", m.dev(), m.ino()))
 }
 
 /// Locks the state directory for this agent's life; refuses, naming the holder, if another

@@ -8,6 +8,11 @@
 //! the namespace and report it gone when it is removed.
 //! The holder runs in its own session, so it outlives the agent like a container outlives a
 //! restarted daemon.
+//!
+//! A `--netns` path is checked before it is used ([`Forbidden`]): it must be a network namespace,
+//! and not one of a host's own (the agent's, another registered host's on this machine, or the
+//! machine's initial one), where the container's interface would plug the overlay into the
+//! host itself.
 
 use std::{
     collections::BTreeMap,
@@ -19,7 +24,11 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::{model::Container, netlink::netns, source::Report};
+use crate::{
+    model::{Container, Host},
+    netlink::netns,
+    source::Report,
+};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 struct Record {
@@ -34,6 +43,10 @@ pub struct Sandboxes {
     prefix: String,
     state_file: PathBuf,
     records: BTreeMap<String, Record>,
+    /// The namespaces of this machine a `--netns` container is never given (the host's own and
+    /// the initial one); other hosts' are added from the desired state at each check.
+    forbidden: Forbidden,
+    machine: Option<String>,
 }
 
 impl Sandboxes {
@@ -49,7 +62,13 @@ impl Sandboxes {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", state_file.display())),
         };
-        Ok(Self { prefix: prefix.to_owned(), state_file, records })
+        Ok(Self {
+            prefix: prefix.to_owned(),
+            state_file,
+            records,
+            forbidden: Forbidden::of_this_host(),
+            machine: machine(),
+        })
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -79,8 +98,13 @@ impl Sandboxes {
         self.records.get(name).is_some_and(|r| r.foreign)
     }
 
-    /// Makes sure the container's namespace exists, with its holder running.
-    pub fn ensure(&mut self, c: &Container) -> anyhow::Result<Report> {
+    /// Makes sure the container's namespace exists, with its holder running; a `--netns` one is
+    /// checked first against this host's own namespaces and those of `hosts`.
+    pub fn ensure<'a>(
+        &mut self,
+        c: &Container,
+        hosts: impl Iterator<Item = &'a Host>,
+    ) -> anyhow::Result<Report> {
         let wanted = c.netns.clone().unwrap_or_else(|| self.path(&c.name));
         if self.records.get(&c.name).is_some_and(|r| r.netns != wanted || r.foreign != c.netns.is_some()) {
             // A container of the same name set up differently before (removed and created
@@ -89,9 +113,9 @@ impl Sandboxes {
         }
         if let Some(path) = &c.netns {
             // A namespace from another runtime: use it, never create or remove it.
-            if !netns::exists(path) {
-                bail!("namespace {} of container {} does not exist", path.display(), c.name);
-            }
+            let mut forbidden = self.forbidden.clone();
+            forbidden.add_hosts(hosts, self.machine.as_deref());
+            forbidden.check(path).map_err(anyhow::Error::msg)?;
             if !self.has(&c.name) {
                 self.records.insert(c.name.clone(), Record { netns: path.clone(), pid: None, foreign: true });
                 self.save()?;
@@ -149,6 +173,74 @@ impl Sandboxes {
     }
 }
 
+/// Network namespaces a container must never be given with `--netns`, by identity
+/// ([`netns::identity`]), each with whose it is.
+#[derive(Clone, Debug, Default)]
+pub struct Forbidden {
+    entries: Vec<(String, String)>,
+}
+
+impl Forbidden {
+    /// The current thread's namespace (for an agent: its host's own) and the machine's initial
+    /// one. One that cannot be read is left out, with a warning: the other checks still hold.
+    pub fn of_this_host() -> Self {
+        let mut forbidden = Self::default();
+        match netns::current_identity() {
+            Ok(id) => forbidden.add(id, "this host's own network namespace (the agent's)"),
+            Err(e) => tracing::warn!(error = %e, "cannot identify the agent's network namespace"),
+        }
+        forbidden.add_initial();
+        forbidden
+    }
+
+    /// Adds the machine's initial namespace (as far as it can be identified: see
+    /// [`netns::initial_identities`]).
+    pub fn add_initial(&mut self) {
+        for id in netns::initial_identities() {
+            self.add(id, "the machine's initial network namespace (the host's own)");
+        }
+    }
+
+    pub fn add(&mut self, identity: impl Into<String>, whose: impl Into<String>) {
+        self.entries.push((identity.into(), whose.into()));
+    }
+
+    /// Adds the namespace of each host whose agent runs on `machine` (and says which namespace
+    /// it runs in). Identities are only unique on one machine, so other machines' are ignored.
+    pub fn add_hosts<'a>(&mut self, hosts: impl Iterator<Item = &'a Host>, machine: Option<&str>) {
+        for h in hosts {
+            if let Some(agent) = &h.agent
+                && Some(agent.machine.as_str()) == machine
+                && let Some(id) = &agent.netns
+            {
+                self.add(id.clone(), format!("host {:?}'s own network namespace", h.name));
+            }
+        }
+    }
+
+    /// Whose namespace `identity` is, if a container must not be given it.
+    pub fn whose(&self, identity: &str) -> Option<&str> {
+        self.entries.iter().find(|(id, _)| id == identity).map(|(_, whose)| whose.as_str())
+    }
+
+    /// Checks that `path` is a network namespace a container may be given; says why not.
+    pub fn check(&self, path: &Path) -> Result<(), String> {
+        let id = netns::identity(path).map_err(|e| e.to_string())?;
+        match self.whose(&id) {
+            Some(whose) => Err(format!(
+                "{} is {whose}: a container needs a network namespace of its own",
+                path.display()
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// This machine's hostname, as agents record it in their host's `AgentIdentity::machine`.
+pub fn machine() -> Option<String> {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok())
+}
+
 /// The namespace of container `name`'s sandbox, for an agent whose sandboxes are named with
 /// `prefix`.
 pub fn path(prefix: &str, name: &str) -> PathBuf {
@@ -191,5 +283,61 @@ pub fn hold(netns: &Path) -> anyhow::Result<()> {
     nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).context("entering the namespace")?;
     loop {
         nix::unistd::pause();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::Ipv4Addr, path::Path};
+
+    use super::Forbidden;
+    use crate::{
+        model::{AgentIdentity, Host},
+        netlink::netns,
+    };
+
+    fn host(name: &str, machine: &str, netns: Option<&str>) -> Host {
+        let agent = AgentIdentity {
+            id: format!("id-{name}"),
+            machine: machine.into(),
+            pid: 1,
+            netns: netns.map(str::to_owned),
+        };
+        Host { agent: Some(agent), ..Host::new(name, Ipv4Addr::LOCALHOST) }
+    }
+
+    #[test]
+    fn other_hosts_namespaces_on_this_machine_are_forbidden() {
+        let mut f = Forbidden::default();
+        f.add("4:100", "this host's own network namespace (the agent's)");
+        let hosts = [
+            host("h2", "m1", Some("4:200")),
+            // Identities are per machine: the same numbers elsewhere are another namespace.
+            host("h3", "m2", Some("4:300")),
+            // An agent that does not say (an older one).
+            host("h4", "m1", None),
+            Host::new("h5", Ipv4Addr::LOCALHOST),
+        ];
+        f.add_hosts(hosts.iter(), Some("m1"));
+        assert_eq!(f.whose("4:100"), Some("this host's own network namespace (the agent's)"));
+        assert_eq!(f.whose("4:200"), Some(r#"host "h2"'s own network namespace"#));
+        assert_eq!(f.whose("4:300"), None);
+        assert_eq!(f.whose("4:999"), None);
+    }
+
+    #[test]
+    fn the_current_namespace_is_refused_by_path() {
+        let mut f = Forbidden::default();
+        f.add(
+            netns::current_identity().expect("identity"),
+            "this host's own network namespace (the agent's)",
+        );
+        let e = f.check(Path::new("/proc/self/ns/net")).expect_err("refused");
+        assert_eq!(
+            e,
+            "/proc/self/ns/net is this host's own network namespace (the agent's): a container needs a network namespace of its own"
+        );
+        assert!(f.check(Path::new("/proc/self/ns/mnt")).is_err());
+        assert!(Forbidden::default().check(Path::new("/proc/self/ns/net")).is_ok());
     }
 }

@@ -3,7 +3,9 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    future::Future,
     net::Ipv4Addr,
+    os::unix::fs::MetadataExt as _,
     path::Path,
     process::{Child, Stdio},
     time::{Duration, Instant},
@@ -11,7 +13,7 @@ use std::{
 
 use overlay_agent::{
     netlink::netns::NetnsGuard,
-    store::{ContainerStatus, EndpointStatus, Store, StoreConfig},
+    store::{ContainerSpec, ContainerStatus, EndpointStatus, Store, StoreConfig},
 };
 use overlay_tests::{
     cluster::{Cluster, HEALTH_ADDR},
@@ -41,9 +43,12 @@ fn netns_exists(name: &str) -> bool {
 
 type Statuses = (BTreeMap<String, EndpointStatus>, BTreeMap<String, ContainerStatus>);
 
-/// Every status the agents reported, read from etcd the way the CLI reads it (from h1: etcd is
-/// on the underlay, which only the hosts reach).
-fn statuses(c: &Cluster) -> Statuses {
+/// Runs `f` on a store connected the way the CLI connects, from h1 (etcd is on the underlay,
+/// which only the hosts reach).
+fn on_h1<T: Send + 'static, F: Future<Output = T>>(
+    c: &Cluster,
+    f: impl FnOnce(Store) -> F + Send + 'static,
+) -> T {
     let h1 = Path::new("/run/netns").join(&c.topo.host("h1").ns);
     let url = c.url.clone();
     // A thread of its own enters h1's namespace; the test's threads stay put.
@@ -52,11 +57,28 @@ fn statuses(c: &Cluster) -> Statuses {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         rt.block_on(async {
             let store = Store::connect(&StoreConfig::new([url])).await.expect("connect");
-            store.statuses().await.expect("statuses")
+            f(store).await
         })
     })
     .join()
-    .expect("reading the statuses")
+    .expect("reading the store")
+}
+
+/// Every status the agents reported, read from etcd the way the CLI reads it.
+fn statuses(c: &Cluster) -> Statuses {
+    on_h1(c, |store| async move { store.statuses().await.expect("statuses") })
+}
+
+/// Every key under the store's prefix, with its value and lease.
+fn dump(c: &Cluster) -> BTreeMap<String, (String, i64)> {
+    on_h1(c, |store| async move { store.dump().await.expect("dump") })
+}
+
+/// The body of `host`'s /healthz.
+fn health(c: &Cluster, host: &str) -> serde_json::Value {
+    let out =
+        try_sh(&mut in_ns(&c.topo.host(host).ns, &["curl", "-s", &format!("http://{HEALTH_ADDR}/healthz")]));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{host}'s /healthz: {e}"))
 }
 
 #[test]
@@ -475,4 +497,179 @@ fn a_container_in_a_foreign_namespace_is_removed_but_its_namespace_stays() {
     assert!(eps.values().all(|s| s.container == "b"), "endpoint statuses left: {eps:?}");
     // b is untouched.
     assert!(ip_in(&c.container_ns("h2", "b"), &["link", "show", "eth0"]).is_ok(), "b keeps its endpoint");
+}
+
+/// A path to the machine's initial network namespace that the CLI (root, in h1's namespace)
+/// can open: init's, or else this test's own if it runs in the initial one, as the kernel's
+/// fixed inode number for it says (some sandboxes deny even root access to init's).
+fn initial_netns_path() -> Option<String> {
+    if std::fs::File::open("/proc/1/ns/net").is_ok() {
+        return Some("/proc/1/ns/net".into());
+    }
+    let own = format!("/proc/{}/ns/net", std::process::id());
+    let ino = std::fs::metadata(&own).ok()?.ino();
+    (ino == 0xEFFF_FFF9).then_some(own)
+}
+
+/// `container create --netns` with a path that plainly is not a namespace of the container's
+/// own is refused by the CLI before anything is written: the machine's initial namespace, a
+/// plain file, a missing path.
+#[test]
+fn container_create_refuses_a_netns_path_that_is_not_a_namespace_of_its_own() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let Some(c) = Cluster::start("netnsbad", 2, 15) else { return };
+    c.ok(&["network", "create", "--subnet", "10.91.0.0/24", "net"]);
+    let file = c.topo.run.path("not-a-namespace");
+    std::fs::write(&file, b"").expect("a plain file");
+    let missing = c.topo.run.path("missing");
+    let mut cases = vec![
+        (file.display().to_string(), "is a plain file, not a network namespace"),
+        (missing.display().to_string(), "No such file or directory"),
+        ("/proc/self/ns/mnt".to_owned(), "is a mount namespace, not a network namespace"),
+    ];
+    match initial_netns_path() {
+        Some(path) => cases.push((path, "is the machine's initial network namespace")),
+        None => eprintln!("skipping the initial-namespace case: cannot open one from here"),
+    }
+    for (path, why) in &cases {
+        let before = dump(&c);
+        let err =
+            c.refused(&["container", "create", "--host", "h1", "--netns", path, "--network", "net", "x"]);
+        assert!(
+            err.contains(&format!("invalid --netns {path:?}")) && err.contains(why),
+            "--netns {path}: {err}"
+        );
+        assert_eq!(dump(&c), before, "--netns {path} changed the store");
+    }
+    let ls = c.ok(&["container", "ls"]);
+    assert!(!ls.lines().any(|l| l.starts_with("x ")), "{ls}");
+}
+
+/// The container's host refuses a `--netns` that is its own namespace (here: the namespace its
+/// agent runs in), and says so in the store: the CLI prints the agent's error at once instead
+/// of timing out, `container ls` and /healthz show the failure, no interface is added to the
+/// host, and `container rm` then removes it and its status.
+#[test]
+fn the_host_refuses_its_own_namespace_and_the_cli_prints_why() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let Some(c) = Cluster::start("netnsown", 2, 15) else { return };
+    c.ok(&["network", "create", "--subnet", "10.92.0.0/24", "net"]);
+    let h1_ns = c.topo.host("h1").ns.clone();
+    let own = Path::new("/run/netns").join(&h1_ns);
+    let links =
+        || String::from_utf8_lossy(&try_sh(&mut in_ns(&h1_ns, &["ip", "-o", "link"])).stdout).into_owned();
+    let names = |out: String| -> BTreeSet<String> {
+        out.lines().filter_map(|l| l.split(':').nth(1).map(|n| n.trim().to_owned())).collect()
+    };
+    let before = names(links());
+
+    let started = Instant::now();
+    let err = c.refused(&[
+        "container",
+        "create",
+        "--host",
+        "h1",
+        "--netns",
+        own.to_str().unwrap(),
+        "--network",
+        "net",
+        "own",
+    ]);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "the CLI waited {took:?} for a host that had said why");
+    assert!(
+        err.contains(r#"host "h1" cannot make container "own""#)
+            && err.contains("this host's own network namespace")
+            && !err.contains("is the agent"),
+        "{err}"
+    );
+    assert!(err.contains("overlay container rm own"), "the CLI says how to remove it: {err}");
+    let ls = c.ok(&["container", "ls"]);
+    assert!(ls.lines().any(|l| l.starts_with("own ") && l.ends_with("failed")), "{ls}");
+    let (_, ctrs) = statuses(&c);
+    let status = ctrs.get("own").expect("own's status");
+    assert!(status.error.as_deref().is_some_and(|e| e.contains("own network namespace")), "{status:?}");
+    let failures = health(&c, "h1")["failures"].clone();
+    assert_eq!(failures[0]["container"], "own", "h1's health: {failures}");
+    assert!(failures[0]["error"].as_str().is_some_and(|e| e.contains("own network namespace")), "{failures}");
+    // The agent retries meanwhile, and still never puts an interface in its own namespace.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(names(links()), before, "h1's interfaces changed");
+
+    let started = Instant::now();
+    c.ok(&["container", "rm", "own"]);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "container rm took {took:?}");
+    let (eps, ctrs) = statuses(&c);
+    assert!(ctrs.is_empty() && eps.is_empty(), "statuses left: {ctrs:?} {eps:?}");
+    assert!(
+        wait_for(Duration::from_secs(5), || health(&c, "h1")["failures"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+            .then_some(()))
+        .is_some(),
+        "h1's health still lists failures: {}",
+        health(&c, "h1")
+    );
+    assert_eq!(names(links()), before, "h1's interfaces changed");
+}
+
+/// A host refuses another host's namespace. Host records name their agent's namespace
+/// (`AgentIdentity::netns`) once registration fills it in.
+#[test]
+fn a_host_refuses_another_hosts_namespace() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let Some(c) = Cluster::start("netnsother", 2, 15) else { return };
+    let h2 = Path::new("/run/netns").join(&c.topo.host("h2").ns);
+    let started = Instant::now();
+    let err = c.refused(&["container", "create", "--host", "h1", "--netns", h2.to_str().unwrap(), "other"]);
+    assert!(started.elapsed() < Duration::from_secs(10), "the CLI waited for a host that had said why");
+    assert!(
+        err.contains(r#"host "h1" cannot make container "other""#)
+            && err.contains(r#"host "h2"'s own network namespace"#),
+        "{err}"
+    );
+    c.ok(&["container", "rm", "other"]);
+    let (_, ctrs) = statuses(&c);
+    assert!(ctrs.is_empty(), "statuses left: {ctrs:?}");
+}
+
+/// A fault the host reported clears when its cause does: the agent keeps trying, and replaces
+/// its error with the sandbox. (Written to the store directly: the CLI refuses a missing path
+/// up front.)
+#[test]
+fn a_reported_failure_is_replaced_once_the_host_can_make_the_container() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let Some(c) = Cluster::start("netnslate", 2, 15) else { return };
+    let late = c.topo.run.ns("late");
+    let path = Path::new("/run/netns").join(&late);
+    let spec = ContainerSpec {
+        name: "late".into(),
+        host: "h1".into(),
+        netns: Some(path.clone()),
+        ..Default::default()
+    };
+    on_h1(&c, move |store| async move { store.create_container(&spec).await.expect("create") });
+    let failed =
+        wait_for(Duration::from_secs(10), || statuses(&c).1.get("late").and_then(|s| s.error.clone()));
+    let failed = failed.expect("h1 reports that it cannot make late");
+    assert!(failed.contains("No such file or directory"), "{failed}");
+    assert!(health(&c, "h1")["failures"].to_string().contains("late"), "{}", health(&c, "h1"));
+
+    ip(&["netns", "add", &late]).expect("creating the namespace");
+    let ready = wait_for(Duration::from_secs(15), || {
+        statuses(&c).1.get("late").filter(|s| s.error.is_none()).cloned()
+    });
+    assert_eq!(ready.expect("h1 reports late ready").netns, path);
+    assert_eq!(health(&c, "h1")["failures"], serde_json::json!([]), "{}", health(&c, "h1"));
+    c.ok(&["container", "rm", "late"]);
+    assert!(statuses(&c).1.is_empty(), "late's status is left");
 }

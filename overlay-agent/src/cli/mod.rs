@@ -20,7 +20,10 @@ use clap::{Args, Parser, Subcommand};
 use tokio::time::Instant;
 
 use self::output::say;
-use crate::store::{ContainerSpec, EtcdArgs, NetworkSpec, Store, StoreError};
+use crate::{
+    sandbox::{self, Forbidden},
+    store::{ContainerSpec, EtcdArgs, NetworkSpec, Store, StoreError},
+};
 
 #[derive(Parser)]
 #[command(name = "overlay", version, about = "Multi-host overlay networks and their containers")]
@@ -142,7 +145,8 @@ pub enum ContainerCommand {
         #[arg(long)]
         ip: Option<String>,
         /// Use this existing network namespace (a path on that host, e.g. /run/netns/x) instead
-        /// of having the agent make one.
+        /// of having the agent make one. It must be a network namespace of its own: the host's
+        /// (or another host's) namespace, or the machine's initial one, is refused.
         #[arg(long)]
         netns: Option<PathBuf>,
         /// The container's name, unique among containers.
@@ -359,6 +363,9 @@ impl Ctx {
         match cmd {
             ContainerCommand::Create { host, network, ip, netns, name } => {
                 let ip = ip.as_deref().map(|s| parse_ip("--ip", s)).transpose()?;
+                if let Some(path) = &netns {
+                    self.check_netns(&host, path).await?;
+                }
                 let spec = ContainerSpec {
                     name: name.clone(),
                     host: host.clone(),
@@ -373,12 +380,24 @@ impl Ctx {
                             "container {name:?} is created in the store, but not yet running on host {host:?}"
                         )
                     };
-                    store
-                        .wait_container_ready(&name, &host, created.revision, deadline)
-                        .await
-                        .with_context(pending)?;
-                    if let (Some(ep), Some(network)) = (&created.endpoint, &network) {
-                        store.wait_endpoint_ready(ep, network, deadline).await.with_context(pending)?;
+                    let ready = async {
+                        store.wait_container_ready(&name, &host, created.revision, deadline).await?;
+                        if let (Some(ep), Some(network)) = (&created.endpoint, &network) {
+                            store.wait_endpoint_ready(ep, network, deadline).await?;
+                        }
+                        Ok::<_, StoreError>(())
+                    };
+                    match ready.await {
+                        Ok(()) => {}
+                        // The host said why: the container stays desired (the agent keeps
+                        // trying), for the operator to fix or remove.
+                        Err(e @ StoreError::HostCannot { .. }) => {
+                            return Err(anyhow::Error::new(e).context(format!(
+                                "container {name:?} is created in the store, but its host cannot run it \
+                                 (remove it with `overlay container rm {name}`)"
+                            )));
+                        }
+                        Err(e) => return Err(anyhow::Error::new(e).context(pending())),
                     }
                 }
                 say(&name)?;
@@ -411,6 +430,13 @@ impl Ctx {
                     let mut nets = networks.remove(c.name.as_str()).unwrap_or_default();
                     nets.sort();
                     let status = match statuses.get(&c.name) {
+                        Some(s)
+                            if s.host == c.host
+                                && s.container_revision == c.revision
+                                && s.error.is_some() =>
+                        {
+                            "failed"
+                        }
                         Some(s) if s.host == c.host => "ready",
                         _ => "pending",
                     };
@@ -436,6 +462,30 @@ impl Ctx {
             }
         }
         Ok(Outcome::Done)
+    }
+
+    /// Refuses a `--netns` that is plainly wrong before anything is written: a path that is not
+    /// a network namespace, or the machine's initial one. Only when the host runs on this
+    /// machine (or does not say where it runs), since the path is one on that host; its agent
+    /// checks again, and also refuses its own namespace and other hosts'.
+    async fn check_netns(&self, host: &str, path: &Path) -> anyhow::Result<()> {
+        let hosts = self.store.hosts().await?;
+        let elsewhere = hosts
+            .iter()
+            .find(|e| e.host.name == host)
+            .and_then(|e| e.host.agent.as_ref())
+            .is_some_and(|a| Some(&a.machine) != sandbox::machine().as_ref());
+        if elsewhere {
+            return Ok(());
+        }
+        let mut forbidden = Forbidden::default();
+        forbidden.add_initial();
+        forbidden.check(path).map_err(|reason| StoreError::Invalid {
+            what: "--netns",
+            value: path.display().to_string(),
+            reason,
+        })?;
+        Ok(())
     }
 
     async fn container_rm(&self, name: &str) -> anyhow::Result<()> {

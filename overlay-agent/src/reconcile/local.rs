@@ -34,11 +34,21 @@ pub struct Locals {
     host: Netlink,
     sandboxes: Sandboxes,
     by_id: HashMap<Id, Local>,
+    /// Containers and endpoints reported failed: their status (with the error) is taken back
+    /// once they are made, or removed once they are no longer desired.
+    failed_containers: BTreeSet<String>,
+    failed_endpoints: BTreeSet<Id>,
 }
 
 impl Locals {
     pub fn new(host: Netlink, sandboxes: Sandboxes) -> Self {
-        Self { host, sandboxes, by_id: HashMap::new() }
+        Self {
+            host,
+            sandboxes,
+            by_id: HashMap::new(),
+            failed_containers: BTreeSet::new(),
+            failed_endpoints: BTreeSet::new(),
+        }
     }
 
     /// Local endpoints whose interface exists, by id.
@@ -56,10 +66,23 @@ impl Locals {
     pub fn ensure_sandboxes(&mut self, desired: &Desired, containers: &BTreeSet<String>, out: &mut Outcome) {
         for c in containers {
             if let Some(container) = desired.container(c) {
-                match self.sandboxes.ensure(container) {
-                    Ok(status) => out.status.push(status),
+                match self.sandboxes.ensure(container, desired.hosts()) {
+                    Ok(status) => {
+                        self.failed_containers.remove(c);
+                        out.status.push(status);
+                    }
                     Err(e) => {
-                        warn!(container = %c, error = format!("{e:#}"), "cannot create the sandbox");
+                        let error = format!("{e:#}");
+                        warn!(container = %c, error, "cannot create the sandbox");
+                        // Said to the store, so the CLI waiting on it prints why; the retry
+                        // replaces it with the sandbox once a passing fault clears.
+                        self.failed_containers.insert(c.clone());
+                        out.status.push(Report::ContainerFailed {
+                            name: c.clone(),
+                            revision: container.revision,
+                            netns: container.netns.clone().unwrap_or_else(|| self.sandboxes.path(c)),
+                            error,
+                        });
                         out.retry.containers.insert(c.clone());
                     }
                 }
@@ -71,6 +94,11 @@ impl Locals {
     /// (once their endpoints are gone).
     pub fn remove_sandboxes(&mut self, desired: &Desired, containers: &BTreeSet<String>, out: &mut Outcome) {
         for c in containers {
+            if desired.container(c).is_none() && !self.sandboxes.has(c) && self.failed_containers.remove(c) {
+                // Never made: only its failure report is left to take back.
+                out.status.push(Report::ContainerGone { name: c.clone() });
+                continue;
+            }
             if desired.container(c).is_none() && self.sandboxes.has(c) {
                 // A foreign namespace stays, so its container is gone only once none of its
                 // endpoint interfaces is left in it (removing a namespace of ours takes them
@@ -119,15 +147,41 @@ impl Locals {
                     self.remove(id, &have, dp, mirror).await?;
                 }
                 self.create(here, e, n, c, dp, mirror).await?;
+                self.failed_endpoints.remove(id);
                 Ok(true)
             }
             (None, Some(have)) => {
                 self.remove(id, &have, dp, mirror).await?;
+                self.failed_endpoints.remove(id);
                 out.status.push(Report::EndpointGone { id: id.to_string() });
                 Ok(false)
             }
-            (None, None) => Ok(false),
+            (None, None) => {
+                if self.failed_endpoints.remove(id) {
+                    // Never made: only its failure report is left to take back.
+                    out.status.push(Report::EndpointGone { id: id.to_string() });
+                }
+                Ok(false)
+            }
         }
+    }
+
+    /// Reports that the endpoint's interface cannot be made, when the fault is the endpoint's
+    /// own: while its container has no sandbox, the container's failure says why.
+    pub fn endpoint_failed(
+        &mut self,
+        here: &Here,
+        desired: &Desired,
+        id: &Id,
+        error: String,
+        out: &mut Outcome,
+    ) {
+        let Some((_, _, c)) = here.local_here(desired, id) else { return };
+        if !self.sandboxes.has(&c.name) {
+            return;
+        }
+        self.failed_endpoints.insert(id.clone());
+        out.status.push(Report::EndpointFailed { id: id.to_string(), container: c.name.clone(), error });
     }
 
     async fn create(
@@ -140,6 +194,11 @@ impl Locals {
         mirror: &mut Mirror,
     ) -> anyhow::Result<()> {
         let netns = here.netns_of(c);
+        // Only into a namespace the container's sandbox was made or checked for: a refused
+        // `--netns` (the host's own, say) exists, but must never get an interface.
+        if !self.sandboxes.has(&c.name) {
+            anyhow::bail!("container {}'s sandbox is not set up", c.name);
+        }
         if !netns::exists(&netns) {
             anyhow::bail!("the namespace of container {} ({}) does not exist", c.name, netns.display());
         }

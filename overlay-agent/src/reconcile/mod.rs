@@ -103,7 +103,9 @@ impl Reconciler {
                 Ok(true) => ready.push(id.clone()),
                 Ok(false) => {}
                 Err(e) => {
-                    warn!(endpoint = %id, error = format!("{e:#}"), "cannot set up the endpoint");
+                    let error = format!("{e:#}");
+                    warn!(endpoint = %id, error, "cannot set up the endpoint");
+                    self.locals.endpoint_failed(&self.here, desired, id, error, &mut out);
                     out.retry.endpoints.insert(id.clone());
                 }
             }

@@ -40,6 +40,12 @@ pub enum Report {
         container: String,
         ifname: String,
     },
+    /// A local endpoint's interface cannot be made (the agent keeps trying).
+    EndpointFailed {
+        id: String,
+        container: String,
+        error: String,
+    },
     EndpointGone {
         id: String,
     },
@@ -50,6 +56,14 @@ pub enum Report {
         revision: i64,
         netns: PathBuf,
         pid: Option<u32>,
+    },
+    /// A container's sandbox cannot be made (a refused `--netns`, a kernel error); the agent
+    /// keeps trying, and reports it ready if it succeeds.
+    ContainerFailed {
+        name: String,
+        revision: i64,
+        netns: PathBuf,
+        error: String,
     },
     ContainerGone {
         name: String,

@@ -1,6 +1,7 @@
 //! The status publisher: the agent's reports, written to the store as status keys under the
 //! host's lease (so a dead host's reports vanish with it), and removed when the agent took the
-//! thing down. The CLI waits on these keys (`store::status`).
+//! thing down. A thing the agent cannot make gets a status too, carrying the error, so the CLI
+//! stops waiting and prints it. The CLI waits on these keys (`store::status`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -101,13 +102,37 @@ impl Publisher {
         let k = self.store.keys();
         let (key, value) = match report {
             Report::EndpointReady { id, container, ifname } => {
-                let status = EndpointStatus { host: self.host.clone(), container, ifname };
+                let status = EndpointStatus { host: self.host.clone(), container, ifname, error: None };
+                (k.endpoint_status(&id), Some(serde_json::to_vec(&status).expect("serializes")))
+            }
+            Report::EndpointFailed { id, container, error } => {
+                let status = EndpointStatus {
+                    host: self.host.clone(),
+                    container,
+                    ifname: String::new(),
+                    error: Some(error),
+                };
                 (k.endpoint_status(&id), Some(serde_json::to_vec(&status).expect("serializes")))
             }
             Report::EndpointGone { id } => (k.endpoint_status(&id), None),
             Report::ContainerReady { name, revision, netns, pid } => {
-                let status =
-                    ContainerStatus { host: self.host.clone(), netns, pid, container_revision: revision };
+                let status = ContainerStatus {
+                    host: self.host.clone(),
+                    netns,
+                    pid,
+                    container_revision: revision,
+                    error: None,
+                };
+                (k.container_status(&name), Some(serde_json::to_vec(&status).expect("serializes")))
+            }
+            Report::ContainerFailed { name, revision, netns, error } => {
+                let status = ContainerStatus {
+                    host: self.host.clone(),
+                    netns,
+                    pid: None,
+                    container_revision: revision,
+                    error: Some(error),
+                };
                 (k.container_status(&name), Some(serde_json::to_vec(&status).expect("serializes")))
             }
             Report::ContainerGone { name } => (k.container_status(&name), None),

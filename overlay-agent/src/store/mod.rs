@@ -118,6 +118,9 @@ pub enum StoreError {
     Contended { op: &'static str, attempts: u32 },
     #[error("timed out after {after:?} waiting for {what}")]
     WaitTimeout { what: String, after: Duration },
+    /// A host's agent reported that it cannot make something real (it keeps trying).
+    #[error("host {host:?} cannot {what}: {error}")]
+    HostCannot { host: String, what: String, error: String },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -1,7 +1,8 @@
 //! What hosts report, and the CLI's waits on it: an agent publishes a key per endpoint and
 //! container it made real, under its host's lease (the publisher is in source/publish.rs), and
 //! removes the key when it took the thing down. The CLI watches these keys to wait until a
-//! change is real.
+//! change is real. A thing the agent cannot make gets its key too, with the agent's `error`:
+//! the CLI stops waiting at once and prints it, instead of timing out on a host that said why.
 
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
@@ -18,8 +19,12 @@ use crate::model::{Container, Endpoint};
 pub struct EndpointStatus {
     pub host: String,
     pub container: String,
-    /// The interface inside the container.
+    /// The interface inside the container (empty while it cannot be made).
+    #[serde(default)]
     pub ifname: String,
+    /// Why the host cannot make the interface (it keeps trying): the endpoint is not up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `<prefix>/status/containers/<name>`: the container's sandbox exists on its host.
@@ -35,6 +40,41 @@ pub struct ContainerStatus {
     /// one is never taken for the new.
     #[serde(default)]
     pub container_revision: i64,
+    /// Why the host cannot make the sandbox (it keeps trying): the container is not running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What a status of container `name` answers a wait for the container created at `revision`
+/// (0: whichever): None while it is about another container of that name, else the sandbox, or
+/// the host's error.
+pub(crate) fn container_answer(
+    name: &str,
+    status: ContainerStatus,
+    revision: i64,
+) -> Option<Result<ContainerStatus>> {
+    if status.container_revision != revision && revision != 0 {
+        return None;
+    }
+    Some(match status.error {
+        Some(error) => {
+            Err(StoreError::HostCannot { host: status.host, what: format!("make container {name:?}"), error })
+        }
+        None => Ok(status),
+    })
+}
+
+/// What a status of endpoint `ep` answers a wait for its interface: the interface, or the
+/// host's error.
+fn endpoint_answer(ep: &Endpoint, network: &str, status: EndpointStatus) -> Result<EndpointStatus> {
+    match status.error {
+        Some(error) => Err(StoreError::HostCannot {
+            host: status.host,
+            what: format!("attach container {:?} to network {network:?}", ep.container),
+            error,
+        }),
+        None => Ok(status),
+    }
 }
 
 /// Reads a status value, if it parses; a value that does not is treated as no status.
@@ -128,7 +168,8 @@ impl Store {
     }
 
     /// Waits for the container's host to report its sandbox (of this very container: the
-    /// status must name `revision`, the container's create revision).
+    /// status must name `revision`, the container's create revision), or that it cannot make
+    /// it (`StoreError::HostCannot`, with the host's error).
     pub async fn wait_container_ready(
         &self,
         name: &str,
@@ -140,14 +181,10 @@ impl Store {
         let what = format!(
             "host {host:?} to make container {name:?}'s sandbox (status {key}); is the agent on {host:?} running?"
         );
-        self.wait_for(&key, &what, deadline, |kv| {
-            let status: ContainerStatus = parse(kv?)?;
-            (status.container_revision == revision || revision == 0).then_some(status)
-        })
-        .await
+        self.wait_for(&key, &what, deadline, |kv| container_answer(name, parse(kv?)?, revision)).await?
     }
 
-    /// Waits for the endpoint's host to report its interface.
+    /// Waits for the endpoint's host to report its interface, or that it cannot make it.
     pub async fn wait_endpoint_ready(
         &self,
         ep: &Endpoint,
@@ -159,7 +196,7 @@ impl Store {
             "host {:?} to attach container {:?} to network {network:?} (status {key}); is the agent on {:?} running?",
             ep.host, ep.container, ep.host
         );
-        self.wait_for(&key, &what, deadline, |kv| parse(kv?)).await
+        self.wait_for(&key, &what, deadline, |kv| Some(endpoint_answer(ep, network, parse(kv?)?))).await?
     }
 
     /// Waits until a status key is gone: the host took the thing down (or the host is gone).
@@ -213,4 +250,49 @@ impl Store {
 /// Durations in error messages, to the tenth of a second.
 fn round(d: Duration) -> Duration {
     Duration::from_millis((d.as_millis() as u64).div_ceil(100) * 100)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::{ContainerStatus, container_answer};
+    use crate::store::StoreError;
+
+    fn status(revision: i64, error: Option<&str>) -> ContainerStatus {
+        ContainerStatus {
+            host: "h1".into(),
+            netns: PathBuf::from("/run/netns/x"),
+            pid: None,
+            container_revision: revision,
+            error: error.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_wait_ends_with_the_sandbox_or_the_hosts_error_for_its_own_container_only() {
+        let ready = container_answer("c1", status(7, None), 7).expect("an answer");
+        assert_eq!(ready.expect("ready").netns, PathBuf::from("/run/netns/x"));
+        let failed = container_answer("c1", status(7, Some("EINVAL")), 7).expect("an answer");
+        let e = failed.expect_err("the host's error");
+        assert!(matches!(e, StoreError::HostCannot { .. }));
+        assert_eq!(e.to_string(), r#"host "h1" cannot make container "c1": EINVAL"#);
+        // A status (failed or not) left by an earlier container of the same name: keep waiting.
+        assert!(container_answer("c1", status(5, Some("EINVAL")), 7).is_none());
+        assert!(container_answer("c1", status(5, None), 7).is_none());
+        // Revision unknown (0): any status answers.
+        assert!(container_answer("c1", status(5, Some("EINVAL")), 0).is_some_and(|a| a.is_err()));
+    }
+
+    #[test]
+    fn status_values_without_an_error_field_still_parse_and_ready_ones_write_none() {
+        let old = r#"{"host":"h1","netns":"/run/netns/x","container_revision":3}"#;
+        let parsed: ContainerStatus = serde_json::from_str(old).expect("parses");
+        assert_eq!(parsed, status(3, None));
+        let written = serde_json::to_string(&status(3, None)).expect("serializes");
+        assert!(!written.contains("error"), "{written}");
+        let old_ep = r#"{"host":"h1","container":"c1","ifname":"eth0"}"#;
+        let ep: super::EndpointStatus = serde_json::from_str(old_ep).expect("parses");
+        assert_eq!(ep.error, None);
+    }
 }
