@@ -27,7 +27,8 @@ pub fn load(state_dir: &Path) -> anyhow::Result<AgentIdentity> {
             id.trim().to_owned()
         }
         _ => {
-            let id: String = crate::store::random_bytes::<16>().iter().map(|b| format!("{b:02x}")).collect();
+            // 128 random bits are plenty to tell agents apart.
+            let id = crate::store::new_id()[..32].to_owned();
             fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
             id
         }

@@ -501,23 +501,20 @@ impl Ctx {
         let mut rows = Vec::new();
         for entry in store.hosts().await? {
             let h = &entry.host;
-            let (state, agent) = match &entry.alive {
-                Some(alive) => (
+            let (state, agent) = if let Some(alive) = &entry.alive {
+                let agent = alive.agent.as_ref();
+                (
                     "alive".to_owned(),
-                    alive
-                        .agent
-                        .as_ref()
-                        .map_or_else(|| "-".into(), |a| format!("pid {} on {}", a.pid, a.machine)),
-                ),
-                None => {
-                    // Not alive: its records go when the records lease runs out.
-                    let gc = if h.lease != 0 { store.lease_ttl(h.lease).await? } else { None };
-                    let when = gc.map_or_else(
-                        || "-".into(),
-                        |t| humantime::format_duration(Duration::from_secs(t.unsigned_abs())).to_string(),
-                    );
-                    (format!("down (records removed in {when})"), "-".into())
-                }
+                    agent.map_or_else(|| "-".into(), |a| format!("pid {} on {}", a.pid, a.machine)),
+                )
+            } else {
+                // Not alive: its records go when the records lease runs out.
+                let gc = if h.lease != 0 { store.lease_ttl(h.lease).await? } else { None };
+                let when = gc.map_or_else(
+                    || "-".into(),
+                    |t| humantime::format_duration(Duration::from_secs(t.unsigned_abs())).to_string(),
+                );
+                (format!("down (records removed in {when})"), "-".into())
             };
             rows.push(vec![
                 h.name.clone(),
