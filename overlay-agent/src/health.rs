@@ -210,4 +210,18 @@ mod tests {
         h.note(&Report::EndpointGone { id: "e1".into() });
         assert!(h.failures.is_empty(), "{:?}", h.failures);
     }
+
+    #[test]
+    fn ready_only_when_reconciled_registered_and_unbraked() {
+        let mut h = Health { ready: true, registered: true, ..Health::default() };
+        assert!(h.not_ready().is_empty());
+        h.registered = false;
+        h.registration = "not registered: its liveness lease ran out or etcd lost it".into();
+        assert_eq!(h.not_ready(), ["not registered: its liveness lease ran out or etcd lost it"]);
+        h.registered = true;
+        h.brake = Some(super::Brake { would_remove: 3, of: 3, containers: vec!["a".into()], since: 1 });
+        assert_eq!(h.not_ready(), ["the safety brake holds a change that would remove 3 of 3 containers"]);
+        h.ready = false;
+        assert_eq!(h.not_ready().len(), 2);
+    }
 }

@@ -919,6 +919,49 @@ async fn a_dead_host_leaves_the_maps_but_keeps_its_records_until_host_rm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_gone_for_longer_than_its_grace_is_garbage_collected() {
+    let Some(etcd) = Etcd::start_or_skip() else { return };
+    let s = store(&etcd.url()).await;
+    let life = Lifetimes { ttl: Duration::from_secs(1), grace: Duration::from_secs(3) };
+    let h1 = HostRegistration::register(s.clone(), host("h1", 1), life).await.unwrap();
+    let _h2 = register(&s, "h2", 2, Duration::from_mins(1)).await;
+    s.create_network(&net("blue", "10.0.9.0/24")).await.unwrap();
+    let a1 = s.create_container(&ctr("a1", "h1", Some("blue"))).await.unwrap().endpoint.unwrap();
+    let (mut rx, _status) = source(&s, "h2", None);
+    assert!(matches!(next(&mut rx).await, Update::Snapshot(_)));
+
+    drop(h1);
+    let gone = Instant::now();
+    // First its liveness, then, once the grace is over, everything it owned.
+    match next(&mut rx).await {
+        Update::Delete(ObjectRef::Host(h)) if h == "h1" => {}
+        other => panic!("expected h1 to go, got {other:?}"),
+    }
+    let mut deleted = BTreeSet::new();
+    while deleted.len() < 2 {
+        match next(&mut rx).await {
+            Update::Delete(what) => drop(deleted.insert(what)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        gone.elapsed() >= Duration::from_secs(2),
+        "collected after {:?}, before the grace",
+        gone.elapsed()
+    );
+    assert_eq!(
+        deleted,
+        BTreeSet::from([ObjectRef::Container("a1".into()), ObjectRef::Endpoint(a1.id.clone())])
+    );
+    let dump = s.dump().await.unwrap();
+    assert!(
+        !dump.keys().any(|k| k.contains("/h1") || k.contains("a1") || k.ends_with("/10.0.9.2")),
+        "{dump:#?}"
+    );
+    assert!(s.hosts().await.unwrap().iter().all(|e| e.host.name != "h1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefixes_keep_stores_apart() {
     let Some(etcd) = Etcd::start_or_skip() else { return };
     let a = Store::connect(&StoreConfig::new([etcd.url()]).with_prefix("/team-a/v1")).await.unwrap();
