@@ -4,8 +4,8 @@
 //! is what a store restarted empty, restored from an old backup or pointed at the wrong prefix
 //! looks like, and applying it would destroy every workload on the host. It judges the whole
 //! state read after the store was found in doubt (a new cluster id, a revision behind what the
-//! agent applied, no registration of this host: source/follow.rs, source/etcd.rs), and anything
-//! that arrives while it is engaged. Containers deleted one by one (`overlay container rm`),
+//! agent applied, no registration of this host, a compaction past what the watch needed:
+//! source/follow.rs, source/etcd.rs), and anything that arrives while it is engaged. Containers deleted one by one (`overlay container rm`),
 //! even while the agent was down, never trip it: the store that says so is the one the agent
 //! followed.
 

@@ -38,9 +38,10 @@ pub struct Health {
     pub registered: bool,
     /// Why it is, or is not.
     pub registration: String,
-    /// Times the store turned out not to be the one followed (replaced, rolled back, emptied,
-    /// or holding no registration of this host): each makes the safety brake judge the next
-    /// state read.
+    /// Times the agent had to read the whole store again without being able to follow it change
+    /// by change: the store was not the one followed (replaced, rolled back, emptied, holding
+    /// no registration of this host) or had compacted what the watch needed. Each makes the
+    /// safety brake judge the next state read.
     pub store_resets: u64,
     pub last_store_reset: Option<String>,
     /// What the safety brake holds back, if anything.

@@ -770,7 +770,13 @@ async fn source_catches_up_after_a_cut_and_relists_after_compaction() {
     let proxy = Proxy::start(etcd.client_addr()).await;
     let via_proxy = store(&proxy.url()).await;
     direct.create_network(&net("a", "10.0.1.0/24")).await.unwrap();
-    let (mut rx, _status) = source(&via_proxy, "h1", None);
+    // With a health record, to see the re-list after the compaction counted for the brake.
+    let health = overlay_agent::health::Shared::default();
+    let (tx, mut rx) = mpsc::channel(1024);
+    let (_status, srx) = mpsc::channel(1024);
+    let mut src = EtcdSource::new(via_proxy.clone(), "h1", tokio::sync::watch::channel(0).1);
+    src.health = Some(health.clone());
+    tokio::spawn(src.run(tx, srx));
     assert!(matches!(next(&mut rx).await, Update::Snapshot(_)));
 
     // Cut off while others write: what was written arrives, in order, once the link is back.
@@ -781,6 +787,7 @@ async fn source_catches_up_after_a_cut_and_relists_after_compaction() {
     proxy.restore();
     assert_eq!(put_network(&next(&mut rx).await), "b");
     assert!(matches!(next(&mut rx).await, Update::Delete(ObjectRef::Network(_))));
+    assert_eq!(health.lock().unwrap().store_resets, 0, "a resumed watch is no re-list");
 
     // Cut off while the revisions it would resume from are compacted away: a new snapshot.
     proxy.cut();
@@ -791,6 +798,7 @@ async fn source_catches_up_after_a_cut_and_relists_after_compaction() {
     quiet(&mut rx, Duration::from_millis(500)).await;
     proxy.restore();
     let Update::Snapshot(snap) = next(&mut rx).await else { panic!("a new snapshot after compaction") };
+    assert_eq!(health.lock().unwrap().store_resets, 1, "the re-list is one the brake judges");
     let names: BTreeSet<_> = snap.networks.values().map(|n| n.name.as_str()).collect();
     assert_eq!(names, BTreeSet::from(["b", "c", "d"]));
     assert!(snap.networks.contains_key(&b.id));

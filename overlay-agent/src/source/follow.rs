@@ -112,8 +112,14 @@ impl Follower {
                     warn!(
                         resume = from + 1,
                         compacted = at,
-                        "etcd compacted the revisions the watch needed; reading everything again"
+                        "etcd compacted the revisions the watch needed; reading everything again (the safety brake judges it)"
                     );
+                    // Whatever changed in the revisions it missed arrives as one difference: the
+                    // brake judges it like a reset's.
+                    self.doubt(format!(
+                        "etcd compacted revisions up to {at}, past the {} this agent needed",
+                        from + 1
+                    ));
                     delivered = None;
                 }
                 Stop::Failed(e) => {
@@ -159,15 +165,21 @@ impl Follower {
     /// A store that is not the one followed: said loudly, counted in health.
     fn reset_seen(&mut self, reset: &Reset) {
         error!(%reset, "the store is not the one this agent followed; reading everything again (the safety brake holds a difference that would remove many of this host's containers)");
+        self.doubt(reset.to_string());
+        self.seen.save(Seen::default());
+        if let Some(recheck) = &self.recheck {
+            recheck.notify_one();
+        }
+    }
+
+    /// Counts a state read that the agent could not follow change by change: the safety brake
+    /// judges the next one.
+    fn doubt(&self, why: String) {
         if let Some(h) = &self.health
             && let Ok(mut h) = h.lock()
         {
             h.store_resets += 1;
-            h.last_store_reset = Some(reset.to_string());
-        }
-        self.seen.save(Seen::default());
-        if let Some(recheck) = &self.recheck {
-            recheck.notify_one();
+            h.last_store_reset = Some(why);
         }
     }
 
