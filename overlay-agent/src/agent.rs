@@ -101,6 +101,13 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
         crate::health::serve(addr, health.clone(), release_tx).await?;
     }
     source.attach_health(health.clone());
+    if crate::brake::remembered(&cfg.state_dir)
+        && let Ok(mut h) = health.lock()
+    {
+        // Whatever the store says now is judged before it is applied, as it was before.
+        h.store_resets += 1;
+        h.last_store_reset = Some("the safety brake was holding a change when the agent last stopped".into());
+    }
     let sandboxes = Sandboxes::open(&cfg.state_dir, &cfg.netns_prefix)?;
     let mut rec = Reconciler::new(&cfg.host, dp, nl, sandboxes)?;
 
@@ -196,6 +203,7 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
                 crate::brake::judge(&running, &desired, cfg.brake_share, crate::health::now())
             {
                 if held.is_none() {
+                    crate::brake::remember(&cfg.state_dir, &brake);
                     error!(
                         would_remove = brake.would_remove,
                         of = brake.of,
@@ -224,8 +232,10 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
             go_ahead = false;
         }
         trusted = resets;
-        if let Ok(mut h) = health.lock() {
-            h.brake = None;
+        if let Ok(mut h) = health.lock()
+            && h.brake.take().is_some()
+        {
+            crate::brake::forget(&cfg.state_dir);
         }
         let started_at = Instant::now();
         let full = dirty.full;

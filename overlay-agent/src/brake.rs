@@ -9,7 +9,33 @@
 //! even while the agent was down, never trip it: the store that says so is the one the agent
 //! followed.
 
+use std::{fs, path::Path};
+
+use tracing::warn;
+
 use crate::{desired::Desired, health};
+
+/// The file in the state directory that says the brake is engaged: an agent restarted while it
+/// holds something must hold it too, not apply what its predecessor refused.
+const FILE: &str = "brake.json";
+
+/// Records that the brake holds `brake`.
+pub fn remember(state_dir: &Path, brake: &health::Brake) {
+    let path = state_dir.join(FILE);
+    if let Err(e) = fs::write(&path, serde_json::to_vec(brake).expect("serializes")) {
+        warn!(path = %path.display(), error = %e, "cannot record the safety brake; a restarted agent would not know it");
+    }
+}
+
+/// Records that the brake holds nothing any more.
+pub fn forget(state_dir: &Path) {
+    let _ = fs::remove_file(state_dir.join(FILE));
+}
+
+/// Whether the brake was engaged when the agent stopped.
+pub fn remembered(state_dir: &Path) -> bool {
+    state_dir.join(FILE).exists()
+}
 
 /// Judges the desired state against the containers this host runs. `share` is the largest
 /// fraction (0..=1) of them one change may remove; 1 turns the brake off.
@@ -69,6 +95,18 @@ mod tests {
         assert!(judge(&four, &desired(&["a"]), 0.5, 0).is_some());
         // New containers are no reason to hold anything.
         assert_eq!(judge(&four, &desired(&["a", "b", "c", "d", "e"]), 0.5, 0), None);
+    }
+
+    #[test]
+    fn remembered_across_restarts() {
+        let dir = std::env::temp_dir().join(format!("overlay-brake-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        assert!(!remembered(&dir));
+        remember(&dir, &health::Brake { would_remove: 1, of: 1, containers: vec!["a".into()], since: 2 });
+        assert!(remembered(&dir));
+        forget(&dir);
+        assert!(!remembered(&dir));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
