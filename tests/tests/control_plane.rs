@@ -182,7 +182,22 @@ fn the_cli_drives_networks_containers_and_connections() {
         let out = try_sh(&mut in_ns(&h.ns, &["curl", "-sf", &format!("http://{HEALTH_ADDR}/healthz")]));
         let body = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success() && body.contains("\"ready\":true"), "{}: /healthz: {body}", h.name);
+        // Its log, written to a file, is plain text: no terminal colour codes.
+        let log = std::fs::read_to_string(&h.log).expect("agent log");
+        assert!(
+            log.contains("full reconcile done") && !log.contains('\u{1b}'),
+            "{}'s log has escape codes",
+            h.name
+        );
     }
+    // `overlay-agent stats` pointed at the wrong pin directory says which one it tried.
+    let stats = try_sh(std::process::Command::new(overlay_tests::binary("overlay-agent")).args([
+        "stats",
+        "--pin-dir",
+        "/sys/fs/bpf/no-such-overlay-host",
+    ]));
+    let err = String::from_utf8_lossy(&stats.stderr);
+    assert!(!stats.status.success() && err.contains("/sys/fs/bpf/no-such-overlay-host"), "{err}");
 }
 
 /// Sixteen containers created at once, from CLIs on three hosts: sixteen distinct addresses,

@@ -205,7 +205,10 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Stats { target, json } => {
-            let stats = maps::open_stats(&target.pins()?)?;
+            let pins = target.pins()?;
+            let stats = maps::open_stats(&pins).with_context(|| {
+                format!("opening the counters pinned under {} (is the agent running with this --pin-dir or --host?)", pins.root().display())
+            })?;
             let totals = maps::read_stats(&stats)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&counters::json(&totals))?);
@@ -226,7 +229,10 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OVERLAY_LOG")
         // netlink-packet-route warns about every attribute newer kernels add; not our concern.
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only on a terminal: a log file or journald gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
