@@ -100,7 +100,12 @@ pub fn tc(ctx: &TcContext) -> Result<i32, DropReason> {
     // SAFETY: reading a field of the context the kernel gave us.
     let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
     match decap::classify(pkt, len as usize, gso, cfg) {
-        Verdict::Pass => Ok(TC_ACT_OK),
+        // Counted here when TC classifies alone (no XDP on the uplink); with XDP, the XDP half
+        // counted it and left META_PASS, handled above.
+        Verdict::Pass => {
+            count(stats::UPLINK_PASS, len);
+            Ok(TC_ACT_OK)
+        }
         Verdict::Drop(drop) => Err(drop),
         Verdict::Deliver(ifindex) => {
             decap::strip_tc(ctx, pkt)?;

@@ -1022,10 +1022,11 @@ fn uplink_passes_what_is_not_vxlan_for_this_host_untouched() {
         assert_eq!(out.meta, xdp_meta(0), "XDP metadata: {what}");
         assert_eq!(counts, one_each(&[(UPLINK_PASS, frame.len())]), "XDP counters: {what}");
 
+        // TC alone (no XDP on the uplink, the default on veths) counts it the same way.
         let (out, counts) = h.counting(|h| h.uplink_tc(&frame));
         assert_eq!(out.verdict, TC_ACT_OK, "TC verdict: {what}");
         assert_eq!(out.frame, frame, "TC output: {what}");
-        assert_eq!(counts, Counts::new(), "TC counters: {what}");
+        assert_eq!(counts, one_each(&[(UPLINK_PASS, frame.len())]), "TC counters: {what}");
     }
 }
 
@@ -1353,4 +1354,10 @@ fn xdp_hands_decapsulated_frames_to_tc_which_delivers_them() {
     // Addressed to the container's MAC, not the uplink's: without PACKET_HOST the container's
     // IP layer would discard it.
     assert_eq!(pkt_type, PACKET_HOST);
+
+    // A frame that is not ours: XDP counts it passed, and TC, finding XDP's verdict in the
+    // metadata, passes it without counting it a second time.
+    let (what, other) = not_ours().into_iter().next().expect("a frame");
+    let ((), counts) = h.counting(|h| h.uplink_xdp_live(&other));
+    assert_eq!(counts, one_each(&[(UPLINK_PASS, other.len())]), "{what}");
 }
