@@ -37,7 +37,8 @@ pub enum DropReason {
     Malformed = 19,
     /// No endpoint owns the destination on the sender's network (unknown, or on another network).
     NoEndpoint = 20,
-    /// An ARP packet that is not a request we can answer.
+    /// An ARP request for an address nobody on the sender's network owns (nor its gateway), or
+    /// an ARP packet that is not Ethernet/IPv4.
     Arp = 21,
     /// The agent has not configured this host yet.
     NoConfig = 22,
@@ -68,11 +69,21 @@ pub enum DropReason {
     DecapFailed = 34,
     /// Frame too large for the uplink once encapsulated (a container raised its MTU).
     TooBig = 35,
+    /// An RFC 5227 probe (sender address 0.0.0.0) or announcement (a request for the sender's
+    /// own address): duplicate-address detection, which has nobody to ask, since the overlay's
+    /// addresses come from its IPAM.
+    ArpProbe = 36,
+    /// An ARP reply (or another operation) from a container with its own addresses: nobody asked
+    /// it, since the responder answers every request. One claiming another address is spoofed.
+    ArpNotRequest = 37,
+    /// A broadcast from 0.0.0.0 over UDP: a DHCP client. The overlay's addresses come from its
+    /// IPAM; there is no DHCP server to reach.
+    Dhcp = 38,
 }
 
 impl DropReason {
     /// Every reason, in code order.
-    pub const ALL: [Self; 20] = [
+    pub const ALL: [Self; 23] = [
         Self::UnknownIface,
         Self::Spoofed,
         Self::Unsupported,
@@ -93,6 +104,9 @@ impl DropReason {
         Self::NotLocal,
         Self::DecapFailed,
         Self::TooBig,
+        Self::ArpProbe,
+        Self::ArpNotRequest,
+        Self::Dhcp,
     ];
 
     /// The reason's counter code: its index in `STATS`.
@@ -133,6 +147,9 @@ impl DropReason {
             Self::NotLocal => "not_local",
             Self::DecapFailed => "decap_failed",
             Self::TooBig => "too_big",
+            Self::ArpProbe => "arp_probe",
+            Self::ArpNotRequest => "arp_not_request",
+            Self::Dhcp => "dhcp",
         }
     }
 
@@ -183,7 +200,7 @@ const _: () = {
         assert!(DropReason::ALL[i].code() == DROP_BASE + i as u32);
         i += 1;
     }
-    assert!(DropReason::TooBig.code() < STATS_LEN);
+    assert!(DropReason::Dhcp.code() < STATS_LEN);
     assert!(UPLINK_PASS < DROP_BASE);
 };
 
@@ -208,7 +225,7 @@ mod tests {
             assert!(names.insert(name(code).expect("named")));
         }
         assert_eq!(DropReason::from_code(DROP_BASE - 1), None);
-        assert_eq!(DropReason::from_code(DropReason::TooBig.code() + 1), None);
+        assert_eq!(DropReason::from_code(DropReason::Dhcp.code() + 1), None);
         assert_eq!(name(STATS_LEN - 1), None);
     }
 }

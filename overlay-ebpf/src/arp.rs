@@ -21,18 +21,29 @@ pub fn reply(pkt: Packet, ifindex: u32, iface: &Iface) -> Result<i32, DropReason
     let mut eth: EthHdr = pkt.read(0).ok_or(DropReason::Malformed)?;
     let mut arp: ArpHdr = pkt.read(EthHdr::LEN).ok_or(DropReason::Malformed)?;
 
-    if !is_ethernet_ipv4(&arp) || arp.oper() != ARP_OP_REQUEST {
+    if !is_ethernet_ipv4(&arp) {
         return Err(DropReason::Arp);
     }
-    // The requester must be the endpoint itself: a container cannot ask in someone else's name.
-    if arp.sha != iface.mac || arp.spa != iface.ip {
+    // Who speaks first: a container cannot send ARP in someone else's name.
+    if arp.sha != iface.mac {
         return Err(DropReason::Spoofed);
     }
+    // An RFC 5227 probe: "does anyone have the address I am about to use?".
+    if arp.spa == [0; 4] {
+        return Err(DropReason::ArpProbe);
+    }
+    if arp.spa != iface.ip {
+        return Err(DropReason::Spoofed);
+    }
+    // Replies and announcements in its own name: nobody asked (the responder answers every
+    // request itself).
+    if arp.oper() != ARP_OP_REQUEST {
+        return Err(DropReason::ArpNotRequest);
+    }
     let target = arp.tpa;
-    // A request for its own address is a gratuitous ARP or a duplicate-address probe: there is
-    // nobody else to answer for it.
+    // A request for its own address is an announcement (gratuitous ARP): nobody else to answer.
     if target == iface.ip {
-        return Err(DropReason::Arp);
+        return Err(DropReason::ArpProbe);
     }
     let owner_mac = owner(iface.vni, target).ok_or(DropReason::Arp)?;
 

@@ -8,7 +8,7 @@ use aya_ebpf::programs::TcContext;
 use overlay_common::{
     maps::{ENDPOINT_LOCAL, Endpoint, EndpointKey},
     stats::{self, DropReason},
-    wire::{ArpHdr, ETH_P_ARP, ETH_P_IP, EthHdr, Ipv4Hdr, ether_type},
+    wire::{ArpHdr, ETH_P_ARP, ETH_P_IP, EthHdr, IpProto, Ipv4Hdr, ether_type},
 };
 
 use crate::{
@@ -49,6 +49,10 @@ pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::Malformed);
     }
     if ip.src_addr != iface.ip {
+        // A DHCP client's discover or request: from 0.0.0.0 to everyone, over UDP.
+        if ip.src_addr == [0; 4] && ip.dst_addr == [255; 4] && ip.proto == IpProto::Udp as u8 {
+            return Err(DropReason::Dhcp);
+        }
         return Err(DropReason::Spoofed);
     }
     // The key carries the sender's VNI: a destination on another network is simply not found.

@@ -1104,8 +1104,26 @@ fn arp_requests_that_cannot_be_answered_are_dropped() {
     not_ethernet[EthHdr::LEN + 1] = 6; // hardware type 6 (IEEE 802)
     let cases: Vec<(&str, &str, Vec<u8>, DropReason)> = vec![
         ("unknown address", "veth-a", arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, NOBODY), DropReason::Arp),
-        // Gratuitous ARP or duplicate address detection: nobody else to answer for it.
-        ("its own address", "veth-a", arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, A.ip), DropReason::Arp),
+        // An announcement (gratuitous ARP): nobody else to answer for it.
+        (
+            "its own address",
+            "veth-a",
+            arp_frame(A.mac, ARP_OP_REQUEST, A.mac, A.ip, A.ip),
+            DropReason::ArpProbe,
+        ),
+        // RFC 5227 duplicate-address probes: sender address 0.0.0.0, for its own or any address.
+        (
+            "a probe for its own address",
+            "veth-a",
+            arp_frame(A.mac, ARP_OP_REQUEST, A.mac, [0; 4], A.ip),
+            DropReason::ArpProbe,
+        ),
+        (
+            "a probe for another address",
+            "veth-a",
+            arp_frame(A.mac, ARP_OP_REQUEST, A.mac, [0; 4], R.ip),
+            DropReason::ArpProbe,
+        ),
         // Isolation: Q's address exists only on red.
         (
             "an address of another network",
@@ -1124,7 +1142,20 @@ fn arp_requests_that_cannot_be_answered_are_dropped() {
             "a reply, not a request",
             "veth-a",
             arp_frame(A.mac, ARP_OP_REPLY, A.mac, A.ip, R.ip),
-            DropReason::Arp,
+            DropReason::ArpNotRequest,
+        ),
+        // A reply claiming another container's address is a spoof, not an unanswerable request.
+        (
+            "a reply claiming B's address",
+            "veth-a",
+            arp_frame(A.mac, ARP_OP_REPLY, A.mac, B.ip, R.ip),
+            DropReason::Spoofed,
+        ),
+        (
+            "a probe in B's MAC",
+            "veth-a",
+            arp_frame(A.mac, ARP_OP_REQUEST, B.mac, [0; 4], A.ip),
+            DropReason::Spoofed,
         ),
         ("not Ethernet/IPv4", "veth-a", not_ethernet, DropReason::Arp),
         (
@@ -1207,6 +1238,18 @@ fn from_container_drops_spoofed_sources() {
         &wrong_ip_local,
         DropReason::Spoofed,
     );
+    // A DHCP client (discover from 0.0.0.0 to the broadcast address, UDP 68 -> 67) is no spoof:
+    // it is counted as what it is. 0.0.0.0 to anyone else, or not over UDP, is a spoof.
+    const BCAST: Ep = Ep { ip: [255; 4], mac: [0xff; 6] };
+    let discover = ip_frame(
+        A,
+        BCAST,
+        Ipv4::new([0; 4], [255; 4], IPPROTO_UDP),
+        &udp([0; 4], [255; 4], 68, 67, &[0; 240]),
+    );
+    check_container_drop(&h, "a DHCP discover", "veth-a", &discover, DropReason::Dhcp);
+    let zero_to_r = ip_frame(A, R, Ipv4::new([0; 4], R.ip, IPPROTO_UDP), &udp([0; 4], R.ip, 68, 67, b"x"));
+    check_container_drop(&h, "0.0.0.0 to R", "veth-a", &zero_to_r, DropReason::Spoofed);
 }
 
 #[test]
