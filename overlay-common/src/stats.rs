@@ -79,11 +79,15 @@ pub enum DropReason {
     /// A broadcast from 0.0.0.0 over UDP: a DHCP client. The overlay's addresses come from its
     /// IPAM; there is no DHCP server to reach.
     Dhcp = 38,
+    /// VXLAN whose outer header says Congestion Experienced around an inner packet that is not
+    /// ECN-capable: the mark cannot reach its receiver, so the congestion is signalled the only
+    /// way left, by dropping it (RFC 6040 section 4.2, as Linux's vxlan does).
+    CongestedNotEct = 39,
 }
 
 impl DropReason {
     /// Every reason, in code order.
-    pub const ALL: [Self; 23] = [
+    pub const ALL: [Self; 24] = [
         Self::UnknownIface,
         Self::Spoofed,
         Self::Unsupported,
@@ -107,6 +111,7 @@ impl DropReason {
         Self::ArpProbe,
         Self::ArpNotRequest,
         Self::Dhcp,
+        Self::CongestedNotEct,
     ];
 
     /// The reason's counter code: its index in `STATS`.
@@ -150,6 +155,7 @@ impl DropReason {
             Self::ArpProbe => "arp_probe",
             Self::ArpNotRequest => "arp_not_request",
             Self::Dhcp => "dhcp",
+            Self::CongestedNotEct => "ce_not_ect",
         }
     }
 
@@ -200,7 +206,7 @@ const _: () = {
         assert!(DropReason::ALL[i].code() == DROP_BASE + i as u32);
         i += 1;
     }
-    assert!(DropReason::Dhcp.code() < STATS_LEN);
+    assert!(DropReason::CongestedNotEct.code() < STATS_LEN);
     assert!(UPLINK_PASS < DROP_BASE);
 };
 
@@ -225,7 +231,7 @@ mod tests {
             assert!(names.insert(name(code).expect("named")));
         }
         assert_eq!(DropReason::from_code(DROP_BASE - 1), None);
-        assert_eq!(DropReason::from_code(DropReason::Dhcp.code() + 1), None);
+        assert_eq!(DropReason::from_code(DropReason::CongestedNotEct.code() + 1), None);
         assert_eq!(name(STATS_LEN - 1), None);
     }
 }

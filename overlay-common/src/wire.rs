@@ -66,6 +66,26 @@ pub fn ipv4_header_sum(ip: &Ipv4Hdr) -> u16 {
     !(sum as u16)
 }
 
+/// The ECN field: the low two bits of the IPv4 TOS byte (RFC 3168).
+pub const ECN_MASK: u8 = 0b11;
+/// Not ECN-Capable Transport: the sender does not understand congestion marks.
+pub const ECN_NOT_ECT: u8 = 0b00;
+/// Congestion Experienced.
+pub const ECN_CE: u8 = 0b11;
+
+/// Marks `ip` Congestion Experienced and updates its header checksum incrementally (RFC 1624:
+/// HC' = ~(~HC + ~m + m'), m the 16-bit word holding the TOS byte).
+#[inline(always)]
+pub fn set_ce(ip: &mut Ipv4Hdr) {
+    let old = u16::from_be_bytes([ip.vihl, ip.tos]);
+    ip.tos |= ECN_CE;
+    let new = u16::from_be_bytes([ip.vihl, ip.tos]);
+    let mut sum = u32::from(!u16::from_be_bytes(ip.check)) + u32::from(!old) + u32::from(new);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    ip.check = (!(sum as u16)).to_be_bytes();
+}
+
 /// True when `arp` is an Ethernet/IPv4 ARP packet with the standard address lengths, the only
 /// kind a container sends us (RFC 826).
 #[inline(always)]
@@ -153,6 +173,19 @@ mod tests {
         assert_eq!(ipv4_header_sum(&ip), 0xb861);
         ip.check = [0xb8, 0x60];
         assert_ne!(ipv4_header_sum(&ip), 0);
+    }
+
+    #[test]
+    fn set_ce_keeps_the_checksum_right() {
+        for tos in [0x00, 0x01, 0x02, 0xb8, 0xba, 0xff] {
+            let mut ip = header();
+            ip.tos = tos;
+            ip.check = [0; 2];
+            ip.check = ipv4_header_sum(&ip).to_be_bytes();
+            set_ce(&mut ip);
+            assert_eq!(ip.tos, tos | ECN_CE, "tos {tos:#x}");
+            assert_eq!(ipv4_header_sum(&ip), 0, "incremental update of tos {tos:#x}");
+        }
     }
 
     #[test]

@@ -16,8 +16,9 @@ use overlay_common::{
     maps::{Config, ENDPOINT_LOCAL, EndpointKey, PeerKey},
     stats::{self, DropReason},
     wire::{
-        ETH_P_IP, EthHdr, INNER_ETH_OFF, INNER_IP_OFF, IpProto, Ipv4Hdr, OUTER_IP_OFF, OUTER_UDP_OFF, UdpHdr,
-        VXLAN_OFF, VxlanHdr, ether_type, ipv4_header_sum, is_fragment,
+        ECN_CE, ECN_MASK, ECN_NOT_ECT, ETH_P_IP, EthHdr, INNER_ETH_OFF, INNER_IP_OFF, IpProto, Ipv4Hdr,
+        OUTER_IP_OFF, OUTER_UDP_OFF, UdpHdr, VXLAN_OFF, VxlanHdr, ether_type, ipv4_header_sum, is_fragment,
+        set_ce,
     },
 };
 
@@ -129,10 +130,26 @@ fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option
         _ => return Err(DropReason::InnerSpoofed),
     }
     let dst = unsafe { ENDPOINTS.get(EndpointKey { vni, ip: inner_ip.dst_addr }) };
-    match dst {
-        Some(dst) if dst.flags & ENDPOINT_LOCAL != 0 => Ok(Some(dst.ifindex)),
-        _ => Err(DropReason::NotLocal),
+    let ifindex = match dst {
+        Some(dst) if dst.flags & ENDPOINT_LOCAL != 0 => dst.ifindex,
+        _ => return Err(DropReason::NotLocal),
+    };
+
+    // RFC 6040 section 4.2 (normal mode, as Linux's vxlan decapsulates): congestion the underlay
+    // marked on the outer header reaches the receiver as CE on an ECN-capable inner packet, and
+    // as a drop on one whose sender would not understand the mark. Written in place, so both
+    // the XDP and the TC path deliver it (marking twice changes nothing).
+    if ip.tos & ECN_MASK == ECN_CE && inner_ip.tos & ECN_MASK != ECN_CE {
+        if inner_ip.tos & ECN_MASK == ECN_NOT_ECT {
+            return Err(DropReason::CongestedNotEct);
+        }
+        let mut marked = inner_ip;
+        set_ce(&mut marked);
+        if !pkt.write(INNER_IP_OFF, marked) {
+            return Err(truncated);
+        }
     }
+    Ok(Some(ifindex))
 }
 
 /// Decapsulates, in XDP, a frame [`classify`] said to deliver: `len` bytes long, it starts

@@ -757,6 +757,48 @@ fn decap_ignores_what_rfc7348_says_receivers_ignore() {
     }
 }
 
+/// `frame` with its IPv4 header at `off` given ECN codepoint `ecn` (and a right checksum).
+fn with_ecn(frame: &[u8], off: usize, ecn: u8) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    edit::<Ipv4Hdr>(&mut f, off, |ip| ip.tos = (ip.tos & !0b11) | ecn);
+    reseal_ipv4(&mut f, off);
+    f
+}
+
+#[test]
+fn congestion_marked_on_the_underlay_reaches_the_container_per_rfc6040() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkecn");
+    let (not_ect, ect1, ect0, ce) = (0b00, 0b01, 0b10, 0b11);
+    let inner = udp_frame(R, A, 7000, 100);
+    // (inner, outer) -> what the container gets: CE on an ECN-capable packet when the outer says
+    // CE (the checksum updated), unchanged otherwise.
+    for (inner_ecn, outer_ecn, delivered_ecn) in [
+        (ect0, ce, ce),
+        (ect1, ce, ce),
+        (ce, ce, ce),
+        (ect0, ect0, ect0),
+        (ect0, not_ect, ect0),
+        (not_ect, ect0, not_ect),
+    ] {
+        let what = format!("inner {inner_ecn:02b}, outer {outer_ecn:02b}");
+        let sent = with_ecn(&inner, EthHdr::LEN, inner_ecn);
+        let frame = with_ecn(&vxlan(&from_peer2(BLUE), &sent), OUTER_IP_OFF, outer_ecn);
+        let expected = with_ecn(&inner, EthHdr::LEN, delivered_ecn);
+        let (out, counts) = h.counting(|h| h.uplink_xdp(&frame));
+        assert_eq!((out.verdict, &out.frame), (XDP_PASS, &expected), "XDP, {what}");
+        assert_eq!(counts, one_each(&[(RX_DECAP, inner.len())]), "XDP, {what}");
+        let (out, counts) = h.counting(|h| h.uplink_tc(&frame));
+        assert_eq!((out.verdict, &out.frame), (TC_ACT_REDIRECT, &expected), "TC, {what}");
+        assert_eq!(counts, one_each(&[(RX_DECAP, inner.len()), (RX_DELIVER, inner.len())]), "TC, {what}");
+    }
+    // Congestion around a packet whose sender cannot be told: dropped, and counted as such.
+    let frame = with_ecn(&vxlan(&from_peer2(BLUE), &inner), OUTER_IP_OFF, ce);
+    check_uplink_drop(&h, "outer CE, inner Not-ECT", &frame, DropReason::CongestedNotEct);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Uplink drops: every one through XDP and through the TC fallback, which apply the same rules.
 // ---------------------------------------------------------------------------------------------
