@@ -48,7 +48,8 @@ pub enum DropReason {
     UnknownPeer = 24,
     /// VXLAN with a VNI that no network on this host has.
     UnknownVni = 25,
-    /// VXLAN header without the I flag.
+    /// VXLAN header without the I flag, or with a reserved bit set (as Linux's vxlan, which
+    /// takes them for extensions it was not told to expect: GBP, GPE).
     BadFlags = 26,
     /// VXLAN frame that ends inside one of its headers.
     Truncated = 27,
@@ -83,11 +84,19 @@ pub enum DropReason {
     /// ECN-capable: the mark cannot reach its receiver, so the congestion is signalled the only
     /// way left, by dropping it (RFC 6040 section 4.2, as Linux's vxlan does).
     CongestedNotEct = 39,
+    /// VXLAN for this host with outer IPv4 options. VTEPs never send them, and the host's stack,
+    /// which has no socket on the VXLAN port, would answer a forged source with an ICMP error.
+    OuterOptions = 40,
+    /// VXLAN for this host sent to a broadcast or multicast MAC rather than the uplink's.
+    BadOuterMac = 41,
+    /// An inner IPv4 header that does not describe its packet: a header length under 20 bytes,
+    /// or a total length other than what the frame carries.
+    InnerMalformed = 42,
 }
 
 impl DropReason {
     /// Every reason, in code order.
-    pub const ALL: [Self; 24] = [
+    pub const ALL: [Self; 27] = [
         Self::UnknownIface,
         Self::Spoofed,
         Self::Unsupported,
@@ -112,6 +121,9 @@ impl DropReason {
         Self::ArpNotRequest,
         Self::Dhcp,
         Self::CongestedNotEct,
+        Self::OuterOptions,
+        Self::BadOuterMac,
+        Self::InnerMalformed,
     ];
 
     /// The reason's counter code: its index in `STATS`.
@@ -156,6 +168,9 @@ impl DropReason {
             Self::ArpNotRequest => "arp_not_request",
             Self::Dhcp => "dhcp",
             Self::CongestedNotEct => "ce_not_ect",
+            Self::OuterOptions => "outer_options",
+            Self::BadOuterMac => "bad_outer_mac",
+            Self::InnerMalformed => "inner_malformed",
         }
     }
 
@@ -206,7 +221,7 @@ const _: () = {
         assert!(DropReason::ALL[i].code() == DROP_BASE + i as u32);
         i += 1;
     }
-    assert!(DropReason::CongestedNotEct.code() < STATS_LEN);
+    assert!(DropReason::InnerMalformed.code() < STATS_LEN);
     assert!(UPLINK_PASS < DROP_BASE);
 };
 
@@ -231,7 +246,7 @@ mod tests {
             assert!(names.insert(name(code).expect("named")));
         }
         assert_eq!(DropReason::from_code(DROP_BASE - 1), None);
-        assert_eq!(DropReason::from_code(DropReason::CongestedNotEct.code() + 1), None);
+        assert_eq!(DropReason::from_code(DropReason::InnerMalformed.code() + 1), None);
         assert_eq!(name(STATS_LEN - 1), None);
     }
 }

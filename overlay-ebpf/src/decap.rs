@@ -17,8 +17,8 @@ use overlay_common::{
     stats::{self, DropReason},
     wire::{
         ECN_CE, ECN_MASK, ECN_NOT_ECT, ETH_P_IP, EthHdr, INNER_ETH_OFF, INNER_IP_OFF, IpProto, Ipv4Hdr,
-        OUTER_IP_OFF, OUTER_UDP_OFF, UdpHdr, VXLAN_OFF, VxlanHdr, ether_type, ipv4_header_sum, is_fragment,
-        set_ce,
+        OUTER_IP_OFF, OUTER_UDP_OFF, UdpHdr, VXLAN_I_FLAG_MASK, VXLAN_OFF, VxlanHdr, ether_type,
+        ipv4_header_sum, is_fragment, set_ce,
     },
 };
 
@@ -27,6 +27,9 @@ use crate::{
     packet::Packet,
     stats::count,
 };
+
+/// The shortest Ethernet frame (without its FCS): shorter ones are padded up to it.
+const MIN_FRAME: usize = 60;
 
 /// Bytes of headers the checks read: everything up to and including the inner IPv4 header.
 pub const HEADERS: usize = INNER_IP_OFF + Ipv4Hdr::LEN;
@@ -64,19 +67,31 @@ fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option
     if ip.proto != IpProto::Udp as u8 || ip.dst_addr != cfg.vtep {
         return Ok(None);
     }
-    // Options would move the UDP header; VTEPs never send them, and such a frame is left to
-    // the stack, which has no socket on the VXLAN port and answers it as it would any stray UDP.
-    if ip.vihl != 0x45 {
-        return Ok(None);
-    }
     // A later fragment carries no UDP header: nothing here says whether it is VXLAN.
     if ip.frag_offset() != 0 {
         return Ok(None);
+    }
+    // Options move the UDP header. VTEPs never send them; VXLAN with options is dropped rather
+    // than left to the stack, which has no socket on the VXLAN port and would answer a forged
+    // source with an ICMP error (a reflection). Other UDP with options is the stack's.
+    if ip.vihl != 0x45 {
+        let ihl = ip.ihl() as usize;
+        if ip.version() != 4 || ihl < Ipv4Hdr::LEN {
+            return Ok(None);
+        }
+        let udp: UdpHdr = pkt.read(OUTER_IP_OFF + ihl).ok_or(truncated)?;
+        return if udp.dst_port() == VXLAN_PORT { Err(DropReason::OuterOptions) } else { Ok(None) };
     }
     // UDP to our VTEP with a cut-off UDP header is garbage whatever its port: drop and count.
     let udp: UdpHdr = pkt.read(OUTER_UDP_OFF).ok_or(truncated)?;
     if udp.dst_port() != VXLAN_PORT {
         return Ok(None);
+    }
+
+    // Sent to another host's MAC (a promiscuous uplink, a flooding switch): the stack discards
+    // it as not for this host. To a group MAC: VTEPs never do that; drop it.
+    if eth.dst_addr != cfg.uplink_mac {
+        return if eth.dst_addr[0] & 1 != 0 { Err(DropReason::BadOuterMac) } else { Ok(None) };
     }
 
     // From here on the frame is VXLAN for this host: deliver it or drop it with a reason.
@@ -91,7 +106,10 @@ fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option
         return Err(DropReason::UnknownPeer);
     }
     let vxlan: VxlanHdr = pkt.read(VXLAN_OFF).ok_or(truncated)?;
-    if !vxlan.vni_present() {
+    // The I flag and nothing else, as Linux's vxlan insists unless told of an extension (GBP,
+    // GPE) that gives the other bits a meaning; RFC 7348's "ignore them" would let such a frame
+    // be taken for what it is not.
+    if vxlan.flags != VXLAN_I_FLAG_MASK || vxlan._reserved1 != [0; 3] || vxlan._reserved2 != 0 {
         return Err(DropReason::BadFlags);
     }
     let vni = vxlan.vni();
@@ -116,6 +134,14 @@ fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option
     }
     if inner_ip.version() != 4 {
         return Err(DropReason::InnerNotIpv4);
+    }
+    // The inner header must describe its packet: the receiving container's kernel would drop it
+    // otherwise, where no counter of ours sees it. Shorter than the frame is allowed only as
+    // Ethernet padding, in a frame of the 60-byte minimum.
+    let (ihl, tot, carried) = (inner_ip.ihl() as usize, inner_ip.tot_len() as usize, wire_len - INNER_IP_OFF);
+    let padded = wire_len - INNER_ETH_OFF <= MIN_FRAME && tot <= carried;
+    if ihl < Ipv4Hdr::LEN || tot < ihl || (!gso && tot != carried && !padded) {
+        return Err(DropReason::InnerMalformed);
     }
 
     // The inner source must be an endpoint that lives behind the VTEP the frame came from, with
