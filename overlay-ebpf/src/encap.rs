@@ -52,9 +52,17 @@ pub fn to_remote(
     // SAFETY: reading fields of the context the kernel gave us.
     let gso = unsafe { (*skb).gso_size } != 0;
     // A frame that would not fit the uplink once encapsulated would be dropped silently by the
-    // device; drop it here where it is counted. (Only possible if a container raised its MTU;
-    // GSO packets are segmented to the container's MSS, which fits.)
-    if !gso && len - EthHdr::LEN as u32 + VXLAN_OVERHEAD > cfg.uplink_mtu {
+    // device; drop it here where it is counted. (Only possible if a container raised its MTU.)
+    // A GSO packet is judged by the segments it will become: its segment size plus the inner
+    // IPv4 and TCP/UDP headers each segment repeats (a sender that set its own gso_size, e.g.
+    // through PACKET_VNET_HDR, can ask for more than fits).
+    let ip_len = if gso {
+        // SAFETY: reading a field of the context the kernel gave us.
+        (unsafe { (*skb).gso_size }) + segment_headers(ctx)?
+    } else {
+        len - EthHdr::LEN as u32
+    };
+    if ip_len + VXLAN_OVERHEAD > cfg.uplink_mtu {
         return Err(DropReason::TooBig);
     }
     // Hash of the inner flow, taken before the headers change, for the UDP source port.
@@ -110,3 +118,26 @@ pub fn to_remote(
     let verdict = unsafe { bpf_redirect_neigh(cfg.uplink_ifindex, core::ptr::null_mut(), 0, 0) };
     redirected(verdict, stats::TX_ENCAP, len + VXLAN_OVERHEAD, DropReason::EncapFailed)
 }
+
+/// The inner IPv4 and TCP or UDP header bytes every segment of a GSO packet carries. (A TCP
+/// header beyond the linear part counts as its minimum: the check is then a little lenient,
+/// never wrong the other way.)
+#[inline(always)]
+fn segment_headers(ctx: &TcContext) -> Result<u32, DropReason> {
+    let pkt = crate::skb::packet(ctx);
+    let ip: Ipv4Hdr = pkt.read(EthHdr::LEN).ok_or(DropReason::Malformed)?;
+    let ihl = ip.ihl() as usize;
+    let l4 = if ip.proto == IpProto::Tcp as u8 {
+        // Data offset: the high nibble of the TCP header's 13th byte, in 32-bit words.
+        pkt.read::<u8>(EthHdr::LEN + ihl + TCP_DOFF_OFF).map_or(TCP_MIN, |b| u32::from(b >> 4) * 4)
+    } else if ip.proto == IpProto::Udp as u8 {
+        UdpHdr::LEN as u32
+    } else {
+        0
+    };
+    Ok(ihl as u32 + l4)
+}
+
+/// Where the TCP header keeps its data offset, and its shortest length.
+const TCP_DOFF_OFF: usize = 12;
+const TCP_MIN: u32 = 20;
