@@ -70,6 +70,18 @@ pub fn busybox_rootfs(run: &Run) -> anyhow::Result<PathBuf> {
     Ok(tar)
 }
 
+/// The plugin directory of `host`'s engine (seen by it as /run/docker/plugins).
+pub fn plugin_dir(run: &Run, host: &str) -> PathBuf {
+    run.path(&format!("docker-{host}")).join("plugins")
+}
+
+/// The driver name the tests give the agent's plugin, and its socket in `host`'s plugin
+/// directory: what `overlay-agent run --docker-plugin` is given.
+pub const DRIVER: &str = "overlay-ebpf";
+pub fn plugin_socket(run: &Run, host: &str) -> PathBuf {
+    plugin_dir(run, host).join(format!("{DRIVER}.sock"))
+}
+
 /// One host's Docker engine.
 pub struct Dockerd {
     pub host: String,
@@ -90,7 +102,7 @@ impl Dockerd {
     /// Starts a dockerd in namespace `ns` for host `host` of `run` and waits until it answers.
     pub fn start(run: &Run, host: &str, ns: &str) -> anyhow::Result<Self> {
         let dir = run.path(&format!("docker-{host}"));
-        let plugins = dir.join("plugins");
+        let plugins = plugin_dir(run, host);
         std::fs::create_dir_all(&plugins)?;
         let config = dir.join("daemon.json");
         // Its own (empty) config: /etc/docker/daemon.json, if the machine has one, is not ours.

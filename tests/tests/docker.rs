@@ -1,24 +1,31 @@
 //! Docker drives the overlay: real dockerd engines (Debian's docker.io), one per simulated host,
-//! started once for the whole suite and stopped, with everything they made, at its end.
+//! each with the host's agent serving the remote driver API in its plugin directory, and one
+//! etcd. The engines are started once for the whole suite (one test running the cases in
+//! order) and stopped, with everything they made, at its end, pass or fail.
 
-use std::time::Duration;
+use std::{process::Command, time::Duration};
 
 use overlay_tests::{
-    docker::{self, Dockerd, IMAGE},
-    skip, skip_unless_privileged,
-    topology::Topology,
-    wait_for,
+    cluster::Cluster,
+    docker::{self, DRIVER, Dockerd, IMAGE},
+    skip, skip_unless_privileged, try_sh, wait_for,
 };
 
-/// The hosts and their engines; the engines are dropped (stopped) before the hosts.
+/// The hosts, their agents and engines; the engines are dropped (stopped) before the rest.
 struct Env {
     engines: Vec<Dockerd>,
-    topo: Topology,
+    cluster: Cluster,
 }
 
 impl Env {
-    fn start(hosts: usize) -> Self {
-        let topo = Topology::new("dk", hosts);
+    fn start(hosts: usize) -> Option<Self> {
+        let cluster = Cluster::start_with("dk", hosts, 30, |run, host| {
+            vec![
+                "--docker-plugin".to_owned(),
+                docker::plugin_socket(run, host).to_string_lossy().into_owned(),
+            ]
+        })?;
+        let topo = &cluster.topo;
         let rootfs = docker::busybox_rootfs(&topo.run).unwrap_or_else(|e| panic!("busybox rootfs: {e:#}"));
         let engines = topo
             .hosts
@@ -30,16 +37,34 @@ impl Env {
                 d
             })
             .collect();
-        Self { engines, topo }
+        Some(Self { engines, cluster })
     }
 
     fn engine(&self, host: &str) -> &Dockerd {
         self.engines.iter().find(|d| d.host == host).unwrap_or_else(|| panic!("no dockerd on {host}"))
     }
+
+    /// `docker <args>` on `host`, which must succeed: its stdout.
+    fn docker(&self, host: &str, args: &[&str]) -> String {
+        self.engine(host).ok(args).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// `docker <args>` on `host`, which must fail: its stderr.
+    fn docker_refused(&self, host: &str, args: &[&str]) -> String {
+        let out = try_sh(self.engine(host).docker().args(args));
+        assert!(!out.status.success(), "docker {args:?} on {host} should have failed");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// The overlay's networks, by name, as `overlay network ls` lists them.
+    fn overlay_networks(&self) -> Vec<String> {
+        let out = self.cluster.ok(&["network", "ls"]);
+        out.lines().skip(1).filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned)).collect()
+    }
 }
 
 /// The processes whose command line mentions `needle`.
-fn any_process_mentions(needle: &str) -> Vec<String> {
+fn processes_mentioning(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
         if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
@@ -52,8 +77,17 @@ fn any_process_mentions(needle: &str) -> Vec<String> {
     found
 }
 
+/// What the machine's own Docker and containerd directories hold: the engines must leave them
+/// as they are (theirs are on a tmpfs over /run in their mount namespaces).
+fn machine_dirs() -> Vec<Option<Vec<std::ffi::OsString>>> {
+    ["/run/docker", "/run/containerd"]
+        .iter()
+        .map(|d| std::fs::read_dir(d).ok().map(|e| e.flatten().map(|e| e.file_name()).collect()))
+        .collect()
+}
+
 #[test]
-fn docker_engines_per_host() {
+fn docker_suite() {
     if skip_unless_privileged() {
         return;
     }
@@ -61,50 +95,23 @@ fn docker_engines_per_host() {
         skip(&why);
         return;
     }
-    // What the machine's own Docker and containerd directories hold before: the engines must
-    // leave them as they are (theirs are on a tmpfs over /run in their mount namespaces).
-    let machine_dirs = || -> Vec<Option<Vec<std::ffi::OsString>>> {
-        ["/run/docker", "/run/containerd"]
-            .iter()
-            .map(|d| std::fs::read_dir(d).ok().map(|e| e.flatten().map(|e| e.file_name()).collect()))
-            .collect()
-    };
     let before = machine_dirs();
-    let env = Env::start(2);
-    let run_dir = env.topo.run.dir.path().to_owned();
+    let Some(env) = Env::start(2) else { return };
+    let run_dir = env.cluster.topo.run.dir.path().to_owned();
     let cgroups: Vec<String> = env.engines.iter().map(|d| d.cgroup.clone()).collect();
 
-    // Each host's engine is its own: its own version answer, image and containers, and the
-    // host's namespace as its network (a container on the host network sees eth0 with the
-    // host's underlay address).
-    for h in ["h1", "h2"] {
-        let d = env.engine(h);
-        let version =
-            d.ok(&["version", "--format", "{{.Server.Version}}"]).unwrap_or_else(|e| panic!("{e:#}"));
-        assert!(version.starts_with("20.10"), "{h}: server version {version}");
-        d.ok(&["run", "--rm", "--network", "none", IMAGE, "true"]).unwrap_or_else(|e| panic!("{e:#}"));
-        let addr = d
-            .ok(&["run", "--rm", "--network", "host", IMAGE, "ip", "-4", "addr", "show", "eth0"])
-            .unwrap_or_else(|e| panic!("{e:#}"));
-        let vtep = env.topo.host(h).vtep.to_string();
-        assert!(addr.contains(&format!("inet {vtep}/")), "{h}'s container on the host network: {addr}");
-    }
-    // A container left running, so the teardown has one to remove.
-    env.engine("h1")
-        .ok(&["run", "-d", "--network", "none", IMAGE, "sleep", "600"])
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    let h1 = env.engine("h1");
-    assert_eq!(h1.container_pids().len(), 1, "the running container's process, by its cgroup");
-    assert_eq!(machine_dirs(), before, "the machine's /run/docker or /run/containerd changed");
+    engines_are_the_hosts_own(&env);
+    one_docker_network_across_hosts(&env);
+    a_bad_body_changes_nothing(&env);
 
+    assert_eq!(machine_dirs(), before, "the machine's /run/docker or /run/containerd changed");
     drop(env);
     // Gone: the daemons, their containerd and shims, the containers' processes and cgroups,
-    // the run's files.
+    // the agents, the run's files.
     let left = wait_for(Duration::from_secs(10), || {
-        let procs = any_process_mentions(&run_dir.to_string_lossy());
-        procs.is_empty().then_some(())
+        processes_mentioning(&run_dir.to_string_lossy()).is_empty().then_some(())
     });
-    assert!(left.is_some(), "processes left: {:#?}", any_process_mentions(&run_dir.to_string_lossy()));
+    assert!(left.is_some(), "processes left: {:#?}", processes_mentioning(&run_dir.to_string_lossy()));
     for cg in cgroups {
         let leftovers: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
             .expect("cgroups")
@@ -115,4 +122,89 @@ fn docker_engines_per_host() {
         assert!(leftovers.is_empty(), "cgroups left: {leftovers:?}");
     }
     assert!(!run_dir.exists(), "the run's directory is left");
+}
+
+/// Each host's engine is its own: it answers as 20.10, runs containers, and has the host's
+/// namespace as its network (a container on the host network sees eth0 with the host's
+/// underlay address).
+fn engines_are_the_hosts_own(env: &Env) {
+    for h in ["h1", "h2"] {
+        let version = env.docker(h, &["version", "--format", "{{.Server.Version}}"]);
+        assert!(version.starts_with("20.10"), "{h}: server version {version}");
+        env.docker(h, &["run", "--rm", "--network", "none", IMAGE, "true"]);
+        let addr =
+            env.docker(h, &["run", "--rm", "--network", "host", IMAGE, "ip", "-4", "addr", "show", "eth0"]);
+        let vtep = env.cluster.topo.host(h).vtep.to_string();
+        assert!(addr.contains(&format!("inet {vtep}/")), "{h}'s container on the host network: {addr}");
+    }
+    // A container left running, so the teardown has one to remove.
+    env.docker("h1", &["run", "-d", "--network", "none", IMAGE, "sleep", "600"]);
+    assert_eq!(env.engine("h1").container_pids().len(), 1, "the running container's process, by its cgroup");
+}
+
+/// `docker network create` of the same network on both hosts' engines is one overlay network
+/// in etcd; the same subnet with other settings is refused, naming the difference; `docker
+/// network rm` on one host leaves the other host's network alone.
+fn one_docker_network_across_hosts(env: &Env) {
+    let create = ["network", "create", "-d", DRIVER, "--subnet", "10.0.9.0/24", "-o", "mtu=1400", "net"];
+    let h1_id = env.docker("h1", &create).trim().to_owned();
+    assert_eq!(env.overlay_networks(), vec!["docker-10.0.9.0-24".to_owned()]);
+    // The same subnet with other settings on h2's engine (which has no such network yet, so
+    // Docker's own overlap check passes it on to the plugin) is refused, naming what differs.
+    let err = env.docker_refused(
+        "h2",
+        &["network", "create", "-d", DRIVER, "--subnet", "10.0.9.0/24", "-o", "vni=4242", "other"],
+    );
+    assert!(err.contains("VNI 4096 (not 4242)"), "{err}");
+    let err = env.docker_refused(
+        "h2",
+        &["network", "create", "-d", DRIVER, "--subnet", "10.0.11.0/24", "-o", "colour=red", "x"],
+    );
+    assert!(err.contains("unknown option \"colour\""), "{err}");
+    assert_eq!(env.overlay_networks(), vec!["docker-10.0.9.0-24".to_owned()]);
+
+    // The same command on h2 joins it: each engine has an id of its own for the network, and
+    // the overlay has one network for both.
+    let h2_id = env.docker("h2", &create).trim().to_owned();
+    assert_ne!(h1_id, h2_id);
+    for h in ["h1", "h2"] {
+        let driver = env.docker(h, &["network", "inspect", "-f", "{{.Driver}} {{.Scope}}", "net"]);
+        assert_eq!(driver.trim(), format!("{DRIVER} local"), "{h}");
+    }
+    assert_eq!(env.overlay_networks(), vec!["docker-10.0.9.0-24".to_owned()]);
+    let net = env.cluster.inspect("docker-10.0.9.0-24");
+    assert_eq!(net["IPAM"]["Config"][0]["Subnet"], "10.0.9.0/24", "{net}");
+    assert_eq!(net["Options"]["com.docker.network.driver.mtu"], "1400", "{net}");
+
+    // `docker network rm` on h1 leaves h2's network, and the overlay network, alone; created
+    // again on h1, it joins the same overlay network again.
+    env.docker("h1", &["network", "rm", "net"]);
+    assert!(env.docker("h2", &["network", "ls", "--format", "{{.Name}}"]).lines().any(|n| n == "net"));
+    assert_eq!(env.overlay_networks(), vec!["docker-10.0.9.0-24".to_owned()]);
+    env.docker("h1", &create);
+    assert_eq!(env.overlay_networks(), vec!["docker-10.0.9.0-24".to_owned()]);
+}
+
+/// A body that does not parse, sent straight to the plugin's socket, is answered with
+/// `{"Err": ...}` and creates nothing.
+fn a_bad_body_changes_nothing(env: &Env) {
+    let sock = docker::plugin_socket(&env.cluster.topo.run, "h1");
+    let before = env.overlay_networks();
+    for body in ["{", r#"{"NetworkID": 7}"#, r#"{"NetworkID": "x", "IPv4Data": [{"Pool": "10.0.10.0/24"}]}"#]
+    {
+        let out = try_sh(
+            Command::new("curl").args(["-s", "-w", "\n%{http_code}", "--unix-socket"]).arg(&sock).args([
+                "-d",
+                body,
+                "http://plugin/NetworkDriver.CreateNetwork",
+            ]),
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (json, code) = text.rsplit_once('\n').unwrap_or_else(|| panic!("curl: {text}"));
+        let json: serde_json::Value =
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("{body}: {json}: {e}"));
+        assert!(code == "400" || code == "500", "{body}: HTTP {code}");
+        assert!(json["Err"].as_str().is_some_and(|e| !e.is_empty()), "{body}: {json}");
+    }
+    assert_eq!(env.overlay_networks(), before);
 }
