@@ -63,6 +63,30 @@ impl Env {
     }
 }
 
+/// The overlay's address keys (`<prefix>/ipam/<network>/<ip>`) with their values, from etcd.
+fn address_keys(env: &Env) -> Vec<(String, String)> {
+    let out = overlay_tests::sh(&mut overlay_tests::in_ns(
+        &env.cluster.topo.underlay,
+        &["etcdctl", "--endpoints", &env.cluster.url, "get", "--prefix", "/overlay/v1/ipam/"],
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    lines.chunks(2).map(|kv| (kv[0].to_owned(), kv.get(1).copied().unwrap_or("").to_owned())).collect()
+}
+
+/// `POST /IpamDriver.<call>` with `body` on `host`'s plugin socket: HTTP status and JSON.
+fn ipam_call(env: &Env, host: &str, call: &str, body: &str) -> (String, serde_json::Value) {
+    let sock = docker::plugin_socket(&env.cluster.topo.run, host);
+    let out =
+        try_sh(Command::new("curl").args(["-s", "-w", "\n%{http_code}", "--unix-socket"]).arg(&sock).args([
+            "-d",
+            body,
+            &format!("http://plugin/IpamDriver.{call}"),
+        ]));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (json, code) = text.rsplit_once('\n').unwrap_or_else(|| panic!("curl: {text}"));
+    (code.to_owned(), serde_json::from_str(json).unwrap_or_else(|e| panic!("{call}: {json}: {e}")))
+}
+
 /// The processes whose command line mentions `needle`.
 fn processes_mentioning(needle: &str) -> Vec<String> {
     let mut found = Vec::new();
@@ -103,6 +127,7 @@ fn docker_suite() {
     engines_are_the_hosts_own(&env);
     one_docker_network_across_hosts(&env);
     a_bad_body_changes_nothing(&env);
+    addresses_come_from_etcd(&env);
 
     assert_eq!(machine_dirs(), before, "the machine's /run/docker or /run/containerd changed");
     drop(env);
@@ -207,4 +232,108 @@ fn a_bad_body_changes_nothing(env: &Env) {
         assert!(json["Err"].as_str().is_some_and(|e| !e.is_empty()), "{body}: {json}");
     }
     assert_eq!(env.overlay_networks(), before);
+}
+
+/// `--ipam-driver overlay-ebpf`: the pool, range, gateway and auxiliary addresses are the
+/// overlay network's on every host, and a container's address is reserved in etcd for the host
+/// that asked (`--ip` honoured, no address twice across hosts), given back on release.
+fn addresses_come_from_etcd(env: &Env) {
+    let create = [
+        "network",
+        "create",
+        "-d",
+        DRIVER,
+        "--ipam-driver",
+        DRIVER,
+        "--subnet",
+        "10.0.20.0/24",
+        "--ip-range",
+        "10.0.20.128/25",
+        "--aux-address",
+        "router=10.0.20.5",
+        "ipnet",
+    ];
+    env.docker("h1", &create);
+    env.docker("h2", &create);
+    assert!(env.overlay_networks().contains(&"docker-10.0.20.0-24".to_owned()));
+    let net = env.cluster.inspect("docker-10.0.20.0-24");
+    let config = &net["IPAM"]["Config"][0];
+    assert_eq!(config["IPRange"], "10.0.20.128/25", "{net}");
+    assert_eq!(config["Gateway"], "10.0.20.1", "{net}");
+    assert_eq!(config["AuxiliaryAddresses"]["router"], "10.0.20.5", "{net}");
+    for h in ["h1", "h2"] {
+        let ipam = env.docker(h, &["network", "inspect", "-f", "{{.IPAM.Driver}}", "ipnet"]);
+        assert_eq!(ipam.trim(), DRIVER, "{h}");
+    }
+    // The same subnet with another range is not the same network.
+    let mut other = create;
+    other[9] = "10.0.20.0/25";
+    other[12] = "ipnet2";
+    env.engine("h2").ok(&["network", "rm", "ipnet"]).unwrap_or_else(|e| panic!("{e:#}"));
+    let err = env.docker_refused("h2", &other);
+    assert!(err.contains("ip-range 10.0.20.128/25 (not 10.0.20.0/25)"), "{err}");
+    env.docker("h2", &create);
+
+    // Containers' addresses, asked for the way dockerd asks (RequestAddress before the endpoint
+    // exists), from both hosts: the lowest free ones of the range, each held in etcd by its host.
+    let ask = |host: &str, ip: &str| {
+        ipam_call(
+            env,
+            host,
+            "RequestAddress",
+            &format!(r#"{{"PoolID": "10.0.20.0/24|10.0.20.128/25", "Address": "{ip}", "Options": {{}}}}"#),
+        )
+    };
+    let (code, a) = ask("h1", "");
+    assert_eq!(code, "200", "{a}");
+    let (_, b) = ask("h2", "");
+    assert_eq!(
+        (a["Address"].as_str(), b["Address"].as_str()),
+        (Some("10.0.20.128/24"), Some("10.0.20.129/24"))
+    );
+    let held: Vec<String> = address_keys(env)
+        .into_iter()
+        .map(|(k, v)| format!("{} {v}", k.rsplit('/').next().unwrap_or("")))
+        .collect();
+    assert!(held.iter().any(|h| h.starts_with("10.0.20.128 ") && h.contains("reserved@h1")), "{held:?}");
+    assert!(held.iter().any(|h| h.starts_with("10.0.20.129 ") && h.contains("reserved@h2")), "{held:?}");
+    // --ip: a free one is given, a held one refused naming its holder.
+    let (_, c) = ask("h2", "10.0.20.200");
+    assert_eq!(c["Address"], "10.0.20.200/24");
+    let (code, taken) = ask("h2", "10.0.20.128");
+    assert_eq!(code, "500");
+    assert!(
+        taken["Err"].as_str().unwrap_or("").contains("10.0.20.128 is already in use")
+            && taken["Err"].to_string().contains("reserved@h1"),
+        "{taken}"
+    );
+    // The gateway and auxiliary addresses are the network's, never reserved.
+    let (_, gw) = ipam_call(
+        env,
+        "h2",
+        "RequestAddress",
+        r#"{"PoolID": "10.0.20.0/24|10.0.20.128/25", "Address": "", "Options": {"RequestAddressType": "com.docker.network.gateway"}}"#,
+    );
+    assert_eq!(gw["Address"], "10.0.20.1/24");
+    // Release: only the host that holds an address gives it back.
+    let release = |host: &str, ip: &str| {
+        ipam_call(
+            env,
+            host,
+            "ReleaseAddress",
+            &format!(r#"{{"PoolID": "10.0.20.0/24|10.0.20.128/25", "Address": "{ip}"}}"#),
+        )
+    };
+    release("h2", "10.0.20.128");
+    assert!(address_keys(env).iter().any(|(k, _)| k.ends_with("/10.0.20.128")));
+    for (h, ip) in [("h1", "10.0.20.128"), ("h2", "10.0.20.129"), ("h2", "10.0.20.200")] {
+        let (code, body) = release(h, ip);
+        assert_eq!(code, "200", "{body}");
+    }
+    assert!(address_keys(env).is_empty(), "{:?}", address_keys(env));
+    // `docker run` on it cannot start yet (the endpoint calls are not served), and the address
+    // dockerd reserved for it is given back.
+    let err = env.docker_refused("h1", &["run", "--rm", "--network", "ipnet", IMAGE, "true"]);
+    assert!(err.contains("CreateEndpoint is not implemented"), "{err}");
+    assert!(address_keys(env).is_empty(), "{:?}", address_keys(env));
 }

@@ -203,10 +203,11 @@ fn main() -> anyhow::Result<()> {
                     };
                     if let Some(socket) = run.docker_plugin.clone() {
                         let (config, state_dir) = (run.etcd.config(), cfg.state_dir.clone());
+                        let me = cfg.host.clone();
                         // Beside the agent's loop, in the same process: the plugin writes the
                         // store, and the loop makes what it wrote real, as for the CLI.
                         tokio::spawn(async move {
-                            if let Err(e) = docker::serve(socket, config, state_dir).await {
+                            if let Err(e) = docker::serve(socket, config, me, state_dir).await {
                                 tracing::error!(error = format!("{e:#}"), "the Docker plugin stopped");
                             }
                         });

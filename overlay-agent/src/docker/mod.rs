@@ -2,6 +2,8 @@
 //! remote driver API on a unix socket in the engine's plugin directory, answered from the store.
 //! docs/docker.md says what each call does.
 
+/// The IPAM driver API: pools and addresses from the overlay's etcd IPAM.
+pub mod ipam;
 /// CreateNetwork/DeleteNetwork: a Docker network is the overlay network with its subnet.
 pub mod network;
 /// The HTTP server on the unix socket: routes, bodies, `{"Err"}` answers.

@@ -19,7 +19,10 @@ use std::{
 use ipnet::Ipv4Net;
 use tracing::info;
 
-use super::types::{CreateNetwork, DeleteNetwork, IpamData};
+use super::{
+    ipam::Ranges,
+    types::{CreateNetwork, DeleteNetwork, IpamData},
+};
 use crate::{
     model::Network,
     store::{NetworkSpec, Store, StoreError, ipam},
@@ -43,6 +46,9 @@ pub struct Wanted {
     pub name: Option<String>,
     pub subnet: Ipv4Net,
     pub gateway: Option<Ipv4Addr>,
+    /// `--ip-range`, known only when this plugin is also the network's IPAM driver (Docker
+    /// gives it to RequestPool, not to CreateNetwork).
+    pub ip_range: Option<Ipv4Net>,
     pub aux: BTreeMap<String, Ipv4Addr>,
     pub vni: Option<u32>,
     pub mtu: Option<u32>,
@@ -71,7 +77,7 @@ impl Wanted {
             driver: None,
             subnet: Some(self.subnet.to_string()),
             gateway: self.gateway.map(|g| g.to_string()),
-            ip_range: None,
+            ip_range: self.ip_range.map(|r| r.to_string()),
             aux_addresses: self.aux.iter().map(|(k, v)| format!("{k}={v}")).collect(),
             options,
             labels: Vec::new(),
@@ -84,6 +90,12 @@ impl Wanted {
         let mut diff = Vec::new();
         if let Some(g) = self.gateway.filter(|g| *g != n.gateway) {
             diff.push(format!("gateway {} (not {g})", n.gateway));
+        }
+        if let Some(r) = self.ip_range.filter(|r| Some(*r) != n.ip_range) {
+            diff.push(match n.ip_range {
+                Some(has) => format!("ip-range {has} (not {r})"),
+                None => format!("no ip-range (not {r})"),
+            });
         }
         if let Some(vni) = self.vni.filter(|v| *v != n.vni) {
             diff.push(format!("VNI {} (not {vni})", n.vni));
@@ -134,8 +146,16 @@ pub fn parse_create(req: &CreateNetwork) -> Result<Wanted, String> {
         .iter()
         .map(|(name, ip)| Ok((name.clone(), without_prefix("auxiliary address", ip)?)))
         .collect::<Result<BTreeMap<_, _>, String>>()?;
-    let mut w =
-        Wanted { docker_id: req.network_id.clone(), name: None, subnet, gateway, aux, vni: None, mtu: None };
+    let mut w = Wanted {
+        docker_id: req.network_id.clone(),
+        name: None,
+        subnet,
+        gateway,
+        ip_range: None,
+        aux,
+        vni: None,
+        mtu: None,
+    };
     let generic = match req.options.get(GENERIC) {
         None | Some(serde_json::Value::Null) => serde_json::Map::new(),
         Some(serde_json::Value::Object(m)) => m.clone(),
@@ -221,8 +241,14 @@ impl DockerNetworks {
 }
 
 /// CreateNetwork: join the overlay network with this subnet, or make it.
-pub async fn create(store: &Store, networks: &DockerNetworks, req: &CreateNetwork) -> Result<(), String> {
-    let w = parse_create(req)?;
+pub async fn create(
+    store: &Store,
+    networks: &DockerNetworks,
+    ranges: &Ranges,
+    req: &CreateNetwork,
+) -> Result<(), String> {
+    let mut w = parse_create(req)?;
+    w.ip_range = ranges.get(w.subnet);
     // Two attempts: another host's engine may create the same network between this read and
     // this create, which the store then refuses (same name or subnet): read again and join it.
     for attempt in 0..2 {

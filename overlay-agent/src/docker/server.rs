@@ -22,15 +22,22 @@ use tokio::net::UnixListener;
 use tracing::{info, warn};
 
 use super::{
+    ipam::{self, Ranges},
     network::{self, DockerNetworks},
-    types::{Activate, CONTENT_TYPE, Capabilities, CreateNetwork, DeleteNetwork, Empty, ErrorBody},
+    types::{
+        Activate, AddressSpaces, CONTENT_TYPE, Capabilities, CreateNetwork, DeleteNetwork, Empty, ErrorBody,
+        IpamCapabilities, ReleaseAddress, ReleasePool, RequestAddress, RequestPool,
+    },
 };
 use crate::store::{Store, StoreConfig};
 
 /// What the handlers share.
 pub struct Plugin {
     pub store: Store,
+    /// This agent's host: the holder of the addresses its engine reserves.
+    pub host: String,
     pub networks: DockerNetworks,
+    pub ranges: Ranges,
 }
 
 /// The routes Docker calls.
@@ -40,6 +47,12 @@ pub fn router(plugin: Arc<Plugin>) -> Router {
         .route("/NetworkDriver.GetCapabilities", post(capabilities))
         .route("/NetworkDriver.CreateNetwork", post(create_network))
         .route("/NetworkDriver.DeleteNetwork", post(delete_network))
+        .route("/IpamDriver.GetCapabilities", post(ipam_capabilities))
+        .route("/IpamDriver.GetDefaultAddressSpaces", post(address_spaces))
+        .route("/IpamDriver.RequestPool", post(request_pool))
+        .route("/IpamDriver.ReleasePool", post(release_pool))
+        .route("/IpamDriver.RequestAddress", post(request_address))
+        .route("/IpamDriver.ReleaseAddress", post(release_address))
         .fallback(unknown)
         .with_state(plugin)
 }
@@ -48,7 +61,12 @@ pub fn router(plugin: Arc<Plugin>) -> Router {
 /// store first (trying again every second, so an agent started before etcd still comes up),
 /// then binds the socket, replacing one an earlier agent left there. Docker finds the plugin
 /// only once the socket exists, so no call arrives before the store can answer it.
-pub async fn serve(path: PathBuf, config: StoreConfig, state_dir: PathBuf) -> anyhow::Result<()> {
+pub async fn serve(
+    path: PathBuf,
+    config: StoreConfig,
+    host: String,
+    state_dir: PathBuf,
+) -> anyhow::Result<()> {
     let networks = DockerNetworks::load(&state_dir)?;
     let store = loop {
         match Store::connect(&config).await {
@@ -61,7 +79,7 @@ pub async fn serve(path: PathBuf, config: StoreConfig, state_dir: PathBuf) -> an
     };
     let listener = bind(&path)?;
     info!(socket = %path.display(), "serving Docker's remote network driver API");
-    let plugin = Arc::new(Plugin { store, networks });
+    let plugin = Arc::new(Plugin { store, host, networks, ranges: Ranges::default() });
     axum::serve(listener, router(plugin)).await.context("Docker plugin server")
 }
 
@@ -111,7 +129,7 @@ fn reply<T: Serialize>(call: &str, result: Result<T, String>) -> Response {
 }
 
 async fn activate() -> Response {
-    json(StatusCode::OK, &Activate { implements: vec!["NetworkDriver"] })
+    json(StatusCode::OK, &Activate { implements: vec!["NetworkDriver", "IpamDriver"] })
 }
 
 async fn capabilities() -> Response {
@@ -123,7 +141,7 @@ async fn create_network(State(p): State<Arc<Plugin>>, body: Bytes) -> Response {
         Ok(req) => req,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    reply("CreateNetwork", network::create(&p.store, &p.networks, &req).await.map(|()| Empty {}))
+    reply("CreateNetwork", network::create(&p.store, &p.networks, &p.ranges, &req).await.map(|()| Empty {}))
 }
 
 async fn delete_network(State(p): State<Arc<Plugin>>, body: Bytes) -> Response {
@@ -132,6 +150,46 @@ async fn delete_network(State(p): State<Arc<Plugin>>, body: Bytes) -> Response {
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     reply("DeleteNetwork", network::delete(&p.networks, &req).map(|()| Empty {}))
+}
+
+async fn ipam_capabilities() -> Response {
+    // No MAC needed: the overlay derives it from the address, as the CLI's endpoints do.
+    json(StatusCode::OK, &IpamCapabilities { requires_mac_address: false, requires_request_replay: false })
+}
+
+async fn address_spaces() -> Response {
+    json(StatusCode::OK, &AddressSpaces { local: ipam::ADDRESS_SPACE, global: ipam::ADDRESS_SPACE })
+}
+
+async fn request_pool(State(p): State<Arc<Plugin>>, body: Bytes) -> Response {
+    match decode::<RequestPool>("RequestPool", &body) {
+        Ok(req) => reply("RequestPool", ipam::request_pool(&p.ranges, &req)),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn release_pool(body: Bytes) -> Response {
+    // Nothing is held per pool: the network's addresses live with the network in etcd.
+    match decode::<ReleasePool>("ReleasePool", &body).and_then(|r| ipam::parse_pool_id(&r.pool_id)) {
+        Ok(_) => json(StatusCode::OK, &Empty {}),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn request_address(State(p): State<Arc<Plugin>>, body: Bytes) -> Response {
+    match decode::<RequestAddress>("RequestAddress", &body) {
+        Ok(req) => reply("RequestAddress", ipam::request_address(&p.store, &p.host, &req).await),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn release_address(State(p): State<Arc<Plugin>>, body: Bytes) -> Response {
+    match decode::<ReleaseAddress>("ReleaseAddress", &body) {
+        Ok(req) => {
+            reply("ReleaseAddress", ipam::release_address(&p.store, &p.host, &req).await.map(|()| Empty {}))
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
 }
 
 async fn unknown(uri: Uri) -> Response {
@@ -167,7 +225,10 @@ mod tests {
     #[tokio::test]
     async fn activation_capabilities_and_unknown_calls() {
         let (status, _, json) = body_of(activate().await).await;
-        assert_eq!((status, json), (StatusCode::OK, serde_json::json!({"Implements": ["NetworkDriver"]})));
+        assert_eq!(
+            (status, json),
+            (StatusCode::OK, serde_json::json!({"Implements": ["NetworkDriver", "IpamDriver"]}))
+        );
         let (_, _, json) = body_of(capabilities().await).await;
         assert_eq!(json, serde_json::json!({"Scope": "local"}));
         let (status, _, json) = body_of(unknown("/NetworkDriver.DiscoverNew".parse().unwrap()).await).await;
