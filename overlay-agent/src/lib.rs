@@ -13,6 +13,8 @@ pub mod cli;
 pub mod datapath;
 /// The agent's view of the desired state: what this host needs, its indexes, the dirty keys.
 pub mod desired;
+/// Docker's remote network driver API on a unix socket, for the engine on this host.
+pub mod docker;
 /// `GET /healthz`, `GET /readyz`, `POST /brake/release`.
 pub mod health;
 /// Who this agent is (its id, machine, netns) and the lock that keeps one agent per state dir.

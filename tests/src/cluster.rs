@@ -3,7 +3,7 @@
 //! following etcd, and the `overlay` CLI run from a host's namespace the way a person on that
 //! host would run it.
 
-use std::{net::Ipv4Addr, process::Output, time::Duration};
+use std::{collections::BTreeMap, net::Ipv4Addr, process::Output, time::Duration};
 
 use crate::{
     Run,
@@ -37,12 +37,25 @@ pub struct Cluster {
     pub etcd: Etcd,
     pub url: String,
     pub lease_ttl: u64,
+    /// More `run` flags for the agent of each host (by name), on every (re)start.
+    pub agent_args: BTreeMap<String, Vec<String>>,
 }
 
 impl Cluster {
     /// Builds `hosts` hosts and etcd, and starts every agent. None (after saying why) when
     /// there is no etcd binary.
     pub fn start(tag: &str, hosts: usize, lease_ttl: u64) -> Option<Self> {
+        Self::start_with(tag, hosts, lease_ttl, |_, _| Vec::new())
+    }
+
+    /// `start`, giving the agent of each host the `run` flags `agent_args(run, host)` returns
+    /// (paths under the run's directory, say), on every (re)start.
+    pub fn start_with(
+        tag: &str,
+        hosts: usize,
+        lease_ttl: u64,
+        agent_args: impl Fn(&Run, &str) -> Vec<String>,
+    ) -> Option<Self> {
         if Etcd::binary().is_none() {
             crate::skip("no etcd binary (install etcd-server, or run ./setup)");
             return None;
@@ -50,8 +63,9 @@ impl Cluster {
         let topo = Topology::new(tag, hosts);
         let etcd = start_etcd(&topo.run, &topo.underlay).unwrap_or_else(|e| panic!("starting etcd: {e:#}"));
         let url = etcd.url();
-        let mut cluster = Self { topo, etcd, url, lease_ttl };
-        let names: Vec<String> = cluster.topo.hosts.iter().map(|h| h.name.clone()).collect();
+        let names: Vec<String> = topo.hosts.iter().map(|h| h.name.clone()).collect();
+        let agent_args = names.iter().map(|h| (h.clone(), agent_args(&topo.run, h))).collect();
+        let mut cluster = Self { topo, etcd, url, lease_ttl, agent_args };
         for host in &names {
             cluster.start_agent(host);
         }
@@ -65,11 +79,10 @@ impl Cluster {
     pub fn start_agent(&mut self, host: &str) {
         let ttl = self.lease_ttl.to_string();
         let url = self.url.clone();
-        self.topo.start_agent(
-            host,
-            Source::Etcd(&url),
-            &["--lease-ttl", &ttl, "--resync-secs", "5", "--health-addr", HEALTH_ADDR],
-        );
+        let mut args = vec!["--lease-ttl", &ttl, "--resync-secs", "5", "--health-addr", HEALTH_ADDR];
+        let extra = self.agent_args.get(host).cloned().unwrap_or_default();
+        args.extend(extra.iter().map(String::as_str));
+        self.topo.start_agent(host, Source::Etcd(&url), &args);
     }
 
     /// Kills the agent of `host` with SIGKILL, as a crash would.

@@ -8,6 +8,8 @@
 pub mod agent;
 /// Hosts, etcd on the underlay and an agent per host following it; the CLI run from a host.
 pub mod cluster;
+/// Real Docker engines (Debian's dockerd) on the simulated hosts, isolated from the machine's.
+pub mod docker;
 /// A real etcd server per guard, on free ports, killed and removed when dropped.
 pub mod etcd;
 /// Frames for the packet tests, built byte by byte with lengths and checksums from the RFCs.

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use overlay_agent::{
     agent,
     datapath::{PinDir, XdpPreference, counters, maps, pins},
+    docker,
     model::Host,
     netlink::{Netlink, netns},
     sandbox,
@@ -146,6 +147,12 @@ struct Run {
     /// host: how the tests and the demo simulate several hosts on one machine.
     #[arg(long, env = "OVERLAY_NETNS")]
     netns: Option<String>,
+    /// Serve Docker's remote network driver API on a unix socket at this path, for the Docker
+    /// engine on this host: in its plugin directory, named after the driver
+    /// (/run/docker/plugins/overlay-ebpf.sock is `docker network create -d overlay-ebpf`).
+    /// Needs etcd. Off by default.
+    #[arg(long, env = "OVERLAY_DOCKER_PLUGIN")]
+    docker_plugin: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -180,6 +187,10 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
                 if let Some(path) = run.state_file {
+                    anyhow::ensure!(
+                        run.docker_plugin.is_none(),
+                        "--docker-plugin needs etcd: Docker's networks and addresses live there, not in --state-file"
+                    );
                     agent::run(cfg, FileSource::new(path)).await
                 } else {
                     // The host record says what the other hosts need: the VTEP, and the
@@ -190,6 +201,17 @@ fn main() -> anyhow::Result<()> {
                         agent: Some(overlay_agent::identity::load(&cfg.state_dir)?),
                         ..Host::new(cfg.host.clone(), cfg.vtep)
                     };
+                    if let Some(socket) = run.docker_plugin.clone() {
+                        let (config, state_dir) = (run.etcd.config(), cfg.state_dir.clone());
+                        let me = cfg.host.clone();
+                        // Beside the agent's loop, in the same process: the plugin writes the
+                        // store, and the loop makes what it wrote real, as for the CLI.
+                        tokio::spawn(async move {
+                            if let Err(e) = docker::serve(socket, config, me, state_dir).await {
+                                tracing::error!(error = format!("{e:#}"), "the Docker plugin stopped");
+                            }
+                        });
+                    }
                     let source = AgentEtcd {
                         config: run.etcd.config(),
                         host,

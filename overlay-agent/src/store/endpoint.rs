@@ -27,6 +27,45 @@ pub(crate) fn put_leased(key: String, value: impl Into<Vec<u8>>, lease: i64) -> 
     TxnOp::put(key, value, (lease != 0).then(|| PutOptions::new().with_lease(lease)))
 }
 
+/// The address a new holder of an address on `network` gets: `requested` if it is in the pool
+/// and free, else the lowest free one. `addresses` are the network's address keys, as read.
+pub(crate) fn choose_address(
+    keys: &Keys,
+    network: &Network,
+    requested: Option<Ipv4Addr>,
+    addresses: &[KeyValue],
+) -> Result<Ipv4Addr> {
+    let prefix = keys.addresses(&network.id);
+    let mut used = BTreeSet::new();
+    for kv in addresses {
+        let key = String::from_utf8_lossy(kv.key());
+        if let Some(ip) = key.strip_prefix(&prefix).and_then(|s| s.parse::<Ipv4Addr>().ok()) {
+            used.insert(ip);
+        }
+    }
+    let pool = Pool::new(network);
+    let address_error = |error| StoreError::Address { network: network.name.clone(), error };
+    match requested {
+        Some(ip) => {
+            pool.check_request(ip).map_err(address_error)?;
+            if used.contains(&ip) {
+                let holder = addresses
+                    .iter()
+                    .find(|kv| kv.key() == keys.address(&network.id, ip).as_bytes())
+                    .and_then(|kv| decode::<AddressHolder>(kv).ok())
+                    .map_or_else(|| "?".to_owned(), |h| h.container);
+                return Err(StoreError::AddressInUse {
+                    ip,
+                    network: network.name.clone(),
+                    container: holder,
+                });
+            }
+            Ok(ip)
+        }
+        None => pool.first_free(&used).map_err(address_error),
+    }
+}
+
 /// Decides a new endpoint of `container` on `network`: its address (the one asked for, or the
 /// lowest free one) and the compares and writes that make it. `addresses` are the network's
 /// address keys and `attachment` the container's attachment key for it, as read.
@@ -45,35 +84,7 @@ pub(crate) fn plan(
             network: network.name.clone(),
         });
     }
-    let prefix = keys.addresses(&network.id);
-    let mut used = BTreeSet::new();
-    for kv in addresses {
-        let key = String::from_utf8_lossy(kv.key());
-        if let Some(ip) = key.strip_prefix(&prefix).and_then(|s| s.parse::<Ipv4Addr>().ok()) {
-            used.insert(ip);
-        }
-    }
-    let pool = Pool::new(network);
-    let address_error = |error| StoreError::Address { network: network.name.clone(), error };
-    let ip = match requested {
-        Some(ip) => {
-            pool.check_request(ip).map_err(address_error)?;
-            if used.contains(&ip) {
-                let holder = addresses
-                    .iter()
-                    .find(|kv| kv.key() == keys.address(&network.id, ip).as_bytes())
-                    .and_then(|kv| decode::<AddressHolder>(kv).ok())
-                    .map_or_else(|| "?".to_owned(), |h| h.container);
-                return Err(StoreError::AddressInUse {
-                    ip,
-                    network: network.name.clone(),
-                    container: holder,
-                });
-            }
-            ip
-        }
-        None => pool.first_free(&used).map_err(address_error)?,
-    };
+    let ip = choose_address(keys, network, requested, addresses)?;
     let endpoint = Endpoint::new(&new_id(), &network.id, &container.name, &container.host, ip);
     let holder = AddressHolder { endpoint: endpoint.id.clone(), container: container.name.clone() };
     // Only the chosen address is guarded: clients taking different addresses do not conflict,

@@ -22,6 +22,8 @@ pub mod ipam;
 pub mod keys;
 pub(crate) mod load;
 pub mod network;
+/// Addresses held before their endpoint exists (Docker's IPAM driver API asks first).
+pub mod reservation;
 pub mod status;
 
 use std::{fmt::Write as _, net::Ipv4Addr, time::Duration};
