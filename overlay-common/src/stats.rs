@@ -92,11 +92,15 @@ pub enum DropReason {
     /// An inner IPv4 header that does not describe its packet: a header length under 20 bytes,
     /// or a total length other than what the frame carries.
     InnerMalformed = 42,
+    /// A frame with an 802.1Q tag, which the kernel carries beside the frame (`vlan_tci`): from
+    /// a container it would leave on the underlay with the container's VLAN and priority; on
+    /// VXLAN for this host it would ride into the container.
+    VlanTagged = 43,
 }
 
 impl DropReason {
     /// Every reason, in code order.
-    pub const ALL: [Self; 27] = [
+    pub const ALL: [Self; 28] = [
         Self::UnknownIface,
         Self::Spoofed,
         Self::Unsupported,
@@ -124,6 +128,7 @@ impl DropReason {
         Self::OuterOptions,
         Self::BadOuterMac,
         Self::InnerMalformed,
+        Self::VlanTagged,
     ];
 
     /// The reason's counter code: its index in `STATS`.
@@ -171,6 +176,7 @@ impl DropReason {
             Self::OuterOptions => "outer_options",
             Self::BadOuterMac => "bad_outer_mac",
             Self::InnerMalformed => "inner_malformed",
+            Self::VlanTagged => "vlan_tagged",
         }
     }
 
@@ -221,7 +227,7 @@ const _: () = {
         assert!(DropReason::ALL[i].code() == DROP_BASE + i as u32);
         i += 1;
     }
-    assert!(DropReason::InnerMalformed.code() < STATS_LEN);
+    assert!(DropReason::VlanTagged.code() < STATS_LEN);
     assert!(UPLINK_PASS < DROP_BASE);
 };
 
@@ -246,7 +252,7 @@ mod tests {
             assert!(names.insert(name(code).expect("named")));
         }
         assert_eq!(DropReason::from_code(DROP_BASE - 1), None);
-        assert_eq!(DropReason::from_code(DropReason::InnerMalformed.code() + 1), None);
+        assert_eq!(DropReason::from_code(DropReason::VlanTagged.code() + 1), None);
         assert_eq!(name(STATS_LEN - 1), None);
     }
 }

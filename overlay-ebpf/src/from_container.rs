@@ -28,6 +28,13 @@ pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
     // SAFETY: copied out at once.
     let iface = *unsafe { IFACES.get(ifindex) }.ok_or(DropReason::UnknownIface)?;
 
+    // An 802.1Q tag the container put on (a VLAN interface on eth0, or a raw socket): the kernel
+    // took it out of the frame into the skb, where encapsulation would keep it and the uplink
+    // would send it, with the container's VLAN and priority, onto the underlay.
+    // SAFETY: reading a field of the context the kernel gave us.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        return Err(DropReason::VlanTagged);
+    }
     let mut pkt = packet(ctx);
     if pkt.len() < HEADERS as usize && ctx.len() >= HEADERS {
         // Headers in a paged fragment: bring them into the linear part.

@@ -108,6 +108,13 @@ pub fn tc(ctx: &TcContext) -> Result<i32, DropReason> {
         }
         Verdict::Drop(drop) => Err(drop),
         Verdict::Deliver(ifindex) => {
+            // VXLAN that arrived tagged (the kernel took the tag out into the skb): delivered,
+            // the tag would ride into the container. (With XDP in front, a tagged frame is not
+            // IPv4 to XDP and goes to the stack, which has no VLAN device for it.)
+            // SAFETY: reading a field of the context the kernel gave us.
+            if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+                return Err(DropReason::VlanTagged);
+            }
             decap::strip_tc(ctx, pkt)?;
             deliver(ctx, ifindex, stats::RX_DELIVER, DropReason::DecapFailed)
         }

@@ -6,6 +6,7 @@
 
 use std::{
     collections::BTreeSet,
+    fmt::Write as _,
     io::{BufRead, BufReader, Read},
     net::Ipv4Addr,
     process::{Child, Command, Stdio},
@@ -16,6 +17,7 @@ use std::{
 use overlay_tests::{
     Proc,
     agent::Source,
+    frames::{self, IPPROTO_UDP, Ipv4, Tunnel, ethernet, udp},
     in_ns, pcap,
     scenario::{self, Scenario, network},
     sh, skip_unless_privileged,
@@ -57,6 +59,21 @@ fn build(tag: &str) -> (Topology, Scenario, std::path::PathBuf) {
 }
 
 /// The namespace of a placed container.
+/// The MAC of `dev` in namespace `ns`.
+fn mac_of(ns: &str, dev: &str) -> [u8; 6] {
+    let text = sh(&mut in_ns(ns, &["cat", &format!("/sys/class/net/{dev}/address")]));
+    let bytes: Vec<u8> = text.trim().split(':').map(|b| u8::from_str_radix(b, 16).expect("MAC")).collect();
+    bytes.try_into().expect("6 bytes")
+}
+
+/// `bytes` as hex digits, for `overlay-probe frame`.
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
 fn ns_of(topo: &Topology, container: &str) -> String {
     let (_, host, _, _) = PLACEMENT.iter().find(|p| p.0 == container).expect("placed");
     topo.host(host).container_ns(container)
@@ -195,6 +212,37 @@ fn containers_reach_their_network_and_nothing_else() {
         assert!(after[i] > before[i], "{}: cross-network attempts were not dropped as no_endpoint", h.name);
     }
 
+    // A container that tags its frames (802.1Q, VLAN 100, priority 7, its own addresses, sent
+    // on a packet socket as any container with CAP_NET_RAW can): the kernel takes the tag out
+    // into the skb before TC; nothing of it may leave the host, and it is counted.
+    let (tagger, target) = ("b1", ip_of("b3"));
+    let tagger_ns = ns_of(&topo, tagger);
+    let ip_packet = Ipv4::new(ip_of(tagger).octets(), target.octets(), IPPROTO_UDP).packet(&udp(
+        ip_of(tagger).octets(),
+        target.octets(),
+        40000,
+        7000,
+        b"tagged",
+    ));
+    // Priority 7, VLAN 100.
+    let tci: u16 = (7 << 13) | 0x064;
+    let tagged = ethernet(
+        [0x02, 0x42, 10, 10, 0, 13],
+        mac_of(&tagger_ns, "eth0"),
+        0x8100,
+        &[tci.to_be_bytes().as_slice(), &0x0800u16.to_be_bytes(), &ip_packet].concat(),
+    );
+    let hex = to_hex(&tagged);
+    let h1 = topo.host("h1");
+    let tagged_before = h1.counter("drop/vlan_tagged");
+    for _ in 0..3 {
+        sh(&mut in_ns(&tagger_ns, &[PROBE, "frame", "eth0", &hex]));
+    }
+    let counted = wait_for(Duration::from_secs(2), || {
+        (h1.counter("drop/vlan_tagged") >= tagged_before + 3).then_some(())
+    });
+    assert!(counted.is_some(), "tagged frames not counted vlan_tagged");
+
     std::thread::sleep(Duration::from_millis(300));
     // SIGTERM lets tcpdump flush and close the file.
     capture.terminate(Duration::from_secs(5));
@@ -202,6 +250,7 @@ fn containers_reach_their_network_and_nothing_else() {
     let mut vnis = BTreeSet::new();
     let mut vxlan = 0;
     for f in &frames {
+        assert!(f.ether_type() != 0x8100 && f.ether_type() != 0x88a8, "a VLAN tag on the underlay");
         assert!(
             !(f.ether_type() == 0x0806 && f.is_broadcast()),
             "ARP broadcast on the underlay: {:02x?}",
@@ -220,6 +269,42 @@ fn containers_reach_their_network_and_nothing_else() {
     }
     assert!(vxlan > 50, "only {vxlan} VXLAN frames captured");
     assert_eq!(vnis, BTreeSet::from([BLUE_VNI, RED_VNI]));
+
+    // (After the capture, which must show no tag: this test's own frame carries one.)
+    // The other way: valid VXLAN from h2 (a known peer, for b1 from b3) that arrives at h1
+    // tagged. h1's uplink is TC-only: the tag, out in the skb, would ride into b1.
+    let (h1_ns, h2_ns) = (topo.host("h1").ns.clone(), topo.host("h2").ns.clone());
+    let inner = ethernet(
+        mac_of(&ns_of(&topo, "b1"), "eth0"),
+        mac_of(&ns_of(&topo, "b3"), "eth0"),
+        0x0800,
+        &Ipv4::new(ip_of("b3").octets(), ip_of("b1").octets(), IPPROTO_UDP).packet(&udp(
+            ip_of("b3").octets(),
+            ip_of("b1").octets(),
+            40000,
+            7000,
+            b"tagged",
+        )),
+    );
+    let untagged = frames::vxlan(
+        &Tunnel {
+            src_mac: mac_of(&h2_ns, "eth0"),
+            dst_mac: mac_of(&h1_ns, "eth0"),
+            src_vtep: topo.host("h2").vtep.octets(),
+            dst_vtep: h1.vtep.octets(),
+            src_port: 51234,
+            vni: BLUE_VNI,
+        },
+        &inner,
+    );
+    let tagged_vxlan =
+        [&untagged[..12], &0x8100u16.to_be_bytes(), &tci.to_be_bytes(), &untagged[12..]].concat();
+    let hex = to_hex(&tagged_vxlan);
+    let before = h1.counter("drop/vlan_tagged");
+    sh(&mut in_ns(&h2_ns, &[PROBE, "frame", "eth0", &hex]));
+    let counted =
+        wait_for(Duration::from_secs(2), || (h1.counter("drop/vlan_tagged") > before).then_some(()));
+    assert!(counted.is_some(), "tagged VXLAN was not dropped as vlan_tagged on h1");
 
     // No kernel VXLAN device and no bridge on any host: the datapath is the programs.
     for h in &topo.hosts {

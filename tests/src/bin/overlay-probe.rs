@@ -8,6 +8,8 @@
 //! - `send IP:PORT BYTES`: send BYTES of deterministic data, print "<bytes> <sha256>".
 //! - `session IP:PORT SECONDS`: one TCP connection, a numbered echo every 10 ms for SECONDS;
 //!   prints "<round trips> <longest gap ms>", exit 1 if the connection broke.
+//! - `frame IFACE HEX`: send one raw Ethernet frame (given in hex) out of IFACE on a packet
+//!   socket, as a process with CAP_NET_RAW in a container can: for frames no socket API makes.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -30,7 +32,8 @@ fn main() -> ExitCode {
         ["sink", port] => sink(port.parse().expect("port")),
         ["send", to, bytes] => send(to.parse().expect("address"), bytes.parse().expect("bytes")),
         ["session", to, secs] => session(to.parse().expect("address"), secs.parse().expect("seconds")),
-        _ => Err("usage: overlay-probe serve|tcp|udp|sink|send|session ...".into()),
+        ["frame", iface, hex] => frame(iface, hex),
+        _ => Err("usage: overlay-probe serve|tcp|udp|sink|send|session|frame ...".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -175,4 +178,40 @@ fn session(to: SocketAddr, secs: u64) -> Result {
     }
     println!("{trips} {}", gap.as_millis());
     Ok(())
+}
+
+fn frame(iface: &str, hex: &str) -> Result {
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("zz"), 16).map_err(|e| e.to_string()))
+        .collect::<std::result::Result<_, _>>()?;
+    let name = std::ffi::CString::new(iface).map_err(|e| e.to_string())?;
+    // SAFETY: plain libc calls on a socket this function owns and closes; the address and the
+    // frame are valid for the lengths given.
+    unsafe {
+        let ifindex = libc::if_nametoindex(name.as_ptr());
+        if ifindex == 0 {
+            return Err(format!("no interface {iface}"));
+        }
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&bytes[..6]);
+        let sent = libc::sendto(
+            fd,
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            0,
+            std::ptr::from_ref(&addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if sent < 0 { Err(err.to_string()) } else { Ok(()) }
+    }
 }
