@@ -101,13 +101,6 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
         crate::health::serve(addr, health.clone(), release_tx).await?;
     }
     source.attach_health(health.clone());
-    if crate::brake::remembered(&cfg.state_dir)
-        && let Ok(mut h) = health.lock()
-    {
-        // Whatever the store says now is judged before it is applied, as it was before.
-        h.store_resets += 1;
-        h.last_store_reset = Some("the safety brake was holding a change when the agent last stopped".into());
-    }
     let sandboxes = Sandboxes::open(&cfg.state_dir, &cfg.netns_prefix)?;
     let mut rec = Reconciler::new(&cfg.host, dp, nl, sandboxes)?;
 
@@ -126,11 +119,7 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
     let mut retry_at: Option<Instant> = None;
     let mut resync = tokio::time::interval(cfg.resync);
     resync.tick().await;
-    // What the safety brake holds back while engaged; `go_ahead`: the operator released it.
-    let mut held: Option<Dirty> = None;
-    let mut go_ahead = false;
-    // Store resets already accounted for: a whole state read after a new one is judged.
-    let mut trusted = 0;
+    let mut brake = crate::brake::SafetyBrake::new(cfg.brake_share, &cfg.state_dir, &health);
 
     loop {
         let mut dirty = Dirty::default();
@@ -177,10 +166,8 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
             }
             _ = resync.tick(), if started => dirty.full = true,
             Some(()) = release.recv() => {
-                if let Some(h) = held.take() {
-                    go_ahead = true;
-                    dirty = h;
-                    dirty.full = true;
+                if let Some(held) = brake.release() {
+                    dirty = held;
                 }
             }
             Some(gone) = link_events.recv(), if started => {
@@ -193,50 +180,7 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
         if dirty.is_empty() {
             continue;
         }
-        // A whole state read after the store was found reset (or anything while the brake is
-        // engaged) is judged before it is applied. Otherwise a state read again (a restart, a
-        // compaction) is trusted: containers removed meanwhile were removed by someone.
-        let resets = health.lock().map_or(0, |h| h.store_resets);
-        if ((dirty.full && resets > trusted) || held.is_some()) && !go_ahead {
-            let running = rec.containers();
-            if let Some(brake) =
-                crate::brake::judge(&running, &desired, cfg.brake_share, crate::health::now())
-            {
-                if held.is_none() {
-                    crate::brake::remember(&cfg.state_dir, &brake);
-                    error!(
-                        would_remove = brake.would_remove,
-                        of = brake.of,
-                        containers = ?brake.containers,
-                        share = cfg.brake_share,
-                        "safety brake: the desired state just read would remove more than the allowed share of this host's containers; nothing is applied (the datapath keeps forwarding as it is) until the store holds them again or an operator sends POST /brake/release"
-                    );
-                }
-                let since = health.lock().ok().and_then(|h| h.brake.as_ref().map(|b| b.since));
-                if let Ok(mut h) = health.lock() {
-                    h.brake = Some(crate::health::Brake { since: since.unwrap_or(brake.since), ..brake });
-                }
-                held.get_or_insert_with(Dirty::default).merge(dirty);
-                continue;
-            }
-            if let Some(h) = held.take() {
-                info!(
-                    "safety brake released: the desired state no longer removes too many of this host's containers"
-                );
-                dirty.merge(h);
-                dirty.full = true;
-            }
-        }
-        if go_ahead {
-            info!("applying what the safety brake held, as the operator asked");
-            go_ahead = false;
-        }
-        trusted = resets;
-        if let Ok(mut h) = health.lock()
-            && h.brake.take().is_some()
-        {
-            crate::brake::forget(&cfg.state_dir);
-        }
+        let Some(dirty) = brake.gate(dirty, &desired, || rec.containers(), &health) else { continue };
         let started_at = Instant::now();
         let full = dirty.full;
         let outcome = rec.reconcile(&desired, dirty).await;
@@ -257,8 +201,6 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
             h.map_endpoints = rec.endpoint_entries();
             h.last_reconcile = crate::health::now();
             h.pending_retries = outcome.retry.len() + retry.len();
-        }
-        if let Ok(mut h) = health.lock() {
             outcome.status.iter().for_each(|r| h.note(r));
         }
         for status in outcome.status {

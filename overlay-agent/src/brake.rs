@@ -5,22 +5,117 @@
 //! looks like, and applying it would destroy every workload on the host. It judges the whole
 //! state read after the store was found in doubt (a new cluster id, a revision behind what the
 //! agent applied, no registration of this host, a compaction past what the watch needed:
-//! source/follow.rs, source/etcd.rs), and anything that arrives while it is engaged. Containers deleted one by one (`overlay container rm`),
-//! even while the agent was down, never trip it: the store that says so is the one the agent
-//! followed.
+//! source/follow.rs, source/etcd.rs), and anything that arrives while it is engaged.
+//! Containers deleted one by one (`overlay container rm`), even while the agent was down, never
+//! trip it: the store that says so is the one the agent followed.
 
-use std::{fs, path::Path};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
 
-use tracing::warn;
+use tracing::{error, info, warn};
 
-use crate::{desired::Desired, health};
+use crate::{
+    desired::{Desired, Dirty},
+    health,
+};
+
+/// The brake as the agent's main loop uses it: what it holds back, and what it already judged.
+pub struct SafetyBrake {
+    share: f64,
+    state_dir: PathBuf,
+    /// What is held back while engaged.
+    held: Option<Dirty>,
+    /// The operator released what was held: apply the next pass unjudged.
+    go_ahead: bool,
+    /// Store resets (`Health::store_resets`) already accounted for: a whole state read after a
+    /// new one is judged.
+    trusted: u64,
+}
+
+impl SafetyBrake {
+    /// An agent restarted while the brake held something judges what it reads first, as its
+    /// predecessor would have (the reset is counted in `health`).
+    pub fn new(share: f64, state_dir: &Path, health: &health::Shared) -> Self {
+        if remembered(state_dir)
+            && let Ok(mut h) = health.lock()
+        {
+            h.store_resets += 1;
+            h.last_store_reset =
+                Some("the safety brake was holding a change when the agent last stopped".into());
+        }
+        Self { share, state_dir: state_dir.to_owned(), held: None, go_ahead: false, trusted: 0 }
+    }
+
+    /// The operator's go-ahead: what was held, to apply whole (None: nothing was held).
+    pub fn release(&mut self) -> Option<Dirty> {
+        let mut held = self.held.take()?;
+        self.go_ahead = true;
+        held.full = true;
+        Some(held)
+    }
+
+    /// Judges a pass about to run: returns what to apply, or None when the brake holds it
+    /// (engaged now or still). `running` lists the containers this host runs (asked only when
+    /// there is something to judge).
+    pub fn gate(
+        &mut self,
+        mut dirty: Dirty,
+        desired: &Desired,
+        running: impl FnOnce() -> Vec<String>,
+        health: &health::Shared,
+    ) -> Option<Dirty> {
+        // A whole state read after the store was found reset (or anything while engaged) is
+        // judged. Otherwise a state read again (a restart, a compaction) is trusted: containers
+        // removed meanwhile were removed by someone.
+        let resets = health.lock().map_or(0, |h| h.store_resets);
+        if ((dirty.full && resets > self.trusted) || self.held.is_some()) && !self.go_ahead {
+            if let Some(brake) = judge(&running(), desired, self.share, health::now()) {
+                if self.held.is_none() {
+                    remember(&self.state_dir, &brake);
+                    error!(
+                        would_remove = brake.would_remove,
+                        of = brake.of,
+                        containers = ?brake.containers,
+                        share = self.share,
+                        "safety brake: the desired state just read would remove more than the allowed share of this host's containers; nothing is applied (the datapath keeps forwarding as it is) until the store holds them again or an operator sends POST /brake/release"
+                    );
+                }
+                if let Ok(mut h) = health.lock() {
+                    let since = h.brake.as_ref().map_or(brake.since, |b| b.since);
+                    h.brake = Some(health::Brake { since, ..brake });
+                }
+                self.held.get_or_insert_with(Dirty::default).merge(dirty);
+                return None;
+            }
+            if let Some(held) = self.held.take() {
+                info!(
+                    "safety brake released: the desired state no longer removes too many of this host's containers"
+                );
+                dirty.merge(held);
+                dirty.full = true;
+            }
+        }
+        if std::mem::take(&mut self.go_ahead) {
+            info!("applying what the safety brake held, as the operator asked");
+        }
+        self.trusted = resets;
+        if let Ok(mut h) = health.lock()
+            && h.brake.take().is_some()
+        {
+            forget(&self.state_dir);
+        }
+        Some(dirty)
+    }
+}
 
 /// The file in the state directory that says the brake is engaged: an agent restarted while it
 /// holds something must hold it too, not apply what its predecessor refused.
 const FILE: &str = "brake.json";
 
 /// Records that the brake holds `brake`.
-pub fn remember(state_dir: &Path, brake: &health::Brake) {
+fn remember(state_dir: &Path, brake: &health::Brake) {
     let path = state_dir.join(FILE);
     if let Err(e) = fs::write(&path, serde_json::to_vec(brake).expect("serializes")) {
         warn!(path = %path.display(), error = %e, "cannot record the safety brake; a restarted agent would not know it");
@@ -28,12 +123,12 @@ pub fn remember(state_dir: &Path, brake: &health::Brake) {
 }
 
 /// Records that the brake holds nothing any more.
-pub fn forget(state_dir: &Path) {
+fn forget(state_dir: &Path) {
     let _ = fs::remove_file(state_dir.join(FILE));
 }
 
 /// Whether the brake was engaged when the agent stopped.
-pub fn remembered(state_dir: &Path) -> bool {
+fn remembered(state_dir: &Path) -> bool {
     state_dir.join(FILE).exists()
 }
 
