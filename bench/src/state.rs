@@ -39,7 +39,14 @@ pub fn host(name: &str, vtep: Ipv4Addr) -> Host {
 }
 
 pub fn container(name: &str, host: &str, netns: Option<PathBuf>) -> Container {
-    Container { name: name.to_owned(), host: host.to_owned(), netns, created: String::new(), revision: 0 }
+    Container {
+        name: name.to_owned(),
+        host: host.to_owned(),
+        netns,
+        handover: false,
+        created: String::new(),
+        revision: 0,
+    }
 }
 
 pub fn endpoint(id: &str, network_id: &str, container: &str, host: &str, ip: Ipv4Addr) -> Endpoint {

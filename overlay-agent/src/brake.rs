@@ -161,6 +161,7 @@ mod tests {
                     name: (*n).into(),
                     host: "h1".into(),
                     netns: None,
+                    handover: false,
                     created: String::new(),
                     revision: 1,
                 },

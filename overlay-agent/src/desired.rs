@@ -386,6 +386,7 @@ mod tests {
                     name: name.into(),
                     host: host.into(),
                     netns: None,
+                    handover: false,
                     created: String::new(),
                     revision: 0,
                 },
@@ -401,6 +402,7 @@ mod tests {
             name: "mine".into(),
             host: "h2".into(),
             netns: None,
+            handover: false,
             created: String::new(),
             revision: 0,
         };

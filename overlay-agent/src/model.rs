@@ -109,6 +109,12 @@ pub struct Container {
     /// creates the sandbox itself and removes it with the container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<PathBuf>,
+    /// The runtime moves each endpoint's interface into `netns` itself (Docker, through the
+    /// remote driver's Join): the agent makes the veth pair in its host's namespace, hands the
+    /// container side over under a temporary name, and never opens `netns`, which may be out
+    /// of its sight (in the runtime's mount namespace).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handover: bool,
     #[serde(default)]
     pub created: String,
     /// The create revision of the container's key in the store (0: not from a store). A

@@ -112,10 +112,15 @@ impl Sandboxes {
             self.remove(&c.name)?;
         }
         if let Some(path) = &c.netns {
-            // A namespace from another runtime: use it, never create or remove it.
-            let mut forbidden = self.forbidden.clone();
-            forbidden.add_hosts(hosts, self.machine.as_deref());
-            forbidden.check(path).map_err(anyhow::Error::msg)?;
+            // A namespace from another runtime: use it, never create or remove it. One whose
+            // runtime moves the interfaces in itself (Docker) is never entered by the agent, so
+            // there is nothing to check: the runtime puts its container's interface where it
+            // put the container.
+            if !c.handover {
+                let mut forbidden = self.forbidden.clone();
+                forbidden.add_hosts(hosts, self.machine.as_deref());
+                forbidden.check(path).map_err(anyhow::Error::msg)?;
+            }
             if !self.has(&c.name) {
                 self.records.insert(c.name.clone(), Record { netns: path.clone(), pid: None, foreign: true });
                 self.save()?;

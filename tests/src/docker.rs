@@ -117,7 +117,15 @@ impl Dockerd {
             dir,
             proc: None,
         };
-        let log = std::fs::File::create(&d.log)?;
+        d.spawn()?;
+        Ok(d)
+    }
+
+    /// Starts the daemon (again) with its directories as they are, and waits until it answers.
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let host = self.host.clone();
+        let ns = self.ns.clone();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{ns}"))
             .args(["unshare", "--mount", "--propagation", "slave", "sh", "-c"])
@@ -126,32 +134,42 @@ impl Dockerd {
                  && mount --bind \"$1\" /run/docker/plugins && shift && exec \"$@\"",
             )
             .arg("sh")
-            .arg(&d.plugins)
+            .arg(&self.plugins)
             .arg(DOCKERD)
             .arg("--config-file")
-            .arg(&config)
+            .arg(self.dir.join("daemon.json"))
             .arg("--data-root")
-            .arg(d.dir.join("data"))
+            .arg(self.dir.join("data"))
             .arg("--exec-root")
-            .arg(d.dir.join("exec"))
+            .arg(self.dir.join("exec"))
             .arg("-H")
-            .arg(format!("unix://{}", d.sock.display()))
+            .arg(format!("unix://{}", self.sock.display()))
             .arg("--pidfile")
-            .arg(d.dir.join("docker.pid"))
+            .arg(self.dir.join("docker.pid"))
             .args(["--iptables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none"])
             .args(["--storage-driver=vfs", "--shutdown-timeout=2"])
-            .arg(format!("--cgroup-parent={}", d.cgroup))
+            .arg(format!("--cgroup-parent={}", self.cgroup))
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log));
-        d.proc = Some(Proc::try_spawn(&format!("dockerd {host}"), &mut cmd)?);
+        self.proc = Some(Proc::try_spawn(&format!("dockerd {host}"), &mut cmd)?);
         let up = wait_for(Duration::from_mins(1), || {
-            let out = d.docker().args(["version", "--format", "{{.Server.Version}}"]).output().ok()?;
+            let out = self.docker().args(["version", "--format", "{{.Server.Version}}"]).output().ok()?;
             out.status.success().then_some(())
         });
         if up.is_none() {
-            bail!("dockerd on {host} did not answer within a minute; its log:\n{}", d.log_tail(40));
+            bail!("dockerd on {host} did not answer within a minute; its log:\n{}", self.log_tail(40));
         }
-        Ok(d)
+        Ok(())
+    }
+
+    /// Restarts the daemon as an operator would (`systemctl restart docker`): SIGTERM, which
+    /// stops its containers, then the same daemon again, which starts those with a restart
+    /// policy and cleans up after the rest.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if let Some(mut proc) = self.proc.take() {
+            proc.terminate(Duration::from_secs(15));
+        }
+        self.spawn()
     }
 
     /// `docker -H <this dockerd>`, with a client configuration of its own.

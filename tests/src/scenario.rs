@@ -52,6 +52,7 @@ impl Scenario {
             name: container.into(),
             host: host.into(),
             netns: None,
+            handover: false,
             created: String::new(),
             revision: 0,
         });

@@ -3,18 +3,34 @@
 //! etcd. The engines are started once for the whole suite (one test running the cases in
 //! order) and stopped, with everything they made, at its end, pass or fail.
 
-use std::{process::Command, time::Duration};
+use std::{net::Ipv4Addr, process::Command, time::Duration};
 
 use overlay_tests::{
+    binary,
     cluster::Cluster,
     docker::{self, DRIVER, Dockerd, IMAGE},
-    skip, skip_unless_privileged, try_sh, wait_for,
+    in_ns, sh, skip, skip_unless_privileged, try_sh, wait_for,
 };
 
 /// The hosts, their agents and engines; the engines are dropped (stopped) before the rest.
 struct Env {
     engines: Vec<Dockerd>,
     cluster: Cluster,
+}
+
+/// `docker run` flags that give a busybox container the project's traffic probe
+/// (`/probe serve|tcp|udp ...`, tests/src/bin/overlay-probe.rs), with the host's libraries it
+/// links to, read-only.
+fn probe_mounts() -> Vec<String> {
+    let probe = binary("overlay-probe");
+    vec![
+        "-v".into(),
+        format!("{}:/probe:ro", probe.display()),
+        "-v".into(),
+        "/usr/lib:/lib:ro".into(),
+        "-v".into(),
+        "/usr/lib64:/lib64:ro".into(),
+    ]
 }
 
 impl Env {
@@ -38,6 +54,73 @@ impl Env {
             })
             .collect();
         Some(Self { engines, cluster })
+    }
+
+    fn engine_mut(&mut self, host: &str) -> &mut Dockerd {
+        self.engines.iter_mut().find(|d| d.host == host).unwrap_or_else(|| panic!("no dockerd on {host}"))
+    }
+
+    /// `docker run -d --network <network> <more> IMAGE <cmd>` on `host`, with the probe
+    /// mounted: the container's id.
+    fn run(&self, host: &str, network: &str, more: &[&str], cmd: &[&str]) -> String {
+        let mounts = probe_mounts();
+        let mut args = vec!["run", "-d", "--network", network];
+        args.extend(mounts.iter().map(String::as_str));
+        args.extend(more);
+        args.push(IMAGE);
+        args.extend(cmd);
+        let id = self.docker(host, &args).trim().to_owned();
+        let state = self.docker(host, &["inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", &id]);
+        let logs = try_sh(self.engine(host).docker().args(["logs", &id]));
+        assert!(
+            state.starts_with("running"),
+            "{args:?} on {host}: {state}{}{}",
+            String::from_utf8_lossy(&logs.stdout),
+            String::from_utf8_lossy(&logs.stderr)
+        );
+        id
+    }
+
+    /// The address Docker shows for `container` on `network`.
+    fn ip(&self, host: &str, container: &str, network: &str) -> Ipv4Addr {
+        let f = format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
+        let out = self.docker(host, &["inspect", "-f", &f, container]);
+        out.trim().parse().unwrap_or_else(|e| panic!("{container}'s address on {network}: {out:?}: {e}"))
+    }
+
+    /// Whether `container` on `host` gets an answer from `ip` (`probe tcp|udp`, or ping).
+    fn reaches(&self, host: &str, container: &str, how: &str, ip: Ipv4Addr) -> bool {
+        let out = match how {
+            "icmp" => try_sh(self.engine(host).docker().args([
+                "exec",
+                container,
+                "ping",
+                "-c",
+                "1",
+                "-W",
+                "2",
+                &ip.to_string(),
+            ])),
+            _ => try_sh(self.engine(host).docker().args([
+                "exec",
+                container,
+                "/probe",
+                how,
+                &format!("{ip}:7"),
+            ])),
+        };
+        out.status.success()
+    }
+
+    /// The host side of each endpoint interface in `host`'s namespace (`ov<id>`), and any
+    /// container side still waiting there (`ovt<id>`).
+    fn veths(&self, host: &str) -> Vec<String> {
+        let out = sh(&mut in_ns(&self.cluster.topo.host(host).ns, &["ip", "-o", "link", "show"]));
+        out.lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+            .filter(|n| n.starts_with("ov"))
+            .collect()
     }
 
     fn engine(&self, host: &str) -> &Dockerd {
@@ -65,9 +148,14 @@ impl Env {
 
 /// The overlay's address keys (`<prefix>/ipam/<network>/<ip>`) with their values, from etcd.
 fn address_keys(env: &Env) -> Vec<(String, String)> {
-    let out = overlay_tests::sh(&mut overlay_tests::in_ns(
+    keys(env, "ipam/")
+}
+
+/// The keys under `/overlay/v1/<prefix>` with their values, from etcd.
+fn keys(env: &Env, prefix: &str) -> Vec<(String, String)> {
+    let out = sh(&mut in_ns(
         &env.cluster.topo.underlay,
-        &["etcdctl", "--endpoints", &env.cluster.url, "get", "--prefix", "/overlay/v1/ipam/"],
+        &["etcdctl", "--endpoints", &env.cluster.url, "get", "--prefix", &format!("/overlay/v1/{prefix}")],
     ));
     let lines: Vec<&str> = out.lines().collect();
     lines.chunks(2).map(|kv| (kv[0].to_owned(), kv.get(1).copied().unwrap_or("").to_owned())).collect()
@@ -128,6 +216,14 @@ fn docker_suite() {
     one_docker_network_across_hosts(&env);
     a_bad_body_changes_nothing(&env);
     addresses_come_from_etcd(&env);
+    containers_reach_each_other_across_hosts(&env);
+    docker_and_cli_containers_meet(&env);
+    networks_are_isolated_and_connect_at_runtime(&env);
+    bad_endpoints_are_refused(&env);
+    sixteen_at_once_get_sixteen_addresses(&env);
+    rm_f_leaves_nothing_behind(&env);
+    let env = the_agent_restarts_under_running_containers(env);
+    let env = dockerd_restarts(env);
 
     assert_eq!(machine_dirs(), before, "the machine's /run/docker or /run/containerd changed");
     drop(env);
@@ -331,9 +427,269 @@ fn addresses_come_from_etcd(env: &Env) {
         assert_eq!(code, "200", "{body}");
     }
     assert!(address_keys(env).is_empty(), "{:?}", address_keys(env));
-    // `docker run` on it cannot start yet (the endpoint calls are not served), and the address
-    // dockerd reserved for it is given back.
-    let err = env.docker_refused("h1", &["run", "--rm", "--network", "ipnet", IMAGE, "true"]);
-    assert!(err.contains("CreateEndpoint is not implemented"), "{err}");
-    assert!(address_keys(env).is_empty(), "{:?}", address_keys(env));
+}
+
+/// The issue's example, across hosts: a container on h1 serves, containers on h2 reach it over
+/// TCP, UDP and ICMP. Its interface is the one the overlay made: the address from etcd, the MAC
+/// derived from it, the MTU the uplink leaves for VXLAN, the default route via the gateway. Both
+/// hosts' maps hold it, as for a container made with the CLI.
+fn containers_reach_each_other_across_hosts(env: &Env) {
+    env.run("h1", "ipnet", &["--name", "web"], &["/probe", "serve", "7"]);
+    let web = env.ip("h1", "web", "ipnet");
+    assert_eq!(web, Ipv4Addr::new(10, 0, 20, 128), "the lowest free address of the range");
+    let link = env.docker("h1", &["exec", "web", "ip", "-o", "link", "show", "eth0"]);
+    assert!(link.contains("mtu 1450 "), "uplink 1500 - 50: {link}");
+    assert!(link.contains("link/ether 02:42:0a:00:14:80 "), "MAC from the address: {link}");
+    let route = env.docker("h1", &["exec", "web", "ip", "route"]);
+    assert!(route.contains("default via 10.0.20.1 dev eth0"), "{route}");
+    let held = address_keys(env);
+    assert!(
+        held.iter()
+            .any(|(k, v)| k.ends_with("/10.0.20.128") && v.contains("docker-") && !v.contains("reserved@")),
+        "the address is the endpoint's now: {held:?}"
+    );
+    assert!(env.cluster.maps_hold("h1", web));
+
+    env.run("h2", "ipnet", &["--name", "client"], &["sleep", "600"]);
+    // h2 takes part in the network once it has an endpoint there.
+    assert!(wait_for(Duration::from_secs(5), || env.cluster.maps_hold("h2", web).then_some(())).is_some());
+    for how in ["tcp", "udp", "icmp"] {
+        assert!(env.reaches("h2", "client", how, web), "h2's client reaches web on h1 over {how}");
+    }
+    let client = env.ip("h2", "client", "ipnet");
+    assert!(env.reaches("h1", "web", "icmp", client), "and back");
+    // The overlay shows Docker's containers, as `docker-<sandbox id>`.
+    let net = env.cluster.inspect("docker-10.0.20.0-24");
+    let sandbox = env.docker("h1", &["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", "web"]);
+    let name = format!("docker-{}", sandbox.trim().rsplit('/').next().unwrap_or(""));
+    let entry = net["Containers"].as_object().and_then(|c| c.values().find(|c| c["Name"] == name.as_str()));
+    assert!(entry.is_some_and(|e| e["IPv4Address"] == "10.0.20.128/24"), "{name} in {net}");
+    // Docker's own name service still answers for its containers on the same engine.
+    env.run("h1", "ipnet", &["--name", "neighbour"], &["sleep", "600"]);
+    let resolved = env.docker("h1", &["exec", "neighbour", "nslookup", "web"]);
+    assert!(resolved.contains("10.0.20.128"), "Docker's embedded DNS: {resolved}");
+}
+
+/// A container made by the project's CLI and one started by Docker, on the same network, reach
+/// each other.
+fn docker_and_cli_containers_meet(env: &Env) {
+    env.cluster.ok(&["container", "create", "--host", "h2", "--network", "docker-10.0.20.0-24", "cli1"]);
+    let cli1 = env.cluster.address("docker-10.0.20.0-24", "cli1");
+    let web = env.ip("h1", "web", "ipnet");
+    assert!(env.cluster.comes_to_reach("h2", "cli1", web), "the CLI's container reaches Docker's");
+    assert!(env.reaches("h1", "web", "icmp", cli1), "Docker's container reaches the CLI's");
+    env.cluster.ok(&["container", "rm", "cli1"]);
+}
+
+/// Two Docker networks are isolated; `docker network connect` gives a running container an
+/// `eth1` on the other network at once, `disconnect` takes it away.
+fn networks_are_isolated_and_connect_at_runtime(env: &Env) {
+    for h in ["h1", "h2"] {
+        env.docker(
+            h,
+            &[
+                "network",
+                "create",
+                "-d",
+                DRIVER,
+                "--ipam-driver",
+                DRIVER,
+                "--subnet",
+                "10.0.21.0/24",
+                "apart",
+            ],
+        );
+    }
+    env.run("h2", "apart", &["--name", "lone"], &["sleep", "600"]);
+    let web = env.ip("h1", "web", "ipnet");
+    assert!(!env.reaches("h2", "lone", "icmp", web), "another network's container is out of reach");
+    env.docker("h2", &["network", "connect", "ipnet", "lone"]);
+    let eth1 = env.docker("h2", &["exec", "lone", "ip", "-4", "-o", "addr", "show", "eth1"]);
+    let lone = env.ip("h2", "lone", "ipnet");
+    assert!(eth1.contains(&format!("inet {lone}/24")), "{eth1}");
+    assert!(env.reaches("h2", "lone", "icmp", web), "connected, it reaches web");
+    env.docker("h2", &["network", "disconnect", "ipnet", "lone"]);
+    let links = env.docker("h2", &["exec", "lone", "ip", "-o", "link"]);
+    assert!(!links.contains("eth1"), "{links}");
+    assert!(!env.reaches("h2", "lone", "icmp", web), "disconnected, it does not");
+    assert!(!address_keys(env).iter().any(|(k, _)| k.ends_with(&format!("/{lone}"))), "its address is free");
+    env.docker("h2", &["rm", "-f", "lone"]);
+}
+
+/// What the plugin refuses, with Docker's error naming why, leaving nothing behind: a network
+/// whose addresses come from Docker's own IPAM (they could collide across hosts), published
+/// ports, unknown driver options, and endpoint calls that do not parse or name nothing.
+fn bad_endpoints_are_refused(env: &Env) {
+    env.docker("h1", &["network", "create", "-d", DRIVER, "--subnet", "10.0.22.0/24", "own-ipam"]);
+    env.run("h1", "apart", &["--name", "opt"], &["sleep", "600"]);
+    let before = (address_keys(env), keys(env, "endpoints/"), keys(env, "containers/"), env.veths("h1"));
+    let err = env.docker_refused("h1", &["run", "--rm", "--network", "own-ipam", IMAGE, "true"]);
+    assert!(err.contains("was not given by this plugin's IPAM driver"), "{err}");
+    let err =
+        env.docker_refused("h1", &["run", "--rm", "--network", "ipnet", "-p", "8080:80", IMAGE, "true"]);
+    assert!(err.contains("publishing ports (-p) is not supported"), "{err}");
+    let err = env.docker_refused("h1", &["network", "connect", "--driver-opt", "colour=red", "ipnet", "opt"]);
+    assert!(err.contains("unknown endpoint option \"colour\""), "{err}");
+    let sock = docker::plugin_socket(&env.cluster.topo.run, "h1");
+    let id = "a".repeat(64);
+    for (call, body) in [
+        ("CreateEndpoint", "{".to_owned()),
+        (
+            "CreateEndpoint",
+            format!(
+                r#"{{"NetworkID": "x", "EndpointID": "{id}", "Interface": {{"Address": "10.0.20.5/24"}}}}"#
+            ),
+        ),
+        ("CreateEndpoint", r#"{"NetworkID": "x", "EndpointID": "../../x"}"#.to_owned()),
+        (
+            "Join",
+            format!(
+                r#"{{"NetworkID": "x", "EndpointID": "{id}", "SandboxKey": "/var/run/docker/netns/abc"}}"#
+            ),
+        ),
+        ("Join", format!(r#"{{"NetworkID": "x", "EndpointID": "{id}", "SandboxKey": 7}}"#)),
+        ("Leave", r#"{"EndpointID": 1}"#.to_owned()),
+    ] {
+        let out = try_sh(
+            Command::new("curl").args(["-s", "-w", "\n%{http_code}", "--unix-socket"]).arg(&sock).args([
+                "-d",
+                &body,
+                &format!("http://plugin/NetworkDriver.{call}"),
+            ]),
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (json, code) = text.rsplit_once('\n').unwrap_or_else(|| panic!("curl: {text}"));
+        let json: serde_json::Value =
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("{body}: {json}: {e}"));
+        assert!(code == "400" || code == "500", "{call} {body}: HTTP {code}");
+        assert!(json["Err"].as_str().is_some_and(|e| !e.is_empty()), "{call} {body}: {json}");
+    }
+    let after = (address_keys(env), keys(env, "endpoints/"), keys(env, "containers/"), env.veths("h1"));
+    assert_eq!(after, before, "a refused container leaves nothing behind");
+    env.docker("h1", &["rm", "-f", "opt"]);
+    env.docker("h1", &["network", "rm", "own-ipam"]);
+}
+
+/// 16 `docker run` at once, 8 on each host, on one network: 16 distinct addresses, each held by
+/// its endpoint in etcd.
+fn sixteen_at_once_get_sixteen_addresses(env: &Env) {
+    let ids: Vec<(String, String)> = std::thread::scope(|s| {
+        let runs: Vec<_> = (0..16)
+            .map(|i| {
+                let host = if i % 2 == 0 { "h1" } else { "h2" };
+                s.spawn(move || {
+                    let name = format!("many{i}");
+                    (host.to_owned(), env.run(host, "ipnet", &["--name", &name], &["sleep", "600"]))
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().expect("docker run")).collect()
+    });
+    let mut ips: Vec<Ipv4Addr> = ids.iter().map(|(host, id)| env.ip(host, id, "ipnet")).collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 16, "{ips:?}");
+    let held = address_keys(env);
+    for ip in &ips {
+        let holder = held.iter().find(|(k, _)| k.ends_with(&format!("/{ip}")));
+        assert!(holder.is_some_and(|(_, v)| v.contains("docker-")), "{ip}: {holder:?}");
+    }
+}
+
+/// `docker rm -f` of every container leaves no interface, map entry, address, endpoint,
+/// container or status key behind.
+fn rm_f_leaves_nothing_behind(env: &Env) {
+    let mut gone = Vec::new();
+    for h in ["h1", "h2"] {
+        let ids = env.docker(h, &["ps", "-q", "--filter", "network=ipnet"]);
+        for id in ids.split_whitespace() {
+            gone.push(env.ip(h, id, "ipnet"));
+        }
+        let all = env.docker(h, &["ps", "-aq"]);
+        let all: Vec<&str> = all.split_whitespace().collect();
+        let mut args = vec!["rm", "-f"];
+        args.extend(all);
+        env.docker(h, &args);
+    }
+    assert!(gone.len() >= 18, "{gone:?}");
+    for h in ["h1", "h2"] {
+        assert_eq!(env.veths(h), Vec::<String>::new(), "{h}'s interfaces");
+        for ip in &gone {
+            let entry = wait_for(Duration::from_secs(10), || (!env.cluster.maps_hold(h, *ip)).then_some(()));
+            assert!(entry.is_some(), "{h}'s maps still hold {ip}");
+        }
+    }
+    for prefix in
+        ["ipam/", "endpoints/", "containers/", "attachments/", "status/endpoints/", "status/containers/"]
+    {
+        assert_eq!(keys(env, prefix), Vec::<(String, String)>::new(), "{prefix}");
+    }
+}
+
+/// The agent of h1 is killed and started again while Docker's containers run: the plugin's
+/// socket comes back, a container on h2 pinging one on h1 all along loses nothing, nothing is
+/// made twice, and Docker can start containers again.
+fn the_agent_restarts_under_running_containers(mut env: Env) -> Env {
+    env.run("h1", "ipnet", &["--name", "steady"], &["sleep", "600"]);
+    let steady = env.ip("h1", "steady", "ipnet");
+    env.run("h2", "ipnet", &["--name", "pinger"], &["ping", "-i", "0.05", &steady.to_string()]);
+    let before = (keys(&env, "endpoints/"), keys(&env, "containers/"), env.veths("h1"));
+    std::thread::sleep(Duration::from_secs(1));
+    env.cluster.kill_agent("h1");
+    std::thread::sleep(Duration::from_secs(2));
+    env.cluster.start_agent("h1");
+    assert!(env.cluster.wait_registered("h1"));
+    let sock = docker::plugin_socket(&env.cluster.topo.run, "h1");
+    assert!(
+        wait_for(Duration::from_secs(20), || sock.exists().then_some(())).is_some(),
+        "the socket is back"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let after = (keys(&env, "endpoints/"), keys(&env, "containers/"), env.veths("h1"));
+    assert_eq!(after, before, "nothing made twice");
+    env.docker("h2", &["kill", "-s", "INT", "pinger"]);
+    let log = wait_for(Duration::from_secs(10), || {
+        let out = try_sh(env.engine("h2").docker().args(["logs", "pinger"]));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("packets transmitted").then_some(text)
+    })
+    .expect("ping's summary");
+    let summary = log.lines().find(|l| l.contains("packets transmitted")).unwrap_or_default();
+    let numbers: Vec<u64> = summary.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert!(numbers.len() >= 2 && numbers[0] > 50 && numbers[0] == numbers[1], "lost pings: {summary}");
+    let out = env.docker(
+        "h1",
+        &["run", "--rm", "--network", "ipnet", IMAGE, "ping", "-c", "1", "-W", "2", &steady.to_string()],
+    );
+    assert!(out.contains("1 packets received"), "{out}");
+    env.docker("h1", &["rm", "-f", "steady"]);
+    env.docker("h2", &["rm", "-f", "pinger"]);
+    env
+}
+
+/// h2's dockerd is restarted while a container with `--restart always` runs on it: the
+/// container comes back on the overlay, reachable from h1, with one endpoint, and the stopped
+/// one's interface and keys are gone.
+fn dockerd_restarts(mut env: Env) -> Env {
+    env.run("h2", "ipnet", &["--name", "keeper", "--restart", "always"], &["/probe", "serve", "7"]);
+    env.run("h1", "ipnet", &["--name", "caller"], &["sleep", "600"]);
+    let keeper = env.ip("h2", "keeper", "ipnet");
+    assert!(env.reaches("h1", "caller", "tcp", keeper));
+    env.engine_mut("h2").restart().unwrap_or_else(|e| panic!("{e:#}"));
+    let back = wait_for(Duration::from_secs(30), || {
+        let state = env.engine("h2").ok(&["inspect", "-f", "{{.State.Running}}", "keeper"]).ok()?;
+        (state.trim() == "true").then_some(())
+    });
+    assert!(back.is_some(), "keeper restarted");
+    let keeper = env.ip("h2", "keeper", "ipnet");
+    assert!(
+        wait_for(Duration::from_secs(10), || env.reaches("h1", "caller", "tcp", keeper).then_some(()))
+            .is_some(),
+        "caller on h1 reaches keeper again"
+    );
+    let eps: Vec<_> =
+        keys(&env, "endpoints/").into_iter().filter(|(_, v)| v.contains("\"host\":\"h2\"")).collect();
+    assert_eq!(eps.len(), 1, "{eps:?}");
+    assert_eq!(env.veths("h2").len(), 1, "{:?}", env.veths("h2"));
+    env
 }

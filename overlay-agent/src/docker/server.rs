@@ -22,11 +22,13 @@ use tokio::net::UnixListener;
 use tracing::{info, warn};
 
 use super::{
+    endpoint::{self, Created},
     ipam::{self, Ranges},
     network::{self, DockerNetworks},
     types::{
-        Activate, AddressSpaces, CONTENT_TYPE, Capabilities, CreateNetwork, DeleteNetwork, Empty, ErrorBody,
-        IpamCapabilities, ReleaseAddress, ReleasePool, RequestAddress, RequestPool,
+        Activate, AddressSpaces, CONTENT_TYPE, Capabilities, CreateEndpoint, CreateNetwork, DeleteNetwork,
+        Empty, EndpointRef, ErrorBody, IpamCapabilities, Join, OperInfo, ProgramExternalConnectivity,
+        ReleaseAddress, ReleasePool, RequestAddress, RequestPool,
     },
 };
 use crate::store::{Store, StoreConfig};
@@ -38,6 +40,8 @@ pub struct Plugin {
     pub host: String,
     pub networks: DockerNetworks,
     pub ranges: Ranges,
+    /// Endpoints created and not yet joined.
+    pub created: Created,
 }
 
 /// The routes Docker calls.
@@ -47,6 +51,16 @@ pub fn router(plugin: Arc<Plugin>) -> Router {
         .route("/NetworkDriver.GetCapabilities", post(capabilities))
         .route("/NetworkDriver.CreateNetwork", post(create_network))
         .route("/NetworkDriver.DeleteNetwork", post(delete_network))
+        .route("/NetworkDriver.CreateEndpoint", post(create_endpoint))
+        .route("/NetworkDriver.Join", post(join))
+        .route("/NetworkDriver.Leave", post(leave))
+        .route("/NetworkDriver.DeleteEndpoint", post(delete_endpoint))
+        .route("/NetworkDriver.EndpointOperInfo", post(oper_info))
+        .route("/NetworkDriver.ProgramExternalConnectivity", post(program_external))
+        .route("/NetworkDriver.RevokeExternalConnectivity", post(revoke_external))
+        // Sent only to drivers of global scope; answered all the same.
+        .route("/NetworkDriver.DiscoverNew", post(discover))
+        .route("/NetworkDriver.DiscoverDelete", post(discover))
         .route("/IpamDriver.GetCapabilities", post(ipam_capabilities))
         .route("/IpamDriver.GetDefaultAddressSpaces", post(address_spaces))
         .route("/IpamDriver.RequestPool", post(request_pool))
@@ -79,7 +93,8 @@ pub async fn serve(
     };
     let listener = bind(&path)?;
     info!(socket = %path.display(), "serving Docker's remote network driver API");
-    let plugin = Arc::new(Plugin { store, host, networks, ranges: Ranges::default() });
+    let plugin =
+        Arc::new(Plugin { store, host, networks, ranges: Ranges::default(), created: Created::default() });
     axum::serve(listener, router(plugin)).await.context("Docker plugin server")
 }
 
@@ -150,6 +165,65 @@ async fn delete_network(State(p): State<Arc<Plugin>>, body: Bytes) -> Response {
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     reply("DeleteNetwork", network::delete(&p.networks, &req).map(|()| Empty {}))
+}
+
+async fn create_endpoint(State(p): State<Arc<Plugin>>, body: Bytes) -> Response {
+    match decode::<CreateEndpoint>("CreateEndpoint", &body) {
+        Ok(req) => {
+            reply("CreateEndpoint", endpoint::create(&p.store, &p.networks, &p.host, &p.created, &req).await)
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn join(State(p): State<Arc<Plugin>>, body: Bytes) -> Response {
+    match decode::<Join>("Join", &body) {
+        Ok(req) => reply("Join", endpoint::join(&p.store, &p.networks, &p.host, &p.created, &req).await),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn leave(State(p): State<Arc<Plugin>>, body: Bytes) -> Response {
+    match decode::<EndpointRef>("Leave", &body) {
+        Ok(req) => reply("Leave", endpoint::leave(&p.store, &p.networks, &req).await.map(|()| Empty {})),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn delete_endpoint(State(p): State<Arc<Plugin>>, body: Bytes) -> Response {
+    match decode::<EndpointRef>("DeleteEndpoint", &body) {
+        Ok(req) => reply(
+            "DeleteEndpoint",
+            endpoint::delete(&p.store, &p.networks, &p.created, &req).await.map(|()| Empty {}),
+        ),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn oper_info(body: Bytes) -> Response {
+    // Nothing beyond what Docker knows already (address, MAC) to show.
+    match decode::<EndpointRef>("EndpointOperInfo", &body) {
+        Ok(_) => json(StatusCode::OK, &OperInfo { value: std::collections::BTreeMap::new() }),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn program_external(body: Bytes) -> Response {
+    match decode::<ProgramExternalConnectivity>("ProgramExternalConnectivity", &body) {
+        Ok(req) => reply("ProgramExternalConnectivity", endpoint::program_external(&req).map(|()| Empty {})),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn revoke_external(body: Bytes) -> Response {
+    match decode::<EndpointRef>("RevokeExternalConnectivity", &body) {
+        Ok(_) => json(StatusCode::OK, &Empty {}),
+        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    }
+}
+
+async fn discover() -> Response {
+    json(StatusCode::OK, &Empty {})
 }
 
 async fn ipam_capabilities() -> Response {

@@ -166,3 +166,105 @@ pub struct ReleaseAddress {
     #[serde(rename = "Address")]
     pub address: String,
 }
+
+/// The interface Docker gives CreateEndpoint: the address its IPAM driver answered ("ip/len"),
+/// and the MAC of `--mac-address` (empty without).
+#[derive(Debug, Default, Deserialize)]
+pub struct EndpointInterface {
+    #[serde(rename = "Address", default)]
+    pub address: String,
+    #[serde(rename = "AddressIPv6", default)]
+    pub address_ipv6: String,
+    #[serde(rename = "MacAddress", default)]
+    pub mac_address: String,
+}
+
+/// `/NetworkDriver.CreateEndpoint`.
+#[derive(Debug, Deserialize)]
+pub struct CreateEndpoint {
+    #[serde(rename = "NetworkID")]
+    pub network_id: String,
+    #[serde(rename = "EndpointID")]
+    pub endpoint_id: String,
+    #[serde(rename = "Interface", default, deserialize_with = "null_as_empty")]
+    pub interface: EndpointInterface,
+    /// `--driver-opt`s, and Docker's exposed ports and port map.
+    #[serde(rename = "Options", default, deserialize_with = "null_as_empty")]
+    pub options: BTreeMap<String, serde_json::Value>,
+}
+
+/// CreateEndpoint's answer: the MAC chosen, only when Docker gave none (dockerd refuses an
+/// answer that sets one it gave).
+#[derive(Debug, Serialize)]
+pub struct CreateEndpointAnswer {
+    #[serde(rename = "Interface")]
+    pub interface: InterfaceAnswer,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InterfaceAnswer {
+    #[serde(rename = "MacAddress", skip_serializing_if = "Option::is_none")]
+    pub mac_address: Option<String>,
+}
+
+/// The calls that name only an endpoint: DeleteEndpoint, Leave, EndpointOperInfo,
+/// RevokeExternalConnectivity.
+#[derive(Debug, Deserialize)]
+pub struct EndpointRef {
+    #[serde(rename = "NetworkID")]
+    pub network_id: String,
+    #[serde(rename = "EndpointID")]
+    pub endpoint_id: String,
+}
+
+/// `/NetworkDriver.Join`: the endpoint goes into the sandbox at SandboxKey (a namespace path in
+/// dockerd's view).
+#[derive(Debug, Deserialize)]
+pub struct Join {
+    #[serde(rename = "NetworkID")]
+    pub network_id: String,
+    #[serde(rename = "EndpointID")]
+    pub endpoint_id: String,
+    #[serde(rename = "SandboxKey")]
+    pub sandbox_key: String,
+    #[serde(rename = "Options", default, deserialize_with = "null_as_empty")]
+    pub options: BTreeMap<String, serde_json::Value>,
+}
+
+/// Join's answer: the interface Docker moves into the sandbox (renamed `<DstPrefix>N`), and the
+/// default gateway Docker sets there.
+#[derive(Debug, Serialize)]
+pub struct JoinAnswer {
+    #[serde(rename = "InterfaceName")]
+    pub interface_name: InterfaceName,
+    #[serde(rename = "Gateway")]
+    pub gateway: String,
+    #[serde(rename = "DisableGatewayService")]
+    pub disable_gateway_service: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InterfaceName {
+    #[serde(rename = "SrcName")]
+    pub src_name: String,
+    #[serde(rename = "DstPrefix")]
+    pub dst_prefix: &'static str,
+}
+
+/// `/NetworkDriver.ProgramExternalConnectivity`: the port map of `-p`.
+#[derive(Debug, Deserialize)]
+pub struct ProgramExternalConnectivity {
+    #[serde(rename = "NetworkID")]
+    pub network_id: String,
+    #[serde(rename = "EndpointID")]
+    pub endpoint_id: String,
+    #[serde(rename = "Options", default, deserialize_with = "null_as_empty")]
+    pub options: BTreeMap<String, serde_json::Value>,
+}
+
+/// EndpointOperInfo's answer: what `docker inspect` may show of the endpoint.
+#[derive(Debug, Serialize)]
+pub struct OperInfo {
+    #[serde(rename = "Value")]
+    pub value: BTreeMap<String, String>,
+}

@@ -69,6 +69,74 @@ pub struct Created {
     pub ifname: String,
 }
 
+/// The name of an endpoint's container side while it is in the host's namespace: during
+/// [`create`], and for a container whose runtime moves it in itself ([`create_handover`]).
+pub fn handover_name(endpoint_id: &str) -> String {
+    let short: String = endpoint_id.chars().take(12).collect();
+    format!("ovt{short}")
+}
+
+/// Creates an endpoint's veth pair for a runtime that moves the container side into its
+/// container itself (Docker: Join answers the interface's name, and Docker moves it into the
+/// sandbox, renames it `ethN` and gives it its address and routes). Both sides are made in the
+/// host's namespace; the container side, named [`handover_name`], gets the endpoint's MAC and
+/// MTU and is left down. The host side is marked last, as in [`create`]. On failure nothing is
+/// left behind.
+pub async fn create_handover(
+    host: &Netlink,
+    endpoint_id: &str,
+    mac: [u8; 6],
+    mtu: u32,
+) -> Result<Created, Error> {
+    let name = host_name(endpoint_id);
+    let peer_name = handover_name(endpoint_id);
+    // Leftovers of an interrupted setup: either side alone takes the other with it.
+    for stale in [&name, &peer_name] {
+        if let Some(link) = host.link(stale).await? {
+            host.delete_link(link.index).await?;
+        }
+    }
+    let peer = LinkMessageBuilder::<LinkUnspec>::new()
+        .name(peer_name.clone())
+        .mtu(mtu)
+        .address(mac.to_vec())
+        .build();
+    let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .name(name.clone())
+        .mtu(mtu)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build();
+    host.handle().link().add(msg).execute().await.map_err(nl(format!("creating veth {name}")))?;
+    let finish = async {
+        let link = host.require_link(&name).await?;
+        netns::sysctl(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1").map_err(io("disabling IPv6"))?;
+        mark_up(host, &link, endpoint_id, &peer_name).await?;
+        Ok(Created { host: host.require_link(&name).await?, ifname: peer_name.clone() })
+    };
+    match finish.await {
+        Ok(created) => Ok(created),
+        Err(e) => {
+            if let Ok(Some(link)) = host.link(&name).await {
+                let _ = host.delete_link(link.index).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Brings the host side up and marks it as the finished interface of `endpoint_id`, whose
+/// container side is `ifname`.
+async fn mark_up(host: &Netlink, link: &Link, endpoint_id: &str, ifname: &str) -> Result<(), Error> {
+    host.set_link(
+        LinkUnspec::new_with_index(link.index)
+            .up()
+            .append_extra_attribute(LinkAttribute::IfAlias(format!("{ALIAS_PREFIX}{endpoint_id}/{ifname}")))
+            .build(),
+        "bringing up the host side",
+    )
+    .await
+}
+
 /// Creates and configures an endpoint's veth pair. On failure nothing is left behind.
 pub async fn create(host: &Netlink, spec: &Spec<'_>) -> Result<Created, Error> {
     let name = host_name(spec.endpoint_id);
@@ -78,7 +146,7 @@ pub async fn create(host: &Netlink, spec: &Spec<'_>) -> Result<Created, Error> {
     }
     let ns = netns::open(spec.netns).map_err(io("opening container namespace"))?;
     // Temporary name of the container side until it gets its ethN (15 bytes at most).
-    let tmp = format!("ovt{}", &name[HOST_PREFIX.len()..]);
+    let tmp = handover_name(spec.endpoint_id);
     let peer = LinkMessageBuilder::<LinkUnspec>::new()
         .name(tmp.clone())
         .mtu(spec.mtu)
@@ -127,17 +195,7 @@ async fn configure(host: &Netlink, spec: &Spec<'_>, name: &str, tmp: &str) -> Re
 
     let link = host.require_link(name).await?;
     netns::sysctl(&format!("net/ipv6/conf/{name}/disable_ipv6"), "1").map_err(io("disabling IPv6"))?;
-    host.set_link(
-        LinkUnspec::new_with_index(link.index)
-            .up()
-            .append_extra_attribute(LinkAttribute::IfAlias(format!(
-                "{ALIAS_PREFIX}{}/{ifname}",
-                spec.endpoint_id
-            )))
-            .build(),
-        "bringing up the host side",
-    )
-    .await?;
+    mark_up(host, &link, spec.endpoint_id, &ifname).await?;
     let host_link = host.require_link(name).await?;
     Ok(Created { host: host_link, ifname })
 }

@@ -199,7 +199,8 @@ impl Locals {
         if !self.sandboxes.has(&c.name) {
             anyhow::bail!("container {}'s sandbox is not set up", c.name);
         }
-        if !netns::exists(&netns) {
+        // A handed-over interface waits in the host's namespace for the runtime to move it.
+        if !c.handover && !netns::exists(&netns) {
             anyhow::bail!("the namespace of container {} ({}) does not exist", c.name, netns.display());
         }
         let mtu = endpoint_mtu(dp.uplink.mtu, n.mtu);
@@ -224,7 +225,11 @@ impl Locals {
             gateway: Some(n.gateway),
             mtu,
         };
-        let created = veth::create(&self.host, &spec).await?;
+        let created = if c.handover {
+            veth::create_handover(&self.host, &e.id, e.mac.0, mtu).await?
+        } else {
+            veth::create(&self.host, &spec).await?
+        };
         let ifindex = created.host.index;
         let local = Local {
             ifindex,

@@ -156,6 +156,7 @@ pub fn add_endpoint(s: &mut State, id: &str, network_id: &str, container: &str, 
         name: container.to_owned(),
         host: host.to_owned(),
         netns: None,
+        handover: false,
         created: String::new(),
         revision: 0,
     });

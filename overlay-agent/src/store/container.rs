@@ -71,6 +71,7 @@ impl Store {
                 name: spec.name.clone(),
                 host: spec.host.clone(),
                 netns: spec.netns.clone(),
+                handover: false,
                 created: now_rfc3339(),
                 revision: 0,
             };

@@ -34,6 +34,7 @@ pub use container::{ContainerSpec, CreatedContainer};
 pub use etcd_client;
 pub use keys::Keys;
 pub use network::NetworkSpec;
+pub use reservation::ReservedJoin;
 pub use status::{ContainerStatus, EndpointStatus};
 
 use self::ipam::IpamError;
