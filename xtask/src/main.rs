@@ -40,7 +40,11 @@ enum Cmd {
     },
     /// The main job: etcd, three simulated hosts with an agent each, two networks, containers
     /// reaching each other across hosts and not across networks; cleans up after itself.
-    Demo,
+    Demo {
+        /// The same with Docker: a dockerd per host, the agents as its network and IPAM plugin.
+        #[arg(long)]
+        docker: bool,
+    },
     /// Check formatting and lints: rustfmt --check and clippy with warnings denied, on every
     /// crate (the eBPF crate with nightly for the BPF target).
     Lint,
@@ -171,7 +175,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             status(&mut cmd)
         }
-        Cmd::Demo => {
+        Cmd::Demo { docker } => {
             let bins = build(false)?;
             status(cargo().args([
                 "build",
@@ -181,7 +185,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "--bin",
                 "overlay-demo",
             ]))?;
-            status(privileged(&bins.join("overlay-demo"))?.env("OVERLAY_BIN_DIR", &bins))
+            let mut demo = privileged(&bins.join("overlay-demo"))?;
+            if docker {
+                demo.arg("--docker");
+            }
+            status(demo.env("OVERLAY_BIN_DIR", &bins))
         }
         Cmd::Lint => {
             status(cargo().args(["fmt", "--all", "--", "--check"]))?;

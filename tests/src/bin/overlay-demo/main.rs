@@ -5,6 +5,11 @@
 //! hosts; shows them reaching each other across hosts and not across networks; prints
 //! `network inspect` and the datapath counters; and removes everything it made, also when
 //! interrupted.
+//!
+//! `overlay-demo --docker` (`cargo xtask demo --docker`) does the same with Docker instead of
+//! the CLI: a real dockerd per host, the agents as its network and IPAM plugin (docker.rs).
+
+mod docker;
 
 use std::{
     net::Ipv4Addr,
@@ -24,6 +29,9 @@ fn main() -> ExitCode {
     if let Err(e) = cleanup_on_signal() {
         eprintln!("cannot install the signal handler: {e}");
         return ExitCode::FAILURE;
+    }
+    if std::env::args().nth(1).as_deref() == Some("--docker") {
+        return docker::demo(started);
     }
     step("Starting etcd and three hosts (h1, h2, h3: namespaces on an underlay bridge), one agent each");
     let Some(c) = Cluster::start("demo", 3, 10) else {
@@ -99,7 +107,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn step(what: &str) {
+pub(crate) fn step(what: &str) {
     println!("\n==> {what}");
 }
 
