@@ -458,6 +458,20 @@ fn containers_reach_each_other_across_hosts(env: &Env) {
     }
     let client = env.ip("h2", "client", "ipnet");
     assert!(env.reaches("h1", "web", "icmp", client), "and back");
+    // `--ip` and `--mac-address` are honoured, and the peer's maps carry that MAC.
+    env.run(
+        "h2",
+        "ipnet",
+        &["--name", "fixed", "--ip", "10.0.20.200", "--mac-address", "02:42:aa:bb:cc:dd"],
+        &["sleep", "600"],
+    );
+    let fixed = Ipv4Addr::new(10, 0, 20, 200);
+    assert_eq!(env.ip("h2", "fixed", "ipnet"), fixed);
+    let link = env.docker("h2", &["exec", "fixed", "ip", "-o", "link", "show", "eth0"]);
+    assert!(link.contains("link/ether 02:42:aa:bb:cc:dd "), "{link}");
+    assert!(env.reaches("h1", "web", "icmp", fixed), "web reaches the fixed address");
+    let mac = env.cluster.map_entry("h1", fixed).map(|e| e["mac"].clone());
+    assert_eq!(mac, Some(serde_json::json!([2, 0x42, 0xaa, 0xbb, 0xcc, 0xdd])), "h1's map entry");
     // The overlay shows Docker's containers, as `docker-<sandbox id>`.
     let net = env.cluster.inspect("docker-10.0.20.0-24");
     let sandbox = env.docker("h1", &["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", "web"]);
