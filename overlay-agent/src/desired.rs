@@ -319,6 +319,8 @@ mod tests {
             ipv4: Ipv4Addr::new(10, 0, 0, 2),
             mac: MacAddr::from_ip(Ipv4Addr::new(10, 0, 0, 2)),
             host: host.into(),
+            aliases: Vec::new(),
+            services: Vec::new(),
         }
     }
 

@@ -84,6 +84,13 @@ pub struct Endpoint {
     pub mac: MacAddr,
     /// The host the container lives on.
     pub host: String,
+    /// More names the container answers to on this network (`--alias`); several endpoints may
+    /// share one, which then resolves to all their addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// The services of this network the endpoint is a backend of (`service attach`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
 }
 
 impl Endpoint {
@@ -97,6 +104,8 @@ impl Endpoint {
             ipv4: ip,
             mac: MacAddr::from_ip(ip),
             host: host.to_owned(),
+            aliases: Vec::new(),
+            services: Vec::new(),
         }
     }
 }

@@ -64,6 +64,8 @@ impl Scenario {
             ipv4: ip,
             mac: MacAddr::from_ip(ip),
             host: host.into(),
+            aliases: Vec::new(),
+            services: Vec::new(),
         };
         self.state.endpoints.insert(e.id.clone(), e);
         self

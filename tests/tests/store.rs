@@ -1483,6 +1483,8 @@ async fn a_state_larger_than_one_response_loads_whole() {
             ipv4: ip,
             mac: overlay_agent::model::MacAddr::from_ip(ip),
             host: "somewhere".into(),
+            aliases: Vec::new(),
+            services: Vec::new(),
         };
         ops.push(overlay_agent::store::etcd_client::TxnOp::put(
             s.keys().endpoint(&network.id, &id),

@@ -182,6 +182,8 @@ mod tests {
             ipv4: ip,
             mac: MacAddr::from_ip(ip),
             host: "h1".into(),
+            aliases: Vec::new(),
+            services: Vec::new(),
         };
         let h = Host::new("h1", "198.18.0.1".parse().unwrap());
         let v: serde_json::Value =
