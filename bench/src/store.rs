@@ -107,7 +107,14 @@ async fn handle(store: &Store, request: Request) -> anyhow::Result<Answer> {
             Ok(Answer::Written { started_mono_ns, finished_mono_ns: mono_ns() })
         }
         Request::Container { name, host, netns, network, ip } => {
-            let spec = ContainerSpec { name, host, netns, network: Some(network), ip: Some(ip) };
+            let spec = ContainerSpec {
+                name,
+                host,
+                netns,
+                network: Some(network),
+                ip: Some(ip),
+                names: Default::default(),
+            };
             let started_mono_ns = mono_ns();
             store.create_container(&spec).await?;
             Ok(Answer::Written { started_mono_ns, finished_mono_ns: mono_ns() })

@@ -110,6 +110,17 @@ impl Endpoint {
     }
 }
 
+/// A service published on a network (`overlay service publish NAME.NETWORK`): a name that
+/// resolves, on that network, to the addresses of the endpoints attached to it as backends
+/// (`Endpoint::services`). Only the CLI and the store read these; the agents see the backends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub name: String,
+    pub network_id: String,
+    #[serde(default)]
+    pub created: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Container {
     pub name: String,

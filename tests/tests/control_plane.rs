@@ -688,3 +688,65 @@ fn a_reported_failure_is_replaced_once_the_host_can_make_the_container() {
     c.ok(&["container", "rm", "late"]);
     assert!(statuses(&c).1.is_empty(), "late's status is left");
 }
+
+/// Names in the CLI: `--alias` at create and connect, `--publish-service`, `service
+/// publish/attach/detach/ls/inspect/unpublish`, and `container inspect` in Docker's shape with
+/// Aliases and DNSNames; refusals exit non-zero naming the holder.
+#[test]
+fn the_cli_gives_containers_aliases_and_services() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let Some(c) = Cluster::start("nm", 2, 10) else { return };
+    c.ok(&["network", "create", "--subnet", "10.50.0.0/24", "front"]);
+    c.ok(&["network", "create", "--subnet", "10.51.0.0/24", "back"]);
+    c.ok(&["container", "create", "--host", "h1", "--network", "front", "--alias", "www", "web"]);
+    c.ok(&["container", "create", "--host", "h2", "--publish-service", "db.back", "db1"]);
+    c.ok(&["network", "connect", "--alias", "store", "back", "web"]);
+    c.ok(&["service", "publish", "api.front"]);
+    c.ok(&["service", "attach", "web", "api.front"]);
+
+    let inspect: serde_json::Value =
+        serde_json::from_str(&c.ok(&["container", "inspect", "web"])).expect("JSON");
+    let front = &inspect[0]["NetworkSettings"]["Networks"]["front"];
+    assert_eq!(front["IPAddress"], "10.50.0.2", "{inspect}");
+    assert_eq!(front["IPPrefixLen"], 24);
+    assert_eq!(front["Gateway"], "10.50.0.1");
+    assert_eq!(front["MacAddress"], "02:42:0a:32:00:02");
+    assert_eq!(front["Aliases"], serde_json::json!(["www"]));
+    assert_eq!(front["DNSNames"], serde_json::json!(["web", "www", "api"]));
+    assert_eq!(front["EndpointID"].as_str().map(str::len), Some(64));
+    assert_eq!(inspect[0]["NetworkSettings"]["Networks"]["back"]["Aliases"], serde_json::json!(["store"]));
+    assert_eq!(inspect[0]["Host"], "h1");
+
+    let ls = c.ok(&["service", "ls"]);
+    assert!(
+        ls.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["api", "front", "web=10.50.0.2"]),
+        "{ls}"
+    );
+    assert!(
+        ls.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["db", "back", "db1=10.51.0.2"]),
+        "{ls}"
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(&c.ok(&["service", "inspect", "db.back"])).expect("JSON");
+    assert_eq!(info[0]["Backends"][0]["Container"], "db1", "{info}");
+    assert_eq!(info[0]["Backends"][0]["Host"], "h2", "{info}");
+
+    // Refused, naming why.
+    let err = c.refused(&["service", "publish", "www.front"]);
+    assert!(
+        err.contains("name \"www\" on network \"front\" is taken by an alias of container \"web\""),
+        "{err}"
+    );
+    let err = c.refused(&["service", "unpublish", "api.front"]);
+    assert!(err.contains("has backends (web)"), "{err}");
+    let err =
+        c.refused(&["container", "create", "--host", "h1", "--network", "front", "--alias", "api", "x"]);
+    assert!(err.contains("is taken by service \"api\""), "{err}");
+    let err = c.refused(&["container", "inspect", "ghost"]);
+    assert!(err.contains("container \"ghost\" not found"), "{err}");
+    c.ok(&["service", "detach", "web", "api.front"]);
+    c.ok(&["service", "unpublish", "api.front"]);
+    assert!(!c.ok(&["service", "ls"]).contains("api"));
+}

@@ -1511,3 +1511,183 @@ async fn a_state_larger_than_one_response_loads_whole() {
     }
     task.abort();
 }
+
+/// Aliases and services: names kept in the endpoints, services published on a network with
+/// backends; every conflict refused naming the holder, with etcd unchanged; a service with
+/// backends cannot be unpublished; the network's services go with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aliases_and_services() {
+    use overlay_agent::store::service::Names;
+    let Some(etcd) = Etcd::start_or_skip() else { return };
+    let s = store(&etcd.url()).await;
+    let _h1 = register(&s, "h1", 1, Duration::from_secs(30)).await;
+    s.create_network(&net("blue", "10.0.9.0/24")).await.unwrap();
+    s.create_network(&net("red", "10.0.10.0/24")).await.unwrap();
+    let names = |aliases: &[&str], services: &[&str], publish: bool| Names {
+        aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
+        services: services.iter().map(|a| (*a).to_owned()).collect(),
+        publish,
+    };
+
+    // An alias at creation, and one shared by a second container.
+    let web = s
+        .create_container(&ContainerSpec {
+            names: names(&["www", "www"], &[], false),
+            ..ctr("web", "h1", Some("blue"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(web.endpoint.as_ref().unwrap().aliases, ["www"], "each alias once");
+    s.create_container(&ctr("web2", "h1", None)).await.unwrap();
+    let web2 = s.network_connect_named("blue", "web2", None, &names(&["www"], &[], false)).await.unwrap();
+    assert_eq!(web2.aliases, ["www"]);
+
+    // Services: publish, then a container created with --publish-service (already published:
+    // it attaches), and one that publishes a new one on the way.
+    s.publish_service("blue", "api").await.unwrap();
+    let before = s.dump().await.unwrap();
+    refused(
+        &s,
+        &before,
+        s.publish_service("blue", "api").await,
+        "service \"api\" is already published on network \"blue\"",
+    )
+    .await;
+    refused(
+        &s,
+        &before,
+        s.publish_service("blue", "WWW").await,
+        "name \"WWW\" on network \"blue\" is taken by an alias of container \"web\", an alias of container \"web2\"",
+    )
+    .await;
+    refused(
+        &s,
+        &before,
+        s.publish_service("blue", "web").await,
+        "name \"web\" on network \"blue\" is taken by container \"web\"",
+    )
+    .await;
+    refused(&s, &before, s.publish_service("nope", "x").await, "network \"nope\" not found").await;
+    refused(&s, &before, s.publish_service("blue", "a.b").await, "invalid service name \"a.b\": must be a single label (no '.'): SERVICE.NETWORK splits at the first dot").await;
+    // An alias that is a service's name, a service that is not published, a bad alias.
+    refused(
+        &s,
+        &before,
+        s.create_container(&ContainerSpec {
+            names: names(&["api"], &[], false),
+            ..ctr("x", "h1", Some("blue"))
+        })
+        .await,
+        "name \"api\" on network \"blue\" is taken by service \"api\"",
+    )
+    .await;
+    refused(
+        &s,
+        &before,
+        s.create_container(&ContainerSpec {
+            names: names(&[], &["db"], false),
+            ..ctr("x", "h1", Some("blue"))
+        })
+        .await,
+        "service \"db\" is not published on network \"blue\" (overlay service publish db.blue)",
+    )
+    .await;
+    refused(
+        &s,
+        &before,
+        s.create_container(&ContainerSpec {
+            names: names(&["-x"], &[], false),
+            ..ctr("x", "h1", Some("blue"))
+        })
+        .await,
+        "invalid alias \"-x\": must start with a letter or digit",
+    )
+    .await;
+    refused(
+        &s,
+        &before,
+        s.create_container(&ContainerSpec { names: names(&["a"], &[], false), ..ctr("x", "h1", None) }).await,
+        "invalid --alias \"a\": needs --network",
+    )
+    .await;
+
+    let api1 = s
+        .create_container(&ContainerSpec {
+            names: names(&[], &["api"], true),
+            ..ctr("api1", "h1", Some("blue"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(api1.endpoint.unwrap().services, ["api"]);
+    let db1 = s
+        .create_container(&ContainerSpec {
+            names: names(&[], &["db"], true),
+            ..ctr("db1", "h1", Some("red"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(db1.endpoint.unwrap().services, ["db"]);
+    // attach / detach; attaching twice changes nothing; not connected, not published.
+    s.service_backend("web", "api.blue", true).await.unwrap();
+    assert_eq!(s.service_backend("web", "api.blue", true).await.unwrap().services, ["api"]);
+    let before = s.dump().await.unwrap();
+    refused(
+        &s,
+        &before,
+        s.service_backend("web", "db.red", true).await,
+        "container \"web\" is not connected to network \"red\"",
+    )
+    .await;
+    refused(
+        &s,
+        &before,
+        s.service_backend("web", "nope.blue", true).await,
+        "service \"nope\" is not published on network \"blue\" (overlay service publish nope.blue)",
+    )
+    .await;
+    refused(
+        &s,
+        &before,
+        s.service_backend("web", "api", true).await,
+        "invalid service \"api\": expected SERVICE.NETWORK",
+    )
+    .await;
+
+    let all = s.services().await.unwrap();
+    let summary: Vec<(String, String, Vec<String>)> = all
+        .iter()
+        .map(|i| {
+            (
+                i.service.name.clone(),
+                i.network.clone(),
+                i.backends.iter().map(|e| e.container.clone()).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("api".into(), "blue".into(), vec!["api1".to_owned(), "web".to_owned()]),
+            ("db".into(), "red".into(), vec!["db1".to_owned()]),
+        ]
+    );
+
+    // Unpublishing with backends is refused naming them; detached, it goes.
+    let before = s.dump().await.unwrap();
+    refused(
+        &s,
+        &before,
+        s.unpublish_service("blue", "api").await,
+        "service \"api\" on network \"blue\" has backends (api1, web): detach them first (overlay service detach CONTAINER api.blue)",
+    )
+    .await;
+    s.service_backend("web", "api.blue", false).await.unwrap();
+    s.service_backend("api1", "api.blue", false).await.unwrap();
+    s.unpublish_service("blue", "api").await.unwrap();
+    assert!(s.services().await.unwrap().iter().all(|i| i.service.name != "api"));
+
+    // A network's services go with it.
+    s.remove_container("db1").await.unwrap();
+    s.remove_network("red").await.unwrap();
+    assert!(s.dump().await.unwrap().keys().all(|k| !k.contains("/services/")), "red's service db is gone");
+}

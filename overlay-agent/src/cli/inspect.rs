@@ -1,12 +1,13 @@
-//! `network inspect`'s JSON, shaped like `docker network inspect`'s so that tools and people
-//! used to Docker read it as they would Docker's.
+//! `network inspect`'s and `container inspect`'s JSON, shaped like `docker network inspect`'s
+//! and `docker inspect`'s so that tools and people used to Docker read them as they would
+//! Docker's.
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
 use crate::{
-    model::{Endpoint, Host, Network},
+    model::{Container, Endpoint, Host, Network, State},
     store::network::OPTION_VNI,
 };
 
@@ -35,6 +36,82 @@ pub struct NetworkInspect {
     /// The hosts with endpoints on the network, as Docker's overlay networks list their peers.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<Peer>,
+}
+
+/// `container inspect`: a container with Docker's `NetworkSettings.Networks`, by network name.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct ContainerInspect {
+    pub name: String,
+    pub host: String,
+    pub created: String,
+    pub network_settings: NetworkSettings,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct NetworkSettings {
+    /// The namespace of a container from another runtime (`--netns`, Docker's sandbox); empty
+    /// for one the agent made (its path is the host's: `container exec` finds it).
+    pub sandbox_key: String,
+    pub networks: BTreeMap<String, EndpointSettings>,
+}
+
+/// One network of a container, as Docker shows it.
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct EndpointSettings {
+    pub aliases: Vec<String>,
+    #[serde(rename = "NetworkID")]
+    pub network_id: String,
+    #[serde(rename = "EndpointID")]
+    pub endpoint_id: String,
+    pub gateway: String,
+    #[serde(rename = "IPAddress")]
+    pub ip_address: String,
+    #[serde(rename = "IPPrefixLen")]
+    pub ip_prefix_len: u8,
+    pub mac_address: String,
+    /// The services it is a backend of (not Docker's: its names that are services).
+    pub services: Vec<String>,
+    /// Every name it answers to on the network: its own, its aliases, its services.
+    #[serde(rename = "DNSNames")]
+    pub dns_names: Vec<String>,
+}
+
+impl ContainerInspect {
+    pub fn new(c: &Container, state: &State) -> Self {
+        let mut networks = BTreeMap::new();
+        for e in state.endpoints.values().filter(|e| e.container == c.name) {
+            let Some(n) = state.networks.get(&e.network_id) else { continue };
+            let mut dns_names = vec![c.name.clone()];
+            dns_names.extend(e.aliases.iter().cloned());
+            dns_names.extend(e.services.iter().cloned());
+            networks.insert(
+                n.name.clone(),
+                EndpointSettings {
+                    aliases: e.aliases.clone(),
+                    network_id: n.id.clone(),
+                    endpoint_id: e.id.clone(),
+                    gateway: n.gateway.to_string(),
+                    ip_address: e.ipv4.to_string(),
+                    ip_prefix_len: n.subnet.prefix_len(),
+                    mac_address: e.mac.to_string(),
+                    services: e.services.clone(),
+                    dns_names,
+                },
+            );
+        }
+        Self {
+            name: c.name.clone(),
+            host: c.host.clone(),
+            created: c.created.clone(),
+            network_settings: NetworkSettings {
+                sandbox_key: c.netns.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                networks,
+            },
+        }
+    }
 }
 
 #[derive(Serialize)]

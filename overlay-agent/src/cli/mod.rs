@@ -4,6 +4,7 @@
 
 pub mod inspect;
 mod output;
+mod service;
 
 use std::{
     collections::BTreeMap,
@@ -22,7 +23,10 @@ use tokio::time::Instant;
 use self::output::say;
 use crate::{
     sandbox::{self, Forbidden},
-    store::{ContainerSpec, EtcdArgs, NetworkSpec, Store, StoreError},
+    store::{
+        ContainerSpec, EtcdArgs, NetworkSpec, Store, StoreError,
+        service::{Names, parse_service_ref},
+    },
 };
 
 #[derive(Parser)]
@@ -55,6 +59,9 @@ pub enum Command {
     /// Hosts whose agents have registered with the store.
     #[command(subcommand)]
     Host(HostCommand),
+    /// Services: names of a network that resolve to the containers attached to them.
+    #[command(subcommand)]
+    Service(service::ServiceCommand),
 }
 
 #[derive(Subcommand)]
@@ -90,6 +97,9 @@ pub enum NetworkCommand {
         /// IPv4 address to give it, inside the network's subnet [default: the lowest free one].
         #[arg(long)]
         ip: Option<String>,
+        /// Another name the container answers to on this network (repeatable).
+        #[arg(long)]
+        alias: Vec<String>,
         /// The network's name or id.
         network: String,
         /// The container's name.
@@ -144,6 +154,13 @@ pub enum ContainerCommand {
         /// IPv4 address to give it on --network [default: the lowest free one].
         #[arg(long)]
         ip: Option<String>,
+        /// Another name it answers to on --network (repeatable).
+        #[arg(long)]
+        alias: Vec<String>,
+        /// Attach it to service NAME on NETWORK, publishing the service if it is not yet
+        /// (implies --network NETWORK).
+        #[arg(long, value_name = "NAME.NETWORK")]
+        publish_service: Option<String>,
         /// Use this existing network namespace (a path on that host, e.g. /run/netns/x) instead
         /// of having the agent make one. It must be a network namespace of its own: the host's
         /// (or another host's) namespace, or the machine's initial one, is refused.
@@ -162,6 +179,13 @@ pub enum ContainerCommand {
     /// List containers.
     #[command(visible_alias = "list")]
     Ls,
+    /// Display detailed information on one or more containers (Docker's shape of
+    /// NetworkSettings).
+    Inspect {
+        /// Container names.
+        #[arg(required = true)]
+        containers: Vec<String>,
+    },
     /// Run a command inside a container's network namespace (on the container's host).
     Exec {
         /// The container's name.
@@ -251,6 +275,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Network(cmd) => ctx.network(cmd).await,
         Command::Container(cmd) => ctx.container(cmd).await,
         Command::Host(HostCommand::Ls) => ctx.host_ls().await,
+        Command::Service(cmd) => service::run(&ctx.store, cmd).await,
         Command::Host(HostCommand::Rm { name }) => {
             let containers = ctx.store.remove_host(&name).await?;
             say(format_args!("{name} (and its {containers} container(s))"))?;
@@ -340,9 +365,10 @@ impl Ctx {
                 }
                 return Ok(if failed { Outcome::Failed } else { Outcome::Done });
             }
-            NetworkCommand::Connect { ip, network, container } => {
+            NetworkCommand::Connect { ip, alias, network, container } => {
                 let ip = ip.as_deref().map(|s| parse_ip("--ip", s)).transpose()?;
-                let ep = store.network_connect(&network, &container, ip).await?;
+                let names = Names { aliases: alias, ..Names::default() };
+                let ep = store.network_connect_named(&network, &container, ip, &names).await?;
                 if let Some(deadline) = self.deadline() {
                     store.wait_endpoint_ready(&ep, &network, deadline).await.with_context(|| {
                         format!("container {container:?} is connected to network {network:?} in the store, but not yet on its host")
@@ -362,8 +388,22 @@ impl Ctx {
     async fn container(&self, cmd: ContainerCommand) -> anyhow::Result<Outcome> {
         let store = &self.store;
         match cmd {
-            ContainerCommand::Create { host, network, ip, netns, name } => {
+            ContainerCommand::Create { host, network, ip, alias, publish_service, netns, name } => {
                 let ip = ip.as_deref().map(|s| parse_ip("--ip", s)).transpose()?;
+                let mut names = Names { aliases: alias, ..Names::default() };
+                let mut network = network;
+                if let Some(text) = &publish_service {
+                    let (service, on) = parse_service_ref(text)?;
+                    if network.as_ref().is_some_and(|n| *n != on) {
+                        bail!(
+                            "--publish-service {text} is on network {on:?}, not --network {:?}",
+                            network.unwrap_or_default()
+                        );
+                    }
+                    network = Some(on);
+                    names.services.push(service);
+                    names.publish = true;
+                }
                 if let Some(path) = &netns {
                     self.check_netns(&host, path).await?;
                 }
@@ -373,6 +413,7 @@ impl Ctx {
                     netns,
                     network: network.clone(),
                     ip,
+                    names,
                 };
                 let created = store.create_container(&spec).await?;
                 if let Some(deadline) = self.deadline() {
@@ -444,6 +485,21 @@ impl Ctx {
                     vec![c.name.clone(), c.host.clone(), nets.join(","), status.to_owned()]
                 });
                 print_table(&["NAME", "HOST", "NETWORKS", "STATUS"], rows)?;
+            }
+            ContainerCommand::Inspect { containers } => {
+                let (state, _) = store.load().await?;
+                let mut out = Vec::new();
+                let mut failed = false;
+                for name in &containers {
+                    if let Some(c) = state.containers.get(name) {
+                        out.push(inspect::ContainerInspect::new(c, &state));
+                    } else {
+                        eprintln!("Error: {}", StoreError::ContainerNotFound(name.clone()));
+                        failed = true;
+                    }
+                }
+                say(inspect::to_json(&out))?;
+                return Ok(if failed { Outcome::Failed } else { Outcome::Done });
             }
             ContainerCommand::Exec { container, command } => {
                 let (ctr, revision) = store.container_revision(&container).await?;

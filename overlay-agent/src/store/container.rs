@@ -12,6 +12,7 @@ use super::{
     etcd::{Range, Retry, absent, decode, decode_or_skip, encode, range_unchanged_since, unchanged},
     network::{decode_networks, resolve},
     now_rfc3339,
+    service::Names,
 };
 use crate::model::{Container, Endpoint};
 
@@ -24,6 +25,8 @@ pub struct ContainerSpec {
     /// A network to connect it to at once (in the same transaction), and the address to ask for.
     pub network: Option<String>,
     pub ip: Option<Ipv4Addr>,
+    /// Its names on that network beyond its own (`--alias`, `--publish-service`).
+    pub names: Names,
 }
 
 #[derive(Clone, Debug)]
@@ -41,6 +44,13 @@ impl Store {
         const OP: &str = "container create";
         check_name("container name", &spec.name)?;
         check_name("host name", &spec.host)?;
+        if spec.network.is_none() && !(spec.names.aliases.is_empty() && spec.names.services.is_empty()) {
+            return Err(StoreError::Invalid {
+                what: "--alias",
+                value: spec.names.aliases.join(","),
+                reason: "needs --network".into(),
+            });
+        }
         if spec.ip.is_some() && spec.network.is_none() {
             return Err(StoreError::Invalid {
                 what: "--ip",
@@ -89,14 +99,16 @@ impl Store {
             if let Some(network) = &spec.network {
                 let networks = decode_networks(view.prefix(2));
                 let (net, net_kv) = resolve(&networks, network)?;
-                let more = self
-                    .view(
-                        OP,
-                        &[Range::Prefix(k.addresses(&net.id)), Range::Key(k.attachment(&spec.name, &net.id))],
-                    )
-                    .await?;
-                let (ep, c, o) =
-                    endpoint::plan(k, net, &container, lease, spec.ip, more.prefix(0), more.key(1))?;
+                let more = self.read_for_endpoint(OP, &net.id, &spec.name, &spec.names).await?;
+                let (ep, c, o) = endpoint::plan(
+                    k,
+                    net,
+                    &container,
+                    lease,
+                    spec.ip,
+                    &endpoint::NetworkRead::of(&more),
+                    &spec.names,
+                )?;
                 compares.extend(c);
                 compares.push(unchanged(&k.network(&net.id), Some(net_kv)));
                 ops.extend(o);

@@ -13,6 +13,7 @@ use super::{
     ipam::Pool,
     network::{decode_networks, resolve},
     new_id,
+    service::{Names, plan_names},
 };
 use crate::model::{Container, Endpoint, Network};
 
@@ -66,37 +67,102 @@ pub(crate) fn choose_address(
     }
 }
 
+/// What a new endpoint's transaction read of its network.
+pub(crate) struct NetworkRead<'a> {
+    /// The network's address keys.
+    pub addresses: &'a [KeyValue],
+    /// The container's attachment key for the network, if any.
+    pub attachment: Option<&'a KeyValue>,
+    /// The network's services.
+    pub services: &'a [KeyValue],
+    /// The network's endpoints (read only when the endpoint publishes a service).
+    pub endpoints: &'a [KeyValue],
+    /// The revision of the read.
+    pub rev: i64,
+}
+
+impl Store {
+    /// Reads what [`plan`] needs of network `network_id` for a new endpoint of `container`.
+    pub(crate) async fn read_for_endpoint(
+        &self,
+        op: &'static str,
+        network_id: &str,
+        container: &str,
+        names: &Names,
+    ) -> Result<super::etcd::View> {
+        let k = &self.keys;
+        let mut ranges = vec![
+            Range::Prefix(k.addresses(network_id)),
+            Range::Key(k.attachment(container, network_id)),
+            Range::Prefix(k.services(network_id)),
+        ];
+        if names.publish && !names.services.is_empty() {
+            ranges.push(Range::Prefix(k.network_endpoints(network_id)));
+        }
+        self.view(op, &ranges).await
+    }
+}
+
+impl<'a> NetworkRead<'a> {
+    pub(crate) fn of(view: &'a super::etcd::View) -> Self {
+        Self {
+            addresses: view.prefix(0),
+            attachment: view.key(1),
+            services: view.prefix(2),
+            // Read only when the endpoint publishes a service (`read_for_endpoint`).
+            endpoints: view.prefix_if_read(3),
+            rev: view.rev,
+        }
+    }
+}
+
 /// Decides a new endpoint of `container` on `network`: its address (the one asked for, or the
-/// lowest free one) and the compares and writes that make it. `addresses` are the network's
-/// address keys and `attachment` the container's attachment key for it, as read.
+/// lowest free one), its names, and the compares and writes that make it, from what was read.
 pub(crate) fn plan(
     keys: &Keys,
     network: &Network,
     container: &Container,
     lease: i64,
     requested: Option<Ipv4Addr>,
-    addresses: &[KeyValue],
-    attachment: Option<&KeyValue>,
+    read: &NetworkRead<'_>,
+    names: &Names,
 ) -> Result<(Endpoint, Vec<Compare>, Vec<TxnOp>)> {
-    if attachment.is_some() {
+    if read.attachment.is_some() {
         return Err(StoreError::AlreadyConnected {
             container: container.name.clone(),
             network: network.name.clone(),
         });
     }
-    let ip = choose_address(keys, network, requested, addresses)?;
-    let endpoint = Endpoint::new(&new_id(), &network.id, &container.name, &container.host, ip);
+    let ip = choose_address(keys, network, requested, read.addresses)?;
+    let (name_compares, name_ops) =
+        plan_names(keys, network, names, read.services, read.endpoints, read.rev)?;
+    let mut endpoint = Endpoint::new(&new_id(), &network.id, &container.name, &container.host, ip);
+    endpoint.aliases = dedup(&names.aliases);
+    endpoint.services = dedup(&names.services);
     let holder = AddressHolder { endpoint: endpoint.id.clone(), container: container.name.clone() };
     // Only the chosen address is guarded: clients taking different addresses do not conflict,
     // and two taking the same one cannot both succeed.
-    let compares =
+    let mut compares =
         vec![absent(&keys.address(&network.id, ip)), absent(&keys.attachment(&container.name, &network.id))];
-    let ops = vec![
+    compares.extend(name_compares);
+    let mut ops = vec![
         put_leased(keys.endpoint(&network.id, &endpoint.id), encode(&endpoint), lease),
         put_leased(keys.attachment(&container.name, &network.id), endpoint.id.as_str(), lease),
         put_leased(keys.address(&network.id, ip), encode(&holder), lease),
     ];
+    ops.extend(name_ops);
     Ok((endpoint, compares, ops))
+}
+
+/// Names in the order given, each once.
+fn dedup(names: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for n in names {
+        if !out.contains(n) {
+            out.push(n.clone());
+        }
+    }
+    out
 }
 
 impl Store {
@@ -108,6 +174,17 @@ impl Store {
         container: &str,
         ip: Option<Ipv4Addr>,
     ) -> Result<Endpoint> {
+        self.network_connect_named(network, container, ip, &Names::default()).await
+    }
+
+    /// `network_connect` with names beyond the container's own (aliases, services).
+    pub async fn network_connect_named(
+        &self,
+        network: &str,
+        container: &str,
+        ip: Option<Ipv4Addr>,
+        names: &Names,
+    ) -> Result<Endpoint> {
         const OP: &str = "network connect";
         let k = &self.keys;
         let mut retry = Retry::new(OP);
@@ -118,14 +195,9 @@ impl Store {
             let (net, net_kv) = resolve(&networks, network)?;
             let ctr_kv = view.key(1).ok_or_else(|| StoreError::ContainerNotFound(container.to_owned()))?;
             let ctr: Container = decode(ctr_kv)?;
-            let more = self
-                .view(
-                    OP,
-                    &[Range::Prefix(k.addresses(&net.id)), Range::Key(k.attachment(container, &net.id))],
-                )
-                .await?;
+            let more = self.read_for_endpoint(OP, &net.id, container, names).await?;
             let (endpoint, mut compares, ops) =
-                plan(k, net, &ctr, ctr_kv.lease(), ip, more.prefix(0), more.key(1))?;
+                plan(k, net, &ctr, ctr_kv.lease(), ip, &NetworkRead::of(&more), names)?;
             // The network not removed, the container neither (and so its host's lease alive).
             compares.push(unchanged(&k.network(&net.id), Some(net_kv)));
             compares.push(unchanged(&k.container(container), Some(ctr_kv)));

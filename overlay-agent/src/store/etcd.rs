@@ -34,6 +34,11 @@ impl View {
     pub fn prefix(&self, i: usize) -> &[KeyValue] {
         &self.results[i]
     }
+
+    /// `prefix(i)` of a range that may not have been read (then empty).
+    pub fn prefix_if_read(&self, i: usize) -> &[KeyValue] {
+        self.results.get(i).map_or(&[], Vec::as_slice)
+    }
 }
 
 /// "This key still is what I read": same modification, or still absent.

@@ -130,6 +130,20 @@ impl Keys {
         format!("{}{name}", self.container_statuses())
     }
 
+    /// `<prefix>/services/`: every network's services.
+    pub fn all_services(&self) -> String {
+        format!("{}/services/", self.prefix)
+    }
+
+    /// `<prefix>/services/<network id>/`: a network's services (`service publish`).
+    pub fn services(&self, network_id: &str) -> String {
+        format!("{}{network_id}/", self.all_services())
+    }
+
+    pub fn service(&self, network_id: &str, name: &str) -> String {
+        format!("{}{name}", self.services(network_id))
+    }
+
     /// Which model object a key holds, if any.
     pub fn parse(&self, key: &str) -> Kind {
         let Some(rest) = key.strip_prefix(&self.prefix).and_then(|k| k.strip_prefix('/')) else {

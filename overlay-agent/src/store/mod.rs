@@ -24,6 +24,7 @@ pub(crate) mod load;
 pub mod network;
 /// Addresses held before their endpoint exists (Docker's IPAM driver API asks first).
 pub mod reservation;
+pub mod service;
 pub mod status;
 
 use std::{fmt::Write as _, net::Ipv4Addr, time::Duration};
@@ -113,6 +114,16 @@ pub enum StoreError {
         "host {host:?} is alive (served by {holder}); stop its agent and wait for its liveness lease to run out before removing it"
     )]
     HostAlive { host: String, holder: String },
+    #[error("name {name:?} on network {network:?} is taken by {holder}")]
+    NameTaken { name: String, network: String, holder: String },
+    #[error(
+        "service {name:?} is not published on network {network:?} (overlay service publish {name}.{network})"
+    )]
+    ServiceNotFound { name: String, network: String },
+    #[error("service {name:?} is already published on network {network:?}")]
+    ServiceExists { name: String, network: String },
+    #[error("service {name:?} on network {network:?} has backends ({backends}): detach them first (overlay service detach CONTAINER {name}.{network})", backends = .backends.join(", "))]
+    ServiceInUse { name: String, network: String, backends: Vec<String> },
     #[error("container {container:?} is already connected to network {network:?}")]
     AlreadyConnected { container: String, network: String },
     #[error("container {container:?} is not connected to network {network:?}")]

@@ -330,6 +330,8 @@ impl Store {
                 TxnOp::delete(k.network_name(&network.name), None),
                 TxnOp::delete(k.vni(network.vni), None),
                 TxnOp::delete(k.addresses(&network.id), Some(DeleteOptions::new().with_prefix())),
+                // Its services go with it (with no endpoints left, none has a backend).
+                TxnOp::delete(k.services(&network.id), Some(DeleteOptions::new().with_prefix())),
             ];
             if self.commit(OP, compares, ops).await?.is_some() {
                 return Ok(network.clone());
