@@ -98,7 +98,7 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
     }
     let (release_tx, mut release) = mpsc::unbounded_channel();
     if let Some(addr) = cfg.health {
-        crate::health::serve(addr, health.clone(), release_tx).await?;
+        crate::health::serve(addr, health.clone(), release_tx, cfg.pins.clone()).await?;
     }
     source.attach_health(health.clone());
     let sandboxes = Sandboxes::open(&cfg.state_dir, &cfg.netns_prefix)?;
@@ -200,6 +200,7 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
             h.ready |= full && outcome.retry.is_empty();
             h.map_endpoints = rec.endpoint_entries();
             h.last_reconcile = crate::health::now();
+            h.reconcile.observe(started_at.elapsed());
             h.pending_retries = outcome.retry.len() + retry.len();
             outcome.status.iter().for_each(|r| h.note(r));
         }

@@ -1,10 +1,12 @@
-//! The agent's health endpoint, for the probes of whatever supervises the agent, with a JSON body
-//! saying what the agent holds:
-//! - `GET /healthz` answers 200 once the first full reconcile is done (503 before);
+//! The agent's HTTP endpoint (axum), for the probes of whatever supervises the agent and for
+//! Prometheus:
+//! - `GET /healthz` answers 200 once the first full reconcile is done (503 before), with a JSON
+//!   body saying what the agent holds;
 //! - `GET /readyz` answers 200 only while the host is also registered in the store and the
 //!   safety brake is not holding anything (503 with the reasons otherwise);
 //! - `POST /brake/release` is the operator's explicit go-ahead for a change the safety brake
-//!   holds (agent.rs).
+//!   holds (agent.rs);
+//! - `GET /metrics`: Prometheus metrics (metrics.rs).
 
 use std::{
     net::SocketAddr,
@@ -12,14 +14,18 @@ use std::{
     time::SystemTime,
 };
 
-use serde::Serialize;
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpListener,
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
 };
+use serde::Serialize;
+use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::source::Report;
+use crate::{datapath::PinDir, metrics, source::Report};
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Health {
@@ -48,6 +54,9 @@ pub struct Health {
     pub brake: Option<Brake>,
     /// What the agent cannot make real now (also in the store's status keys), by container.
     pub failures: Vec<Failure>,
+    /// Reconcile passes and their durations, for `/metrics`.
+    #[serde(skip)]
+    pub reconcile: metrics::Passes,
 }
 
 /// A change the safety brake did not apply: it would have removed `would_remove` of the `of`
@@ -126,56 +135,79 @@ pub fn now() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Serves the endpoints on `addr` until the runtime ends; a brake release is sent on `release`.
+/// What the handlers share.
+#[derive(Clone)]
+struct Endpoint {
+    health: Shared,
+    release: tokio::sync::mpsc::UnboundedSender<()>,
+    pins: PinDir,
+}
+
+impl Endpoint {
+    fn snapshot(&self) -> Health {
+        self.health.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+}
+
+fn json(status: StatusCode, body: &serde_json::Value) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+async fn healthz(State(e): State<Endpoint>) -> Response {
+    let h = e.snapshot();
+    let status = if h.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json(status, &serde_json::to_value(&h).unwrap_or_default())
+}
+
+async fn readyz(State(e): State<Endpoint>) -> Response {
+    let h = e.snapshot();
+    let why = h.not_ready();
+    let status = if why.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json(status, &serde_json::json!({ "ready": why.is_empty(), "reasons": why, "health": h }))
+}
+
+async fn brake_release(State(e): State<Endpoint>) -> Response {
+    let h = e.snapshot();
+    if h.brake.is_none() {
+        return json(StatusCode::CONFLICT, &serde_json::json!({ "error": "the brake holds nothing" }));
+    }
+    warn!("the operator released the safety brake");
+    let _ = e.release.send(());
+    json(StatusCode::OK, &serde_json::json!({ "released": h.brake }))
+}
+
+async fn metrics_text(State(e): State<Endpoint>) -> Response {
+    let h = e.snapshot();
+    let pins = e.pins.clone();
+    // Reading the pinned counters is a few syscalls per counter: off the async threads.
+    let text = tokio::task::spawn_blocking(move || metrics::render(&h, &pins)).await.unwrap_or_default();
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+}
+
+async fn not_found() -> Response {
+    json(StatusCode::NOT_FOUND, &serde_json::json!({}))
+}
+
+/// Serves the endpoints on `addr` until the runtime ends; a brake release is sent on `release`;
+/// `/metrics` reads the datapath's counters from the pins at `pins`.
 pub async fn serve(
     addr: SocketAddr,
     health: Shared,
     release: tokio::sync::mpsc::UnboundedSender<()>,
+    pins: PinDir,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await?;
-    info!(%addr, "health endpoint listening");
+    info!(%addr, "health and metrics endpoint listening");
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/brake/release", post(brake_release))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .with_state(Endpoint { health, release, pins });
     tokio::spawn(async move {
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else { continue };
-            let health = health.clone();
-            let release = release.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let Ok(n) = conn.read(&mut buf).await else { return };
-                let request = String::from_utf8_lossy(&buf[..n]);
-                let mut words = request.split_whitespace();
-                let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-                let h = health.lock().map(|h| h.clone()).unwrap_or_default();
-                let unavailable = "503 Service Unavailable";
-                let (code, body) = match (method, path) {
-                    ("GET", "/healthz") => (
-                        if h.ready { "200 OK" } else { unavailable },
-                        serde_json::to_string(&h).unwrap_or_default(),
-                    ),
-                    ("GET", "/readyz") => {
-                        let why = h.not_ready();
-                        let body =
-                            serde_json::json!({ "ready": why.is_empty(), "reasons": why, "health": h });
-                        (if why.is_empty() { "200 OK" } else { unavailable }, body.to_string())
-                    }
-                    ("POST", "/brake/release") if h.brake.is_some() => {
-                        warn!("the operator released the safety brake");
-                        let _ = release.send(());
-                        ("200 OK", serde_json::json!({ "released": h.brake }).to_string())
-                    }
-                    ("POST", "/brake/release") => {
-                        ("409 Conflict", r#"{"error":"the brake holds nothing"}"#.to_owned())
-                    }
-                    _ => ("404 Not Found", "{}".to_owned()),
-                };
-                let response = format!(
-                    "HTTP/1.1 {code}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                if let Err(e) = conn.write_all(response.as_bytes()).await {
-                    warn!(error = %e, "health response");
-                }
-            });
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!(error = %e, "the health endpoint stopped");
         }
     });
     Ok(())

@@ -15,10 +15,12 @@ pub mod datapath;
 pub mod desired;
 /// Docker's remote network driver API on a unix socket, for the engine on this host.
 pub mod docker;
-/// `GET /healthz`, `GET /readyz`, `POST /brake/release`.
+/// `GET /healthz`, `GET /readyz`, `POST /brake/release`, `GET /metrics`.
 pub mod health;
 /// Who this agent is (its id, machine, netns) and the lock that keeps one agent per state dir.
 pub mod identity;
+/// Prometheus metrics: the datapath's counters and the agent's figures.
+pub mod metrics;
 /// The desired state's objects (networks, endpoints, containers, hosts) and their updates.
 pub mod model;
 /// Kernel plumbing over rtnetlink: namespaces, veths, addresses, routes; GRO by ethtool ioctl.

@@ -174,6 +174,13 @@ impl Cluster {
         Some((code.trim().parse().ok()?, serde_json::from_str(body).ok()?))
     }
 
+    /// `GET /metrics` on `host`'s agent: the OpenMetrics text (empty if nothing answered).
+    pub fn metrics(&self, host: &str) -> String {
+        let url = format!("http://{HEALTH_ADDR}/metrics");
+        let out = try_sh(&mut in_ns(&self.topo.host(host).ns, &["curl", "-s", "-m", "5", &url]));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The namespace the agent of `host` made for container `name`.
     pub fn container_ns(&self, host: &str, name: &str) -> String {
         self.topo.host(host).container_ns(name)

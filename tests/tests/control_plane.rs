@@ -750,3 +750,90 @@ fn the_cli_gives_containers_aliases_and_services() {
     c.ok(&["service", "unpublish", "api.front"]);
     assert!(!c.ok(&["service", "ls"]).contains("api"));
 }
+
+/// The value of `name` with label `key="value"` in a scrape, parsed by prometheus-parse.
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, key: &str, value: &str) -> f64 {
+    scrape.samples.iter().find(|s| s.metric == name && s.labels.get(key) == Some(value)).map_or(0.0, |s| {
+        match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        }
+    })
+}
+
+fn scrape(c: &Cluster, host: &str) -> prometheus_parse::Scrape {
+    let text = c.metrics(host);
+    assert!(text.contains("overlay_ready"), "no metrics from {host}: {text}");
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("parses as Prometheus text")
+}
+
+/// `/metrics` during traffic, read with a Prometheus text parser: a known number of pings moves
+/// tx_encap and rx_deliver by exactly that much, pings to another network's container move the
+/// no_endpoint drops by exactly that much, every datapath counter equals what `overlay-agent
+/// stats` reads from the same map, and the agent's own figures are there.
+#[test]
+// Counters are integers, which f64 holds exactly: the comparisons are meant to be exact.
+#[allow(clippy::float_cmp)]
+fn metrics_count_what_the_datapath_did() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let Some(c) = Cluster::start("mx", 2, 10) else { return };
+    c.ok(&["network", "create", "--subnet", "10.60.0.0/24", "blue"]);
+    c.ok(&["network", "create", "--subnet", "10.61.0.0/24", "red"]);
+    c.ok(&["container", "create", "--host", "h1", "--network", "blue", "c1"]);
+    c.ok(&["container", "create", "--host", "h2", "--network", "blue", "c2"]);
+    c.ok(&["container", "create", "--host", "h1", "--network", "red", "c3"]);
+    let (c2, c3) = (c.address("blue", "c2"), c.address("red", "c3"));
+    assert!(comes_to_reach(&c, "h1", "c1", c2), "c1 reaches c2");
+
+    let before = scrape(&c, "h1");
+    let ns = c.container_ns("h1", "c1");
+    let ping = |to: Ipv4Addr, n: &str| {
+        try_sh(&mut in_ns(&ns, &["ping", "-c", n, "-i", "0.2", "-W", "1", &to.to_string()]))
+    };
+    assert!(ping(c2, "5").status.success());
+    assert!(!ping(c3, "3").status.success(), "another network is out of reach");
+    let after = scrape(&c, "h1");
+    let delta = |name: &str, key: &str, value: &str| {
+        sample(&after, name, key, value) - sample(&before, name, key, value)
+    };
+    assert_eq!(delta("overlay_datapath_packets_total", "event", "tx_encap"), 5.0);
+    assert_eq!(delta("overlay_datapath_packets_total", "event", "rx_deliver"), 5.0);
+    assert_eq!(delta("overlay_datapath_drops_total", "reason", "no_endpoint"), 3.0);
+    assert!(delta("overlay_datapath_bytes_total", "event", "tx_encap") >= 5.0 * 98.0);
+
+    // The same figures as `overlay-agent stats`, counter by counter.
+    let stats = try_sh(
+        std::process::Command::new(overlay_tests::binary("overlay-agent"))
+            .args(["stats", "--json", "--pin-dir"])
+            .arg(&c.topo.host("h1").pin_dir),
+    );
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("stats JSON");
+    let now = scrape(&c, "h1");
+    for (label, v) in stats.as_object().expect("object") {
+        let (name, key, value) = match label.strip_prefix("drop/") {
+            Some(reason) => ("overlay_datapath_drops_total", "reason", reason),
+            None => ("overlay_datapath_packets_total", "event", label.as_str()),
+        };
+        assert_eq!(sample(&now, name, key, value), v["packets"].as_f64().unwrap_or(-1.0), "{label}");
+    }
+    // The agent's own figures.
+    let plain = |name: &str| {
+        now.samples.iter().find(|s| s.metric == name).map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+    };
+    assert_eq!(plain("overlay_ready"), Some(1.0));
+    assert_eq!(plain("overlay_registered"), Some(1.0));
+    assert!(plain("overlay_reconcile_passes_total").is_some_and(|v| v >= 1.0));
+    assert!(plain("overlay_endpoint_map_entries").is_some_and(|v| v >= 2.0));
+    let text = c.metrics("h1");
+    assert!(text.contains("overlay_reconcile_duration_seconds_bucket{le="), "the histogram: {text}");
+}

@@ -1,0 +1,164 @@
+//! `GET /metrics`: what the agent and its datapath did, for a Prometheus server to scrape
+//! (OpenMetrics text, encoded by the Prometheus project's own Rust client, `prometheus-client`).
+//!
+//! Figures that only the agent's loop sees as they happen (reconcile passes and how long each
+//! took) are kept in [`Passes`], inside the shared `Health`. Everything else is read when the
+//! scrape comes: the datapath's counters from the host's pinned STATS map (summed over CPUs, as
+//! `overlay-agent stats` prints them), and the agent's state from `Health`. So a registry is
+//! built per scrape; the persistent metrics are registered into it by handle.
+
+use std::time::Duration;
+
+use overlay_common::stats;
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::{
+    datapath::{PinDir, maps},
+    health::Health,
+};
+
+/// The media type of the answer.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type Labels = Vec<(String, String)>;
+
+/// Reconcile passes and their durations, observed by the agent's loop.
+#[derive(Clone, Debug)]
+pub struct Passes {
+    pub count: Counter,
+    pub seconds: Histogram,
+}
+
+impl Default for Passes {
+    fn default() -> Self {
+        // 1 ms to about 16 s: a pass of one change is milliseconds, a full pass of a large
+        // state seconds.
+        Self { count: Counter::default(), seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)) }
+    }
+}
+
+impl Passes {
+    pub fn observe(&self, took: Duration) {
+        self.count.inc();
+        self.seconds.observe(took.as_secs_f64());
+    }
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
+    let g: Gauge = Gauge::default();
+    g.set(value);
+    registry.register(name, help, g);
+}
+
+/// The metrics text for one scrape. A datapath whose pins cannot be read (the agent has not
+/// loaded it yet) leaves its families empty rather than failing the scrape.
+pub fn render(health: &Health, pins: &PinDir) -> String {
+    let mut registry = Registry::with_prefix("overlay");
+    gauge(&mut registry, "ready", "1 once the first full reconcile is done", i64::from(health.ready));
+    gauge(
+        &mut registry,
+        "registered",
+        "1 while the host is registered in the store (both leases held)",
+        i64::from(health.registered),
+    );
+    gauge(
+        &mut registry,
+        "brake_engaged",
+        "1 while the safety brake holds a change back",
+        i64::from(health.brake.is_some()),
+    );
+    gauge(
+        &mut registry,
+        "endpoint_map_entries",
+        "Entries in the endpoint map (local and remote)",
+        count(health.map_endpoints),
+    );
+    gauge(
+        &mut registry,
+        "pending_retries",
+        "Keys that failed and wait for a retry",
+        count(health.pending_retries),
+    );
+    gauge(
+        &mut registry,
+        "failures",
+        "Containers and endpoints the agent cannot make now",
+        count(health.failures.len()),
+    );
+    gauge(
+        &mut registry,
+        "last_reconcile_timestamp_seconds",
+        "Unix time of the last reconcile pass",
+        i64::try_from(health.last_reconcile).unwrap_or(i64::MAX),
+    );
+    let resets: Counter = Counter::default();
+    resets.inc_by(health.store_resets);
+    registry.register(
+        "store_resets",
+        "Full re-reads of a store that could not be followed change by change",
+        resets,
+    );
+    registry.register("reconcile_passes", "Reconcile passes", health.reconcile.count.clone());
+    registry.register_with_unit(
+        "reconcile_duration",
+        "How long each reconcile pass took",
+        prometheus_client::registry::Unit::Seconds,
+        health.reconcile.seconds.clone(),
+    );
+    datapath(&mut registry, pins);
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &registry);
+    out
+}
+
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The datapath's counters: forwarded packets and bytes per event, dropped ones per reason (the
+/// names `overlay-agent stats` prints).
+fn datapath(registry: &mut Registry, pins: &PinDir) {
+    let packets = Family::<Labels, Counter>::default();
+    let bytes = Family::<Labels, Counter>::default();
+    let drops = Family::<Labels, Counter>::default();
+    let drop_bytes = Family::<Labels, Counter>::default();
+    if let Some(totals) = maps::open_stats(pins).ok().and_then(|m| maps::read_stats(&m).ok()) {
+        for (code, c) in totals.iter().enumerate() {
+            let code = code as u32;
+            let Some(name) = stats::name(code) else { continue };
+            if stats::is_drop(code) {
+                let labels = vec![("reason".to_owned(), name.to_string())];
+                drops.get_or_create(&labels).inc_by(c.packets);
+                drop_bytes.get_or_create(&labels).inc_by(c.bytes);
+            } else {
+                let labels = vec![("event".to_owned(), name.to_string())];
+                packets.get_or_create(&labels).inc_by(c.packets);
+                bytes.get_or_create(&labels).inc_by(c.bytes);
+            }
+        }
+    }
+    registry.register("datapath_packets", "Packets the programs forwarded or answered, by event", packets);
+    registry.register_with_unit(
+        "datapath",
+        "Bytes the programs forwarded or answered, by event",
+        prometheus_client::registry::Unit::Bytes,
+        bytes,
+    );
+    registry.register("datapath_drops", "Packets the programs dropped, by reason", drops);
+    registry.register_with_unit(
+        "datapath_dropped",
+        "Bytes the programs dropped, by reason",
+        prometheus_client::registry::Unit::Bytes,
+        drop_bytes,
+    );
+}
