@@ -92,9 +92,10 @@ pub fn tc(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(cfg) = config() else { return Ok(TC_ACT_OK) };
     let mut pkt = packet(ctx);
     let len = ctx.len();
-    if pkt.len() < decap::HEADERS && len as usize >= decap::HEADERS {
+    let want = if (len as usize) < decap::HEADERS { len } else { decap::HEADERS as u32 };
+    if (pkt.len() as u32) < want {
         // Headers in a paged fragment: bring them into the linear part.
-        ctx.pull_data(decap::HEADERS as u32).map_err(|_| DropReason::Truncated)?;
+        ctx.pull_data(want).map_err(|_| DropReason::Truncated)?;
         pkt = packet(ctx);
     }
     // SAFETY: reading a field of the context the kernel gave us.
