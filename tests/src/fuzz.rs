@@ -135,8 +135,10 @@ impl Sweep {
             if i < n * kinds {
                 let len = (i % n) as usize;
                 let mut f = base.clone();
-                // The outer IPv4 header must be whole for its lengths to be made to agree.
-                if i >= n && len >= 14 + 20 {
+                // The outer IPv4 header (options included) must be whole for its lengths to be
+                // made to agree.
+                let ihl = usize::from(base.bytes[14] & 0x0f) * 4;
+                if i >= n && len >= 14 + ihl.max(20) {
                     frames::truncate_consistently(&mut f.bytes, len);
                     f.what = format!("{}, cut to {len} bytes with its lengths made to agree", base.what);
                 } else {

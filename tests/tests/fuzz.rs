@@ -517,6 +517,11 @@ impl Fuzz {
         let meta = |ifindex: u32| [XDP_META_MAGIC.to_ne_bytes(), ifindex.to_ne_bytes()].concat();
         let r = match out.verdict {
             XDP_DROP => Ok((Expect::drop(len, false), Verdict::Drop)),
+            // A tagged frame is TC's to judge once the kernel took the tag out: untouched,
+            // uncounted, no metadata.
+            XDP_PASS if out.meta.is_empty() && out.frame == f.bytes && tagged(&f.bytes) => {
+                Ok((Expect::default(), Verdict::LeftToTc))
+            }
             XDP_PASS if out.meta == meta(0) && out.frame == f.bytes => {
                 Ok((Expect::code(UPLINK_PASS, len), Verdict::Pass))
             }
@@ -542,9 +547,15 @@ impl Fuzz {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Verdict {
+    LeftToTc,
     Pass,
     Deliver(Vec<u8>),
     Drop,
+}
+
+/// An 802.1Q or 802.1ad tagged frame.
+fn tagged(f: &[u8]) -> bool {
+    f.len() >= 14 && matches!(u16::from_be_bytes([f[12], f[13]]), 0x8100 | 0x88a8)
 }
 
 fn ip4(f: &[u8], at: usize) -> [u8; 4] {
@@ -595,7 +606,9 @@ fn fuzz_every_program() {
             uplink.into_iter().partition(|(i, _)| verdicts.contains_key(i));
         let (b, a) = fz.batch(Direction::Uplink, &ran, UPLINK_DROPS, &|fz, i, f| {
             let (e, v) = fz.uplink_xdp(i, f);
-            if v.as_ref() != verdicts.get(&i) {
+            // (test_run gives TC a tagged frame with its tag in place, which a real uplink
+            // never does: TC's verdict on those says nothing.)
+            if v.as_ref() != verdicts.get(&i) && v != Some(Verdict::LeftToTc) {
                 fz.fail(Direction::Uplink, i, f, &format!("XDP: {v:?}, TC: {:?}", verdicts.get(&i)));
             }
             e

@@ -1023,6 +1023,28 @@ fn uplink_drops_inner_frames_that_are_not_ipv4() {
 }
 
 #[test]
+fn xdp_leaves_tagged_frames_to_tc() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkxvlan");
+    // Valid VXLAN for this host under a tag: 802.1Q VLAN 0 with priority 7 (priority-tagged,
+    // which the stack takes for untagged), VLAN 100, and 802.1ad. XDP leaves each to TC, which
+    // sees it with the tag taken out and drops it (vlan_tagged: the datapath suite sends them
+    // through real uplinks); taken for "not ours" here, a priority-tagged one would reach the
+    // stack as UDP to a port no socket holds, and be answered with an ICMP error.
+    let vxlan = valid_vxlan();
+    for (tpid, tci) in [(0x8100u16, 0xe000u16), (0x8100, 0x0064), (0x88a8, 0x0064)] {
+        let what = format!("tag {tpid:#06x} tci {tci:#06x}");
+        let frame = [&vxlan[..12], &tpid.to_be_bytes(), &tci.to_be_bytes(), &vxlan[12..]].concat();
+        let (out, counts) = h.counting(|h| h.uplink_xdp(&frame));
+        assert_eq!((out.verdict, &out.frame), (XDP_PASS, &frame), "{what}");
+        assert!(out.meta.is_empty(), "{what}: no metadata, so TC classifies it itself");
+        assert_eq!(counts, Counts::new(), "{what}: TC counts it, once");
+    }
+}
+
+#[test]
 fn uplink_drops_inner_sources_the_peer_does_not_own() {
     if skip_unless_privileged() {
         return;
