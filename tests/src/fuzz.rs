@@ -6,6 +6,8 @@
 //! sweep truncations at every length of a few valid frames; the rest are valid frames with
 //! their header fields mutated, cut, extended, or replaced by random bytes.
 
+use std::fmt::Write as _;
+
 use fastrand::Rng;
 
 use crate::frames::{
@@ -235,7 +237,7 @@ fn ether(rng: &mut Rng, src: (Mac, Ip), dst: (Mac, Ip), what: &mut String) -> Ve
                 1 => (0x8100, rng.u16(..)),
                 _ => (0x88a8, rng.u16(..)),
             };
-            what.push_str(&format!("tagged {tpid:#06x} tci {tci:#06x}, "));
+            let _ = write!(what, "tagged {tpid:#06x} tci {tci:#06x}, ");
             let body = [&tci.to_be_bytes()[..], &0x0800u16.to_be_bytes(), &ip].concat();
             frames::ethernet(dst.0, src.0, tpid, &body)
         }
@@ -273,7 +275,7 @@ fn container_base(rng: &mut Rng, k: u8) -> Frame {
         }
         0 => {
             let to = pick(rng, &same_net);
-            what.push_str(&format!("IPv4 to {:?}, ", to.home));
+            let _ = write!(what, "IPv4 to {:?}, ", to.home);
             frames::ethernet(to.mac, me.mac, 0x0800, &ipv4_packet(rng, me.ip, to.ip, &mut what))
         }
         1 | 3 => {
@@ -304,7 +306,7 @@ fn uplink_base(rng: &mut Rng, k: u8) -> Frame {
         ENDPOINTS.iter().filter(|e| e.vni == from.vni && matches!(e.home, Home::Local(_))).copied().collect();
     let to = pick(rng, &locals);
     let mut what = String::new();
-    let inner = if k % 2 == 0 {
+    let inner = if k.is_multiple_of(2) {
         frames::ethernet(to.mac, from.mac, 0x0800, &ipv4_packet(rng, from.ip, to.ip, &mut what))
     } else {
         ether(rng, (from.mac, from.ip), (to.mac, to.ip), &mut what)
@@ -359,7 +361,9 @@ fn regions(f: &[u8], vxlan: bool) -> Vec<(&'static str, usize, usize)> {
     r.push(("IPv4/ARP", l3, l3 + ihl.max(28)));
     r.push(("L4", l3 + ihl, l3 + ihl + 20));
     r.retain(|&(_, s, _)| s < f.len());
-    r.iter_mut().for_each(|x| x.2 = x.2.min(f.len()));
+    for x in &mut r {
+        x.2 = x.2.min(f.len());
+    }
     r
 }
 
@@ -385,7 +389,7 @@ fn mutate_field(rng: &mut Rng, f: &mut [u8], vxlan: bool, what: &mut String) {
     if rng.bool() && at + 1 < end {
         f[at + 1] = rng.u8(..);
     }
-    what.push_str(&format!("{name} byte {} {old:#04x}->{new:#04x}, ", at - start));
+    let _ = write!(what, "{name} byte {} {old:#04x}->{new:#04x}, ", at - start);
 }
 
 /// Makes the IPv4 checksums right again after mutations, where the header is whole: mostly
@@ -417,19 +421,19 @@ fn mutate(rng: &mut Rng, mut f: Frame, vxlan: bool) -> Frame {
         12 => {
             let len = rng.usize(0..=f.bytes.len());
             f.bytes.truncate(len);
-            what.push_str(&format!("cut to {len}, "));
+            let _ = write!(what, "cut to {len}, ");
         }
         13 => {
             let n = rng.usize(1..=24);
             f.bytes.extend((0..n).map(|_| rng.u8(..)));
-            what.push_str(&format!("{n} bytes added, "));
+            let _ = write!(what, "{n} bytes added, ");
         }
         _ => {
             let keep = rng.usize(0..=f.bytes.len());
             for b in &mut f.bytes[keep..] {
                 *b = rng.u8(..);
             }
-            what.push_str(&format!("random after byte {keep}, "));
+            let _ = write!(what, "random after byte {keep}, ");
         }
     }
     f.what = format!("{}mutated: {what}", f.what);
@@ -462,7 +466,7 @@ fn from_container(rng: &mut Rng) -> Frame {
     // A GSO packet with a segment size of its sender's choosing (PACKET_VNET_HDR).
     if rng.u8(0..16) == 0 {
         f.gso_size = rng.u32(1..2000);
-        f.what.push_str(&format!("gso_size {}", f.gso_size));
+        let _ = write!(f.what, "gso_size {}", f.gso_size);
     }
     f
 }

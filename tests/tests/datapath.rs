@@ -210,7 +210,7 @@ fn tag(frame: &[u8], tpid: u16, tci: u16) -> Vec<u8> {
 
 /// Tags a container or a host may put on: VLAN 100 with priority 7, VLAN 0 with priority 7
 /// (priority-tagged, which the stack takes for untagged), and an 802.1ad (QinQ) outer tag.
-const TAGS: [(u16, u16); 3] = [(0x8100, (7 << 13) | 100), (0x8100, 7 << 13), (0x88a8, 100)];
+const TAGS: [(u16, u16); 3] = [(0x8100, (7 << 13) | 0x064), (0x8100, 7 << 13), (0x88a8, 0x064)];
 
 #[test]
 fn containers_reach_their_network_and_nothing_else() {

@@ -323,7 +323,7 @@ impl Fuzz {
         (before, after)
     }
 
-    fn from_container(&self, i: u64, f: &Frame) -> Expect {
+    fn run_from_container(&self, i: u64, f: &Frame) -> Expect {
         let len = f.bytes.len();
         let out = match testrun::tc(
             self.host.tc(PROG_FROM_CONTAINER),
@@ -586,7 +586,7 @@ fn fuzz_every_program() {
         let batch = |dir| (start..end).map(|i| (i, fz.frames.frame(dir, i))).collect::<Vec<_>>();
 
         fz.batch(Direction::FromContainer, &batch(Direction::FromContainer), CONTAINER_DROPS, &|fz, i, f| {
-            fz.from_container(i, f)
+            fz.run_from_container(i, f)
         });
 
         // The uplink: TC alone first, then XDP on the frames TC ran, which must meet the same
