@@ -420,8 +420,11 @@ impl Fuzz {
     /// decapsulated `out` and returns the veth it belongs on.
     fn check_delivered(&self, inp: &[u8], out: &[u8]) -> Result<u32, String> {
         // What arrived was VXLAN for this host from a known peer, as a VTEP sends it.
+        if inp.len() < 64 + 20 {
+            return Err("decapsulated a frame too short to be VXLAN around IPv4".into());
+        }
         let ip = &inp[14..34];
-        if inp.len() < 64 || inp[..6] != fuzz::UPLINK_MAC || inp[12..14] != [8, 0] || ip[0] != 0x45 {
+        if inp[..6] != fuzz::UPLINK_MAC || inp[12..14] != [8, 0] || ip[0] != 0x45 {
             return Err("decapsulated something that is not VXLAN to this host's MAC".into());
         }
         if !wellformed::ipv4_checksum_ok(ip)
