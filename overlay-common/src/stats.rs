@@ -33,7 +33,8 @@ pub enum DropReason {
     Spoofed = 17,
     /// An ethertype the overlay does not carry (it carries IPv4 and answers ARP).
     Unsupported = 18,
-    /// A frame from a container too short for the headers it claims.
+    /// A frame from a container too short for the headers it claims, or an IPv4 packet whose
+    /// headers do not describe it (as for `InnerMalformed`).
     Malformed = 19,
     /// No endpoint owns the destination on the sender's network (unknown, or on another network).
     NoEndpoint = 20,
@@ -89,8 +90,9 @@ pub enum DropReason {
     OuterOptions = 40,
     /// VXLAN for this host sent to a broadcast or multicast MAC rather than the uplink's.
     BadOuterMac = 41,
-    /// An inner IPv4 header that does not describe its packet: a header length under 20 bytes,
-    /// or a total length other than what the frame carries.
+    /// An inner IPv4 packet whose headers do not describe it: a header length under 20 bytes, a
+    /// total length other than what the frame carries, or (unfragmented) a TCP, UDP or ICMP
+    /// header cut short, a TCP data offset or UDP length past the packet.
     InnerMalformed = 42,
     /// A frame with an 802.1Q tag, which the kernel carries beside the frame (`vlan_tci`): from
     /// a container it would leave on the underlay with the container's VLAN and priority; on

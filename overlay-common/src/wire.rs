@@ -25,6 +25,9 @@ pub use network_types::{
 /// them byte-swapped for comparing with the raw field).
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
+/// VLAN tags: 802.1Q (C-tag) and 802.1ad (S-tag, QinQ).
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
 
 pub const ARP_HTYPE_ETHERNET: u16 = 1;
 pub const ARP_OP_REQUEST: u16 = 1;

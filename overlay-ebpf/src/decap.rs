@@ -23,16 +23,15 @@ use overlay_common::{
 };
 
 use crate::{
+    ipv4,
     maps::{ENDPOINTS, NETWORKS, PEERS},
     packet::Packet,
     stats::count,
 };
 
-/// The shortest Ethernet frame (without its FCS): shorter ones are padded up to it.
-const MIN_FRAME: usize = 60;
-
-/// Bytes of headers the checks read: everything up to and including the inner IPv4 header.
-pub const HEADERS: usize = INNER_IP_OFF + Ipv4Hdr::LEN;
+/// Bytes of headers the checks read: everything up to the inner IPv4 header, and that header
+/// with the start of the transport header after it (ipv4::READ).
+pub const HEADERS: usize = INNER_IP_OFF + ipv4::READ;
 
 pub enum Verdict {
     /// Not VXLAN for this host: leave it to the host stack.
@@ -135,12 +134,10 @@ fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option
     if inner_ip.version() != 4 {
         return Err(DropReason::InnerNotIpv4);
     }
-    // The inner header must describe its packet: the receiving container's kernel would drop it
-    // otherwise, where no counter of ours sees it. Shorter than the frame is allowed only as
-    // Ethernet padding, in a frame of the 60-byte minimum.
-    let (ihl, tot, carried) = (inner_ip.ihl() as usize, inner_ip.tot_len() as usize, wire_len - INNER_IP_OFF);
-    let padded = wire_len - INNER_ETH_OFF <= MIN_FRAME && tot <= carried;
-    if ihl < Ipv4Hdr::LEN || tot < ihl || (!gso && tot != carried && !padded) {
+    // The inner packet must describe itself, headers and transport header whole: the receiving
+    // container's kernel would drop it otherwise, where no counter of ours sees it. Shorter
+    // than the frame is allowed only as Ethernet padding, in a frame of the 60-byte minimum.
+    if !ipv4::whole(pkt, &inner_ip, INNER_IP_OFF, wire_len - INNER_ETH_OFF, gso) {
         return Err(DropReason::InnerMalformed);
     }
 

@@ -12,14 +12,15 @@ use overlay_common::{
 };
 
 use crate::{
-    arp, encap,
+    arp, encap, ipv4,
     maps::{ENDPOINTS, IFACES, config},
     skb::{deliver, packet},
 };
 
-/// Bytes the program needs in the linear part of the skb: Ethernet plus ARP (the longer of
-/// ARP and a minimal IPv4 header).
-const HEADERS: u32 = (EthHdr::LEN + ArpHdr::LEN) as u32;
+/// Bytes the program reads, which must be in the linear part of the skb: Ethernet and then
+/// ARP, or the IPv4 header and the start of the transport header (ipv4::READ, the longer).
+const HEADERS: u32 = (EthHdr::LEN + ipv4::READ) as u32;
+const _: () = assert!(ipv4::READ >= ArpHdr::LEN);
 
 #[inline(always)]
 pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
@@ -36,9 +37,11 @@ pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::VlanTagged);
     }
     let mut pkt = packet(ctx);
-    if pkt.len() < HEADERS as usize && ctx.len() >= HEADERS {
+    let len = ctx.len();
+    let want = if len < HEADERS { len } else { HEADERS };
+    if (pkt.len() as u32) < want {
         // Headers in a paged fragment: bring them into the linear part.
-        ctx.pull_data(HEADERS).map_err(|_| DropReason::Malformed)?;
+        ctx.pull_data(want).map_err(|_| DropReason::Malformed)?;
         pkt = packet(ctx);
     }
     let eth: EthHdr = pkt.read(0).ok_or(DropReason::Malformed)?;
@@ -52,7 +55,11 @@ pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
     }
 
     let ip: Ipv4Hdr = pkt.read(EthHdr::LEN).ok_or(DropReason::Malformed)?;
-    if ip.version() != 4 || (ip.ihl() as usize) < Ipv4Hdr::LEN {
+    // The packet must be one the receiving container's kernel takes in (its headers describe
+    // it), or it would be discarded there, on this host or another, where no counter sees it.
+    // SAFETY: reading a field of the context the kernel gave us.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    if ip.version() != 4 || !ipv4::whole(pkt, &ip, EthHdr::LEN, len as usize, gso) {
         return Err(DropReason::Malformed);
     }
     if ip.src_addr != iface.ip {

@@ -15,6 +15,7 @@ mod arp;
 mod decap;
 mod encap;
 mod from_container;
+mod ipv4;
 mod maps;
 mod packet;
 mod skb;

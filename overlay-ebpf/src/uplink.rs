@@ -22,6 +22,7 @@ use aya_ebpf::{
 use overlay_common::{
     maps::{XDP_META_MAGIC, XdpMeta},
     stats::{self, DropReason},
+    wire::{ETH_P_8021AD, ETH_P_8021Q, EthHdr, ether_type},
 };
 
 use crate::{
@@ -41,6 +42,16 @@ pub fn xdp(ctx: &XdpContext) -> Result<u32, DropReason> {
     // Not configured yet: the uplink is just the host's interface.
     let Some(cfg) = config() else { return Ok(xdp_action::XDP_PASS) };
     let pkt = Packet { start: ctx.data(), end: ctx.data_end() };
+    // A tagged frame (802.1Q or 802.1ad, VLAN 0 with a priority among them) is left to TC,
+    // uncounted and without metadata: the kernel takes the tag out before TC, which then judges
+    // the frame as it does on a TC-only uplink (vlan_tagged if it is VXLAN for this host).
+    // Passed here as not ours, a priority-tagged one would reach the stack as untagged UDP to
+    // the VXLAN port, which no socket holds: an ICMP error to whatever source it claims.
+    if let Some(eth) = pkt.read::<EthHdr>(0)
+        && matches!(ether_type(&eth), ETH_P_8021Q | ETH_P_8021AD)
+    {
+        return Ok(xdp_action::XDP_PASS);
+    }
     match decap::classify(pkt, pkt.len(), false, cfg) {
         Verdict::Pass => {
             count(stats::UPLINK_PASS, pkt.len() as u32);
@@ -86,15 +97,21 @@ pub fn tc(ctx: &TcContext) -> Result<i32, DropReason> {
         if meta.ifindex == META_PASS {
             return Ok(TC_ACT_OK);
         }
+        // Tagged VXLAN that XDP saw untagged (a NIC that takes tags out in hardware): the tag
+        // must not ride into the container.
+        if vlan_present(ctx) {
+            return Err(DropReason::VlanTagged);
+        }
         return deliver(ctx, meta.ifindex, stats::RX_DELIVER, DropReason::DecapFailed);
     }
 
     let Some(cfg) = config() else { return Ok(TC_ACT_OK) };
     let mut pkt = packet(ctx);
     let len = ctx.len();
-    if pkt.len() < decap::HEADERS && len as usize >= decap::HEADERS {
+    let want = if (len as usize) < decap::HEADERS { len } else { decap::HEADERS as u32 };
+    if (pkt.len() as u32) < want {
         // Headers in a paged fragment: bring them into the linear part.
-        ctx.pull_data(decap::HEADERS as u32).map_err(|_| DropReason::Truncated)?;
+        ctx.pull_data(want).map_err(|_| DropReason::Truncated)?;
         pkt = packet(ctx);
     }
     // SAFETY: reading a field of the context the kernel gave us.
@@ -111,14 +128,20 @@ pub fn tc(ctx: &TcContext) -> Result<i32, DropReason> {
             // VXLAN that arrived tagged (the kernel took the tag out into the skb): delivered,
             // the tag would ride into the container. (With XDP in front, a tagged frame is not
             // IPv4 to XDP and goes to the stack, which has no VLAN device for it.)
-            // SAFETY: reading a field of the context the kernel gave us.
-            if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+            if vlan_present(ctx) {
                 return Err(DropReason::VlanTagged);
             }
             decap::strip_tc(ctx, pkt)?;
             deliver(ctx, ifindex, stats::RX_DELIVER, DropReason::DecapFailed)
         }
     }
+}
+
+/// Whether the kernel took an 802.1Q/802.1ad tag out of the frame into the skb.
+#[inline(always)]
+fn vlan_present(ctx: &TcContext) -> bool {
+    // SAFETY: reading a field of the context the kernel gave us.
+    unsafe { (*ctx.skb.skb).vlan_present != 0 }
 }
 
 /// The metadata our XDP program left on this frame, if any.

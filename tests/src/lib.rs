@@ -14,16 +14,22 @@ pub mod docker;
 pub mod etcd;
 /// Frames for the packet tests, built byte by byte with lengths and checksums from the RFCs.
 pub mod frames;
+/// The fuzz suite's seeded generator of mutated, truncated and random frames.
+pub mod fuzz;
 /// Just enough of the pcap format to read back what crossed the underlay.
 pub mod pcap;
 /// A ping for the length of a fault, and what it lost.
 pub mod ping;
 /// Desired states built with the agent's model types.
 pub mod scenario;
+/// A program run on one frame with BPF_PROG_TEST_RUN: the context structs and the results.
+pub mod testrun;
 /// Simulated hosts on the underlay, each with its agent, pin and state directories.
 pub mod topology;
 /// The switch: a bridge in its own namespace, each host's `eth0` a veth into it.
 pub mod underlay;
+/// An independent checker of the frames the programs hand to containers and to the underlay.
+pub mod wellformed;
 
 use std::{
     path::{Path, PathBuf},

@@ -147,6 +147,71 @@ fn pairs(filter: impl Fn(&str, &str) -> bool) -> Vec<(&'static str, &'static str
     out
 }
 
+/// Starts tcpdump on `dev` in namespace `ns`, writing to `file` (frames up to 256 bytes) what
+/// `filter` matches, and returns once it captures: frames sent before would be missed.
+/// Terminate it (SIGTERM) to have it flush and close the file.
+fn capture(ns: &str, dev: &str, file: &std::path::Path, filter: &[&str]) -> Proc {
+    let mut proc = Proc::spawn(
+        "tcpdump",
+        in_ns(ns, &["tcpdump", "-i", dev, "-U", "-s", "256", "-w"])
+            .arg(file)
+            .args(filter)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    let stderr = proc.child.as_mut().and_then(|c| c.stderr.take()).expect("tcpdump stderr");
+    let (listening_tx, listening) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Keep reading to the end, so tcpdump never blocks or dies writing its exit summary.
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("listening on") {
+                let _ = listening_tx.send(());
+            }
+        }
+    });
+    listening.recv_timeout(Duration::from_secs(10)).expect("tcpdump did not start capturing");
+    proc
+}
+
+/// UDP from container `src` to container `dst` (port 7000, `payload`), as an Ethernet frame
+/// with the inner IPv4 TOS `tos`.
+fn container_udp(topo: &Topology, src: &str, dst: &str, tos: u8, payload: &[u8]) -> Vec<u8> {
+    let (s, d) = (ip_of(src).octets(), ip_of(dst).octets());
+    ethernet(
+        mac_of(&ns_of(topo, dst), "eth0"),
+        mac_of(&ns_of(topo, src), "eth0"),
+        0x0800,
+        &Ipv4::new(s, d, IPPROTO_UDP).tos(tos).packet(&udp(s, d, 40000, PORT, payload)),
+    )
+}
+
+/// `inner` in VXLAN on `vni` as host `from` sends it to host `to` (their uplinks' MACs and
+/// VTEPs), with the outer TOS `outer_tos`.
+fn vxlan_between(topo: &Topology, from: &str, to: &str, vni: u32, outer_tos: u8, inner: &[u8]) -> Vec<u8> {
+    let (f, t) = (topo.host(from), topo.host(to));
+    let tunnel = Tunnel {
+        src_mac: mac_of(&f.ns, "eth0"),
+        dst_mac: mac_of(&t.ns, "eth0"),
+        src_vtep: f.vtep.octets(),
+        dst_vtep: t.vtep.octets(),
+        src_port: 51234,
+        vni,
+    };
+    let mut frame = frames::vxlan(&tunnel, inner);
+    frame[15] = outer_tos;
+    frames::reseal_ipv4(&mut frame, 14);
+    frame
+}
+
+/// `frame` with an 802.1Q/802.1ad tag (`tpid`, `tci`) after its MAC addresses.
+fn tag(frame: &[u8], tpid: u16, tci: u16) -> Vec<u8> {
+    [&frame[..12], &tpid.to_be_bytes(), &tci.to_be_bytes(), &frame[12..]].concat()
+}
+
+/// Tags a container or a host may put on: VLAN 100 with priority 7, VLAN 0 with priority 7
+/// (priority-tagged, which the stack takes for untagged), and an 802.1ad (QinQ) outer tag.
+const TAGS: [(u16, u16); 3] = [(0x8100, (7 << 13) | 0x064), (0x8100, 7 << 13), (0x88a8, 0x064)];
+
 #[test]
 fn containers_reach_their_network_and_nothing_else() {
     if skip_unless_privileged() {
@@ -176,25 +241,7 @@ fn containers_reach_their_network_and_nothing_else() {
 
     start_servers(&mut topo);
     let capture_file = topo.run.path("underlay.pcap");
-    let mut capture = Proc::spawn(
-        "tcpdump",
-        in_ns(&topo.underlay, &["tcpdump", "-i", "br0", "-U", "-s", "128", "-w"])
-            .arg(&capture_file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped()),
-    );
-    // tcpdump says "listening on br0" once it captures; frames sent before would be missed.
-    let stderr = capture.child.as_mut().and_then(|c| c.stderr.take()).expect("tcpdump stderr");
-    let (listening_tx, listening) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        // Keep reading to the end, so tcpdump never blocks or dies writing its exit summary.
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("listening on") {
-                let _ = listening_tx.send(());
-            }
-        }
-    });
-    listening.recv_timeout(Duration::from_secs(10)).expect("tcpdump did not start capturing");
+    let mut capture = capture(&topo.underlay, "br0", &capture_file, &[]);
     let before: Vec<u64> = topo.hosts.iter().map(|h| h.counter("drop/no_endpoint")).collect();
 
     // Same network: everything reaches everything, across hosts and on one host.
@@ -212,34 +259,19 @@ fn containers_reach_their_network_and_nothing_else() {
         assert!(after[i] > before[i], "{}: cross-network attempts were not dropped as no_endpoint", h.name);
     }
 
-    // A container that tags its frames (802.1Q, VLAN 100, priority 7, its own addresses, sent
-    // on a packet socket as any container with CAP_NET_RAW can): the kernel takes the tag out
-    // into the skb before TC; nothing of it may leave the host, and it is counted.
-    let (tagger, target) = ("b1", ip_of("b3"));
-    let tagger_ns = ns_of(&topo, tagger);
-    let ip_packet = Ipv4::new(ip_of(tagger).octets(), target.octets(), IPPROTO_UDP).packet(&udp(
-        ip_of(tagger).octets(),
-        target.octets(),
-        40000,
-        7000,
-        b"tagged",
-    ));
-    // Priority 7, VLAN 100.
-    let tci: u16 = (7 << 13) | 0x064;
-    let tagged = ethernet(
-        [0x02, 0x42, 10, 10, 0, 13],
-        mac_of(&tagger_ns, "eth0"),
-        0x8100,
-        &[tci.to_be_bytes().as_slice(), &0x0800u16.to_be_bytes(), &ip_packet].concat(),
-    );
-    let hex = to_hex(&tagged);
+    // A container that tags its frames (802.1Q VLAN 100 or VLAN 0, priority 7, or 802.1ad; its
+    // own addresses, sent on a packet socket as any container with CAP_NET_RAW can): the kernel
+    // takes the tag out into the skb before TC; nothing of it may leave the host, and it is
+    // counted.
+    let tagger_ns = ns_of(&topo, "b1");
+    let untagged = container_udp(&topo, "b1", "b3", 0, b"tagged");
     let h1 = topo.host("h1");
     let tagged_before = h1.counter("drop/vlan_tagged");
-    for _ in 0..3 {
-        sh(&mut in_ns(&tagger_ns, &[PROBE, "frame", "eth0", &hex]));
+    for (tpid, tci) in TAGS {
+        sh(&mut in_ns(&tagger_ns, &[PROBE, "frame", "eth0", &to_hex(&tag(&untagged, tpid, tci))]));
     }
     let counted = wait_for(Duration::from_secs(2), || {
-        (h1.counter("drop/vlan_tagged") >= tagged_before + 3).then_some(())
+        (h1.counter("drop/vlan_tagged") >= tagged_before + TAGS.len() as u64).then_some(())
     });
     assert!(counted.is_some(), "tagged frames not counted vlan_tagged");
 
@@ -270,41 +302,25 @@ fn containers_reach_their_network_and_nothing_else() {
     assert!(vxlan > 50, "only {vxlan} VXLAN frames captured");
     assert_eq!(vnis, BTreeSet::from([BLUE_VNI, RED_VNI]));
 
-    // (After the capture, which must show no tag: this test's own frame carries one.)
-    // The other way: valid VXLAN from h2 (a known peer, for b1 from b3) that arrives at h1
-    // tagged. h1's uplink is TC-only: the tag, out in the skb, would ride into b1.
-    let (h1_ns, h2_ns) = (topo.host("h1").ns.clone(), topo.host("h2").ns.clone());
-    let inner = ethernet(
-        mac_of(&ns_of(&topo, "b1"), "eth0"),
-        mac_of(&ns_of(&topo, "b3"), "eth0"),
-        0x0800,
-        &Ipv4::new(ip_of("b3").octets(), ip_of("b1").octets(), IPPROTO_UDP).packet(&udp(
-            ip_of("b3").octets(),
-            ip_of("b1").octets(),
-            40000,
-            7000,
-            b"tagged",
-        )),
-    );
-    let untagged = frames::vxlan(
-        &Tunnel {
-            src_mac: mac_of(&h2_ns, "eth0"),
-            dst_mac: mac_of(&h1_ns, "eth0"),
-            src_vtep: topo.host("h2").vtep.octets(),
-            dst_vtep: h1.vtep.octets(),
-            src_port: 51234,
-            vni: BLUE_VNI,
-        },
-        &inner,
-    );
-    let tagged_vxlan =
-        [&untagged[..12], &0x8100u16.to_be_bytes(), &tci.to_be_bytes(), &untagged[12..]].concat();
-    let hex = to_hex(&tagged_vxlan);
-    let before = h1.counter("drop/vlan_tagged");
-    sh(&mut in_ns(&h2_ns, &[PROBE, "frame", "eth0", &hex]));
-    let counted =
-        wait_for(Duration::from_secs(2), || (h1.counter("drop/vlan_tagged") > before).then_some(()));
-    assert!(counted.is_some(), "tagged VXLAN was not dropped as vlan_tagged on h1");
+    // (After the capture, which must show no tag: this test's own frames carry one.)
+    // The other way: valid VXLAN from a peer (for a container there, from one on the peer) that
+    // arrives tagged, on each uplink mode: the tag must not ride into the container (h1, TC
+    // only), and VLAN 0 must not pass for untagged UDP to the VXLAN port, which the stack would
+    // answer with an ICMP error (h2 native XDP, h3 generic XDP, which leave tagged frames to TC).
+    for (from, to, src, dst) in [("h2", "h1", "b3", "b1"), ("h3", "h2", "b4", "b3"), ("h1", "h3", "b1", "b4")]
+    {
+        let vxlan =
+            vxlan_between(&topo, from, to, BLUE_VNI, 0, &container_udp(&topo, src, dst, 0, b"tagged"));
+        let receiver = topo.host(to);
+        let before = receiver.counter("drop/vlan_tagged");
+        for (tpid, tci) in TAGS {
+            sh(&mut in_ns(&topo.host(from).ns, &[PROBE, "frame", "eth0", &to_hex(&tag(&vxlan, tpid, tci))]));
+        }
+        let counted = wait_for(Duration::from_secs(2), || {
+            (receiver.counter("drop/vlan_tagged") >= before + TAGS.len() as u64).then_some(())
+        });
+        assert!(counted.is_some(), "tagged VXLAN from {from} was not dropped as vlan_tagged on {to}");
+    }
 
     // No kernel VXLAN device and no bridge on any host: the datapath is the programs.
     for h in &topo.hosts {
@@ -329,6 +345,110 @@ fn containers_reach_their_network_and_nothing_else() {
         try_sh(&mut in_ns(&topo.host("h1").ns, &[PROBE, "tcp", &to])).status.success().then_some(())
     });
     assert!(host_tcp.is_some(), "host-to-host TCP failed with the programs attached");
+}
+
+/// Congestion the underlay marks, and frames too big for it, between real hosts: VXLAN from a
+/// peer with an outer CE reaches the container as CE when the inner packet is ECN-capable and
+/// is dropped and counted when it is not (RFC 6040), on a TC-only uplink (h1) and a native XDP
+/// one (h2); a frame or GSO packet from a container that raised its MTU is counted too_big on
+/// its host and nothing of it appears on the underlay.
+#[test]
+fn congestion_marks_and_oversized_frames_end_to_end() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let (mut topo, _scenario, _state) = build("ecn");
+    wait_ready(&topo);
+    let underlay_file = topo.run.path("underlay.pcap");
+    let mut underlay = capture(&topo.underlay, "br0", &underlay_file, &[]);
+    let (ect0, ce) = (0b10, 0b11);
+
+    // (peer, receiving host, sender, receiver): h1 decapsulates in TC, h2 in XDP.
+    for (from, to, src, dst) in [("h2", "h1", "b3", "b1"), ("h3", "h2", "b4", "b3")] {
+        // What the container's application gets: a UDP socket reporting each datagram's TOS.
+        let mut receiver_app = Proc::spawn(
+            "tos receiver",
+            in_ns(&ns_of(&topo, dst), &[PROBE, "tos", "7000", "3"]).stdout(Stdio::piped()),
+        );
+        let mut lines = BufReader::new(receiver_app.take_stdout().expect("stdout")).lines();
+        assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("listening"), "the receiver in {dst}");
+        let receiver = topo.host(to);
+        let before = receiver.counter("drop/ce_not_ect");
+        // DSCP AF41 with each ECN codepoint, so the DSCP must survive the marking too.
+        let marked = container_udp(&topo, src, dst, 0x88 | ect0, b"ect0 under CE");
+        let not_ect = container_udp(&topo, src, dst, 0x88, b"not-ect under CE");
+        for inner in [&marked, &not_ect] {
+            let frame = vxlan_between(&topo, from, to, BLUE_VNI, 0x88 | ce, inner);
+            sh(&mut in_ns(&topo.host(from).ns, &[PROBE, "frame", "eth0", &to_hex(&frame)]));
+        }
+        let dropped =
+            wait_for(Duration::from_secs(2), || (receiver.counter("drop/ce_not_ect") > before).then_some(()));
+        assert!(dropped.is_some(), "{to}: outer CE around a Not-ECT packet was not counted ce_not_ect");
+        // Everything the receiver got in its 3 seconds: the ECT(0) packet, marked CE, alone.
+        let got: Vec<String> = lines.map_while(Result::ok).collect();
+        assert_eq!(
+            got,
+            ["0x8b ect0 under CE"],
+            "{dst} on {to}: expected AF41 with CE, and no Not-ECT packet"
+        );
+    }
+
+    // b2 (h1) raises its MTU past what the overlay carries (1450): 4 bytes more still pass its
+    // veth, whose peer takes frames up to its MTU plus an Ethernet header and a VLAN tag.
+    let b2 = ns_of(&topo, "b2");
+    let b3 = ns_of(&topo, "b3");
+    for ns in [&b2, &b3] {
+        sh(&mut in_ns(ns, &["ip", "link", "set", "eth0", "mtu", "1454"]));
+    }
+    let h1 = topo.host("h1");
+    let before = h1.counter("drop/too_big");
+    // A 1454-byte IPv4 packet (DF): 4 bytes too many once encapsulated.
+    let pinged = try_sh(&mut in_ns(
+        &b2,
+        &["ping", "-c", "2", "-i", "0.2", "-W", "1", "-M", "do", "-s", "1426", &ip_of("b3").to_string()],
+    ));
+    assert!(!pinged.status.success(), "a 1454-byte ping crossed an overlay that carries 1450");
+    let pings = h1.counter("drop/too_big") - before;
+    assert!(pings >= 2, "oversized pings counted too_big {pings} times, not 2");
+    // TCP with both ends at 1454: segments of 1414 bytes, sent by b2's stack as GSO packets,
+    // judged by the segments they become.
+    let sink = Proc::spawn("sink in b3", in_ns(&b3, &[PROBE, "sink", "7001"]).stdout(Stdio::null()));
+    topo.run.procs.push(sink);
+    std::thread::sleep(Duration::from_millis(300));
+    let to = format!("{}:7001", ip_of("b3"));
+    let too_big = |h: &Host| {
+        let c = &h.counters()["drop/too_big"];
+        (c["packets"].as_u64().unwrap_or(0), c["bytes"].as_u64().unwrap_or(0))
+    };
+    let before = too_big(topo.host("h1"));
+    let _ = try_sh(&mut in_ns(&b2, &["timeout", "3", PROBE, "send", &to, "1000000"]));
+    let after = too_big(topo.host("h1"));
+    let (packets, bytes) = (after.0 - before.0, after.1 - before.1);
+    assert!(packets > 0, "oversized TCP segments were not counted too_big");
+    // A frame is at most 1468 bytes here (the veth's limit); more per drop on average means
+    // GSO packets were judged by their segments and dropped whole, not left to the uplink.
+    assert!(
+        bytes > packets * 1468,
+        "too_big counted {packets} frames of {bytes} bytes: no GSO packet among them"
+    );
+
+    std::thread::sleep(Duration::from_millis(300));
+    underlay.terminate(Duration::from_secs(5));
+    let frames = pcap::read(&std::fs::read(&underlay_file).expect("capture"));
+    // The crafted frames crossed with their marks (the capture saw the underlay).
+    let marked =
+        frames.iter().filter(|f| f.data.len() > 15 && f.vxlan().is_some() && f.data[15] & 3 == ce).count();
+    assert!(marked >= 4, "{marked} CE-marked VXLAN frames on the underlay, 4 sent");
+    // Nothing b2 sent made it: no VXLAN frame carries its address (its ARP is answered on h1,
+    // the TCP handshake's small segments are the only exception).
+    let b2_ip = ip_of("b2").octets();
+    let big: Vec<usize> = frames
+        .iter()
+        .filter_map(|f| f.vxlan())
+        .filter(|(_, inner)| inner.len() >= 34 && inner[26..30] == b2_ip && inner.len() > 14 + 1450)
+        .map(|(_, inner)| inner.len())
+        .collect();
+    assert!(big.is_empty(), "frames from b2 larger than the overlay's MTU on the underlay: {big:?}");
 }
 
 /// Held by the 1 GiB transfers and by the test that times a connection across agent restarts:

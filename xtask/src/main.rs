@@ -9,6 +9,7 @@
 //! - `demo`: the main job (three simulated hosts, etcd, two networks, the CLI).
 //! - `lint`: rustfmt --check and clippy -D warnings on every crate, the eBPF one included.
 //! - `bench`: the latency/throughput harness (three topologies, one run).
+//! - `fuzz`: the fuzz suite alone, as long as asked (`--frames N` per program, `--seed S`).
 
 use std::{
     path::{Path, PathBuf},
@@ -48,6 +49,15 @@ enum Cmd {
     /// Check formatting and lints: rustfmt --check and clippy with warnings denied, on every
     /// crate (the eBPF crate with nightly for the BPF target).
     Lint,
+    /// Run the fuzz suite alone, longer than the test run does: N generated frames through each
+    /// program (BPF_PROG_TEST_RUN), from seed S (default: from the clock; a failure prints the
+    /// seed and the frame to run again).
+    Fuzz {
+        #[arg(long, default_value_t = 1_000_000)]
+        frames: u64,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Run the benchmark harness (arguments go to overlay-bench; try --help).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -141,6 +151,33 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
     Ok(target_dir().join(if release { "release" } else { "debug" }))
 }
 
+/// `cargo test` with `cargo_args` (which tests), the agent built for the suites, as root where
+/// possible (see `elevation`), `args` passed on to the test binaries.
+fn test_command(cargo_args: &[&str], args: &[String]) -> anyhow::Result<Command> {
+    let bins = build(false)?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--no-fail-fast"]).args(cargo_args).env("OVERLAY_BIN_DIR", &bins);
+    match elevation() {
+        // Run as root, every test must run: a missing tool fails the test that needs
+        // it instead of letting it skip.
+        Some(prefix) => {
+            cmd.env("OVERLAY_TESTS_REQUIRE_ALL", "1");
+            if !prefix.is_empty() {
+                let var = format!("CARGO_TARGET_{}_RUNNER", host_triple()?.to_uppercase().replace('-', "_"));
+                cmd.env(var, prefix.join(" "));
+            }
+        }
+        None => eprintln!(
+            "xtask: NOT ROOT and no sudo: the privileged tests (namespaces, BPF, end to end) \
+             will print 'skipping: ...' and not run. Run `cargo xtask test` as root to run them."
+        ),
+    }
+    if !args.is_empty() {
+        cmd.arg("--").args(args);
+    }
+    Ok(cmd)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Build { release } => {
@@ -148,30 +185,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("built {}", dir.join("overlay-agent").display());
             Ok(())
         }
-        Cmd::Test { args } => {
-            let bins = build(false)?;
-            let mut cmd = cargo();
-            cmd.args(["test", "--no-fail-fast"]).env("OVERLAY_BIN_DIR", &bins);
-            match elevation() {
-                // Run as root, every test must run: a missing tool fails the test that needs
-                // it instead of letting it skip.
-                Some(prefix) => {
-                    cmd.env("OVERLAY_TESTS_REQUIRE_ALL", "1");
-                    if !prefix.is_empty() {
-                        let var = format!(
-                            "CARGO_TARGET_{}_RUNNER",
-                            host_triple()?.to_uppercase().replace('-', "_")
-                        );
-                        cmd.env(var, prefix.join(" "));
-                    }
-                }
-                None => eprintln!(
-                    "xtask: NOT ROOT and no sudo: the privileged tests (namespaces, BPF, end to end) \
-                     will print 'skipping: ...' and not run. Run `cargo xtask test` as root to run them."
-                ),
-            }
-            if !args.is_empty() {
-                cmd.arg("--").args(&args);
+        Cmd::Test { args } => status(&mut test_command(&[], &args)?),
+        Cmd::Fuzz { frames, seed } => {
+            let mut cmd =
+                test_command(&["--package", "overlay-tests", "--test", "fuzz"], &["--nocapture".into()])?;
+            cmd.env("OVERLAY_FUZZ_FRAMES", frames.to_string());
+            if let Some(seed) = seed {
+                cmd.env("OVERLAY_FUZZ_SEED", seed.to_string());
             }
             status(&mut cmd)
         }

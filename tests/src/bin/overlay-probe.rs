@@ -10,6 +10,9 @@
 //!   prints "<round trips> <longest gap ms>", exit 1 if the connection broke.
 //! - `frame IFACE HEX`: send one raw Ethernet frame (given in hex) out of IFACE on a packet
 //!   socket, as a process with CAP_NET_RAW in a container can: for frames no socket API makes.
+//! - `tos PORT SECONDS`: print "listening" once UDP PORT is bound, then for every datagram
+//!   received within SECONDS one line "<TOS byte in hex> <payload>" (the TOS as the receiving
+//!   stack saw it, IP_RECVTOS): what a container's application gets, ECN marks included.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -33,7 +36,8 @@ fn main() -> ExitCode {
         ["send", to, bytes] => send(to.parse().expect("address"), bytes.parse().expect("bytes")),
         ["session", to, secs] => session(to.parse().expect("address"), secs.parse().expect("seconds")),
         ["frame", iface, hex] => frame(iface, hex),
-        _ => Err("usage: overlay-probe serve|tcp|udp|sink|send|session|frame ...".into()),
+        ["tos", port, secs] => tos(port.parse().expect("port"), secs.parse().expect("seconds")),
+        _ => Err("usage: overlay-probe serve|tcp|udp|sink|send|session|frame|tos ...".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -214,4 +218,63 @@ fn frame(iface: &str, hex: &str) -> Result {
         libc::close(fd);
         if sent < 0 { Err(err.to_string()) } else { Ok(()) }
     }
+}
+
+fn tos(port: u16, secs: u64) -> Result {
+    use std::os::fd::AsRawFd;
+    let sock = UdpSocket::bind(("0.0.0.0", port)).map_err(|e| e.to_string())?;
+    let fd = sock.as_raw_fd();
+    let on: libc::c_int = 1;
+    // SAFETY: a valid option value of the stated length on a socket we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_IP,
+            libc::IP_RECVTOS,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(format!("IP_RECVTOS: {}", std::io::Error::last_os_error()));
+    }
+    println!("listening");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let end = Instant::now() + Duration::from_secs(secs);
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(1)))).map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 2048];
+        let mut control = [0u64; 16];
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        // SAFETY: msghdr is plain data; all zero is a valid start, filled in below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        // SAFETY: the buffers named in msg are valid for the lengths given.
+        let n = unsafe { libc::recvmsg(fd, &raw mut msg, 0) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+                continue;
+            }
+            return Err(err.to_string());
+        }
+        let mut tos = None;
+        // SAFETY: walking the control messages the kernel wrote into `control`.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_TOS {
+                    tos = Some(*libc::CMSG_DATA(c));
+                }
+                c = libc::CMSG_NXTHDR(&raw const msg, c);
+            }
+        }
+        let tos = tos.ok_or("no IP_TOS control message")?;
+        println!("{tos:#04x} {}", String::from_utf8_lossy(&buf[..n as usize]));
+        std::io::stdout().flush().map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
