@@ -16,6 +16,7 @@
 
 use std::{
     collections::BTreeMap,
+    net::Ipv4Addr,
     os::unix::{fs::MetadataExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -166,8 +167,31 @@ impl Sandboxes {
         }
         let ns = record.netns.file_name().and_then(|n| n.to_str()).context("namespace name")?;
         netns::delete(ns).with_context(|| format!("removing namespace {}", record.netns.display()))?;
+        let _ = std::fs::remove_dir_all(Path::new(NETNS_ETC).join(ns));
         self.records.remove(name);
         self.save()
+    }
+
+    /// Writes the name files of a sandbox the agent made: `/etc/netns/<namespace>/resolv.conf`
+    /// naming the resolver of each of its networks (the network's gateway, where the
+    /// datapath answers names: docs/names.md), and `hosts` with its own name at each of its
+    /// addresses. `ip netns exec` and `overlay container exec` put them over `/etc/` for the
+    /// commands they run. A container of another runtime (`--netns`, Docker) has files of its
+    /// runtime's: nothing is written for it. `networks` are (gateway, the container's address)
+    /// per network, in the order its interfaces were made.
+    pub fn write_name_files(&self, name: &str, networks: &[(Ipv4Addr, Ipv4Addr)]) -> anyhow::Result<()> {
+        let Some(record) = self.records.get(name).filter(|r| !r.foreign) else { return Ok(()) };
+        let Some(ns) = record.netns.file_name().and_then(|n| n.to_str()) else { return Ok(()) };
+        let dir = Path::new(NETNS_ETC).join(ns);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (resolv, hosts) = name_files(name, networks);
+        for (file, text) in [("resolv.conf", resolv), ("hosts", hosts)] {
+            let path = dir.join(file);
+            let tmp = dir.join(format!(".{file}.tmp"));
+            std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
     }
 
     fn save(&self) -> anyhow::Result<()> {
@@ -248,6 +272,28 @@ pub fn machine() -> Option<String> {
 
 /// The namespace of container `name`'s sandbox, for an agent whose sandboxes are named with
 /// `prefix`.
+/// Where `ip netns exec` looks for a namespace's own `/etc` files (iproute2's NETNS_ETC_DIR).
+pub const NETNS_ETC: &str = "/etc/netns";
+
+/// The resolv.conf and hosts of container `name` with `networks` (gateway, its address): at
+/// most three nameservers (glibc reads no more), each network's gateway once.
+pub fn name_files(name: &str, networks: &[(Ipv4Addr, Ipv4Addr)]) -> (String, String) {
+    let mut resolv =
+        String::from("# Written by overlay-agent: the resolver of each network is its gateway.\n");
+    let mut seen = Vec::new();
+    for (gateway, _) in networks {
+        if !seen.contains(gateway) && seen.len() < 3 {
+            seen.push(*gateway);
+            resolv.push_str(&format!("nameserver {gateway}\n"));
+        }
+    }
+    let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    for (_, ip) in networks {
+        hosts.push_str(&format!("{ip}\t{name}\n"));
+    }
+    (resolv, hosts)
+}
+
 pub fn path(prefix: &str, name: &str) -> PathBuf {
     netns::named(&format!("{prefix}{name}"))
 }
@@ -294,6 +340,27 @@ pub fn hold(netns: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use std::{net::Ipv4Addr, path::Path};
+
+    use super::name_files;
+
+    #[test]
+    fn resolv_conf_names_each_gateway_once_and_hosts_each_address() {
+        let a = |s: &str| s.parse().unwrap();
+        let (resolv, hosts) = name_files(
+            "web",
+            &[
+                (a("10.0.9.1"), a("10.0.9.2")),
+                (a("10.0.10.1"), a("10.0.10.7")),
+                (a("10.0.9.1"), a("10.0.9.3")),
+            ],
+        );
+        let servers: Vec<&str> = resolv.lines().filter(|l| l.starts_with("nameserver")).collect();
+        assert_eq!(servers, ["nameserver 10.0.9.1", "nameserver 10.0.10.1"]);
+        assert!(hosts.contains("10.0.9.2\tweb\n") && hosts.contains("10.0.10.7\tweb\n"), "{hosts}");
+        assert!(hosts.starts_with("127.0.0.1\tlocalhost\n"));
+        let many: Vec<_> = (1..=5).map(|i| (a(&format!("10.0.{i}.1")), a(&format!("10.0.{i}.2")))).collect();
+        assert_eq!(name_files("x", &many).0.lines().filter(|l| l.starts_with("nameserver")).count(), 3);
+    }
 
     use super::Forbidden;
     use crate::{

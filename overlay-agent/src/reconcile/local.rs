@@ -27,6 +27,8 @@ pub struct Local {
     pub(super) ifname: String,
     pub(super) netns: PathBuf,
     pub(super) network_id: Id,
+    /// The container it belongs to.
+    pub(super) container: String,
 }
 
 /// What the agent made on this host: sandboxes, and the interfaces of local endpoints.
@@ -148,12 +150,14 @@ impl Locals {
                 }
                 self.create(here, e, n, c, dp, mirror).await?;
                 self.failed_endpoints.remove(id);
+                self.refresh_name_files(desired, &c.name);
                 Ok(true)
             }
             (None, Some(have)) => {
                 self.remove(id, &have, dp, mirror).await?;
                 self.failed_endpoints.remove(id);
                 out.status.push(Report::EndpointGone { id: id.to_string() });
+                self.refresh_name_files(desired, &have.container);
                 Ok(false)
             }
             (None, None) => {
@@ -163,6 +167,27 @@ impl Locals {
                 }
                 Ok(false)
             }
+        }
+    }
+
+    /// Rewrites the name files of a sandbox the agent made (resolv.conf, hosts) for the
+    /// networks its interfaces are on now. A failure is logged: names are not worth failing
+    /// the endpoint for.
+    fn refresh_name_files(&self, desired: &Desired, container: &str) {
+        let mut networks: Vec<(&str, std::net::Ipv4Addr, std::net::Ipv4Addr)> = desired
+            .endpoints_of_container(container)
+            .filter_map(|id| {
+                let e = desired.endpoint(id)?;
+                let l = self.by_id.get(id)?;
+                let n = desired.network(&e.network_id)?;
+                Some((l.ifname.as_str(), n.gateway, e.ipv4))
+            })
+            .collect();
+        // In interface order, so the first nameserver is eth0's network's.
+        networks.sort_by_key(|(ifname, _, _)| (ifname.len(), *ifname));
+        let pairs: Vec<_> = networks.into_iter().map(|(_, gw, ip)| (gw, ip)).collect();
+        if let Err(e) = self.sandboxes.write_name_files(container, &pairs) {
+            warn!(container, error = format!("{e:#}"), "cannot write the container's resolv.conf and hosts");
         }
     }
 
@@ -237,6 +262,7 @@ impl Locals {
             ifname: created.ifname.clone(),
             netns,
             network_id: e.network_id.clone(),
+            container: c.name.clone(),
         };
         // Record it first: if attaching fails, the retry removes and remakes it.
         self.by_id.insert(e.id.clone(), local);
@@ -349,13 +375,20 @@ impl Locals {
             }
             let adopt = owner.and_then(|id| {
                 let (e, _, c) = here.local_here(desired, id)?;
-                Some((e.id.clone(), e.network_id.clone(), here.netns_of(c)))
+                Some((e.id.clone(), e.network_id.clone(), here.netns_of(c), c.name.clone()))
             });
-            if let Some((id, network_id, netns)) = adopt {
+            if let Some((id, network_id, netns, container)) = adopt {
                 let ifname = veth::container_ifname(link).unwrap_or_default();
                 self.by_id.insert(
                     id.clone(),
-                    Local { ifindex: link.index, host_name: link.name.clone(), ifname, netns, network_id },
+                    Local {
+                        ifindex: link.index,
+                        host_name: link.name.clone(),
+                        ifname,
+                        netns,
+                        network_id,
+                        container,
+                    },
                 );
                 if let Err(e) = dp.attach_endpoint(&link.name, link.index) {
                     warn!(veth = %link.name, error = %e, "cannot re-attach to an existing endpoint");

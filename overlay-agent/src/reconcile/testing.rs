@@ -215,6 +215,7 @@ impl Pass {
                             ifname: "eth0".to_owned(),
                             netns: here.netns_of(c),
                             network_id: e.network_id.clone(),
+                            container: c.name.clone(),
                         },
                     );
                     let iface = Iface { vni: n.vni, ip: e.ipv4.octets(), mac: e.mac.0, _pad: [0; 2] };
