@@ -296,7 +296,7 @@ mod tests {
         assert_eq!(name_reason("drop reason=25 len=98"), "drop reason=unknown_vni len=98");
         assert_eq!(name_reason("drop reason=20"), "drop reason=no_endpoint");
         // Codes without a name, and other messages, pass through.
-        assert_eq!(name_reason("drop reason=47 len=1"), "drop reason=47 len=1");
+        assert_eq!(name_reason("drop reason=63 len=1"), "drop reason=63 len=1");
         assert_eq!(name_reason("something else"), "something else");
     }
 }

@@ -4,9 +4,12 @@
 //!
 //! A host carries every endpoint of the networks it takes part in, so this is where the agent's
 //! memory goes at scale (100k endpoints and more). It keeps no more than it uses: containers of
-//! other hosts are not kept at all, a remote endpoint keeps no container name, and ids, network
-//! ids and host names are shared (`Arc<str>`) between the endpoint, the indexes, the dirty sets
-//! and the reconciler's mirrors instead of copied into each.
+//! other hosts are not kept at all, and ids, network ids and host names are shared (`Arc<str>`)
+//! between the endpoint, the indexes, the dirty sets and the reconciler's mirrors instead of
+//! copied into each. Every endpoint keeps the names it answers to on its network (the `NAMES`
+//! map holds the names of every endpoint of the networks this host takes part in, docs/names.md):
+//! its container's name, one `Arc<str>` per endpoint that a local endpoint's `container` shares,
+//! and its aliases and services, interned like network ids since many endpoints share them.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -28,6 +31,10 @@ pub struct Ep {
     /// The container, for an endpoint on this host (the only ones the agent makes interfaces
     /// for); None for a remote endpoint.
     pub container: Option<Id>,
+    /// The container's name, for every endpoint: the first name it answers to.
+    pub name: Id,
+    /// Its other names on the network: aliases, then services (empty: no allocation).
+    pub aliases: Box<[Id]>,
     pub ipv4: Ipv4Addr,
     pub mac: MacAddr,
 }
@@ -75,7 +82,7 @@ pub struct Desired {
     by_host: HashMap<Id, HashSet<Id>>,
     /// This host's endpoints only.
     by_container: HashMap<Id, BTreeSet<Id>>,
-    /// Network ids and host names, one copy each.
+    /// Network ids, host names, aliases and services, one copy each.
     names: HashSet<Id>,
 }
 
@@ -180,11 +187,15 @@ impl Desired {
     /// The agent's form of an endpoint: shared names, and no container for a remote one.
     fn compact(&mut self, e: Endpoint) -> Ep {
         let local = e.host == self.me;
+        let name = Id::from(e.container);
+        let aliases = e.aliases.iter().chain(&e.services).map(|a| self.intern(a)).collect();
         Ep {
             id: Id::from(e.id),
             network_id: self.intern(&e.network_id),
             host: self.intern(&e.host),
-            container: local.then(|| Id::from(e.container)),
+            container: local.then(|| name.clone()),
+            name,
+            aliases,
             ipv4: e.ipv4,
             mac: e.mac,
         }

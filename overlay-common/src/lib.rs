@@ -6,6 +6,7 @@
 //! `user` feature the map types implement `aya::Pod`.
 #![no_std]
 
+pub mod dns;
 pub mod maps;
 pub mod stats;
 pub mod wire;

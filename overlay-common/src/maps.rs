@@ -17,8 +17,8 @@ pub const MAP_CONFIG: &str = "CONFIG";
 pub const MAP_STATS: &str = "STATS";
 
 /// Every pinned map, in the order the agent checks and reports them.
-pub const PINNED_MAPS: [&str; 6] =
-    [MAP_ENDPOINTS, MAP_IFACES, MAP_PEERS, MAP_NETWORKS, MAP_CONFIG, MAP_STATS];
+pub const PINNED_MAPS: [&str; 7] =
+    [MAP_ENDPOINTS, MAP_IFACES, MAP_PEERS, MAP_NETWORKS, MAP_CONFIG, MAP_STATS, crate::dns::MAP_NAMES];
 
 /// Capacity of the endpoint map: every endpoint of every network this host takes part in,
 /// local and remote. The map is not preallocated, so an idle host pays for what it holds.

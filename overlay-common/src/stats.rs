@@ -16,6 +16,8 @@ pub const RX_DECAP: u32 = 3;
 pub const RX_DELIVER: u32 = 4;
 /// Uplink frames that are not VXLAN for this host, passed untouched to the host stack.
 pub const UPLINK_PASS: u32 = 5;
+/// DNS queries from containers answered from the `NAMES` map (see `dns`).
+pub const DNS_ANSWER: u32 = 6;
 
 /// The first code of a drop reason: codes from here to [`STATS_LEN`] belong to [`DropReason`].
 pub const DROP_BASE: u32 = 16;
@@ -98,11 +100,27 @@ pub enum DropReason {
     /// a container it would leave on the underlay with the container's VLAN and priority; on
     /// VXLAN for this host it would ride into the container.
     VlanTagged = 43,
+    /// A DNS query to the gateway's port 53 that ends inside its header or its question.
+    DnsTruncated = 44,
+    /// A DNS response (QR set) sent to the gateway's port 53: nobody there asked a question.
+    DnsNotQuery = 45,
+    /// A DNS query whose counts no query has: not exactly one question, or answer or authority
+    /// records.
+    DnsBadCounts = 46,
+    /// A query name with a label over 63 bytes or of a reserved label type (RFC 6891 section 5).
+    DnsBadLabel = 47,
+    /// A query name longer than DNS allows (255 bytes in wire format).
+    DnsNameTooLong = 48,
+    /// A compression pointer in the question (a lone question has nothing to point back to;
+    /// pointers are how lookup loops are made).
+    DnsCompression = 49,
+    /// The kernel refused to resize a DNS query into its answer or to write it.
+    DnsAnswerFailed = 50,
 }
 
 impl DropReason {
     /// Every reason, in code order.
-    pub const ALL: [Self; 28] = [
+    pub const ALL: [Self; 35] = [
         Self::UnknownIface,
         Self::Spoofed,
         Self::Unsupported,
@@ -131,6 +149,13 @@ impl DropReason {
         Self::BadOuterMac,
         Self::InnerMalformed,
         Self::VlanTagged,
+        Self::DnsTruncated,
+        Self::DnsNotQuery,
+        Self::DnsBadCounts,
+        Self::DnsBadLabel,
+        Self::DnsNameTooLong,
+        Self::DnsCompression,
+        Self::DnsAnswerFailed,
     ];
 
     /// The reason's counter code: its index in `STATS`.
@@ -179,6 +204,13 @@ impl DropReason {
             Self::BadOuterMac => "bad_outer_mac",
             Self::InnerMalformed => "inner_malformed",
             Self::VlanTagged => "vlan_tagged",
+            Self::DnsTruncated => "dns_truncated",
+            Self::DnsNotQuery => "dns_not_query",
+            Self::DnsBadCounts => "dns_bad_counts",
+            Self::DnsBadLabel => "dns_bad_label",
+            Self::DnsNameTooLong => "dns_name_too_long",
+            Self::DnsCompression => "dns_compression",
+            Self::DnsAnswerFailed => "dns_answer_failed",
         }
     }
 
@@ -187,7 +219,7 @@ impl DropReason {
     /// log these; other drops only when drop logging is on.
     #[inline(always)]
     pub const fn is_fault(self) -> bool {
-        matches!(self, Self::EncapFailed | Self::DecapFailed | Self::NoConfig)
+        matches!(self, Self::EncapFailed | Self::DecapFailed | Self::NoConfig | Self::DnsAnswerFailed)
     }
 }
 
@@ -197,8 +229,9 @@ impl From<DropReason> for u32 {
     }
 }
 
-/// Length of the `STATS` array (room for new codes without a layout change).
-pub const STATS_LEN: u32 = 48;
+/// Length of the `STATS` array (room for new codes without a layout change; the agent refuses
+/// a pinned `STATS` of another length, see `check_pinned`).
+pub const STATS_LEN: u32 = 64;
 
 /// Name of a counter code, as printed by the agent and used as a metric label: the packets that
 /// went somewhere by the table below, drops by [`DropReason::name`].
@@ -210,6 +243,7 @@ pub const fn name(code: u32) -> Option<&'static str> {
         RX_DECAP => "rx_decap",
         RX_DELIVER => "rx_deliver",
         UPLINK_PASS => "uplink_pass",
+        DNS_ANSWER => "dns_answer",
         _ => match DropReason::from_code(code) {
             Some(reason) => reason.name(),
             None => return None,
@@ -229,8 +263,8 @@ const _: () = {
         assert!(DropReason::ALL[i].code() == DROP_BASE + i as u32);
         i += 1;
     }
-    assert!(DropReason::VlanTagged.code() < STATS_LEN);
-    assert!(UPLINK_PASS < DROP_BASE);
+    assert!(DropReason::DnsAnswerFailed.code() < STATS_LEN);
+    assert!(DNS_ANSWER < DROP_BASE);
 };
 
 #[cfg(test)]
@@ -249,12 +283,12 @@ mod tests {
             assert!(is_drop(reason.code()));
             assert!(names.insert(reason.name()), "{} named twice", reason.name());
         }
-        for code in [TX_ENCAP, TX_LOCAL, ARP_REPLY, RX_DECAP, RX_DELIVER, UPLINK_PASS] {
+        for code in [TX_ENCAP, TX_LOCAL, ARP_REPLY, RX_DECAP, RX_DELIVER, UPLINK_PASS, DNS_ANSWER] {
             assert!(!is_drop(code));
             assert!(names.insert(name(code).expect("named")));
         }
         assert_eq!(DropReason::from_code(DROP_BASE - 1), None);
-        assert_eq!(DropReason::from_code(DropReason::VlanTagged.code() + 1), None);
+        assert_eq!(DropReason::from_code(DropReason::DnsAnswerFailed.code() + 1), None);
         assert_eq!(name(STATS_LEN - 1), None);
     }
 }

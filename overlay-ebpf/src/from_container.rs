@@ -1,19 +1,22 @@
 //! The container's egress: TC ingress on the host side of every endpoint's veth.
 //!
-//! Sees every frame a container sends. ARP is answered here; IPv4 goes straight to a local
+//! Sees every frame a container sends. ARP is answered here, and DNS queries to the network's
+//! gateway for names the maps hold (dns.rs); IPv4 goes straight to a local
 //! endpoint's veth or is encapsulated toward the host of a remote one; everything else, and
 //! anything with a source that is not the endpoint's own, is dropped.
 
 use aya_ebpf::programs::TcContext;
 use overlay_common::{
+    dns::DNS_PORT,
     maps::{ENDPOINT_LOCAL, Endpoint, EndpointKey},
     stats::{self, DropReason},
-    wire::{ArpHdr, ETH_P_ARP, ETH_P_IP, EthHdr, IpProto, Ipv4Hdr, ether_type},
+    wire::{ArpHdr, ETH_P_ARP, ETH_P_IP, EthHdr, IpProto, Ipv4Hdr, UdpHdr, ether_type, is_fragment},
 };
 
 use crate::{
-    arp, encap, ipv4,
-    maps::{ENDPOINTS, IFACES, config},
+    arp, dns, encap, ipv4,
+    maps::{ENDPOINTS, IFACES, NETWORKS, config},
+    packet::Packet,
     skb::{deliver, packet},
 };
 
@@ -69,6 +72,17 @@ pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
         }
         return Err(DropReason::Spoofed);
     }
+    if let Some(gateway) = resolver_query(&pkt, &ip, iface.vni) {
+        match dns::query(ctx, ifindex, &iface, gateway, eth)? {
+            dns::Verdict::Answered(verdict) => return Ok(verdict),
+            // The hook for the agent's userspace resolver (issue 11): a query the maps cannot
+            // answer. Until the resolver takes it here, it goes where anything else sent to the
+            // gateway goes: the gateway is no endpoint, so the lookup below drops it
+            // (no_endpoint).
+            dns::Verdict::ToResolver => {}
+        }
+    }
+
     // The key carries the sender's VNI: a destination on another network is simply not found.
     // SAFETY: copied out at once.
     let ep: Endpoint = *unsafe { ENDPOINTS.get(EndpointKey { vni: iface.vni, ip: ip.dst_addr }) }
@@ -87,4 +101,21 @@ pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
 #[inline(always)]
 fn to_local(ctx: &TcContext, ep: &Endpoint) -> Result<i32, DropReason> {
     deliver(ctx, ep.ifindex, stats::TX_LOCAL, DropReason::NoEndpoint)
+}
+
+/// The network's gateway address, if `ip` (from a container on network `vni`) is a DNS query to
+/// it: UDP to the gateway, port 53, not a fragment and without IPv4 options (no resolver client
+/// sends them; such a packet goes on like any other).
+#[inline(always)]
+fn resolver_query(pkt: &Packet, ip: &Ipv4Hdr, vni: u32) -> Option<[u8; 4]> {
+    if ip.proto != IpProto::Udp as u8 || ip.vihl != 0x45 || is_fragment(ip) {
+        return None;
+    }
+    let udp: UdpHdr = pkt.read(EthHdr::LEN + Ipv4Hdr::LEN)?;
+    if udp.dst_port() != DNS_PORT {
+        return None;
+    }
+    // SAFETY: copied out at once.
+    let gateway = unsafe { NETWORKS.get(vni) }?.gateway;
+    (gateway == ip.dst_addr && gateway != [0; 4]).then_some(gateway)
 }

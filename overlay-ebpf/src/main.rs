@@ -1,7 +1,8 @@
 //! The overlay's datapath. Three programs, all driven by the maps the agent fills:
 //!
 //! - `from_container` (TC ingress on the host side of every endpoint veth): the container's
-//!   egress. ARP answers, local delivery, VXLAN encapsulation, anti-spoofing.
+//!   egress. ARP answers, DNS answers for names in the maps, local delivery, VXLAN
+//!   encapsulation, anti-spoofing.
 //! - `uplink_xdp` (XDP on the uplink): VXLAN validation, drops and decapsulation.
 //! - `uplink_tc` (TC ingress on the uplink): delivery of decapsulated frames into containers,
 //!   and the whole decapsulation where XDP could not do it.
@@ -13,6 +14,7 @@
 
 mod arp;
 mod decap;
+mod dns;
 mod encap;
 mod from_container;
 mod ipv4;

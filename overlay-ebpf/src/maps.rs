@@ -7,6 +7,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use overlay_common::{
+    dns::{MAX_NAMES, NameAddrs, NameKey},
     maps::{
         Config, Counter, Endpoint, EndpointKey, Iface, MAX_ENDPOINTS, MAX_IFACES, MAX_NETWORKS, MAX_PEERS,
         Network, Peer, PeerKey,
@@ -35,6 +36,17 @@ pub static PEERS: HashMap<PeerKey, Peer, { MAX_PEERS as usize }> = HashMap::new(
 /// VNI -> network, for the networks that have an endpoint on this host.
 #[btf_map]
 pub static NETWORKS: HashMap<u32, Network, { MAX_NETWORKS as usize }> = HashMap::new();
+
+/// (VNI, name in DNS wire format) -> the name's IPv4 addresses, for the names of every network
+/// this host takes part in (dns.rs answers from it).
+#[btf_map]
+pub static NAMES: HashMap<NameKey, NameAddrs, { MAX_NAMES as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
+
+/// One map key per CPU, where dns.rs builds the key of a query's name: it does not fit on the
+/// stack beside the rest of the from-container path. Not pinned: it holds nothing between runs.
+#[btf_map]
+pub static NAME_SCRATCH: PerCpuArray<NameKey, 1> = PerCpuArray::new();
 
 /// This host's tunnel configuration (one entry, index 0).
 #[btf_map]

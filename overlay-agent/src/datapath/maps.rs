@@ -8,6 +8,7 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
 };
 use overlay_common::{
+    dns::{MAP_NAMES, NameAddrs, NameKey},
     maps::{
         Config, Counter, Endpoint, EndpointKey, Iface, MAP_CONFIG, MAP_ENDPOINTS, MAP_IFACES, MAP_NETWORKS,
         MAP_PEERS, MAP_STATS, Network, PINNED_MAPS, Peer, PeerKey,
@@ -24,6 +25,7 @@ pub struct Maps {
     pub networks: HashMap<MapData, u32, Network>,
     pub config: Array<MapData, Config>,
     pub stats: PerCpuArray<MapData, Counter>,
+    pub names: HashMap<MapData, NameKey, NameAddrs>,
 }
 
 /// Key and value sizes of each pinned map, as this build lays them out.
@@ -35,6 +37,7 @@ fn expected_layout(name: &str) -> (usize, usize) {
         MAP_NETWORKS => (size_of::<u32>(), size_of::<Network>()),
         MAP_CONFIG => (size_of::<u32>(), size_of::<Config>()),
         MAP_STATS => (size_of::<u32>(), size_of::<Counter>()),
+        MAP_NAMES => (size_of::<NameKey>(), size_of::<NameAddrs>()),
         _ => unreachable!("not one of PINNED_MAPS: {name}"),
     }
 }
@@ -49,6 +52,21 @@ pub fn check_pinned(pins: &PinDir) -> Result<(), Error> {
         }
         let info = MapInfo::from_pin(&path).map_err(|e| Error::Map(name, e))?;
         let (key, value) = expected_layout(name);
+        // STATS is indexed by counter code: one of another length (an earlier build's, with
+        // fewer drop reasons) would leave codes beyond its end uncounted and unreadable. Its
+        // pin is dropped so the loader makes one of this build's length: the running programs
+        // keep the old map until the new ones take over their links, so nothing stops
+        // forwarding; only the counters start again from zero.
+        if name == MAP_STATS && info.max_entries() != STATS_LEN {
+            tracing::warn!(
+                path = %path.display(),
+                found = info.max_entries(),
+                expected = STATS_LEN,
+                "the pinned counters are an earlier build's: replacing them (the counters restart from zero)"
+            );
+            std::fs::remove_file(&path).map_err(|e| Error::Pin(path.display().to_string(), e))?;
+            continue;
+        }
         if info.key_size() as usize != key || info.value_size() as usize != value {
             return Err(Error::Layout {
                 map: name,
@@ -74,6 +92,7 @@ impl Maps {
             networks: HashMap::try_from(take(MAP_NETWORKS)?).map_err(|e| Error::Map(MAP_NETWORKS, e))?,
             config: Array::try_from(take(MAP_CONFIG)?).map_err(|e| Error::Map(MAP_CONFIG, e))?,
             stats: PerCpuArray::try_from(take(MAP_STATS)?).map_err(|e| Error::Map(MAP_STATS, e))?,
+            names: HashMap::try_from(take(MAP_NAMES)?).map_err(|e| Error::Map(MAP_NAMES, e))?,
         })
     }
 }

@@ -14,8 +14,9 @@ use aya::{
     maps::MapError,
     programs::{ProgramError, SchedClassifier, Xdp},
 };
-use overlay_common::maps::{
-    CONFIG_DEBUG_DROPS, Config, Endpoint, EndpointKey, Iface, Network, PINNED_MAPS, Peer, PeerKey,
+use overlay_common::{
+    dns::{MAP_NAMES, NameAddrs, NameKey},
+    maps::{CONFIG_DEBUG_DROPS, Config, Endpoint, EndpointKey, Iface, Network, PINNED_MAPS, Peer, PeerKey},
 };
 use tracing::info;
 
@@ -206,6 +207,8 @@ pub trait MapWriter {
     fn remove_peer(&mut self, vtep: Ipv4Addr) -> Result<(), Error>;
     fn put_network(&mut self, vni: u32, value: Network) -> Result<(), Error>;
     fn remove_network(&mut self, vni: u32) -> Result<(), Error>;
+    fn put_name(&mut self, key: NameKey, value: NameAddrs) -> Result<(), Error>;
+    fn remove_name(&mut self, key: &NameKey) -> Result<(), Error>;
 }
 
 impl MapWriter for Datapath {
@@ -241,6 +244,14 @@ impl MapWriter for Datapath {
 
     fn remove_network(&mut self, vni: u32) -> Result<(), Error> {
         ignore_missing(self.maps.networks.remove(&vni)).map_err(|e| Error::Map("NETWORKS", e))
+    }
+
+    fn put_name(&mut self, key: NameKey, value: NameAddrs) -> Result<(), Error> {
+        self.maps.names.insert(key, value, 0).map_err(|e| Error::Map(MAP_NAMES, e))
+    }
+
+    fn remove_name(&mut self, key: &NameKey) -> Result<(), Error> {
+        ignore_missing(self.maps.names.remove(key)).map_err(|e| Error::Map(MAP_NAMES, e))
     }
 }
 

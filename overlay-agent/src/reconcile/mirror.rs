@@ -1,4 +1,4 @@
-//! The agent's mirror of the maps it fills (ENDPOINTS, IFACES, PEERS, NETWORKS): exactly what the
+//! The agent's mirror of the maps it fills (ENDPOINTS, IFACES, PEERS, NETWORKS, NAMES): exactly what the
 //! kernel holds, so that a pass writes only what changes, and who each entry is for, which the
 //! maps themselves cannot say.
 //!
@@ -7,18 +7,20 @@
 //! That is how a restarted agent takes the datapath over without a gap in forwarding.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
 
-use overlay_common::maps::{
-    ENDPOINT_LOCAL, Endpoint as MapEndpoint, EndpointKey, Iface, Network as MapNetwork,
+use overlay_common::{
+    dns::{NAME_LEN, NameAddrs, NameKey},
+    maps::{ENDPOINT_LOCAL, Endpoint as MapEndpoint, EndpointKey, Iface, Network as MapNetwork},
 };
 use tracing::warn;
 
 use super::{
     Outcome,
     local::Local,
+    names::network_names,
     plan::{Here, Plan},
 };
 use crate::{
@@ -33,6 +35,7 @@ pub struct Found {
     pub ifaces: HashMap<u32, Iface>,
     pub peers: Vec<Ipv4Addr>,
     pub networks: HashMap<u32, MapNetwork>,
+    pub names: HashMap<NameKey, NameAddrs>,
 }
 
 impl Found {
@@ -55,6 +58,7 @@ impl Found {
                 .iter()
                 .collect::<Result<_, _>>()
                 .map_err(|e| Error::Map("NETWORKS", e))?,
+            names: maps.names.iter().collect::<Result<_, _>>().map_err(|e| Error::Map("NAMES", e))?,
         })
     }
 }
@@ -83,6 +87,8 @@ pub struct Mirror {
     /// Networks this host takes part in: id -> VNI, the key of its NETWORKS entry.
     joined: HashMap<String, u32>,
     networks: HashMap<u32, MapNetwork>,
+    /// The NAMES map, in key order so that one network's names are one range.
+    names: BTreeMap<NameKey, NameAddrs>,
 }
 
 impl Mirror {
@@ -93,6 +99,7 @@ impl Mirror {
             ifaces: found.ifaces,
             peer_set: found.peers.into_iter().map(|vtep| (vtep, PeerState::Orphan)).collect(),
             networks: found.networks,
+            names: found.names.into_iter().collect(),
             ..Self::default()
         }
     }
@@ -138,6 +145,7 @@ impl Mirror {
         locals: &HashMap<Id, Local>,
         out: &mut Outcome,
     ) {
+        let named = self.named_vnis(desired, plan);
         for (n, vni) in &plan.networks {
             let want = vni.zip(desired.network(n)).map(|(vni, n)| {
                 (
@@ -167,6 +175,19 @@ impl Mirror {
                 out.retry.hosts.insert(h.clone());
             }
         }
+        for vni in named {
+            let want = self
+                .joined
+                .iter()
+                .find(|(_, v)| **v == vni)
+                .and_then(|(id, _)| desired.network(id))
+                .map(|n| network_names(desired, n, vni))
+                .unwrap_or_default();
+            if let Err(e) = self.sync_names(w, vni, &want) {
+                warn!(vni, error = format!("{e:#}"), "cannot update the name map");
+                out.retry.full = true;
+            }
+        }
         if plan.full {
             let live: BTreeSet<u32> = locals.values().map(|l| l.ifindex).collect();
             if let Err(e) = self.remove_orphans(w, &live) {
@@ -174,6 +195,59 @@ impl Mirror {
                 out.retry.full = true;
             }
         }
+    }
+
+    /// The VNIs whose names this pass may change, taken before it changes anything: those of the
+    /// networks it looks at and of the endpoints it looks at, as carried until now and as
+    /// desired. A full pass looks at every network carried and every VNI with names (a network
+    /// left, or names a previous agent left under a VNI nothing carries, lose them all).
+    fn named_vnis(&self, desired: &Desired, plan: &Plan) -> BTreeSet<u32> {
+        let mut vnis: BTreeSet<u32> = BTreeSet::new();
+        for (n, vni) in &plan.networks {
+            vnis.extend(self.joined.get(n).copied().into_iter().chain(*vni));
+        }
+        for id in &plan.entries {
+            vnis.extend(self.endpoint_key.get(id).map(|k| k.vni));
+            if let Some(e) = desired.endpoint(id) {
+                vnis.extend(
+                    plan.networks.get(&*e.network_id).copied().unwrap_or_else(|| self.joined(&e.network_id)),
+                );
+            }
+        }
+        if plan.full {
+            vnis.extend(self.joined.values().copied());
+            vnis.extend(self.names.keys().map(|k| k.vni));
+        }
+        vnis
+    }
+
+    /// Brings the names under `vni` to `want`, writing only what differs.
+    fn sync_names(
+        &mut self,
+        w: &mut impl MapWriter,
+        vni: u32,
+        want: &BTreeMap<NameKey, NameAddrs>,
+    ) -> Result<(), Error> {
+        let range = NameKey { vni, name: [0; NAME_LEN] }..=NameKey { vni, name: [u8::MAX; NAME_LEN] };
+        let stale: Vec<NameKey> =
+            self.names.range(range).map(|(k, _)| *k).filter(|k| !want.contains_key(k)).collect();
+        for key in stale {
+            w.remove_name(&key)?;
+            self.names.remove(&key);
+        }
+        for (key, value) in want {
+            if self.names.get(key) != Some(value) {
+                w.put_name(*key, *value)?;
+                self.names.insert(*key, *value);
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of entries in the name map.
+    #[cfg(test)]
+    pub fn name_entries(&self) -> usize {
+        self.names.len()
     }
 
     /// What the endpoint map should hold for endpoint `id`, if anything.
@@ -341,7 +415,9 @@ mod tests {
     use crate::{
         desired::{Dirty, Id},
         model::{Object, ObjectRef, Update},
-        reconcile::testing::{Call, Kernel, Pass, add_endpoint, add_network, host, network, state, vtep},
+        reconcile::testing::{
+            Call, Kernel, NameCall, Pass, add_endpoint, add_network, host, network, state, vtep,
+        },
     };
 
     const A: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 2);
@@ -545,6 +621,107 @@ mod tests {
         let entry = pass.kernel.endpoints[&EndpointKey { vni: 100, ip: C.octets() }];
         assert_eq!(Ipv4Addr::from(entry.vtep), vtep(2));
         assert!(pass.mirror.has_entry("a-new") && !pass.mirror.has_entry("c"));
+    }
+
+    /// The names in the kernel's NAMES, as (VNI, key bytes up to the final zero, addresses).
+    fn names(k: &Kernel) -> Vec<(u32, String, Vec<Ipv4Addr>)> {
+        k.names
+            .iter()
+            .map(|(key, v)| {
+                let end = key.name.iter().position(|b| *b == 0).unwrap();
+                let text = String::from_utf8_lossy(&key.name[..end]).replace(|c: char| c.is_control(), ".");
+                (key.vni, text, v.addrs[..v.count as usize].iter().map(|a| Ipv4Addr::from(*a)).collect())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn names_follow_the_endpoints_of_joined_networks() {
+        let mut pass = Pass::new();
+        let mut s = three_hosts();
+        s.endpoints.get_mut("b").unwrap().aliases = vec!["api".into()];
+        s.endpoints.get_mut("c").unwrap().services = vec!["api".into()];
+        // n2 has no endpoint on this host: none of its names are carried.
+        add_network(&mut s, "n2", 200, 2);
+        add_endpoint(&mut s, "d", "n2", "cd", "h2", Ipv4Addr::new(10, 0, 2, 2));
+        pass.snapshot(s, true);
+        let got = names(&pass.kernel);
+        assert!(got.iter().all(|(vni, _, _)| *vni == 100), "{got:?}");
+        let find = |n: &str| got.iter().find(|(_, name, _)| name == n).map(|(_, _, a)| a.clone());
+        assert_eq!(find(".ca"), Some(vec![A]));
+        assert_eq!(find(".cb.n1"), Some(vec![B]));
+        assert_eq!(find(".api"), Some(vec![B, C]), "a shared name has every address");
+        assert_eq!(find(".api.n1"), Some(vec![B, C]));
+        assert_eq!(got.len(), 8, "ca, cb, cc, api, each plain and qualified; {got:?}");
+        assert_eq!(pass.mirror.name_entries(), 8);
+
+        // The same state again: nothing to write.
+        pass.kernel.name_calls.clear();
+        pass.snapshot(pass_state(&pass), true);
+        assert_eq!(pass.kernel.name_calls, []);
+
+        // c goes (container rm): its names go, and its share of api; nothing else is written.
+        delete(&mut pass, ObjectRef::Endpoint("c".into()));
+        let calls = std::mem::take(&mut pass.kernel.name_calls);
+        assert_eq!(calls.len(), 4, "remove cc and cc.n1, rewrite api and api.n1: {calls:?}");
+        let got = names(&pass.kernel);
+        assert_eq!(got.len(), 6);
+        assert!(!got.iter().any(|(_, n, _)| n.starts_with(".cc")));
+        assert!(got.iter().filter(|(_, n, _)| n.starts_with(".api")).all(|(_, _, a)| *a == [B]));
+
+        // The host leaves n1 (its last local endpoint goes): every name of n1 goes with it.
+        delete(&mut pass, ObjectRef::Endpoint("a".into()));
+        assert_eq!(names(&pass.kernel), []);
+    }
+
+    /// The desired state a pass holds now, as a snapshot (for running it again unchanged).
+    fn pass_state(pass: &Pass) -> crate::model::State {
+        let mut s = three_hosts();
+        s.endpoints.get_mut("b").unwrap().aliases = vec!["api".into()];
+        s.endpoints.get_mut("c").unwrap().services = vec!["api".into()];
+        add_network(&mut s, "n2", 200, 2);
+        add_endpoint(&mut s, "d", "n2", "cd", "h2", Ipv4Addr::new(10, 0, 2, 2));
+        assert_eq!(s.endpoints.len(), pass.desired.endpoint_count());
+        s
+    }
+
+    #[test]
+    fn names_move_with_an_endpoint_and_a_renamed_network() {
+        let mut pass = Pass::new();
+        pass.snapshot(three_hosts(), true);
+        // b gets an alias: only b's new names are written.
+        let mut b = crate::model::Endpoint::new("b", "n1", "cb", "h2", B);
+        b.aliases = vec!["db".into()];
+        pass.kernel.name_calls.clear();
+        put(&mut pass, Object::Endpoint(b));
+        assert_eq!(pass.kernel.name_calls.len(), 2, "db and db.n1");
+        // The network is renamed: the qualified names follow.
+        let mut n = network("n1", 100, 1);
+        n.name = "front".into();
+        put(&mut pass, Object::Network(n));
+        let got = names(&pass.kernel);
+        assert!(got.iter().any(|(_, n, _)| n == ".db.front"), "{got:?}");
+        assert!(!got.iter().any(|(_, n, _)| n.rsplit('.').next() == Some("n1")), "{got:?}");
+    }
+
+    #[test]
+    fn names_a_previous_agent_left_go_after_a_full_pass() {
+        let mut before = Pass::new();
+        before.snapshot(three_hosts(), true);
+        let mut kernel = Kernel { calls: Vec::new(), name_calls: Vec::new(), ..before.kernel };
+        let stale = |vni| overlay_common::dns::name_key(vni, "gone").unwrap();
+        let value = kernel.names.values().next().copied().unwrap();
+        kernel.names.insert(stale(100), value);
+        kernel.names.insert(stale(300), value);
+        let kept = kernel.names.len() - 2;
+        let mut pass = Pass::over(kernel);
+        pass.locals = before.locals;
+        pass.snapshot(three_hosts(), false);
+        pass.run(Dirty { full: true, ..Dirty::default() });
+        let mut calls = pass.kernel.name_calls.clone();
+        calls.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(calls, [NameCall::Remove(stale(100)), NameCall::Remove(stale(300))]);
+        assert_eq!(pass.kernel.names.len(), kept);
     }
 
     #[test]

@@ -20,6 +20,7 @@
 
 mod local;
 mod mirror;
+mod names;
 mod plan;
 #[cfg(test)]
 mod testing;

@@ -8,7 +8,10 @@ use std::{
     path::PathBuf,
 };
 
-use overlay_common::maps::{Endpoint as MapEndpoint, EndpointKey, Iface, Network as MapNetwork};
+use overlay_common::{
+    dns::{NameAddrs, NameKey},
+    maps::{Endpoint as MapEndpoint, EndpointKey, Iface, Network as MapNetwork},
+};
 
 use super::{
     Outcome,
@@ -42,6 +45,13 @@ pub enum Call {
     RemoveNetwork(u32),
 }
 
+/// One write to NAMES (kept apart from the other maps' writes: most tests are about those).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NameCall {
+    Put(NameKey, NameAddrs),
+    Remove(NameKey),
+}
+
 /// The maps as the kernel would hold them, and the writes that made them so.
 #[derive(Debug, Default)]
 pub struct Kernel {
@@ -49,7 +59,9 @@ pub struct Kernel {
     pub ifaces: BTreeMap<u32, Iface>,
     pub peers: BTreeSet<Ipv4Addr>,
     pub networks: BTreeMap<u32, MapNetwork>,
+    pub names: BTreeMap<NameKey, NameAddrs>,
     pub calls: Vec<Call>,
+    pub name_calls: Vec<NameCall>,
 }
 
 impl Kernel {
@@ -60,6 +72,7 @@ impl Kernel {
             ifaces: self.ifaces.iter().map(|(k, v)| (*k, *v)).collect(),
             peers: self.peers.iter().copied().collect(),
             networks: self.networks.iter().map(|(k, v)| (*k, *v)).collect(),
+            names: self.names.iter().map(|(k, v)| (*k, *v)).collect(),
         }
     }
 
@@ -113,6 +126,16 @@ impl MapWriter for Kernel {
     fn remove_network(&mut self, vni: u32) -> Result<(), Error> {
         self.calls.push(Call::RemoveNetwork(vni));
         self.networks.remove(&vni);
+        Ok(())
+    }
+    fn put_name(&mut self, key: NameKey, value: NameAddrs) -> Result<(), Error> {
+        self.name_calls.push(NameCall::Put(key, value));
+        self.names.insert(key, value);
+        Ok(())
+    }
+    fn remove_name(&mut self, key: &NameKey) -> Result<(), Error> {
+        self.name_calls.push(NameCall::Remove(*key));
+        self.names.remove(key);
         Ok(())
     }
 }
