@@ -278,18 +278,19 @@ pub const NETNS_ETC: &str = "/etc/netns";
 /// The resolv.conf and hosts of container `name` with `networks` (gateway, its address): at
 /// most three nameservers (glibc reads no more), each network's gateway once.
 pub fn name_files(name: &str, networks: &[(Ipv4Addr, Ipv4Addr)]) -> (String, String) {
+    use std::fmt::Write as _;
     let mut resolv =
         String::from("# Written by overlay-agent: the resolver of each network is its gateway.\n");
     let mut seen = Vec::new();
     for (gateway, _) in networks {
         if !seen.contains(gateway) && seen.len() < 3 {
             seen.push(*gateway);
-            resolv.push_str(&format!("nameserver {gateway}\n"));
+            let _ = writeln!(resolv, "nameserver {gateway}");
         }
     }
     let mut hosts = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
     for (_, ip) in networks {
-        hosts.push_str(&format!("{ip}\t{name}\n"));
+        let _ = writeln!(hosts, "{ip}\t{name}");
     }
     (resolv, hosts)
 }

@@ -74,6 +74,15 @@ const CONTAINER_DROPS: &[DropReason] = &[
     // Only for a GSO packet test_run made up (it has no GSO type, which the kernel refuses to
     // grow): checked against the number of those below.
     DropReason::EncapFailed,
+    // A mutated frame that became UDP to the gateway's port 53 is a DNS query to the resolver
+    // (dns.rs): dropped as malformed DNS. Allowed, not required below: the generator does not
+    // aim at the resolver yet (issue 11 adds DNS queries to it).
+    DropReason::DnsTruncated,
+    DropReason::DnsNotQuery,
+    DropReason::DnsBadCounts,
+    DropReason::DnsBadLabel,
+    DropReason::DnsNameTooLong,
+    DropReason::DnsCompression,
 ];
 const UPLINK_DROPS: &[DropReason] = &[
     DropReason::UnknownPeer,
@@ -642,7 +651,7 @@ fn fuzz_every_program() {
             CONTAINER_DROPS
                 .iter()
                 .chain(UPLINK_DROPS)
-                .filter(|r| **r != DropReason::EncapFailed)
+                .filter(|r| **r != DropReason::EncapFailed && !r.name().starts_with("dns_"))
                 .map(|r| r.name()),
         );
         let missing: Vec<_> = want.into_iter().filter(|n| !counted.contains_key(n)).collect();

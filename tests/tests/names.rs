@@ -76,6 +76,25 @@ fn names_are_answered_in_the_datapath_across_hosts_per_network_and_go_with_the_c
         });
         assert!(got.is_some(), "{name} does not resolve to {web} from client on h2");
     }
+    // glibc's resolver (getent), through the resolv.conf the agent wrote for client's sandbox
+    // (`ip netns exec` puts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf): the gateway.
+    let ns = c.container_ns("h2", "client");
+    let resolv =
+        std::fs::read_to_string(format!("/etc/netns/{ns}/resolv.conf")).expect("client's resolv.conf");
+    assert!(resolv.lines().any(|l| l == format!("nameserver {front_gw}")), "{resolv}");
+    let hosts = std::fs::read_to_string(format!("/etc/netns/{ns}/hosts")).expect("client's hosts");
+    assert!(hosts.lines().any(|l| l.ends_with("\tclient")), "{hosts}");
+    let got = try_sh(&mut in_ns(&ns, &["getent", "ahostsv4", "web"]));
+    let text = String::from_utf8_lossy(&got.stdout);
+    assert!(text.lines().any(|l| l.starts_with(&format!("{web} "))), "getent ahostsv4 web: {text}");
+    // `overlay container exec` puts the same files over /etc, as `ip netns exec` does.
+    let exec = c.cli_on("h2", &["container", "exec", "client", "--", "getent", "ahostsv4", "web"]);
+    let text = String::from_utf8_lossy(&exec.stdout);
+    assert!(
+        text.lines().any(|l| l.starts_with(&format!("{web} "))),
+        "container exec getent: {text}{}",
+        String::from_utf8_lossy(&exec.stderr)
+    );
     // The entry is in h2's pinned map, as bpftool shows it.
     let entries = names_entry(&c, "h2", "web");
     assert_eq!(entries.len(), 1, "{entries:?}");
@@ -99,7 +118,9 @@ fn names_are_answered_in_the_datapath_across_hosts_per_network_and_go_with_the_c
     assert!(answers(&nslookup(&c, "h2", "db", "db", &back_gw), db));
 
     // web goes: within a few seconds its name is gone from h2's map and its answers stop.
+    let web_ns = c.container_ns("h1", "web");
     c.ok(&["container", "rm", "web"]);
+    assert!(!std::path::Path::new(&format!("/etc/netns/{web_ns}")).exists(), "web's name files are left");
     let gone = wait_for(Duration::from_secs(5), || names_entry(&c, "h2", "web").is_empty().then_some(()));
     assert!(gone.is_some(), "web still in h2's NAMES: {:?}", names_entry(&c, "h2", "web"));
     assert!(names_entry(&c, "h2", "web.front").is_empty());

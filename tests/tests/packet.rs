@@ -1583,7 +1583,9 @@ fn malformed_dns_queries_are_dropped_with_their_reason() {
         ("a header cut short", dns_frame(A, BLUE_RESOLVER, &[0x12, 0x34, 0x01]), DropReason::DnsTruncated),
         ("a name cut short", msg(QUERY_RD, [1, 0, 0, 0], &wire_name("web")[..3]), DropReason::DnsTruncated),
         ("no type and class", msg(QUERY_RD, [1, 0, 0, 0], &wire_name("web")), DropReason::DnsTruncated),
-        ("a UDP length beyond the frame", overlong, DropReason::DnsTruncated),
+        // Caught before the DNS hook: a UDP header that does not describe its datagram is a
+        // malformed packet (ipv4.rs), whatever port it is for.
+        ("a UDP length beyond the frame", overlong, DropReason::Malformed),
         ("a response", msg(0x8180, [1, 0, 0, 0], &web_a), DropReason::DnsNotQuery),
         (
             "two questions",

@@ -612,12 +612,38 @@ fn print_table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> std:
     Ok(())
 }
 
+/// Puts a sandbox's own name files (`/etc/netns/<namespace>/resolv.conf`, `hosts`, which the
+/// agent writes) over `/etc/` for the command, in a mount namespace of its own, as `ip netns
+/// exec` does: the container resolves names through its networks' resolvers, not the host's.
+/// A namespace without such files (another runtime's) is entered as it is.
+fn bind_name_files(netns: &Path) -> anyhow::Result<()> {
+    use nix::mount::{MsFlags, mount};
+    let Some(name) = netns.file_name() else { return Ok(()) };
+    let dir = Path::new(sandbox::NETNS_ETC).join(name);
+    let files: Vec<PathBuf> =
+        ["resolv.conf", "hosts"].iter().map(|f| dir.join(f)).filter(|p| p.exists()).collect();
+    if files.is_empty() {
+        return Ok(());
+    }
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("a mount namespace for the command")?;
+    // Our binds must not propagate back into the host's mounts.
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_SLAVE | MsFlags::MS_REC, None::<&str>)
+        .context("making the mounts private")?;
+    for file in files {
+        let target = Path::new("/etc").join(file.file_name().unwrap_or_default());
+        mount(Some(&file), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .with_context(|| format!("binding {} over {}", file.display(), target.display()))?;
+    }
+    Ok(())
+}
+
 /// Enters `netns` and replaces this process with `command`; returns only on failure.
 fn exec_in(netns: &Path, command: &[String]) -> anyhow::Error {
     let inner = || -> anyhow::Result<std::convert::Infallible> {
         let file = std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("entering {} (container exec needs root)", netns.display()))?;
+        bind_name_files(netns)?;
         let args: Vec<CString> = command
             .iter()
             .map(|a| CString::new(a.as_bytes()))
