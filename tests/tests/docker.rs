@@ -161,18 +161,24 @@ fn keys(env: &Env, prefix: &str) -> Vec<(String, String)> {
     lines.chunks(2).map(|kv| (kv[0].to_owned(), kv.get(1).copied().unwrap_or("").to_owned())).collect()
 }
 
-/// `POST /IpamDriver.<call>` with `body` on `host`'s plugin socket: HTTP status and JSON.
-fn ipam_call(env: &Env, host: &str, call: &str, body: &str) -> (String, serde_json::Value) {
+/// `POST /<call>` (e.g. `IpamDriver.RequestAddress`) with `body` on `host`'s plugin socket,
+/// as dockerd sends it: the HTTP status and the JSON answer.
+fn plugin_call(env: &Env, host: &str, call: &str, body: &str) -> (String, serde_json::Value) {
     let sock = docker::plugin_socket(&env.cluster.topo.run, host);
     let out =
         try_sh(Command::new("curl").args(["-s", "-w", "\n%{http_code}", "--unix-socket"]).arg(&sock).args([
             "-d",
             body,
-            &format!("http://plugin/IpamDriver.{call}"),
+            &format!("http://plugin/{call}"),
         ]));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (json, code) = text.rsplit_once('\n').unwrap_or_else(|| panic!("curl: {text}"));
-    (code.to_owned(), serde_json::from_str(json).unwrap_or_else(|e| panic!("{call}: {json}: {e}")))
+    (code.to_owned(), serde_json::from_str(json).unwrap_or_else(|e| panic!("{call} {body}: {json}: {e}")))
+}
+
+/// `POST /IpamDriver.<call>` on `host`'s plugin socket.
+fn ipam_call(env: &Env, host: &str, call: &str, body: &str) -> (String, serde_json::Value) {
+    plugin_call(env, host, &format!("IpamDriver.{call}"), body)
 }
 
 /// The processes whose command line mentions `needle`.
@@ -309,21 +315,10 @@ fn one_docker_network_across_hosts(env: &Env) {
 /// A body that does not parse, sent straight to the plugin's socket, is answered with
 /// `{"Err": ...}` and creates nothing.
 fn a_bad_body_changes_nothing(env: &Env) {
-    let sock = docker::plugin_socket(&env.cluster.topo.run, "h1");
     let before = env.overlay_networks();
     for body in ["{", r#"{"NetworkID": 7}"#, r#"{"NetworkID": "x", "IPv4Data": [{"Pool": "10.0.10.0/24"}]}"#]
     {
-        let out = try_sh(
-            Command::new("curl").args(["-s", "-w", "\n%{http_code}", "--unix-socket"]).arg(&sock).args([
-                "-d",
-                body,
-                "http://plugin/NetworkDriver.CreateNetwork",
-            ]),
-        );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (json, code) = text.rsplit_once('\n').unwrap_or_else(|| panic!("curl: {text}"));
-        let json: serde_json::Value =
-            serde_json::from_str(json).unwrap_or_else(|e| panic!("{body}: {json}: {e}"));
+        let (code, json) = plugin_call(env, "h1", "NetworkDriver.CreateNetwork", body);
         assert!(code == "400" || code == "500", "{body}: HTTP {code}");
         assert!(json["Err"].as_str().is_some_and(|e| !e.is_empty()), "{body}: {json}");
     }
@@ -544,7 +539,6 @@ fn bad_endpoints_are_refused(env: &Env) {
     assert!(err.contains("publishing ports (-p) is not supported"), "{err}");
     let err = env.docker_refused("h1", &["network", "connect", "--driver-opt", "colour=red", "ipnet", "opt"]);
     assert!(err.contains("unknown endpoint option \"colour\""), "{err}");
-    let sock = docker::plugin_socket(&env.cluster.topo.run, "h1");
     let id = "a".repeat(64);
     for (call, body) in [
         ("CreateEndpoint", "{".to_owned()),
@@ -564,17 +558,7 @@ fn bad_endpoints_are_refused(env: &Env) {
         ("Join", format!(r#"{{"NetworkID": "x", "EndpointID": "{id}", "SandboxKey": 7}}"#)),
         ("Leave", r#"{"EndpointID": 1}"#.to_owned()),
     ] {
-        let out = try_sh(
-            Command::new("curl").args(["-s", "-w", "\n%{http_code}", "--unix-socket"]).arg(&sock).args([
-                "-d",
-                &body,
-                &format!("http://plugin/NetworkDriver.{call}"),
-            ]),
-        );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (json, code) = text.rsplit_once('\n').unwrap_or_else(|| panic!("curl: {text}"));
-        let json: serde_json::Value =
-            serde_json::from_str(json).unwrap_or_else(|e| panic!("{body}: {json}: {e}"));
+        let (code, json) = plugin_call(env, "h1", &format!("NetworkDriver.{call}"), &body);
         assert!(code == "400" || code == "500", "{call} {body}: HTTP {code}");
         assert!(json["Err"].as_str().is_some_and(|e| !e.is_empty()), "{call} {body}: {json}");
     }
