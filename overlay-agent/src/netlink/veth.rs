@@ -113,15 +113,18 @@ pub async fn create_handover(
         mark_up(host, &link, endpoint_id, &peer_name).await?;
         Ok(Created { host: host.require_link(&name).await?, ifname: peer_name.clone() })
     };
-    match finish.await {
-        Ok(created) => Ok(created),
-        Err(e) => {
-            if let Ok(Some(link)) = host.link(&name).await {
-                let _ = host.delete_link(link.index).await;
-            }
-            Err(e)
-        }
+    undo_on_error(host, &name, finish.await).await
+}
+
+/// Passes `result` on; on an error, first removes the pair whose host side is `name` (the
+/// other side goes with it), so a setup cut short leaves nothing behind.
+async fn undo_on_error(host: &Netlink, name: &str, result: Result<Created, Error>) -> Result<Created, Error> {
+    if result.is_err()
+        && let Ok(Some(link)) = host.link(name).await
+    {
+        let _ = host.delete_link(link.index).await;
     }
+    result
 }
 
 /// Brings the host side up and marks it as the finished interface of `endpoint_id`, whose
@@ -160,15 +163,7 @@ pub async fn create(host: &Netlink, spec: &Spec<'_>) -> Result<Created, Error> {
         .build();
     host.handle().link().add(msg).execute().await.map_err(nl(format!("creating veth {name}")))?;
 
-    match configure(host, spec, &name, &tmp).await {
-        Ok(created) => Ok(created),
-        Err(e) => {
-            if let Ok(Some(link)) = host.link(&name).await {
-                let _ = host.delete_link(link.index).await;
-            }
-            Err(e)
-        }
-    }
+    undo_on_error(host, &name, configure(host, spec, &name, &tmp).await).await
 }
 
 async fn configure(host: &Netlink, spec: &Spec<'_>, name: &str, tmp: &str) -> Result<Created, Error> {
