@@ -19,6 +19,7 @@ use crate::{
     model::Update,
     netlink::Netlink,
     reconcile::Reconciler,
+    resolver::{Resolver, upstream::Upstreams},
     sandbox::Sandboxes,
     source::{Report, Source},
 };
@@ -40,6 +41,9 @@ pub struct Config {
     /// The largest share (0..=1) of this host's containers one re-read of the store may remove
     /// without an operator's go-ahead (brake.rs); 1: no brake.
     pub brake_share: f64,
+    /// Upstream resolvers for names outside the overlay; empty: those of `resolv_conf`.
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
+    pub resolv_conf: PathBuf,
 }
 
 /// Most updates applied before reconciling, so a burst becomes one pass.
@@ -102,7 +106,9 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
     }
     source.attach_health(health.clone());
     let sandboxes = Sandboxes::open(&cfg.state_dir, &cfg.netns_prefix)?;
-    let mut rec = Reconciler::new(&cfg.host, dp, nl, sandboxes)?;
+    let counts = health.lock().expect("health").dns.clone();
+    let resolver = Resolver::new(Upstreams::new(cfg.dns_upstreams.clone(), cfg.resolv_conf.clone()), counts);
+    let mut rec = Reconciler::new(&cfg.host, dp, nl, sandboxes, resolver)?;
 
     let (update_tx, mut updates) = mpsc::channel::<Update>(BATCH);
     let (status_tx, status_rx) = mpsc::channel::<Report>(BATCH);

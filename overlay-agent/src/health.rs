@@ -57,6 +57,9 @@ pub struct Health {
     /// Reconcile passes and their durations, for `/metrics`.
     #[serde(skip)]
     pub reconcile: metrics::Passes,
+    /// The resolver's queries by outcome, for `/metrics`.
+    #[serde(skip)]
+    pub dns: crate::resolver::serve::Counts,
 }
 
 /// A change the safety brake did not apply: it would have removed `would_remove` of the `of`

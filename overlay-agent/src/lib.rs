@@ -27,6 +27,8 @@ pub mod model;
 pub mod netlink;
 /// One pass closing the gap between desired and actual: plan, local plumbing, map mirror.
 pub mod reconcile;
+/// The agent's DNS resolver: overlay names the datapath cannot answer, the rest relayed upstream.
+pub mod resolver;
 /// The network namespaces the agent makes for containers.
 pub mod sandbox;
 /// What the agent consumes and reports: follow etcd (or a file), publish reports, host lease.

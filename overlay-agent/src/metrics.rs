@@ -114,6 +114,11 @@ pub fn render(health: &Health, pins: &PinDir) -> String {
         prometheus_client::registry::Unit::Seconds,
         health.reconcile.seconds.clone(),
     );
+    registry.register(
+        "resolver_queries",
+        "Queries to the agent's resolver, by how they ended (the datapath's own answers are dns_answer)",
+        health.dns.clone(),
+    );
     datapath(&mut registry, pins);
     let mut out = String::new();
     // Writing into a String cannot fail.

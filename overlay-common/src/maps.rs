@@ -85,8 +85,17 @@ pub struct Network {
     /// route; 0.0.0.0 when the network has none.
     pub gateway: [u8; 4],
     pub gateway_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// `NETWORK_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
 }
+
+/// `Network::flags`: the agent's resolver serves this network on this host (the gateway address
+/// is local in the host's namespace, with the routes its answers take back to the containers):
+/// DNS the program cannot answer from `NAMES`, and DNS over TCP, to the gateway's port 53 is
+/// handed to the host's stack. Without it such packets are dropped (`no_endpoint`), as anything
+/// else sent to the gateway: the host's stack would route them on, not answer them.
+pub const NETWORK_RESOLVER: u8 = 1;
 
 /// `Config::flags`: log every dropped packet through aya-log (off by default: the fast path
 /// carries no log call unless an operator asks for it).
@@ -145,6 +154,7 @@ const _: () = {
     assert!(size_of::<Peer>() == 4);
     assert!(size_of::<Network>() == 12);
     assert!(offset_of!(Network, gateway_mac) == 4);
+    assert!(offset_of!(Network, flags) == 10);
     assert!(size_of::<Config>() == 24 && align_of::<Config>() == 4);
     assert!(offset_of!(Config, uplink_mac) == 8);
     assert!(offset_of!(Config, flags) == 16);

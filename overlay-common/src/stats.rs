@@ -18,6 +18,9 @@ pub const RX_DELIVER: u32 = 4;
 pub const UPLINK_PASS: u32 = 5;
 /// DNS queries from containers answered from the `NAMES` map (see `dns`).
 pub const DNS_ANSWER: u32 = 6;
+/// DNS queries from containers handed to the agent's resolver through the host's stack: names
+/// the map cannot answer, other types, DNS over TCP (see `Network::flags`).
+pub const TO_RESOLVER: u32 = 7;
 
 /// The first code of a drop reason: codes from here to [`STATS_LEN`] belong to [`DropReason`].
 pub const DROP_BASE: u32 = 16;
@@ -114,7 +117,8 @@ pub enum DropReason {
     /// A compression pointer in the question (a lone question has nothing to point back to;
     /// pointers are how lookup loops are made).
     DnsCompression = 49,
-    /// The kernel refused to resize a DNS query into its answer or to write it.
+    /// The kernel refused to resize a DNS query into its answer or to write it, or to hand a
+    /// query on to the host stack for the resolver.
     DnsAnswerFailed = 50,
 }
 
@@ -244,6 +248,7 @@ pub const fn name(code: u32) -> Option<&'static str> {
         RX_DELIVER => "rx_deliver",
         UPLINK_PASS => "uplink_pass",
         DNS_ANSWER => "dns_answer",
+        TO_RESOLVER => "to_resolver",
         _ => match DropReason::from_code(code) {
             Some(reason) => reason.name(),
             None => return None,

@@ -1,14 +1,15 @@
 //! The container's egress: TC ingress on the host side of every endpoint's veth.
 //!
 //! Sees every frame a container sends. ARP is answered here, and DNS queries to the network's
-//! gateway for names the maps hold (dns.rs); IPv4 goes straight to a local
+//! gateway for names the maps hold (dns.rs); the rest of the DNS sent to the gateway goes up the
+//! host's stack to the agent's resolver; IPv4 goes straight to a local
 //! endpoint's veth or is encapsulated toward the host of a remote one; everything else, and
 //! anything with a source that is not the endpoint's own, is dropped.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use overlay_common::{
     dns::DNS_PORT,
-    maps::{ENDPOINT_LOCAL, Endpoint, EndpointKey},
+    maps::{ENDPOINT_LOCAL, Endpoint, EndpointKey, NETWORK_RESOLVER},
     stats::{self, DropReason},
     wire::{ArpHdr, ETH_P_ARP, ETH_P_IP, EthHdr, IpProto, Ipv4Hdr, UdpHdr, ether_type, is_fragment},
 };
@@ -17,7 +18,8 @@ use crate::{
     arp, dns, encap, ipv4,
     maps::{ENDPOINTS, IFACES, NETWORKS, config},
     packet::Packet,
-    skb::{deliver, packet},
+    skb::{PACKET_HOST, deliver, packet},
+    stats::count,
 };
 
 /// Bytes the program reads, which must be in the linear part of the skb: Ethernet and then
@@ -72,15 +74,18 @@ pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
         }
         return Err(DropReason::Spoofed);
     }
-    if let Some(gateway) = resolver_query(&pkt, &ip, iface.vni) {
-        match dns::query(ctx, ifindex, &iface, gateway, eth)? {
-            dns::Verdict::Answered(verdict) => return Ok(verdict),
-            // The hook for the agent's userspace resolver (issue 11): a query the maps cannot
-            // answer. Until the resolver takes it here, it goes where anything else sent to the
-            // gateway goes: the gateway is no endpoint, so the lookup below drops it
-            // (no_endpoint).
-            dns::Verdict::ToResolver => {}
+    if let Some(q) = resolver_query(&pkt, &ip, iface.vni) {
+        if q.udp {
+            match dns::query(ctx, ifindex, &iface, q.gateway, eth)? {
+                dns::Verdict::Answered(verdict) => return Ok(verdict),
+                dns::Verdict::ToResolver => {}
+            }
         }
+        if q.flags & NETWORK_RESOLVER != 0 {
+            return to_resolver(ctx);
+        }
+        // No resolver here: the gateway is no endpoint, so the lookup below drops it
+        // (no_endpoint), as anything else sent to the gateway.
     }
 
     // The key carries the sender's VNI: a destination on another network is simply not found.
@@ -103,19 +108,46 @@ fn to_local(ctx: &TcContext, ep: &Endpoint) -> Result<i32, DropReason> {
     deliver(ctx, ep.ifindex, stats::TX_LOCAL, DropReason::NoEndpoint)
 }
 
-/// The network's gateway address, if `ip` (from a container on network `vni`) is a DNS query to
-/// it: UDP to the gateway, port 53, not a fragment and without IPv4 options (no resolver client
+/// A DNS message from a container to its network's resolver address (the gateway), port 53.
+struct ResolverQuery {
+    gateway: [u8; 4],
+    /// The network's `NETWORK_*` flags.
+    flags: u8,
+    /// Over UDP (a query the maps may answer); otherwise over TCP.
+    udp: bool,
+}
+
+/// Whether `ip` (from a container on network `vni`) is DNS for the network's gateway: UDP or
+/// TCP to the gateway, port 53, not a fragment and without IPv4 options (no resolver client
 /// sends them; such a packet goes on like any other).
 #[inline(always)]
-fn resolver_query(pkt: &Packet, ip: &Ipv4Hdr, vni: u32) -> Option<[u8; 4]> {
-    if ip.proto != IpProto::Udp as u8 || ip.vihl != 0x45 || is_fragment(ip) {
+fn resolver_query(pkt: &Packet, ip: &Ipv4Hdr, vni: u32) -> Option<ResolverQuery> {
+    let udp = ip.proto == IpProto::Udp as u8;
+    if !(udp || ip.proto == IpProto::Tcp as u8) || ip.vihl != 0x45 || is_fragment(ip) {
         return None;
     }
-    let udp: UdpHdr = pkt.read(EthHdr::LEN + Ipv4Hdr::LEN)?;
-    if udp.dst_port() != DNS_PORT {
+    // Both transport headers start with the source and destination ports.
+    let ports: UdpHdr = pkt.read(EthHdr::LEN + Ipv4Hdr::LEN)?;
+    if ports.dst_port() != DNS_PORT {
         return None;
     }
     // SAFETY: copied out at once.
-    let gateway = unsafe { NETWORKS.get(vni) }?.gateway;
-    (gateway == ip.dst_addr && gateway != [0; 4]).then_some(gateway)
+    let net = *unsafe { NETWORKS.get(vni) }?;
+    (net.gateway == ip.dst_addr && net.gateway != [0; 4]).then_some(ResolverQuery {
+        gateway: net.gateway,
+        flags: net.flags,
+        udp,
+    })
+}
+
+/// Hands DNS the maps cannot answer to the agent's resolver: up the host's stack, where the
+/// gateway address is local (docs/names.md, "The agent's resolver"). The frame is addressed to
+/// the gateway's MAC, which is no device's here, so the stack took it for another host's
+/// (PACKET_OTHERHOST) and would discard it: mark it for this host.
+#[inline(always)]
+fn to_resolver(ctx: &TcContext) -> Result<i32, DropReason> {
+    let len = ctx.len();
+    ctx.change_type(PACKET_HOST).map_err(|_| DropReason::DnsAnswerFailed)?;
+    count(stats::TO_RESOLVER, len);
+    Ok(TC_ACT_OK)
 }

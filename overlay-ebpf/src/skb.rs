@@ -7,7 +7,7 @@ use overlay_common::stats::DropReason;
 use crate::{packet::Packet, stats::count};
 
 /// linux/if_packet.h: the frame is for this host.
-const PACKET_HOST: u32 = 0;
+pub const PACKET_HOST: u32 = 0;
 
 /// Hands the frame to the container behind the host-side veth `ifindex`.
 ///

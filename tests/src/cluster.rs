@@ -28,6 +28,8 @@ pub fn start_etcd(run: &Run, underlay: &str) -> anyhow::Result<Etcd> {
     let opts = EtcdOptions { ip: ETCD_IP, netns: Some(underlay.to_owned()), ..Default::default() };
     Ok(Etcd::start_for(run, opts)?)
 }
+pub use crate::topology::UPSTREAM_DNS;
+
 /// Where each agent serves /healthz (inside its host's namespace).
 pub const HEALTH_ADDR: &str = "127.0.0.1:9700";
 

@@ -67,6 +67,10 @@ impl Host {
     }
 }
 
+/// The upstream resolver every test agent relays to: an address in the underlay namespace,
+/// where a test that needs one starts it (`overlay-probe dns-serve`).
+pub const UPSTREAM_DNS: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 253);
+
 pub struct Topology {
     pub hosts: Vec<Host>,
     pub underlay: String,
@@ -117,6 +121,11 @@ impl Topology {
 
     /// Starts (or restarts) the agent of `host`; `extra` are more `run` flags.
     pub fn start_agent(&mut self, host: &str, source: Source<'_>, extra: &[&str]) {
+        // The agents' upstream resolvers, from a resolv.conf of the run's own (the path a
+        // host's resolv.conf takes): no agent of a test ever relays to the machine's resolvers.
+        let resolv_conf = self.run.path("resolv.conf");
+        std::fs::write(&resolv_conf, format!("# the test's upstream\nnameserver {UPSTREAM_DNS}\n"))
+            .expect("writing the agents' resolv.conf");
         let h = self.host_mut(host);
         if let Some(mut old) = h.agent.take() {
             old.kill();
@@ -133,6 +142,7 @@ impl Topology {
             source: &source,
         };
         let mut cmd = agent.command(&binary("overlay-agent"), LogFormat::Text);
+        cmd.arg("--resolv-conf").arg(&resolv_conf);
         cmd.args(extra).stdout(Stdio::from(log.try_clone().expect("log"))).stderr(Stdio::from(log));
         h.agent = Some(Proc::spawn(&format!("agent {host}"), &mut cmd));
     }

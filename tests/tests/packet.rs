@@ -32,7 +32,10 @@ use overlay_agent::{
 };
 use overlay_common::{
     dns::{NAME_ADDRS, NameAddrs, name_key},
-    maps::{Config, ENDPOINT_LOCAL, Endpoint, EndpointKey, Iface, Network, Peer, PeerKey, XDP_META_MAGIC},
+    maps::{
+        Config, ENDPOINT_LOCAL, Endpoint, EndpointKey, Iface, NETWORK_RESOLVER, Network, Peer, PeerKey,
+        XDP_META_MAGIC,
+    },
     stats::{self, *},
     wire::{
         ARP_OP_REPLY, ARP_OP_REQUEST, ETH_P_ARP, ETH_P_IP, EthHdr, INNER_ETH_OFF, INNER_IP_OFF, IPV4_DF,
@@ -146,9 +149,9 @@ impl Host {
         let mut dp = Loaded::load(&PinDir::new(run.pin_root().join("h"))).expect("loading the datapath");
         let m = &mut dp.maps;
         for (vni, net) in [
-            (BLUE, Network { gateway: BLUE_GATEWAY, gateway_mac: BLUE_GATEWAY_MAC, _pad: [0; 2] }),
+            (BLUE, Network { gateway: BLUE_GATEWAY, gateway_mac: BLUE_GATEWAY_MAC, flags: 0, _pad: 0 }),
             // Red has no gateway.
-            (RED, Network { gateway: [0; 4], gateway_mac: [0; 6], _pad: [0; 2] }),
+            (RED, Network { gateway: [0; 4], gateway_mac: [0; 6], flags: 0, _pad: 0 }),
         ] {
             m.networks.insert(vni, net, 0).expect("NETWORKS");
         }
@@ -1529,12 +1532,58 @@ fn dns_queries_the_map_cannot_answer_go_on_unchanged() {
                 "{what}"
             );
         } else {
-            // Where anything else sent to the gateway goes today (until the agent's resolver
-            // takes it): the gateway is no endpoint.
+            // No resolver serves the network on this host (its flag is off): the gateway is no
+            // endpoint, and the host's stack would route the query on, not answer it.
             assert_eq!(out.verdict, TC_ACT_SHOT, "{what}");
             assert_eq!(counts, one_each(&[(DropReason::NoEndpoint.code(), frame.len())]), "{what}");
         }
     }
+}
+
+#[test]
+fn dns_the_map_cannot_answer_goes_up_to_the_resolver_where_it_serves_the_network() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let mut h = Host::new("pkdnsres");
+    add_names(&mut h);
+    let tcp_query = ip_frame(
+        A,
+        BLUE_RESOLVER,
+        Ipv4::new(A.ip, BLUE_GATEWAY, IPPROTO_TCP),
+        &tcp(A.ip, BLUE_GATEWAY, 43210, 53, &[0, 12]),
+    );
+    let unknown = dns_query(A, BLUE_RESOLVER, 1, "nobody", TYPE_A);
+    // Without the flag: dropped, as anything for the gateway.
+    for frame in [&unknown, &tcp_query] {
+        let (out, counts) = h.counting(|h| h.from_container("veth-a", frame));
+        assert_eq!(
+            (out.verdict, counts),
+            (TC_ACT_SHOT, one_each(&[(DropReason::NoEndpoint.code(), frame.len())]))
+        );
+    }
+    let served =
+        Network { gateway: BLUE_GATEWAY, gateway_mac: BLUE_GATEWAY_MAC, flags: NETWORK_RESOLVER, _pad: 0 };
+    h.dp.maps.networks.insert(BLUE, served, 0).expect("NETWORKS");
+    // With it: up the stack unchanged (TC_ACT_OK), counted, for UDP the map cannot answer and
+    // for any DNS over TCP.
+    for (what, frame) in [("UDP", &unknown), ("TCP", &tcp_query)] {
+        let (out, counts) = h.counting(|h| h.from_container("veth-a", frame));
+        assert_eq!((out.verdict, &out.frame), (TC_ACT_OK, frame), "{what}");
+        assert_eq!(counts, one_each(&[(TO_RESOLVER, frame.len())]), "{what}");
+    }
+    // What the map answers is still answered in the program.
+    let known = dns_query(A, BLUE_RESOLVER, 2, "web", TYPE_A);
+    let (out, counts) = h.counting(|h| h.from_container("veth-a", &known));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(counts.keys().copied().collect::<Vec<_>>(), ["dns_answer"]);
+    // Other traffic to the gateway is still no endpoint's: only port 53 goes up.
+    let other = udp_frame(A, BLUE_RESOLVER, 54, 10);
+    let (out, counts) = h.counting(|h| h.from_container("veth-a", &other));
+    assert_eq!(
+        (out.verdict, counts),
+        (TC_ACT_SHOT, one_each(&[(DropReason::NoEndpoint.code(), other.len())]))
+    );
 }
 
 #[test]
@@ -1544,7 +1593,7 @@ fn dns_names_are_per_network() {
     }
     let mut h = Host::new("pkdnsnet");
     add_names(&mut h);
-    let red = Network { gateway: RED_GATEWAY, gateway_mac: RED_RESOLVER.mac, _pad: [0; 2] };
+    let red = Network { gateway: RED_GATEWAY, gateway_mac: RED_RESOLVER.mac, flags: 0, _pad: 0 };
     h.dp.maps.networks.insert(RED, red, 0).expect("NETWORKS");
     // X on red asks for web: red's web (Q), never blue's (R).
     let query = dns_query(X, RED_RESOLVER, 5, "web", TYPE_A);

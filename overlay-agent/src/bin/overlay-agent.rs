@@ -153,6 +153,21 @@ struct Run {
     /// Needs etcd. Off by default.
     #[arg(long, env = "OVERLAY_DOCKER_PLUGIN")]
     docker_plugin: Option<PathBuf>,
+    /// An upstream resolver for names outside the overlay (IP, or IP:PORT; repeat for more,
+    /// asked in order). Default: the nameservers of --resolv-conf.
+    #[arg(long = "dns-upstream", env = "OVERLAY_DNS_UPSTREAM", value_delimiter = ',', value_parser = parse_upstream)]
+    dns_upstreams: Vec<std::net::SocketAddr>,
+    /// The resolv.conf whose nameservers are the upstream resolvers when no --dns-upstream is
+    /// given (read again when it changes).
+    #[arg(long, env = "OVERLAY_RESOLV_CONF", default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
+}
+
+/// `192.0.2.53` or `192.0.2.53:5353` (or `[2001:db8::53]:53`).
+fn parse_upstream(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse::<std::net::SocketAddr>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| std::net::SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("{s:?} is not an IP address or IP:PORT"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -183,6 +198,8 @@ fn main() -> anyhow::Result<()> {
                 resync: Duration::from_secs(run.resync_secs.max(1)),
                 health: run.health_addr,
                 brake_share: run.brake_share.clamp(0.0, 1.0),
+                dns_upstreams: run.dns_upstreams.clone(),
+                resolv_conf: run.resolv_conf.clone(),
             };
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
@@ -241,7 +258,15 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Reset { target } => {
             let pins = target.pins()?;
-            pins.remove_all().with_context(|| format!("removing {}", pins.root().display()))
+            pins.remove_all().with_context(|| format!("removing {}", pins.root().display()))?;
+            // The resolver's device, rules and table: the containers that used them stop
+            // forwarding with the pins.
+            tokio::runtime::Runtime::new()?.block_on(async {
+                let nl = Netlink::current()?;
+                overlay_agent::netlink::resolver_path::remove_all(&nl)
+                    .await
+                    .context("removing the resolver's path")
+            })
         }
         Command::Hold { netns } => sandbox::hold(&netns),
     }

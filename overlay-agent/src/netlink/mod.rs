@@ -5,6 +5,7 @@
 pub mod ethtool;
 pub mod events;
 pub mod netns;
+pub mod resolver_path;
 pub mod veth;
 
 use std::{net::Ipv4Addr, path::Path};

@@ -13,7 +13,9 @@ use std::{
 
 use overlay_common::{
     dns::{NAME_LEN, NameAddrs, NameKey},
-    maps::{ENDPOINT_LOCAL, Endpoint as MapEndpoint, EndpointKey, Iface, Network as MapNetwork},
+    maps::{
+        ENDPOINT_LOCAL, Endpoint as MapEndpoint, EndpointKey, Iface, NETWORK_RESOLVER, Network as MapNetwork,
+    },
 };
 use tracing::warn;
 
@@ -89,6 +91,9 @@ pub struct Mirror {
     networks: HashMap<u32, MapNetwork>,
     /// The NAMES map, in key order so that one network's names are one range.
     names: BTreeMap<NameKey, NameAddrs>,
+    /// The gateways the agent's resolver serves on this host (the resolver's path says which
+    /// before each pass): their networks' entries carry `NETWORK_RESOLVER`.
+    served: BTreeSet<Ipv4Addr>,
 }
 
 impl Mirror {
@@ -102,6 +107,11 @@ impl Mirror {
             names: found.names.into_iter().collect(),
             ..Self::default()
         }
+    }
+
+    /// Which gateways the resolver serves, for the passes from now on.
+    pub fn set_served(&mut self, served: BTreeSet<Ipv4Addr>) {
+        self.served = served;
     }
 
     /// Number of entries in the endpoint map (local and remote).
@@ -145,17 +155,28 @@ impl Mirror {
         locals: &HashMap<Id, Local>,
         out: &mut Outcome,
     ) {
+        let served = &self.served.clone();
         let named = self.named_vnis(desired, plan);
         for (n, vni) in &plan.networks {
-            let want = vni.zip(desired.network(n)).map(|(vni, n)| {
-                (
-                    vni,
-                    MapNetwork { gateway: n.gateway.octets(), gateway_mac: n.gateway_mac().0, _pad: [0; 2] },
-                )
-            });
+            let want = vni.zip(desired.network(n)).map(|(vni, n)| (vni, network_value(n, served)));
             if let Err(e) = self.sync_network(w, n, want) {
                 warn!(network = %n, error = format!("{e:#}"), "cannot update the network map");
                 out.retry.networks.insert(n.clone());
+            }
+        }
+        // Whether the resolver serves a joined network changes without the network changing
+        // (its gateway address made after a failure): written only where it differs.
+        let others: Vec<(String, u32)> = self
+            .joined
+            .iter()
+            .filter(|(id, _)| !plan.networks.contains_key(*id))
+            .map(|(id, vni)| (id.clone(), *vni))
+            .collect();
+        for (id, vni) in others {
+            let Some(n) = desired.network(&id) else { continue };
+            if let Err(e) = self.sync_network(w, &id, Some((vni, network_value(n, served)))) {
+                warn!(network = %id, error = format!("{e:#}"), "cannot update the network map");
+                out.retry.networks.insert(id);
             }
         }
         for id in &plan.entries {
@@ -405,11 +426,22 @@ impl Mirror {
     }
 }
 
+/// The `NETWORKS` value of network `n`: its gateway, and whether the resolver serves it here
+/// (its gateway among the `served` addresses).
+fn network_value(n: &crate::model::Network, served: &BTreeSet<Ipv4Addr>) -> MapNetwork {
+    MapNetwork {
+        gateway: n.gateway.octets(),
+        gateway_mac: n.gateway_mac().0,
+        flags: if served.contains(&n.gateway) { NETWORK_RESOLVER } else { 0 },
+        _pad: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
 
-    use overlay_common::maps::{ENDPOINT_LOCAL, Endpoint as MapEndpoint, EndpointKey};
+    use overlay_common::maps::{ENDPOINT_LOCAL, Endpoint as MapEndpoint, EndpointKey, NETWORK_RESOLVER};
 
     use super::Mirror;
     use crate::{
@@ -463,6 +495,27 @@ mod tests {
         pass.kernel.take_calls();
         pass.snapshot(three_hosts(), true);
         assert_eq!(pass.kernel.take_calls(), []);
+    }
+
+    #[test]
+    fn a_network_carries_the_resolver_flag_exactly_while_its_gateway_is_served() {
+        let mut pass = Pass::new();
+        pass.snapshot(three_hosts(), true);
+        let flags = |p: &Pass| p.kernel.networks[&100].flags;
+        assert_eq!(flags(&pass), 0, "nothing served yet");
+        // The resolver's path comes up between passes; a pass that changes nothing about the
+        // network still writes the flag, and only that.
+        pass.served = [Ipv4Addr::new(10, 0, 1, 1)].into();
+        pass.kernel.take_calls();
+        pass.run(Dirty::default());
+        assert_eq!(flags(&pass), NETWORK_RESOLVER);
+        assert_eq!(pass.kernel.take_calls().len(), 1, "one NETWORKS write");
+        pass.run(Dirty::default());
+        assert!(pass.kernel.take_calls().is_empty(), "written once");
+        // Another network's gateway is no reason for the flag.
+        pass.served = [Ipv4Addr::new(10, 0, 9, 1)].into();
+        pass.run(Dirty::default());
+        assert_eq!(flags(&pass), 0);
     }
 
     #[test]

@@ -11,10 +11,12 @@
 //! A host only carries the networks it takes part in (those with an endpoint on it), as
 //! libnetwork's overlay does: their remote endpoints, their VNIs. Every other host is a peer.
 //!
-//! A pass runs in three steps, one file each:
+//! A pass runs in four steps:
 //! - `plan`: what changed, what is desired and what exists -> what to look at (no I/O);
 //! - `local`: sandboxes and endpoint interfaces (netlink, attachments), and adopting the ones a
 //!   previous agent left;
+//! - the resolver's path and zone (`serve_names` below, over `netlink::resolver_path` and
+//!   `resolver`): the gateways it answers on, the routes its answers take, the names it knows;
 //! - `mirror`: the maps, written through [`MapWriter`](crate::datapath::MapWriter) where they
 //!   differ from what is desired.
 
@@ -23,7 +25,12 @@ mod mirror;
 mod names;
 mod plan;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use tracing::{info, warn};
 
@@ -36,7 +43,11 @@ use self::{
 use crate::{
     datapath::Datapath,
     desired::{Desired, Dirty},
-    netlink::Netlink,
+    netlink::{
+        Netlink,
+        resolver_path::{ResolverPath, Route},
+    },
+    resolver::{Resolver, zone::Zone},
     sandbox::Sandboxes,
     source::Report,
 };
@@ -54,11 +65,19 @@ pub struct Reconciler {
     dp: Datapath,
     locals: Locals,
     mirror: Mirror,
+    path: ResolverPath,
+    resolver: Resolver,
 }
 
 impl Reconciler {
     /// Starts from what the kernel maps hold now (left by a previous agent, or empty).
-    pub fn new(me: &str, dp: Datapath, host: Netlink, sandboxes: Sandboxes) -> anyhow::Result<Self> {
+    pub fn new(
+        me: &str,
+        dp: Datapath,
+        host: Netlink,
+        sandboxes: Sandboxes,
+        resolver: Resolver,
+    ) -> anyhow::Result<Self> {
         let found = Found::read(&dp.maps)?;
         info!(
             endpoints = found.endpoints.len(),
@@ -68,7 +87,14 @@ impl Reconciler {
             "found existing datapath state"
         );
         let here = Here { me: me.to_owned(), sandbox_prefix: sandboxes.prefix().to_owned() };
-        Ok(Self { here, dp, locals: Locals::new(host, sandboxes), mirror: Mirror::new(found) })
+        Ok(Self {
+            here,
+            dp,
+            path: ResolverPath::new(host.clone()),
+            locals: Locals::new(host, sandboxes),
+            mirror: Mirror::new(found),
+            resolver,
+        })
     }
 
     /// The containers this host runs (their sandboxes, made here or recorded as foreign).
@@ -114,6 +140,8 @@ impl Reconciler {
         // Sandboxes of containers that are gone, now that their endpoints are.
         self.locals.remove_sandboxes(desired, &plan.containers, &mut out);
 
+        let served = self.serve_names(desired, &plan, &mut out).await;
+        self.mirror.set_served(served);
         self.mirror.apply(&mut self.dp, &self.here, desired, &plan, self.locals.by_id(), &mut out);
 
         if plan.full {
@@ -135,5 +163,34 @@ impl Reconciler {
             }
         }
         out
+    }
+
+    /// Gives the resolver its path (a gateway address and rule per network with a local
+    /// endpoint, a route per local endpoint), its sockets and its zone. Returns the gateways it
+    /// serves, whose networks the datapath may hand queries up for.
+    async fn serve_names(&mut self, desired: &Desired, plan: &Plan, out: &mut Outcome) -> BTreeSet<Ipv4Addr> {
+        let mut gateways = BTreeSet::new();
+        let mut routes = BTreeMap::new();
+        for (id, l) in self.locals.by_id() {
+            let (Some(e), Some(n)) = (desired.endpoint(id), desired.network(&l.network_id)) else { continue };
+            if n.gateway.is_unspecified() {
+                continue;
+            }
+            gateways.insert(n.gateway);
+            routes.insert(e.ipv4, Route { ifindex: l.ifindex, mac: e.mac.0 });
+        }
+        for e in self.path.sync(&gateways, &routes, plan.full).await {
+            warn!(error = format!("{e:#}"), "cannot set up the resolver's path");
+            out.retry.full = true;
+        }
+        let served = self.path.served().clone();
+        for (gateway, e) in self.resolver.listen(&served) {
+            warn!(%gateway, error = %e, "the resolver cannot listen on the gateway's port 53");
+            out.retry.full = true;
+        }
+        if plan.full || !plan.networks.is_empty() || !plan.entries.is_empty() || !plan.locals.is_empty() {
+            self.resolver.set_zone(Zone::build(desired, &self.here.me));
+        }
+        served
     }
 }

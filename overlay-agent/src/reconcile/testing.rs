@@ -192,6 +192,8 @@ pub struct Pass {
     pub mirror: Mirror,
     pub kernel: Kernel,
     pub locals: HashMap<Id, Local>,
+    /// The gateways the resolver serves (as `ResolverPath` reports them to the mirror).
+    pub served: BTreeSet<Ipv4Addr>,
     next_ifindex: u32,
 }
 
@@ -207,6 +209,7 @@ impl Pass {
             mirror: Mirror::new(kernel.found()),
             kernel,
             locals: HashMap::new(),
+            served: BTreeSet::new(),
             next_ifindex: 100,
         }
     }
@@ -252,6 +255,7 @@ impl Pass {
                 _ => {}
             }
         }
+        self.mirror.set_served(self.served.clone());
         self.mirror.apply(&mut self.kernel, &here, &self.desired, &plan, &self.locals, &mut out);
         assert!(out.retry.is_empty(), "an in-memory kernel never fails: {:?}", out.retry);
         plan

@@ -13,6 +13,10 @@
 //! - `tos PORT SECONDS`: print "listening" once UDP PORT is bound, then for every datagram
 //!   received within SECONDS one line "<TOS byte in hex> <payload>" (the TOS as the receiving
 //!   stack saw it, IP_RECVTOS): what a container's application gets, ECN marks included.
+//! - `dns-serve`, `dns-query`, `dns-raw`: an upstream DNS server and a DNS client (probe/dns.rs).
+
+#[path = "../probe/dns.rs"]
+mod dns;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -37,7 +41,15 @@ fn main() -> ExitCode {
         ["session", to, secs] => session(to.parse().expect("address"), secs.parse().expect("seconds")),
         ["frame", iface, hex] => frame(iface, hex),
         ["tos", port, secs] => tos(port.parse().expect("port"), secs.parse().expect("seconds")),
-        _ => Err("usage: overlay-probe serve|tcp|udp|sink|send|session|frame|tos ...".into()),
+        ["dns-serve", addr] => dns::serve(addr.parse().expect("IP:PORT")),
+        ["dns-query", server, name, qtype] => dns::query(server, name, qtype, false),
+        ["dns-query", server, name, qtype, "tcp"] => dns::query(server, name, qtype, true),
+        ["dns-raw", server, hex] => dns::raw(server, hex, false),
+        ["dns-raw", server, hex, "tcp"] => dns::raw(server, hex, true),
+        _ => Err(
+            "usage: overlay-probe serve|tcp|udp|sink|send|session|frame|tos|dns-serve|dns-query|dns-raw ..."
+                .into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
