@@ -259,7 +259,7 @@ fn main() -> anyhow::Result<()> {
         Command::Reset { target } => {
             let pins = target.pins()?;
             pins.remove_all().with_context(|| format!("removing {}", pins.root().display()))?;
-            // The resolver's device, rules and table: the containers that used them stop
+            // The resolver's addresses, rules and table: the containers that used them stop
             // forwarding with the pins.
             tokio::runtime::Runtime::new()?.block_on(async {
                 let nl = Netlink::current()?;

@@ -3,15 +3,17 @@
 //!
 //! Containers ask their network's gateway address. The from-container program answers what the
 //! `NAMES` map holds and hands the rest up the host's stack, which delivers it to the resolver's
-//! sockets because each served gateway is a local address here, on the device [`DEVICE`] (a
-//! dummy, or a bridge without ports where the kernel has no dummy driver). The resolver's answers must go back down the container's own veth, and nowhere
-//! else: the rule `from <gateway> lookup` [`TABLE`] sends everything from a gateway address to a
-//! table of our own, which holds one `/32` route per local endpoint through its veth (with a
-//! permanent neighbour entry, since the program answers ARP for containers and never lets one
-//! answer ARP itself) and an `unreachable` default, so an answer with no container to go to
-//! fails here instead of leaving by the host's default route. The same rule makes the reverse
-//! path filter's check of a query (`rp_filter`, strict on many hosts) find the veth it came in
-//! by.
+//! sockets because each served gateway is a local address here: a `/32` on the loopback device,
+//! labelled [`LABEL`] so the agent knows its own, as anycast service addresses are kept. (Not a
+//! device of our own: a dummy needs a driver some kernels leave out, and a bridge or a veth kept
+//! only to hold addresses would be one more interface on the host that forwards nothing.) The
+//! resolver's answers must go back down the container's own veth, and nowhere else: the rule
+//! `from <gateway> lookup` [`TABLE`] sends everything from a gateway address to a table of our
+//! own, which holds one `/32` route per local endpoint through its veth (with a permanent
+//! neighbour entry, since the program answers ARP for containers and never lets one answer ARP
+//! itself) and an `unreachable` default, so an answer with no container to go to fails here
+//! instead of leaving by the host's default route. The same rule makes the reverse path
+//! filter's check of a query (`rp_filter`, strict on many hosts) find the veth it came in by.
 //!
 //! Nothing here matches traffic that is not ours: the rule only selects packets from the
 //! gateways, which are addresses of the overlay's own networks.
@@ -23,7 +25,7 @@ use std::{
 
 use futures::TryStreamExt as _;
 use rtnetlink::{
-    IpVersion, LinkBridge, LinkDummy, RouteMessageBuilder,
+    IpVersion, RouteMessageBuilder,
     packet_route::{
         address::AddressAttribute,
         neighbour::NeighbourState,
@@ -32,12 +34,11 @@ use rtnetlink::{
     },
 };
 
-use tracing::info;
-
 use super::{Error, Netlink, nl};
 
-/// The dummy device that holds the served gateway addresses.
-pub const DEVICE: &str = "ovdns0";
+/// The device that holds the served gateway addresses, and the label that marks them ours.
+const DEVICE: &str = "lo";
+pub const LABEL: &str = "lo:ovdns";
 /// The routing table of the resolver's answers, and the priority of the rules that select it.
 pub const TABLE: u32 = 4789;
 const RULE_PRIORITY: u32 = 4789;
@@ -134,16 +135,9 @@ impl ResolverPath {
         errors
     }
 
-    /// Makes the device (and the table's default) if missing, and learns which gateways and
-    /// rules exist. Routes are put again on the next sync (replacing is harmless).
+    /// Makes the table's default if missing, and learns which gateways and rules exist. Routes are put again on the next sync (replacing is harmless).
     async fn read_back(&mut self) -> Result<(), Error> {
-        let index = if let Some(link) = self.nl.link(DEVICE).await? {
-            link.index
-        } else {
-            self.create_device().await?;
-            self.nl.require_link(DEVICE).await?.index
-        };
-        self.nl.set_up(index, &format!("setting {DEVICE} up")).await?;
+        let index = self.nl.require_link(DEVICE).await?.index;
         let unreachable =
             RouteMessageBuilder::<Ipv4Addr>::new().table_id(TABLE).kind(RouteType::Unreachable).build();
         self.nl
@@ -164,31 +158,13 @@ impl ResolverPath {
         Ok(())
     }
 
-    /// A dummy device; where the kernel has no dummy driver (it is a module some kernels leave
-    /// out), a bridge without ports, which holds local addresses the same way and forwards
-    /// nothing.
-    async fn create_device(&self) -> Result<(), Error> {
-        let add = self.nl.handle().link().add(LinkDummy::new(DEVICE).up().build()).execute().await;
-        let add = match add.map_err(nl(format!("creating {DEVICE}"))) {
-            Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => {
-                info!(
-                    device = DEVICE,
-                    "no dummy devices in this kernel: the resolver's addresses go on a bridge without ports"
-                );
-                let bridge =
-                    self.nl.handle().link().add(LinkBridge::new(DEVICE).up().build()).execute().await;
-                bridge.map_err(nl(format!("creating {DEVICE} (a bridge)")))
-            }
-            other => other,
-        };
-        match add {
-            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
-            other => other,
-        }
-    }
-
     async fn add_gateway(&self, index: u32, gw: Ipv4Addr) -> Result<(), Error> {
-        self.nl.add_address(index, gw, 32).await?;
+        let mut add = self.nl.handle().address().add(index, gw.into(), 32);
+        add.message_mut().attributes.push(AddressAttribute::Label(LABEL.to_owned()));
+        match add.execute().await.map_err(nl(format!("adding {gw}/32 to {DEVICE}"))) {
+            Err(e) if e.errno() == Some(libc::EEXIST) => {}
+            other => other?,
+        }
         let add = self
             .nl
             .handle()
@@ -213,7 +189,7 @@ impl ResolverPath {
         remove_rules(&self.nl, Some(gw)).await?;
         let mut found = self.nl.handle().address().get().set_link_index_filter(index).execute();
         while let Some(msg) = found.try_next().await.map_err(nl(format!("listing {DEVICE}'s addresses")))? {
-            if address_of(&msg) == Some(gw) {
+            if address_of(&msg) == Some(gw) && is_ours(&msg) {
                 match self
                     .nl
                     .handle()
@@ -259,12 +235,25 @@ impl ResolverPath {
     }
 }
 
-/// Removes everything of the resolver's path from the host's namespace: the device (its
-/// addresses go with it), the rules, the table. For `overlay-agent reset`.
+/// Removes everything of the resolver's path from the host's namespace: the gateway addresses,
+/// the rules, the table. For `overlay-agent reset`.
 pub async fn remove_all(host: &Netlink) -> Result<(), Error> {
     remove_rules(host, None).await?;
-    if let Some(link) = host.link(DEVICE).await? {
-        host.delete_link(link.index).await?;
+    let lo = host.require_link(DEVICE).await?.index;
+    let addresses: Vec<_> = host
+        .handle()
+        .address()
+        .get()
+        .set_link_index_filter(lo)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(format!("listing {DEVICE}'s addresses")))?;
+    for msg in addresses.into_iter().filter(is_ours) {
+        match host.handle().address().del(msg).execute().await.map_err(nl("removing a resolver address")) {
+            Err(e) if e.errno() == Some(libc::EADDRNOTAVAIL) => {}
+            other => other?,
+        }
     }
     let mut routes =
         host.handle().route().get(RouteMessageBuilder::<Ipv4Addr>::new().table_id(TABLE).build()).execute();
@@ -304,13 +293,18 @@ fn address_of(msg: &rtnetlink::packet_route::address::AddressMessage) -> Option<
     })
 }
 
+/// Whether an address carries our label (the gateways; the loopback's own addresses do not).
+fn is_ours(msg: &rtnetlink::packet_route::address::AddressMessage) -> bool {
+    msg.attributes.iter().any(|a| matches!(a, AddressAttribute::Label(l) if l == LABEL))
+}
+
 async fn device_addresses(host: &Netlink, index: u32) -> Result<BTreeSet<Ipv4Addr>, Error> {
     host.handle()
         .address()
         .get()
         .set_link_index_filter(index)
         .execute()
-        .try_filter_map(|msg| async move { Ok(address_of(&msg)) })
+        .try_filter_map(|msg| async move { Ok(if is_ours(&msg) { address_of(&msg) } else { None }) })
         .try_collect()
         .await
         .map_err(nl(format!("listing {DEVICE}'s addresses")))

@@ -188,3 +188,59 @@ fn an_answer_too_big_for_udp_is_truncated_and_whole_over_tcp_or_with_edns() {
     assert_eq!(m.answers().len(), 60);
     assert_eq!(m.extensions().as_ref().map(Edns::max_payload), Some(1232));
 }
+
+/// Mutated queries (bytes flipped, cut, grown, counts changed), seeded so a failure repeats: no
+/// panic, and every reply is a response with the query's ID, or the query is dropped.
+#[test]
+fn mutated_queries_never_panic_and_every_reply_answers_the_query_it_came_for() {
+    let z = sample();
+    let mut seeds: Vec<Vec<u8>> = [
+        ("web.", RecordType::A),
+        ("3.1.0.10.in-addr.arpa.", RecordType::PTR),
+        ("example.com.", RecordType::AAAA),
+    ]
+    .iter()
+    .map(|(n, t)| query(n, *t).to_vec().unwrap())
+    .collect();
+    let mut with_edns = query("www.n1.", RecordType::A);
+    with_edns.set_edns(Edns::new());
+    seeds.push(with_edns.to_vec().unwrap());
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (mut replies, mut forwards, mut drops) = (0, 0, 0);
+    for i in 0..20_000 {
+        let mut q = seeds[i % seeds.len()].clone();
+        for _ in 0..=(next() % 4) {
+            let at = (next() as usize) % q.len();
+            match next() % 4 {
+                0 => q[at] = next() as u8,
+                1 => q.truncate(at.max(1)),
+                2 => q.insert(at, next() as u8),
+                _ => q[at] ^= 1 << (next() % 8),
+            }
+        }
+        for udp in [true, false] {
+            match answer(&z, WEB1, &q, udp) {
+                Action::Reply(bytes, _) => {
+                    replies += 1;
+                    assert!(
+                        bytes.len() >= 12 && bytes[..2] == q[..2] && bytes[2] & 0x80 != 0,
+                        "{q:02x?} -> {bytes:02x?}"
+                    );
+                    if udp {
+                        assert!(bytes.len() <= 1232, "a UDP answer over the size we offer");
+                    }
+                }
+                Action::Forward => forwards += 1,
+                Action::Drop(_) => drops += 1,
+            }
+        }
+    }
+    // The mutations reach every kind of end, or the test says little.
+    assert!(replies > 1000 && forwards > 100 && drops > 100, "{replies} {forwards} {drops}");
+}

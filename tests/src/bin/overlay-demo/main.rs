@@ -81,6 +81,32 @@ fn main() -> ExitCode {
         );
     }
 
+    step("Names: containers ask their gateway, answered in the datapath or by the agent's resolver");
+    let names = [
+        (
+            "h1",
+            "web",
+            &["ping", "-c", "1", "-W", "2", "api"][..],
+            true,
+            "web pings api by name, across hosts",
+        ),
+        ("h2", "api", &["getent", "hosts", "db"], true, "api is on backend too: db resolves"),
+        ("h3", "db", &["getent", "hosts", "web"], false, "web is not on db's network: no name"),
+    ];
+    for (host, name, cmd, expect, why) in names {
+        let mut args = vec!["container", "exec", name, "--"];
+        args.extend(cmd);
+        println!("$ overlay {}", args.join(" "));
+        let out = c.cli_on(host, &args);
+        for line in String::from_utf8_lossy(&out.stdout).lines().take(2) {
+            println!("  {line}");
+        }
+        let resolved = out.status.success();
+        ok &= resolved == expect;
+        let verdict = if resolved == expect { "as expected" } else { "UNEXPECTED" };
+        println!("  -> {} {verdict}: {why}", if resolved { "resolved" } else { "not resolved" });
+    }
+
     step("overlay network inspect frontend");
     show(&c, &["network", "inspect", "frontend"]);
 
