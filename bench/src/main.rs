@@ -8,6 +8,7 @@
 mod agent;
 mod control;
 mod measure;
+mod names;
 mod plot;
 mod report;
 mod state;
@@ -106,9 +107,14 @@ struct RunArgs {
     #[arg(long)]
     no_file_reach: bool,
     /// Also put the tables into this README, between `<!-- overlay-bench:begin -->` and
-    /// `<!-- overlay-bench:end -->` (appended if the markers are missing).
+    /// `<!-- overlay-bench:end -->` (appended if the markers are missing); with --names, between
+    /// `<!-- overlay-bench:names:begin -->` and `<!-- overlay-bench:names:end -->`.
     #[arg(long)]
     readme: Option<PathBuf>,
+    /// Run only the names stage: query latency and throughput of the datapath's answers, the
+    /// agent's resolver and dnsmasq, and name created -> resolvable on another host.
+    #[arg(long)]
+    names: bool,
 }
 
 /// The traffic programs and the store client, run by the harness inside the namespaces.
@@ -244,6 +250,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     sys::require_program("ip", "iproute2")?;
     sys::require_program("bridge", "iproute2")?;
     sys::require_program("iperf3", "iperf3")?;
+    if args.names {
+        return run_names(&args);
+    }
     let exe = std::env::current_exe().context("locating this binary")?;
     let agent_bin = agent_binary(args.agent.clone(), &exe)?;
     let quick = args.quick;
@@ -475,4 +484,30 @@ fn brief(s: &Sample) -> String {
             cpu.machine_busy_secs
         ),
     }
+}
+
+/// `--names`: the names stage alone, its table in <out>/names.md (and the README if asked).
+fn run_names(args: &RunArgs) -> anyhow::Result<()> {
+    sys::require_program("dnsmasq", "dnsmasq-base")?;
+    let plan = names::NamesPlan::new(args.quick);
+    let (_, stamp) = report::utc_now();
+    let out_dir =
+        args.out.clone().unwrap_or_else(|| Path::new("bench-results").join(format!("{stamp}-names")));
+    overlay_tests::cleanup_on_signal().context("installing the signal handler")?;
+    eprintln!("overlay-bench: names stage, writing to {}", out_dir.display());
+    let figures = names::run(&plan)?;
+    let cmd = format!("cargo xtask bench -- --names{}", if args.quick { " --quick" } else { "" });
+    let table = names::markdown(&figures, &cmd);
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::write(out_dir.join("names.md"), &table)?;
+    print!("{table}");
+    if let Some(readme) = &args.readme {
+        report::replace_between(
+            readme,
+            "<!-- overlay-bench:names:begin -->",
+            "<!-- overlay-bench:names:end -->",
+            &table,
+        )?;
+    }
+    Ok(())
 }

@@ -733,6 +733,18 @@ pub const README_END: &str = "<!-- overlay-bench:end -->";
 
 /// Replaces the README's section between the markers with this run's tables (appends the
 /// section, with its markers, when there is none yet).
+/// Puts `text` between the markers `begin` and `end` of the file at `path` (appended, with the
+/// markers, if they are missing).
+pub fn replace_between(path: &Path, begin: &str, end: &str, text: &str) -> anyhow::Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let section = format!("{begin}\n{text}{end}");
+    let new = match (old.find(begin), old.find(end)) {
+        (Some(b), Some(e)) if e > b => format!("{}{section}{}", &old[..b], &old[e + end.len()..]),
+        _ => format!("{old}{}{section}\n", if old.is_empty() || old.ends_with('\n') { "" } else { "\n" }),
+    };
+    std::fs::write(path, new).with_context(|| format!("writing {}", path.display()))
+}
+
 pub fn update_readme(path: &Path, r: &Results, out_dir: &Path) -> anyhow::Result<()> {
     let old = std::fs::read_to_string(path).unwrap_or_default();
     let section = format!(

@@ -242,7 +242,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Bench { args } => {
             let bins = build(true)?;
+            // The names stage runs the tests' probe in the containers.
             status(cargo().args(["build", "--quiet", "--release", "--package", "overlay-bench"]))?;
+            status(cargo().args([
+                "build",
+                "--quiet",
+                "--release",
+                "--package",
+                "overlay-tests",
+                "--bin",
+                "overlay-probe",
+            ]))?;
             status(privileged(&bins.join("overlay-bench"))?.args(&args).env("OVERLAY_BIN_DIR", &bins))
         }
     }

@@ -13,7 +13,8 @@
 //! - `tos PORT SECONDS`: print "listening" once UDP PORT is bound, then for every datagram
 //!   received within SECONDS one line "<TOS byte in hex> <payload>" (the TOS as the receiving
 //!   stack saw it, IP_RECVTOS): what a container's application gets, ECN marks included.
-//! - `dns-serve`, `dns-query`, `dns-raw`: an upstream DNS server and a DNS client (probe/dns.rs).
+//! - `dns-serve`, `dns-query`, `dns-raw`: an upstream DNS server and a DNS client; `dns-bench`,
+//!   `dns-wait`: the name benchmark's clients (probe/dns.rs).
 
 #[path = "../probe/dns.rs"]
 mod dns;
@@ -46,6 +47,10 @@ fn main() -> ExitCode {
         ["dns-query", server, name, qtype, "tcp"] => dns::query(server, name, qtype, true),
         ["dns-raw", server, hex] => dns::raw(server, hex, false),
         ["dns-raw", server, hex, "tcp"] => dns::raw(server, hex, true),
+        ["dns-bench", server, name, count, window] => {
+            dns::bench(server, name, count.parse().expect("count"), window.parse().expect("window"))
+        }
+        ["dns-wait", server, name, ms] => dns::wait(server, name, ms.parse().expect("milliseconds")),
         _ => Err(
             "usage: overlay-probe serve|tcp|udp|sink|send|session|frame|tos|dns-serve|dns-query|dns-raw ..."
                 .into(),
