@@ -8,6 +8,8 @@
 pub mod agent;
 /// Hosts, etcd on the underlay and an agent per host following it; the CLI run from a host.
 pub mod cluster;
+/// The CNI plugin run as a runtime runs it: CNI_* variables, the netconf on stdin.
+pub mod cni;
 /// Real Docker engines (Debian's dockerd) on the simulated hosts, isolated from the machine's.
 pub mod docker;
 /// A real etcd server per guard, on free ports, killed and removed when dropped.

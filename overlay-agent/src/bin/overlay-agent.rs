@@ -8,7 +8,7 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use overlay_agent::{
-    agent,
+    agent, cni,
     datapath::{PinDir, XdpPreference, counters, maps, pins},
     docker,
     model::Host,
@@ -153,6 +153,11 @@ struct Run {
     /// Needs etcd. Off by default.
     #[arg(long, env = "OVERLAY_DOCKER_PLUGIN")]
     docker_plugin: Option<PathBuf>,
+    /// Answer the CNI plugin (`overlay-cni`) on a unix socket at this path; the plugin finds it
+    /// through its netconf's `agentSocket` (default /run/overlay-ebpf/cni.sock). Needs etcd.
+    /// Off by default.
+    #[arg(long, env = "OVERLAY_CNI_SOCKET")]
+    cni_socket: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -191,6 +196,10 @@ fn main() -> anyhow::Result<()> {
                         run.docker_plugin.is_none(),
                         "--docker-plugin needs etcd: Docker's networks and addresses live there, not in --state-file"
                     );
+                    anyhow::ensure!(
+                        run.cni_socket.is_none(),
+                        "--cni-socket needs etcd: the runtimes' containers and addresses live there, not in --state-file"
+                    );
                     agent::run(cfg, FileSource::new(path)).await
                 } else {
                     // The host record says what the other hosts need: the VTEP, and the
@@ -209,6 +218,16 @@ fn main() -> anyhow::Result<()> {
                         tokio::spawn(async move {
                             if let Err(e) = docker::serve(socket, config, me, state_dir).await {
                                 tracing::error!(error = format!("{e:#}"), "the Docker plugin stopped");
+                            }
+                        });
+                    }
+                    if let Some(socket) = run.cni_socket.clone() {
+                        let (config, me) = (run.etcd.config(), cfg.host.clone());
+                        // In the agent's process, as the Docker plugin: ADD writes the store and
+                        // waits for the loop to make the interface.
+                        tokio::spawn(async move {
+                            if let Err(e) = cni::serve(socket, config, me).await {
+                                tracing::error!(error = format!("{e:#}"), "the CNI server stopped");
                             }
                         });
                     }
