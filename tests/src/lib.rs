@@ -22,6 +22,8 @@ pub mod fuzz;
 pub mod pcap;
 /// A ping for the length of a fault, and what it lost.
 pub mod ping;
+/// Podman (CNI backend) on a simulated host, with its own roots and CNI directories.
+pub mod podman;
 /// Desired states built with the agent's model types.
 pub mod scenario;
 /// A program run on one frame with BPF_PROG_TEST_RUN: the context structs and the results.
