@@ -87,3 +87,43 @@ pub fn invoke(host_ns: &str, call: &Call<'_>, conf: &Value) -> Outcome {
     let json = serde_json::from_str(&stdout).unwrap_or(Value::Null);
     Outcome { ok: out.status.success(), stdout, json }
 }
+
+/// The source of `libcni-run` (tests/libcni): a client on libcni, with cnitool's command line.
+const LIBCNI_RUN_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/libcni");
+/// Where Debian's golang-github-appc-cni-dev puts libcni's source.
+pub const GOCODE: &str = "/usr/share/gocode";
+
+/// Why `libcni-run` cannot be built here, if it cannot.
+pub fn libcni_missing() -> Option<String> {
+    let libcni = Path::new(GOCODE).join("src/github.com/containernetworking/cni/libcni");
+    if sh_ok(Command::new("go").arg("version")).is_none() {
+        Some("no go (install golang-go, or run ./setup)".into())
+    } else if !libcni.is_dir() {
+        Some(format!("no {} (install golang-github-appc-cni-dev, or run ./setup)", libcni.display()))
+    } else {
+        None
+    }
+}
+
+fn sh_ok(cmd: &mut Command) -> Option<()> {
+    cmd.output().ok().filter(|o| o.status.success()).map(drop)
+}
+
+/// Builds `libcni-run` into the run's directory, offline (GOPATH mode on Debian's sources, the
+/// build cache in the run's directory too): its path.
+pub fn build_libcni_run(run: &Run) -> anyhow::Result<PathBuf> {
+    let out = run.path("libcni-run");
+    crate::sh_result(
+        Command::new("go")
+            .args(["build", "-o"])
+            .arg(&out)
+            .arg(".")
+            .current_dir(LIBCNI_RUN_SRC)
+            .env("GO111MODULE", "off")
+            .env("GOPATH", GOCODE)
+            .env("GOCACHE", run.path("go-cache"))
+            .env("GOFLAGS", "")
+            .env("GOPROXY", "off"),
+    )?;
+    Ok(out)
+}

@@ -162,6 +162,8 @@ fn cni_suite() {
     a_failed_add_leaves_nothing(&env);
     gc_removes_what_the_runtime_no_longer_has(&env);
     assert_eq!(env.state(), empty, "the GC case left keys behind");
+    libcni_adds_checks_and_deletes(&env);
+    assert_eq!(env.state(), empty, "the libcni case left keys behind");
     the_agent_not_running_is_try_again_later(env);
 }
 
@@ -502,4 +504,60 @@ fn the_agent_not_running_is_try_again_later(mut env: Env) {
     .expect("ADD never worked once the agent was back");
     assert_eq!(result["interfaces"][0]["sandbox"], ns.as_str());
     env.del("h1", "ctr-later", &ns, Some(&result));
+}
+
+/// libcni, the library containerd and CRI-O call CNI through, driven as cnitool drives it
+/// (`libcni-run`, tests/libcni): it parses ADD's result as a 1.0 result, caches it, and hands it
+/// to CHECK and DEL as prevResult; CHECK fails once the interface is down and passes once it is
+/// up again; DEL twice succeeds.
+fn libcni_adds_checks_and_deletes(env: &Env) {
+    if let Some(why) = cni::libcni_missing() {
+        assert!(!overlay_tests::skip(&why), "libcni is required");
+        return;
+    }
+    let run = &env.cluster.topo.run;
+    let tool = cni::build_libcni_run(run).unwrap_or_else(|e| panic!("building libcni-run: {e:#}"));
+    let conf_dir = run.path("libcni-conf");
+    std::fs::create_dir_all(&conf_dir).expect("conf dir");
+    let conflist = json!({
+        "cniVersion": "1.0.0",
+        "name": NET,
+        "plugins": [{"type": "overlay-cni", "agentSocket": cni::socket(run, "h1")}],
+    });
+    std::fs::write(conf_dir.join("50-pods.conflist"), conflist.to_string()).expect("conflist");
+    let plugins = overlay_tests::binary("overlay-cni").parent().expect("bin dir").to_owned();
+    let ns = env.pod_ns("libcni");
+    let libcni = |command: &str| {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", env.host_ns("h1")])
+            .arg(&tool)
+            .args([command, NET, &ns])
+            .env("CNI_CONF_DIR", &conf_dir)
+            .env("CNI_PATH", &plugins)
+            .env("CNI_CACHE_DIR", run.path("libcni-cache"))
+            .env("CNI_CONTAINERID", "ctr-libcni")
+            .env("CNI_ARGS", "K8S_POD_NAMESPACE=tools;K8S_POD_NAME=cnitool");
+        try_sh(&mut cmd)
+    };
+    let out = libcni("add");
+    assert!(out.status.success(), "libcni ADD: {}", String::from_utf8_lossy(&out.stderr));
+    let result: Value = serde_json::from_slice(&out.stdout).expect("libcni's result");
+    let ip = address(&result);
+    assert_eq!(result["interfaces"][0]["sandbox"], ns.as_str(), "{result}");
+    assert_eq!(env.cluster.address(NET, "cnitool.tools"), ip);
+    let out = libcni("check");
+    assert!(out.status.success(), "libcni CHECK: {}", String::from_utf8_lossy(&out.stderr));
+    let set = |state: &str| {
+        sh(Command::new("nsenter").arg(format!("--net={ns}")).args(["ip", "link", "set", "eth0", state]))
+    };
+    set("down");
+    let out = libcni("check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is down"), "libcni CHECK of a downed eth0: {err}");
+    set("up");
+    assert!(libcni("check").status.success(), "libcni CHECK after eth0 is up again");
+    for _ in 0..2 {
+        let out = libcni("del");
+        assert!(out.status.success(), "libcni DEL: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }
