@@ -37,6 +37,9 @@ pub struct Ep {
     pub aliases: Box<[Id]>,
     pub ipv4: Ipv4Addr,
     pub mac: MacAddr,
+    /// The interface's name in the container when a runtime chose it (CNI_IFNAME); kept for
+    /// this host's endpoints only.
+    pub ifname: Option<Id>,
 }
 
 /// What changed since the last reconcile, by key.
@@ -189,6 +192,7 @@ impl Desired {
         let local = e.host == self.me;
         let name = Id::from(e.container);
         let aliases = e.aliases.iter().chain(&e.services).map(|a| self.intern(a)).collect();
+        let ifname = e.ifname.filter(|_| local).map(|n| self.intern(&n));
         Ep {
             id: Id::from(e.id),
             network_id: self.intern(&e.network_id),
@@ -198,6 +202,7 @@ impl Desired {
             aliases,
             ipv4: e.ipv4,
             mac: e.mac,
+            ifname,
         }
     }
 
@@ -332,6 +337,7 @@ mod tests {
             host: host.into(),
             aliases: Vec::new(),
             services: Vec::new(),
+            ifname: None,
         }
     }
 

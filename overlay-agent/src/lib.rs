@@ -9,6 +9,8 @@ pub mod backoff;
 pub mod brake;
 /// The `overlay` command line, shaped like `docker network`; writes the store and waits.
 pub mod cli;
+/// The CNI plugin's agent side: `overlay-cni` forwards each invocation on a unix socket.
+pub mod cni;
 /// The kernel side: load, pin and attach the eBPF programs; typed maps; counters.
 pub mod datapath;
 /// The agent's view of the desired state: what this host needs, its indexes, the dirty keys.

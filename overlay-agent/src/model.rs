@@ -91,6 +91,11 @@ pub struct Endpoint {
     /// The services of this network the endpoint is a backend of (`service attach`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<String>,
+    /// The name its interface must have in the container (a CNI runtime's `CNI_IFNAME`); when
+    /// absent the agent takes the lowest free `ethN`. Set only for endpoints made through the
+    /// CNI plugin, which is how CNI's GC tells them apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
 }
 
 impl Endpoint {
@@ -106,6 +111,7 @@ impl Endpoint {
             host: host.to_owned(),
             aliases: Vec::new(),
             services: Vec::new(),
+            ifname: None,
         }
     }
 }

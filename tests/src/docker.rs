@@ -256,7 +256,7 @@ impl Drop for Dockerd {
     }
 }
 
-fn collect_procs(dir: &Path, pids: &mut Vec<i32>) {
+pub(crate) fn collect_procs(dir: &Path, pids: &mut Vec<i32>) {
     if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
         pids.extend(procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
     }
@@ -270,7 +270,7 @@ fn collect_procs(dir: &Path, pids: &mut Vec<i32>) {
 }
 
 /// Removes a cgroup and its children, deepest first (rmdir is how cgroups are removed).
-fn remove_cgroup(dir: &Path) {
+pub(crate) fn remove_cgroup(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
             if e.file_type().is_ok_and(|t| t.is_dir()) {

@@ -8,6 +8,12 @@
 pub mod agent;
 /// Hosts, etcd on the underlay and an agent per host following it; the CLI run from a host.
 pub mod cluster;
+/// The CNI plugin run as a runtime runs it: CNI_* variables, the netconf on stdin.
+pub mod cni;
+/// containerd (its CRI plugin) on a simulated host, and a pause image made locally.
+pub mod containerd;
+/// A CRI client: the kubelet's calls for pod sandboxes.
+pub mod cri;
 /// Real Docker engines (Debian's dockerd) on the simulated hosts, isolated from the machine's.
 pub mod docker;
 /// A real etcd server per guard, on free ports, killed and removed when dropped.
@@ -20,6 +26,8 @@ pub mod fuzz;
 pub mod pcap;
 /// A ping for the length of a fault, and what it lost.
 pub mod ping;
+/// Podman (CNI backend) on a simulated host, with its own roots and CNI directories.
+pub mod podman;
 /// Desired states built with the agent's model types.
 pub mod scenario;
 /// A program run on one frame with BPF_PROG_TEST_RUN: the context structs and the results.
@@ -485,4 +493,22 @@ pub fn cleanup_prefix(prefix: &str) {
         let _ = try_sh(Command::new("ip").args(["netns", "del", name.as_str()]));
     }
     let _ = std::fs::remove_dir_all(Path::new("/sys/fs/bpf").join(prefix));
+}
+
+/// The processes (but this one) whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == me {
+            continue;
+        }
+        if let (Ok(pid), Ok(cmdline)) = (name.parse::<i32>(), std::fs::read(entry.path().join("cmdline")))
+            && String::from_utf8_lossy(&cmdline).replace('\0', " ").contains(needle)
+        {
+            found.push(pid);
+        }
+    }
+    found
 }

@@ -66,6 +66,7 @@ impl Scenario {
             host: host.into(),
             aliases: Vec::new(),
             services: Vec::new(),
+            ifname: None,
         };
         self.state.endpoints.insert(e.id.clone(), e);
         self

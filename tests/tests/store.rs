@@ -1485,6 +1485,7 @@ async fn a_state_larger_than_one_response_loads_whole() {
             host: "somewhere".into(),
             aliases: Vec::new(),
             services: Vec::new(),
+            ifname: None,
         };
         ops.push(overlay_agent::store::etcd_client::TxnOp::put(
             s.keys().endpoint(&network.id, &id),

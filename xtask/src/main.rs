@@ -143,7 +143,7 @@ fn host_triple() -> anyhow::Result<String> {
 
 fn build(release: bool) -> anyhow::Result<PathBuf> {
     let mut cmd = cargo();
-    cmd.args(["build", "--package", "overlay-agent", "--bins"]);
+    cmd.args(["build", "--package", "overlay-agent", "--package", "overlay-cni", "--bins"]);
     if release {
         cmd.arg("--release");
     }

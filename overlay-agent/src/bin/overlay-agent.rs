@@ -8,7 +8,7 @@ use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use overlay_agent::{
-    agent,
+    agent, cni,
     datapath::{PinDir, XdpPreference, counters, maps, pins},
     docker,
     model::Host,
@@ -161,6 +161,11 @@ struct Run {
     /// given (read again when it changes).
     #[arg(long, env = "OVERLAY_RESOLV_CONF", default_value = "/etc/resolv.conf")]
     resolv_conf: PathBuf,
+    /// Answer the CNI plugin (`overlay-cni`) on a unix socket at this path; the plugin finds it
+    /// through its netconf's `agentSocket` (default /run/overlay-ebpf/cni.sock). Needs etcd.
+    /// Off by default.
+    #[arg(long, env = "OVERLAY_CNI_SOCKET")]
+    cni_socket: Option<PathBuf>,
 }
 
 /// `192.0.2.53` or `192.0.2.53:5353` (or `[2001:db8::53]:53`).
@@ -208,6 +213,10 @@ fn main() -> anyhow::Result<()> {
                         run.docker_plugin.is_none(),
                         "--docker-plugin needs etcd: Docker's networks and addresses live there, not in --state-file"
                     );
+                    anyhow::ensure!(
+                        run.cni_socket.is_none(),
+                        "--cni-socket needs etcd: the runtimes' containers and addresses live there, not in --state-file"
+                    );
                     agent::run(cfg, FileSource::new(path)).await
                 } else {
                     // The host record says what the other hosts need: the VTEP, and the
@@ -226,6 +235,16 @@ fn main() -> anyhow::Result<()> {
                         tokio::spawn(async move {
                             if let Err(e) = docker::serve(socket, config, me, state_dir).await {
                                 tracing::error!(error = format!("{e:#}"), "the Docker plugin stopped");
+                            }
+                        });
+                    }
+                    if let Some(socket) = run.cni_socket.clone() {
+                        let (config, me) = (run.etcd.config(), cfg.host.clone());
+                        // In the agent's process, as the Docker plugin: ADD writes the store and
+                        // waits for the loop to make the interface.
+                        tokio::spawn(async move {
+                            if let Err(e) = cni::serve(socket, config, me).await {
+                                tracing::error!(error = format!("{e:#}"), "the CNI server stopped");
                             }
                         });
                     }

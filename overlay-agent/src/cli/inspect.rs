@@ -261,6 +261,7 @@ mod tests {
             host: "h1".into(),
             aliases: Vec::new(),
             services: Vec::new(),
+            ifname: None,
         };
         let h = Host::new("h1", "198.18.0.1".parse().unwrap());
         let v: serde_json::Value =

@@ -59,6 +59,9 @@ pub struct Spec<'a> {
     /// Default route for the container, if it has none yet.
     pub gateway: Option<Ipv4Addr>,
     pub mtu: u32,
+    /// The container side's name (a CNI runtime's `CNI_IFNAME`); the lowest free `ethN` when
+    /// absent. A name the container already has is an error, as CNI wants.
+    pub ifname: Option<&'a str>,
 }
 
 /// What was created.
@@ -169,7 +172,21 @@ pub async fn create(host: &Netlink, spec: &Spec<'_>) -> Result<Created, Error> {
 async fn configure(host: &Netlink, spec: &Spec<'_>, name: &str, tmp: &str) -> Result<Created, Error> {
     let container = Netlink::in_namespace(spec.netns).await?;
     let peer = container.require_link(tmp).await?;
-    let ifname = free_ifname(&container).await?;
+    let ifname = match spec.ifname {
+        Some(name) => {
+            if container.link(name).await?.is_some() {
+                return Err(Error::Io {
+                    context: format!("naming the container interface {name}"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        "the container already has an interface of that name",
+                    ),
+                });
+            }
+            name.to_owned()
+        }
+        None => free_ifname(&container).await?,
+    };
     container
         .set_link(
             LinkUnspec::new_with_index(peer.index).name(ifname.clone()).build(),

@@ -37,7 +37,9 @@ pub struct Locals {
     sandboxes: Sandboxes,
     by_id: HashMap<Id, Local>,
     /// Containers and endpoints reported failed: their status (with the error) is taken back
-    /// once they are made, or removed once they are no longer desired.
+    /// once they are made, or removed once they are no longer desired. An endpoint whose
+    /// interface vanished is here too: its "ready" status is out, and must be taken back if it
+    /// is removed before it is made again (a CNI pod's namespace deleted before its DEL).
     failed_containers: BTreeSet<String>,
     failed_endpoints: BTreeSet<Id>,
 }
@@ -249,6 +251,7 @@ impl Locals {
             prefix_len: n.subnet.prefix_len(),
             gateway: Some(n.gateway),
             mtu,
+            ifname: e.ifname.as_deref(),
         };
         let created = if c.handover {
             veth::create_handover(&self.host, &e.id, e.mac.0, mtu).await?
@@ -327,6 +330,7 @@ impl Locals {
                 }
             }
             warn!(endpoint = %id, veth = %l.host_name, "endpoint interface vanished; recreating it");
+            self.failed_endpoints.insert(id.clone());
             if let Err(e) = self.forget(id, &l, dp, mirror) {
                 warn!(endpoint = %id, error = %e, "cannot clear the vanished endpoint");
                 out.retry.endpoints.insert(id.clone());
@@ -362,6 +366,7 @@ impl Locals {
             .collect();
         for (id, l) in vanished {
             warn!(endpoint = %id, veth = %l.host_name, "endpoint interface vanished; recreating it");
+            self.failed_endpoints.insert(id.clone());
             if let Err(e) = self.forget(&id, &l, dp, mirror) {
                 warn!(endpoint = %id, error = %e, "cannot clear the vanished endpoint");
                 out.retry.full = true;

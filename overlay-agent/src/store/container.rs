@@ -105,9 +105,8 @@ impl Store {
                     net,
                     &container,
                     lease,
-                    spec.ip,
+                    &endpoint::NewEndpoint::cli(spec.ip, &spec.names),
                     &endpoint::NetworkRead::of(&more),
-                    &spec.names,
                 )?;
                 compares.extend(c);
                 compares.push(unchanged(&k.network(&net.id), Some(net_kv)));

@@ -116,6 +116,26 @@ impl<'a> NetworkRead<'a> {
     }
 }
 
+/// What is asked of a new endpoint.
+pub(crate) struct NewEndpoint<'a> {
+    /// Its id; a random one when absent (a CNI endpoint's is derived from the runtime's
+    /// container id, so that every call about it finds it).
+    pub id: Option<String>,
+    /// The address asked for (`--ip`); the lowest free one when absent.
+    pub ip: Option<Ipv4Addr>,
+    /// Its names beyond the container's own.
+    pub names: &'a Names,
+    /// The name its interface must have in the container (CNI_IFNAME).
+    pub ifname: Option<String>,
+}
+
+impl<'a> NewEndpoint<'a> {
+    /// A new endpoint of the CLI's: a random id, the lowest free `ethN`.
+    pub(crate) fn cli(ip: Option<Ipv4Addr>, names: &'a Names) -> Self {
+        Self { id: None, ip, names, ifname: None }
+    }
+}
+
 /// Decides a new endpoint of `container` on `network`: its address (the one asked for, or the
 /// lowest free one), its names, and the compares and writes that make it, from what was read.
 pub(crate) fn plan(
@@ -123,10 +143,10 @@ pub(crate) fn plan(
     network: &Network,
     container: &Container,
     lease: i64,
-    requested: Option<Ipv4Addr>,
+    new: &NewEndpoint<'_>,
     read: &NetworkRead<'_>,
-    names: &Names,
 ) -> Result<(Endpoint, Vec<Compare>, Vec<TxnOp>)> {
+    let (requested, names) = (new.ip, new.names);
     if read.attachment.is_some() {
         return Err(StoreError::AlreadyConnected {
             container: container.name.clone(),
@@ -136,7 +156,9 @@ pub(crate) fn plan(
     let ip = choose_address(keys, network, requested, read.addresses)?;
     let (name_compares, name_ops) =
         plan_names(keys, network, names, read.services, read.endpoints, read.rev)?;
-    let mut endpoint = Endpoint::new(&new_id(), &network.id, &container.name, &container.host, ip);
+    let id = new.id.clone().unwrap_or_else(new_id);
+    let mut endpoint = Endpoint::new(&id, &network.id, &container.name, &container.host, ip);
+    endpoint.ifname.clone_from(&new.ifname);
     endpoint.aliases = dedup(&names.aliases);
     endpoint.services = dedup(&names.services);
     let holder = AddressHolder { endpoint: endpoint.id.clone(), container: container.name.clone() };
@@ -197,7 +219,7 @@ impl Store {
             let ctr: Container = decode(ctr_kv)?;
             let more = self.read_for_endpoint(OP, &net.id, container, names).await?;
             let (endpoint, mut compares, ops) =
-                plan(k, net, &ctr, ctr_kv.lease(), ip, &NetworkRead::of(&more), names)?;
+                plan(k, net, &ctr, ctr_kv.lease(), &NewEndpoint::cli(ip, names), &NetworkRead::of(&more))?;
             // The network not removed, the container neither (and so its host's lease alive).
             compares.push(unchanged(&k.network(&net.id), Some(net_kv)));
             compares.push(unchanged(&k.container(container), Some(ctr_kv)));

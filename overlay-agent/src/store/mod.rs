@@ -13,6 +13,8 @@
 //! The agent's side of etcd (following the state, publishing its reports, keeping its host's
 //! lease) is in `source`, which uses this module; nothing here knows of it.
 
+/// The endpoints a CNI runtime asks for, named by its container id and interface name.
+pub mod cni;
 pub mod config;
 pub mod container;
 pub mod endpoint;
