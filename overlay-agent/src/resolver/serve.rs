@@ -2,9 +2,9 @@
 //! tasks that answer or relay what arrives there.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddr},
-    sync::{Arc, RwLock},
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
@@ -15,7 +15,7 @@ use tokio::{
     task::JoinHandle,
     time::timeout,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::{
     answer::{Action, Outcome, answer},
@@ -30,6 +30,11 @@ pub type Counts = Family<Vec<(String, String)>, Counter>;
 const MAX_RELAYS: usize = 512;
 /// TCP connections open at once; more are closed on accept.
 const MAX_TCP: usize = 128;
+/// What one client (container address) may hold of those: a container that floods the
+/// resolver with names only upstreams know, or opens idle TCP connections, cannot take the
+/// resolver from the other containers of its host.
+const CLIENT_RELAYS: usize = 64;
+const CLIENT_TCP: usize = 8;
 /// How long a TCP client may stay silent between queries (RFC 7766 suggests seconds).
 const TCP_IDLE: Duration = Duration::from_secs(10);
 const DNS_PORT: u16 = 53;
@@ -41,6 +46,8 @@ struct Shared {
     counts: Counts,
     relays: Arc<Semaphore>,
     tcp: Arc<Semaphore>,
+    /// What each client holds now: (relays, TCP connections).
+    held: Mutex<HashMap<Ipv4Addr, (usize, usize)>>,
 }
 
 impl Shared {
@@ -48,8 +55,40 @@ impl Shared {
         self.zone.read().expect("zone").clone()
     }
 
+    /// Takes one of `client`'s relays (TCP connections if `tcp`), if it has one left.
+    fn take(self: &Arc<Self>, client: Ipv4Addr, tcp: bool) -> Option<Held> {
+        let mut held = self.held.lock().expect("held");
+        let (relays, conns) = held.entry(client).or_default();
+        let (n, max) = if tcp { (conns, CLIENT_TCP) } else { (relays, CLIENT_RELAYS) };
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Held { shared: self.clone(), client, tcp })
+    }
+
     fn count(&self, outcome: Outcome) {
         self.counts.get_or_create(&vec![("outcome".to_owned(), outcome.name().to_owned())]).inc();
+    }
+}
+
+/// One relay or TCP connection of a client; given back on drop.
+struct Held {
+    shared: Arc<Shared>,
+    client: Ipv4Addr,
+    tcp: bool,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut held = self.shared.held.lock().expect("held");
+        if let Some(counts) = held.get_mut(&self.client) {
+            let n = if self.tcp { &mut counts.1 } else { &mut counts.0 };
+            *n = n.saturating_sub(1);
+            if *counts == (0, 0) {
+                held.remove(&self.client);
+            }
+        }
     }
 }
 
@@ -80,6 +119,7 @@ impl Resolver {
             counts,
             relays: Arc::new(Semaphore::new(MAX_RELAYS)),
             tcp: Arc::new(Semaphore::new(MAX_TCP)),
+            held: Mutex::new(HashMap::new()),
         };
         Self { shared: Arc::new(shared), listeners: BTreeMap::new() }
     }
@@ -143,14 +183,16 @@ async fn serve_udp(shared: Arc<Shared>, sock: Arc<UdpSocket>) {
             }
             Action::Drop(outcome) => shared.count(outcome),
             Action::Forward => {
-                let Ok(permit) = shared.relays.clone().try_acquire_owned() else {
+                let (Ok(permit), Some(mine)) =
+                    (shared.relays.clone().try_acquire_owned(), shared.take(*from.ip(), false))
+                else {
                     shared.count(Outcome::UpstreamFailed);
                     let _ = sock.send_to(&servfail(&query), from).await;
                     continue;
                 };
                 let (shared, sock) = (shared.clone(), sock.clone());
                 tokio::spawn(async move {
-                    let _permit = permit;
+                    let _permit = (permit, mine);
                     let servers = shared.upstreams.servers();
                     let reply = relayed(&shared, upstream::relay_udp(&servers, &query).await, &query);
                     let _ = sock.send_to(&reply, from).await;
@@ -164,13 +206,15 @@ async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         let Ok((stream, from)) = listener.accept().await else { continue };
         let SocketAddr::V4(from) = from else { continue };
-        let Ok(permit) = shared.tcp.clone().try_acquire_owned() else {
-            warn!(client = %from, "resolver: too many TCP connections, closing a new one");
+        let (Ok(permit), Some(mine)) =
+            (shared.tcp.clone().try_acquire_owned(), shared.take(*from.ip(), true))
+        else {
+            debug!(client = %from, "resolver: too many TCP connections, closing a new one");
             continue;
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, mine);
             tcp_session(&shared, stream, *from.ip()).await;
         });
     }
@@ -220,4 +264,28 @@ fn servfail(query: &[u8]) -> Vec<u8> {
     out[2] = 0x80 | (query[2] & 0x79);
     out[3] = 0x82;
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::{CLIENT_RELAYS, CLIENT_TCP, Counts, Resolver};
+    use crate::resolver::upstream::Upstreams;
+
+    #[test]
+    fn one_client_cannot_hold_more_than_its_share_and_gets_it_back() {
+        let r = Resolver::new(Upstreams::new(Vec::new(), "/nonexistent".into()), Counts::default());
+        let (a, b) = (Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3));
+        let mut held: Vec<_> =
+            (0..CLIENT_RELAYS).map(|_| r.shared.take(a, false).expect("a relay")).collect();
+        assert!(r.shared.take(a, false).is_none(), "a's relays are used up");
+        assert!(r.shared.take(b, false).is_some(), "b is not held back by a");
+        let tcp: Vec<_> = (0..CLIENT_TCP).map(|_| r.shared.take(a, true).expect("a connection")).collect();
+        assert!(r.shared.take(a, true).is_none());
+        held.pop();
+        assert!(r.shared.take(a, false).is_some(), "a relay given back is a's again");
+        drop((held, tcp));
+        assert!(r.shared.held.lock().unwrap().is_empty(), "nothing left of a client that holds nothing");
+    }
 }
