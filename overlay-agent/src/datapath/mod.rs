@@ -80,12 +80,30 @@ impl Loaded {
         let mut ebpf = loader.load(OBJECT)?;
         for name in [PROG_FROM_CONTAINER, PROG_UPLINK_TC] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
-            prog.load().map_err(|e| Error::Program(name.into(), e))?;
+            verified(name, || prog.load())?;
         }
         let xdp: &mut Xdp = program(&mut ebpf, PROG_UPLINK_XDP)?;
-        xdp.load().map_err(|e| Error::Program(PROG_UPLINK_XDP.into(), e))?;
+        verified(PROG_UPLINK_XDP, || xdp.load())?;
         let maps = Maps::take(&mut ebpf)?;
         Ok(Self { ebpf, maps })
+    }
+}
+
+/// Loads a program, again if the verifier gave up with EAGAIN: it does when a signal is pending
+/// for the loading thread (any signal of the process, a child's exit included), and the larger
+/// the program the longer that window. libbpf retries the same way.
+fn verified(name: &str, mut load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), Error> {
+    const TRIES: usize = 5;
+    let mut tries = 1;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < TRIES =>
+            {
+                tries += 1;
+            }
+            other => return other.map_err(|e| Error::Program(name.into(), e)),
+        }
     }
 }
 

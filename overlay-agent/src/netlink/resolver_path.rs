@@ -59,11 +59,20 @@ pub struct ResolverPath {
     /// removed if not.
     halves: BTreeSet<Ipv4Addr>,
     routes: BTreeMap<Ipv4Addr, Route>,
+    /// Whether the table's `unreachable default` is there: while any gateway is served.
+    has_default: bool,
 }
 
 impl ResolverPath {
     pub fn new(nl: Netlink) -> Self {
-        Self { nl, device: None, gateways: BTreeSet::new(), halves: BTreeSet::new(), routes: BTreeMap::new() }
+        Self {
+            nl,
+            device: None,
+            gateways: BTreeSet::new(),
+            halves: BTreeSet::new(),
+            routes: BTreeMap::new(),
+            has_default: false,
+        }
     }
 
     /// The gateways the resolver is reachable on now.
@@ -118,6 +127,15 @@ impl ResolverPath {
                 Err(e) => errors.push(e),
             }
         }
+        // The table's default is there while a gateway is: a host without containers keeps
+        // nothing of the resolver's (a full pass also removes a predecessor's leftover).
+        let want_default = !self.gateways.is_empty();
+        if full || want_default != self.has_default {
+            match self.set_default(want_default).await {
+                Ok(()) => self.has_default = want_default,
+                Err(e) => errors.push(e),
+            }
+        }
         // Routes go with their veth when it is deleted; one that moved to another veth (made
         // again) is replaced.
         self.routes.retain(|ip, _| routes.contains_key(ip));
@@ -135,19 +153,9 @@ impl ResolverPath {
         errors
     }
 
-    /// Makes the table's default if missing, and learns which gateways and rules exist. Routes are put again on the next sync (replacing is harmless).
+    /// Learns which gateways and rules exist. Routes are put again on the next sync (replacing is harmless).
     async fn read_back(&mut self) -> Result<(), Error> {
         let index = self.nl.require_link(DEVICE).await?.index;
-        let unreachable =
-            RouteMessageBuilder::<Ipv4Addr>::new().table_id(TABLE).kind(RouteType::Unreachable).build();
-        self.nl
-            .handle()
-            .route()
-            .add(unreachable)
-            .replace()
-            .execute()
-            .await
-            .map_err(nl(format!("adding the unreachable default of table {TABLE}")))?;
         let addresses = device_addresses(&self.nl, index).await?;
         let ruled = rule_sources(&self.nl).await?;
         // A gateway counts as served only with both its address and its rule.
@@ -156,6 +164,30 @@ impl ResolverPath {
         self.device = Some(index);
         self.routes.clear();
         Ok(())
+    }
+
+    /// Puts (or removes) the table's `unreachable default`.
+    async fn set_default(&self, present: bool) -> Result<(), Error> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new().table_id(TABLE).kind(RouteType::Unreachable).build();
+        let routes = self.nl.handle().route();
+        if present {
+            routes
+                .add(msg)
+                .replace()
+                .execute()
+                .await
+                .map_err(nl(format!("adding the unreachable default of table {TABLE}")))
+        } else {
+            match routes
+                .del(msg)
+                .execute()
+                .await
+                .map_err(nl(format!("removing the default of table {TABLE}")))
+            {
+                Err(e) if e.errno() == Some(libc::ESRCH) => Ok(()),
+                other => other,
+            }
+        }
     }
 
     async fn add_gateway(&self, index: u32, gw: Ipv4Addr) -> Result<(), Error> {
