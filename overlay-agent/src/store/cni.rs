@@ -17,7 +17,7 @@ use sha2::{Digest as _, Sha256};
 use super::{
     Result, Store, StoreError, check_name,
     endpoint::{NetworkRead, NewEndpoint, plan, put_leased},
-    etcd::{Range, Retry, absent, decode, decode_or_skip, encode, range_unchanged_since, unchanged},
+    etcd::{Range, Retry, absent, decode, decode_or_skip, encode, unchanged},
     network::{decode_networks, resolve},
     now_rfc3339,
     service::Names,
@@ -163,38 +163,8 @@ impl Store {
     /// with its last endpoint. None when there is no such endpoint (a DEL repeated, or one for
     /// an ADD that never happened or failed).
     pub async fn cni_detach(&self, network_id: &str, endpoint_id: &str) -> Result<Option<Endpoint>> {
-        const OP: &str = "cni del";
-        let k = &self.keys;
-        let endpoint_key = k.endpoint(network_id, endpoint_id);
-        let mut retry = Retry::new(OP);
-        loop {
-            let view = self.view(OP, &[Range::Key(endpoint_key.clone())]).await?;
-            let Some(ep_kv) = view.key(0) else { return Ok(None) };
-            let ep: Endpoint = decode(ep_kv)?;
-            let attachments = k.attachments(&ep.container);
-            let more = self
-                .view(OP, &[Range::Key(k.container(&ep.container)), Range::Prefix(attachments.clone())])
-                .await?;
-            let attachment = k.attachment(&ep.container, network_id);
-            let compares = vec![
-                unchanged(&endpoint_key, Some(ep_kv)),
-                unchanged(&k.container(&ep.container), more.key(0)),
-                range_unchanged_since(&attachments, more.rev),
-            ];
-            let mut ops = vec![
-                TxnOp::delete(endpoint_key.as_str(), None),
-                TxnOp::delete(attachment.as_str(), None),
-                TxnOp::delete(k.address(network_id, ep.ipv4), None),
-            ];
-            let others = more.prefix(1).iter().filter(|kv| kv.key() != attachment.as_bytes()).count();
-            if others == 0 && more.key(0).is_some() {
-                ops.push(TxnOp::delete(k.container(&ep.container), None));
-            }
-            if self.commit(OP, compares, ops).await?.is_some() {
-                return Ok(Some(ep));
-            }
-            retry.again().await?;
-        }
+        let address = |ep: &Endpoint, _: &_| TxnOp::delete(self.keys.address(network_id, ep.ipv4), None);
+        self.detach_endpoint("cni del", network_id, endpoint_id, address, |_| true).await
     }
 
     /// The CNI endpoints of network `network_id` on `host` (those with an interface name given

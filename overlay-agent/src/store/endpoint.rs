@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Keys, Result, Store, StoreError,
-    etcd::{Range, Retry, absent, decode, encode, unchanged},
+    etcd::{Range, Retry, absent, decode, encode, range_unchanged_since, unchanged},
     ipam::Pool,
     network::{decode_networks, resolve},
     new_id,
@@ -26,6 +26,55 @@ pub struct AddressHolder {
 
 pub(crate) fn put_leased(key: String, value: impl Into<Vec<u8>>, lease: i64) -> TxnOp {
     TxnOp::put(key, value, (lease != 0).then(|| PutOptions::new().with_lease(lease)))
+}
+
+impl Store {
+    /// Removes endpoint `endpoint_id` of network `network_id` and its attachment in one guarded
+    /// transaction, for the runtimes that undo what they made (Docker's Leave, CNI's DEL):
+    /// `address` says what becomes of its address key (given the endpoint and its key-value),
+    /// and the container goes too when this was its last endpoint and `remove_container` says
+    /// so of the container's key-value. None when there is no such endpoint (an undo repeated,
+    /// or one for something never made).
+    pub(super) async fn detach_endpoint(
+        &self,
+        op: &'static str,
+        network_id: &str,
+        endpoint_id: &str,
+        address: impl Fn(&Endpoint, &KeyValue) -> TxnOp,
+        remove_container: impl Fn(&KeyValue) -> bool,
+    ) -> Result<Option<Endpoint>> {
+        let k = &self.keys;
+        let endpoint_key = k.endpoint(network_id, endpoint_id);
+        let mut retry = Retry::new(op);
+        loop {
+            let view = self.view(op, &[Range::Key(endpoint_key.clone())]).await?;
+            let Some(ep_kv) = view.key(0) else { return Ok(None) };
+            let ep: Endpoint = decode(ep_kv)?;
+            let attachments = k.attachments(&ep.container);
+            let more = self
+                .view(op, &[Range::Key(k.container(&ep.container)), Range::Prefix(attachments.clone())])
+                .await?;
+            let attachment = k.attachment(&ep.container, network_id);
+            let compares = vec![
+                unchanged(&endpoint_key, Some(ep_kv)),
+                unchanged(&k.container(&ep.container), more.key(0)),
+                range_unchanged_since(&attachments, more.rev),
+            ];
+            let mut ops = vec![
+                TxnOp::delete(endpoint_key.as_str(), None),
+                TxnOp::delete(attachment.as_str(), None),
+                address(&ep, ep_kv),
+            ];
+            let others = more.prefix(1).iter().filter(|kv| kv.key() != attachment.as_bytes()).count();
+            if others == 0 && more.key(0).is_some_and(&remove_container) {
+                ops.push(TxnOp::delete(k.container(&ep.container), None));
+            }
+            if self.commit(op, compares, ops).await?.is_some() {
+                return Ok(Some(ep));
+            }
+            retry.again().await?;
+        }
+    }
 }
 
 /// The address a new holder of an address on `network` gets: `requested` if it is in the pool

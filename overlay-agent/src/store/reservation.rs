@@ -19,7 +19,7 @@ use etcd_client::{Compare, CompareOp, TxnOp};
 use super::{
     Result, Store, StoreError, check_name,
     endpoint::{AddressHolder, choose_address, put_leased},
-    etcd::{Range, Retry, absent, decode, encode, range_unchanged_since, unchanged},
+    etcd::{Range, Retry, absent, decode, encode, unchanged},
     now_rfc3339,
 };
 use crate::model::{Container, Endpoint, MacAddr, Network};
@@ -230,41 +230,13 @@ impl Store {
     /// reservation again, and the container goes with its last endpoint. None when there is no
     /// such endpoint (a Leave repeated, or one for an endpoint never joined).
     pub async fn leave_reserved(&self, network_id: &str, endpoint_id: &str) -> Result<Option<Endpoint>> {
-        const OP: &str = "endpoint leave";
-        let k = &self.keys;
-        let endpoint_key = k.endpoint(network_id, endpoint_id);
-        let mut retry = Retry::new(OP);
-        loop {
-            let view = self.view(OP, &[Range::Key(endpoint_key.clone())]).await?;
-            let Some(ep_kv) = view.key(0) else { return Ok(None) };
-            let ep: Endpoint = decode(ep_kv)?;
-            let attachments = k.attachments(&ep.container);
-            let more = self
-                .view(OP, &[Range::Key(k.container(&ep.container)), Range::Prefix(attachments.clone())])
-                .await?;
-            let attachment = k.attachment(&ep.container, network_id);
+        let address = |ep: &Endpoint, ep_kv: &etcd_client::KeyValue| {
             let value = AddressHolder { endpoint: String::new(), container: holder(&ep.host) };
-            let compares = vec![
-                unchanged(&endpoint_key, Some(ep_kv)),
-                unchanged(&k.container(&ep.container), more.key(0)),
-                range_unchanged_since(&attachments, more.rev),
-            ];
-            let mut ops = vec![
-                TxnOp::delete(endpoint_key.as_str(), None),
-                TxnOp::delete(attachment.as_str(), None),
-                put_leased(k.address(network_id, ep.ipv4), encode(&value), ep_kv.lease()),
-            ];
-            let others = more.prefix(1).iter().filter(|kv| kv.key() != attachment.as_bytes()).count();
-            let handover =
-                more.key(0).and_then(|kv| decode::<Container>(kv).ok()).is_some_and(|c| c.handover);
-            if others == 0 && handover {
-                ops.push(TxnOp::delete(k.container(&ep.container), None));
-            }
-            if self.commit(OP, compares, ops).await?.is_some() {
-                return Ok(Some(ep));
-            }
-            retry.again().await?;
-        }
+            put_leased(self.keys.address(network_id, ep.ipv4), encode(&value), ep_kv.lease())
+        };
+        // Only a container the runtime hands interfaces over to was made by the Join.
+        let handover = |kv: &etcd_client::KeyValue| decode::<Container>(kv).ok().is_some_and(|c| c.handover);
+        self.detach_endpoint("endpoint leave", network_id, endpoint_id, address, handover).await
     }
 }
 
