@@ -183,6 +183,23 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The keys under `/overlay/v1/<prefix>`, from etcd (etcdctl in the underlay namespace).
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let out = crate::sh(&mut in_ns(
+            &self.topo.underlay,
+            &[
+                "etcdctl",
+                "--endpoints",
+                &self.url,
+                "get",
+                "--prefix",
+                "--keys-only",
+                &format!("/overlay/v1/{prefix}"),
+            ],
+        ));
+        out.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()
+    }
+
     /// The namespace the agent of `host` made for container `name`.
     pub fn container_ns(&self, host: &str, name: &str) -> String {
         self.topo.host(host).container_ns(name)

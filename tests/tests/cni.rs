@@ -79,21 +79,8 @@ impl Env {
         assert!(out.ok && out.stdout.trim().is_empty(), "DEL {id} on {host}: {}", out.stdout);
     }
 
-    /// The keys under `/overlay/v1/<prefix>`, from etcd.
     fn keys(&self, prefix: &str) -> Vec<String> {
-        let out = sh(&mut in_ns(
-            &self.cluster.topo.underlay,
-            &[
-                "etcdctl",
-                "--endpoints",
-                &self.cluster.url,
-                "get",
-                "--prefix",
-                "--keys-only",
-                &format!("/overlay/v1/{prefix}"),
-            ],
-        ));
-        out.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()
+        self.cluster.keys(prefix)
     }
 
     /// The container, endpoint, attachment and address keys: what an ADD writes.

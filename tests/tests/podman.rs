@@ -59,19 +59,7 @@ impl Env {
     }
 
     fn keys(&self, prefix: &str) -> Vec<String> {
-        let out = sh(&mut in_ns(
-            &self.cluster.topo.underlay,
-            &[
-                "etcdctl",
-                "--endpoints",
-                &self.cluster.url,
-                "get",
-                "--prefix",
-                "--keys-only",
-                &format!("/overlay/v1/{prefix}"),
-            ],
-        ));
-        out.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()
+        self.cluster.keys(prefix)
     }
 }
 
