@@ -44,6 +44,7 @@ pub fn container(name: &str, host: &str, netns: Option<PathBuf>) -> Container {
         host: host.to_owned(),
         netns,
         handover: false,
+        ports: Vec::new(),
         created: String::new(),
         revision: 0,
     }

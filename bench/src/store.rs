@@ -114,6 +114,7 @@ async fn handle(store: &Store, request: Request) -> anyhow::Result<Answer> {
                 network: Some(network),
                 ip: Some(ip),
                 names: Default::default(),
+                ports: Vec::new(),
             };
             let started_mono_ns = mono_ns();
             store.create_container(&spec).await?;

@@ -108,7 +108,7 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
     let sandboxes = Sandboxes::open(&cfg.state_dir, &cfg.netns_prefix)?;
     let counts = health.lock().expect("health").dns.clone();
     let resolver = Resolver::new(Upstreams::new(cfg.dns_upstreams.clone(), cfg.resolv_conf.clone()), counts);
-    let mut rec = Reconciler::new(&cfg.host, dp, nl, sandboxes, resolver)?;
+    let mut rec = Reconciler::new(&cfg.host, dp, nl, &cfg.uplink, sandboxes, resolver)?;
 
     let (update_tx, mut updates) = mpsc::channel::<Update>(BATCH);
     let (status_tx, status_rx) = mpsc::channel::<Report>(BATCH);

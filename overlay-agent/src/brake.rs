@@ -162,6 +162,7 @@ mod tests {
                     host: "h1".into(),
                     netns: None,
                     handover: false,
+                    ports: Vec::new(),
                     created: String::new(),
                     revision: 1,
                 },

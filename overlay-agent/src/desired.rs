@@ -406,6 +406,7 @@ mod tests {
                     host: host.into(),
                     netns: None,
                     handover: false,
+                    ports: Vec::new(),
                     created: String::new(),
                     revision: 0,
                 },
@@ -422,6 +423,7 @@ mod tests {
             host: "h2".into(),
             netns: None,
             handover: false,
+            ports: Vec::new(),
             created: String::new(),
             revision: 0,
         };

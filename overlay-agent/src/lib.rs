@@ -17,6 +17,8 @@ pub mod datapath;
 pub mod desired;
 /// Docker's remote network driver API on a unix socket, for the engine on this host.
 pub mod docker;
+/// Containers reaching the world and published ports: routes, nftables, conntrack.
+pub mod egress;
 /// `GET /healthz`, `GET /readyz`, `POST /brake/release`, `GET /metrics`.
 pub mod health;
 /// Who this agent is (its id, machine, netns) and the lock that keeps one agent per state dir.

@@ -45,6 +45,10 @@ pub struct Network {
     /// RFC 3339 creation time.
     #[serde(default)]
     pub created: String,
+    /// `--internal`: containers talk to each other only, as on Docker's internal networks: no
+    /// way out through their hosts, no published ports (docs/egress.md).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub internal: bool,
 }
 
 impl Network {
@@ -64,7 +68,14 @@ impl Network {
             options: BTreeMap::new(),
             labels: BTreeMap::new(),
             created: String::new(),
+            internal: false,
         }
+    }
+
+    /// Whether its containers have a way out through their hosts: not internal, and with a
+    /// gateway for their default route.
+    pub fn has_egress(&self) -> bool {
+        !self.internal && !self.gateway.is_unspecified()
     }
 
     /// The MAC the ARP responder gives for the gateway address.
@@ -141,6 +152,10 @@ pub struct Container {
     /// of its sight (in the runtime's mount namespace).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub handover: bool,
+    /// Ports published on its host's addresses (`-p`), forwarded to its address on its first
+    /// network with a way out (docs/egress.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortMapping>,
     #[serde(default)]
     pub created: String,
     /// The create revision of the container's key in the store (0: not from a store). A
@@ -148,6 +163,76 @@ pub struct Container {
     /// reports about the old one are never taken for the new. The key holds it, not the value.
     #[serde(skip)]
     pub revision: i64,
+}
+
+/// A published port: `[HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]`, as Docker's `-p`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PortMapping {
+    pub proto: Proto,
+    /// Only this address of the host; every address of it when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    pub container_port: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for PortMapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(ip) = self.host_ip {
+            write!(f, "{ip}:")?;
+        }
+        write!(f, "{}:{}/{}", self.host_port, self.container_port, self.proto.as_str())
+    }
+}
+
+impl FromStr for PortMapping {
+    type Err = String;
+
+    /// Docker's `-p` syntax, one port (no ranges): `8080:80`, `8080:80/udp`,
+    /// `198.18.0.1:8080:80/tcp`. Port 0 is refused (no random host port).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (ports, proto) = match s.rsplit_once('/') {
+            Some((p, "tcp")) => (p, Proto::Tcp),
+            Some((p, "udp")) => (p, Proto::Udp),
+            Some((_, other)) => return Err(format!("protocol {other:?} is neither tcp nor udp")),
+            None => (s, Proto::Tcp),
+        };
+        let parts: Vec<&str> = ports.split(':').collect();
+        let (host_ip, host_port, container_port) = match parts.as_slice() {
+            [h, c] => (None, *h, *c),
+            [ip, h, c] => {
+                let ip: Ipv4Addr = ip.parse().map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
+                if ip.is_unspecified() { (None, *h, *c) } else { (Some(ip), *h, *c) }
+            }
+            _ => return Err("expected [HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]".into()),
+        };
+        let port = |what: &str, p: &str| match p.parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!("{what} {p:?} is not a port (1-65535)")),
+            Ok(n) => Ok(n),
+        };
+        Ok(Self {
+            proto,
+            host_ip,
+            host_port: port("host port", host_port)?,
+            container_port: port("container port", container_port)?,
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

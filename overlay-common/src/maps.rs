@@ -87,7 +87,23 @@ pub struct Network {
     pub gateway_mac: [u8; 6],
     /// `NETWORK_*` bits.
     pub flags: u8,
-    pub _pad: u8,
+    /// The subnet's prefix length: with `gateway`, which lies in it, it says which destinations
+    /// are on the network (the rest leave by the host with `NETWORK_EGRESS`). Was padding: a
+    /// pinned map of an older agent reads 0 here, and carries no `NETWORK_EGRESS`.
+    pub prefix_len: u8,
+}
+
+impl Network {
+    /// Whether `ip` lies in the network's subnet (the one the gateway is in).
+    #[inline(always)]
+    pub fn contains(&self, ip: [u8; 4]) -> bool {
+        let bits = u32::from(self.prefix_len);
+        if bits == 0 {
+            return true;
+        }
+        let mask = if bits >= 32 { u32::MAX } else { !(u32::MAX >> bits) };
+        u32::from_be_bytes(self.gateway) & mask == u32::from_be_bytes(ip) & mask
+    }
 }
 
 /// `Network::flags`: the agent's resolver serves this network on this host (the gateway address
@@ -96,6 +112,13 @@ pub struct Network {
 /// handed to the host's stack. Without it such packets are dropped (`no_endpoint`), as anything
 /// else sent to the gateway: the host's stack would route them on, not answer them.
 pub const NETWORK_RESOLVER: u8 = 1;
+
+/// `Network::flags`: containers of this network on this host have a way out through the host
+/// (docs/egress.md): unicast to an address outside the subnet is handed to the host's stack,
+/// which routes and masquerades it. Set while the network is not `--internal`, has a gateway
+/// and the host's egress path (routes back to the containers, NAT) is in place; without it such
+/// packets are dropped (`no_egress`).
+pub const NETWORK_EGRESS: u8 = 2;
 
 /// `Config::flags`: log every dropped packet through aya-log (off by default: the fast path
 /// carries no log call unless an operator asks for it).

@@ -21,6 +21,10 @@ pub const DNS_ANSWER: u32 = 6;
 /// DNS queries from containers handed to the agent's resolver through the host's stack: names
 /// the map cannot answer, other types, DNS over TCP (see `Network::flags`).
 pub const TO_RESOLVER: u32 = 7;
+/// Packets from containers to addresses outside their network, handed to the host's stack to
+/// be routed and masqueraded out (see `NETWORK_EGRESS`). Replies come back through the host's
+/// stack, which delivers them to the veth itself: no program counts them.
+pub const TO_HOST: u32 = 8;
 
 /// The first code of a drop reason: codes from here to [`STATS_LEN`] belong to [`DropReason`].
 pub const DROP_BASE: u32 = 16;
@@ -120,11 +124,15 @@ pub enum DropReason {
     /// The kernel refused to resize a DNS query into its answer or to write it, or to hand a
     /// query on to the host stack for the resolver.
     DnsAnswerFailed = 50,
+    /// A packet from a container to an address outside its network, on a network with no way
+    /// out on this host: `--internal`, without a gateway, or before the host's egress path is
+    /// in place. (Broadcast, multicast and the host-local ranges never leave: `no_endpoint`.)
+    NoEgress = 51,
 }
 
 impl DropReason {
     /// Every reason, in code order.
-    pub const ALL: [Self; 35] = [
+    pub const ALL: [Self; 36] = [
         Self::UnknownIface,
         Self::Spoofed,
         Self::Unsupported,
@@ -160,6 +168,7 @@ impl DropReason {
         Self::DnsNameTooLong,
         Self::DnsCompression,
         Self::DnsAnswerFailed,
+        Self::NoEgress,
     ];
 
     /// The reason's counter code: its index in `STATS`.
@@ -215,6 +224,7 @@ impl DropReason {
             Self::DnsNameTooLong => "dns_name_too_long",
             Self::DnsCompression => "dns_compression",
             Self::DnsAnswerFailed => "dns_answer_failed",
+            Self::NoEgress => "no_egress",
         }
     }
 
@@ -249,6 +259,7 @@ pub const fn name(code: u32) -> Option<&'static str> {
         UPLINK_PASS => "uplink_pass",
         DNS_ANSWER => "dns_answer",
         TO_RESOLVER => "to_resolver",
+        TO_HOST => "to_host",
         _ => match DropReason::from_code(code) {
             Some(reason) => reason.name(),
             None => return None,

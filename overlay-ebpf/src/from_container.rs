@@ -3,13 +3,15 @@
 //! Sees every frame a container sends. ARP is answered here, and DNS queries to the network's
 //! gateway for names the maps hold (dns.rs); the rest of the DNS sent to the gateway goes up the
 //! host's stack to the agent's resolver; IPv4 goes straight to a local
-//! endpoint's veth or is encapsulated toward the host of a remote one; everything else, and
-//! anything with a source that is not the endpoint's own, is dropped.
+//! endpoint's veth or is encapsulated toward the host of a remote one; IPv4 to an address
+//! outside the network goes up the host's stack, which routes and masquerades it, where the
+//! network has a way out (docs/egress.md); everything else, and anything with a source that is
+//! not the endpoint's own, is dropped.
 
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use overlay_common::{
     dns::DNS_PORT,
-    maps::{ENDPOINT_LOCAL, Endpoint, EndpointKey, NETWORK_RESOLVER},
+    maps::{ENDPOINT_LOCAL, Endpoint, EndpointKey, NETWORK_EGRESS, NETWORK_RESOLVER},
     stats::{self, DropReason},
     wire::{ArpHdr, ETH_P_ARP, ETH_P_IP, EthHdr, IpProto, Ipv4Hdr, UdpHdr, ether_type, is_fragment},
 };
@@ -90,8 +92,11 @@ pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
 
     // The key carries the sender's VNI: a destination on another network is simply not found.
     // SAFETY: copied out at once.
-    let ep: Endpoint = *unsafe { ENDPOINTS.get(EndpointKey { vni: iface.vni, ip: ip.dst_addr }) }
-        .ok_or(DropReason::NoEndpoint)?;
+    let Some(ep) = (unsafe { ENDPOINTS.get(EndpointKey { vni: iface.vni, ip: ip.dst_addr }) }).copied()
+    else {
+        // Only after the overlay's own lookup missed: the fast path pays nothing for egress.
+        return to_outside(ctx, iface.vni, ip.dst_addr);
+    };
 
     if ep.flags & ENDPOINT_LOCAL != 0 {
         return to_local(ctx, &ep);
@@ -106,6 +111,28 @@ pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
 #[inline(always)]
 fn to_local(ctx: &TcContext, ep: &Endpoint) -> Result<i32, DropReason> {
     deliver(ctx, ep.ifindex, stats::TX_LOCAL, DropReason::NoEndpoint)
+}
+
+/// A packet to no endpoint of the sender's network. One to an address outside the network's
+/// subnet goes up the host's stack, to be routed and masqueraded out, where the network has a
+/// way out here; the stack delivers it as if the container's veth had received it for the
+/// host (the frame is addressed to the gateway's MAC, no device's here: mark it for this
+/// host). In the subnet it is simply nobody's; broadcast, multicast and the ranges no host
+/// routes (0/8, 127/8) never leave.
+#[inline(always)]
+fn to_outside(ctx: &TcContext, vni: u32, dst: [u8; 4]) -> Result<i32, DropReason> {
+    // SAFETY: copied out at once.
+    let net = *unsafe { NETWORKS.get(vni) }.ok_or(DropReason::NoEndpoint)?;
+    if net.contains(dst) || dst[0] == 0 || dst[0] == 127 || dst[0] >= 224 {
+        return Err(DropReason::NoEndpoint);
+    }
+    if net.flags & NETWORK_EGRESS == 0 {
+        return Err(DropReason::NoEgress);
+    }
+    let len = ctx.len();
+    ctx.change_type(PACKET_HOST).map_err(|_| DropReason::NoEgress)?;
+    count(stats::TO_HOST, len);
+    Ok(TC_ACT_OK)
 }
 
 /// A DNS message from a container to its network's resolver address (the gateway), port 53.

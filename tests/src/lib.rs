@@ -22,6 +22,8 @@ pub mod etcd;
 pub mod frames;
 /// The fuzz suite's seeded generator of mutated, truncated and random frames.
 pub mod fuzz;
+/// The world beyond the hosts, behind a router on the underlay: egress tests and benchmark.
+pub mod outside;
 /// Just enough of the pcap format to read back what crossed the underlay.
 pub mod pcap;
 /// A ping for the length of a fault, and what it lost.

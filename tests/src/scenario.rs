@@ -53,6 +53,7 @@ impl Scenario {
             host: host.into(),
             netns: None,
             handover: false,
+            ports: Vec::new(),
             created: String::new(),
             revision: 0,
         });

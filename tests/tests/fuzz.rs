@@ -130,7 +130,9 @@ impl Host {
         let mut dp = Loaded::load(&PinDir::new(run.pin_root().join("h"))).expect("loading the datapath");
         let m = &mut dp.maps;
         for (vni, gateway, gateway_mac) in fuzz::NETWORKS {
-            m.networks.insert(vni, Network { gateway, gateway_mac, flags: 0, _pad: 0 }, 0).expect("NETWORKS");
+            m.networks
+                .insert(vni, Network { gateway, gateway_mac, flags: 0, prefix_len: 0 }, 0)
+                .expect("NETWORKS");
         }
         for (vtep, _) in fuzz::PEERS {
             m.peers.insert(PeerKey { vtep }, Peer::default(), 0).expect("PEERS");

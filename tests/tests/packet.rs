@@ -149,9 +149,9 @@ impl Host {
         let mut dp = Loaded::load(&PinDir::new(run.pin_root().join("h"))).expect("loading the datapath");
         let m = &mut dp.maps;
         for (vni, net) in [
-            (BLUE, Network { gateway: BLUE_GATEWAY, gateway_mac: BLUE_GATEWAY_MAC, flags: 0, _pad: 0 }),
+            (BLUE, Network { gateway: BLUE_GATEWAY, gateway_mac: BLUE_GATEWAY_MAC, flags: 0, prefix_len: 0 }),
             // Red has no gateway.
-            (RED, Network { gateway: [0; 4], gateway_mac: [0; 6], flags: 0, _pad: 0 }),
+            (RED, Network { gateway: [0; 4], gateway_mac: [0; 6], flags: 0, prefix_len: 0 }),
         ] {
             m.networks.insert(vni, net, 0).expect("NETWORKS");
         }
@@ -1562,8 +1562,12 @@ fn dns_the_map_cannot_answer_goes_up_to_the_resolver_where_it_serves_the_network
             (TC_ACT_SHOT, one_each(&[(DropReason::NoEndpoint.code(), frame.len())]))
         );
     }
-    let served =
-        Network { gateway: BLUE_GATEWAY, gateway_mac: BLUE_GATEWAY_MAC, flags: NETWORK_RESOLVER, _pad: 0 };
+    let served = Network {
+        gateway: BLUE_GATEWAY,
+        gateway_mac: BLUE_GATEWAY_MAC,
+        flags: NETWORK_RESOLVER,
+        prefix_len: 0,
+    };
     h.dp.maps.networks.insert(BLUE, served, 0).expect("NETWORKS");
     // With it: up the stack unchanged (TC_ACT_OK), counted, for UDP the map cannot answer and
     // for any DNS over TCP.
@@ -1593,7 +1597,7 @@ fn dns_names_are_per_network() {
     }
     let mut h = Host::new("pkdnsnet");
     add_names(&mut h);
-    let red = Network { gateway: RED_GATEWAY, gateway_mac: RED_RESOLVER.mac, flags: 0, _pad: 0 };
+    let red = Network { gateway: RED_GATEWAY, gateway_mac: RED_RESOLVER.mac, flags: 0, prefix_len: 0 };
     h.dp.maps.networks.insert(RED, red, 0).expect("NETWORKS");
     // X on red asks for web: red's web (Q), never blue's (R).
     let query = dns_query(X, RED_RESOLVER, 5, "web", TYPE_A);

@@ -280,11 +280,13 @@ fn main() -> anyhow::Result<()> {
             pins.remove_all().with_context(|| format!("removing {}", pins.root().display()))?;
             // The resolver's addresses, rules and table: the containers that used them stop
             // forwarding with the pins.
+            // The egress routes and the nftables table too: containers lose their way out.
             tokio::runtime::Runtime::new()?.block_on(async {
                 let nl = Netlink::current()?;
                 overlay_agent::netlink::resolver_path::remove_all(&nl)
                     .await
-                    .context("removing the resolver's path")
+                    .context("removing the resolver's path")?;
+                overlay_agent::egress::remove_all(&nl).await
             })
         }
         Command::Hold { netns } => sandbox::hold(&netns),

@@ -208,7 +208,7 @@ impl NetworkInspect {
                         .collect(),
                 }],
             },
-            internal: false,
+            internal: n.internal,
             attachable: true,
             ingress: false,
             config_from: ConfigFrom { network: String::new() },
@@ -250,6 +250,7 @@ mod tests {
             options: BTreeMap::new(),
             labels: BTreeMap::new(),
             created: "2024-01-01T00:00:00.000000000Z".into(),
+            internal: false,
         };
         let ip = "10.0.9.2".parse().unwrap();
         let e = Endpoint {

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use self::output::say;
 use crate::{
+    model::PortMapping,
     sandbox::{self, Forbidden},
     store::{
         ContainerSpec, EtcdArgs, NetworkSpec, Store, StoreError,
@@ -137,6 +138,10 @@ pub struct NetworkCreate {
     /// Label key=value (repeatable).
     #[arg(long)]
     label: Vec<String>,
+    /// Restrict external access: its containers have no way out through their hosts and
+    /// publish no ports, as Docker's internal networks.
+    #[arg(long)]
+    internal: bool,
     /// The network's name, unique among networks.
     name: String,
 }
@@ -161,6 +166,10 @@ pub enum ContainerCommand {
         /// (implies --network NETWORK).
         #[arg(long, value_name = "NAME.NETWORK")]
         publish_service: Option<String>,
+        /// Publish a port on the host's addresses: [HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]
+        /// (repeatable; needs --network, one with a way out).
+        #[arg(short = 'p', long = "publish", value_name = "[HOST_IP:]HOST_PORT:CONTAINER_PORT[/PROTO]")]
+        publish: Vec<PortMapping>,
         /// Use this existing network namespace (a path on that host, e.g. /run/netns/x) instead
         /// of having the agent make one. It must be a network namespace of its own: the host's
         /// (or another host's) namespace, or the machine's initial one, is refused.
@@ -307,6 +316,7 @@ impl Ctx {
                     aux_addresses: c.aux_address,
                     options: c.opt,
                     labels: c.label,
+                    internal: c.internal,
                 };
                 let network = store.create_network(&spec).await?;
                 say(&network.id)?;
@@ -388,7 +398,7 @@ impl Ctx {
     async fn container(&self, cmd: ContainerCommand) -> anyhow::Result<Outcome> {
         let store = &self.store;
         match cmd {
-            ContainerCommand::Create { host, network, ip, alias, publish_service, netns, name } => {
+            ContainerCommand::Create { host, network, ip, alias, publish_service, publish, netns, name } => {
                 let ip = ip.as_deref().map(|s| parse_ip("--ip", s)).transpose()?;
                 let mut names = Names { aliases: alias, ..Names::default() };
                 let mut network = network;
@@ -414,6 +424,7 @@ impl Ctx {
                     network: network.clone(),
                     ip,
                     names,
+                    ports: publish,
                 };
                 let created = store.create_container(&spec).await?;
                 if let Some(deadline) = self.deadline() {

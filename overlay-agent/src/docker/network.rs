@@ -31,6 +31,8 @@ use crate::{
 /// Where Docker puts the `-o key=value` pairs of `docker network create`.
 pub const GENERIC: &str = "com.docker.network.generic";
 const ENABLE_IPV6: &str = "com.docker.network.enable_ipv6";
+/// `docker network create --internal`.
+const INTERNAL: &str = "com.docker.network.internal";
 /// The `-o` options understood: the store's (mtu, vni, under their short or Docker's names) and
 /// `name`, the overlay network's name when this create makes it.
 const OPT_NAME: &str = "name";
@@ -52,6 +54,8 @@ pub struct Wanted {
     pub aux: BTreeMap<String, Ipv4Addr>,
     pub vni: Option<u32>,
     pub mtu: Option<u32>,
+    /// `--internal`: no way out, no published ports.
+    pub internal: bool,
 }
 
 impl Wanted {
@@ -81,6 +85,7 @@ impl Wanted {
             aux_addresses: self.aux.iter().map(|(k, v)| format!("{k}={v}")).collect(),
             options,
             labels: Vec::new(),
+            internal: self.internal,
         }
     }
 
@@ -108,6 +113,9 @@ impl Wanted {
         }
         if !self.aux.is_empty() && self.aux != n.aux_addresses {
             diff.push(format!("auxiliary addresses {:?} (not {:?})", n.aux_addresses, self.aux));
+        }
+        if self.internal != n.internal {
+            diff.push(if n.internal { "--internal".to_owned() } else { "no --internal".to_owned() });
         }
         if let Some(name) = self.name.as_ref().filter(|name| **name != n.name) {
             diff.push(format!("name {:?} (not {name:?})", n.name));
@@ -155,6 +163,7 @@ pub fn parse_create(req: &CreateNetwork) -> Result<Wanted, String> {
         aux,
         vni: None,
         mtu: None,
+        internal: req.options.get(INTERNAL).and_then(serde_json::Value::as_bool) == Some(true),
     };
     let generic = match req.options.get(GENERIC) {
         None | Some(serde_json::Value::Null) => serde_json::Map::new(),

@@ -2,6 +2,7 @@
 //! container's. A `Netlink` handle is bound to the namespace its socket was opened in, so every
 //! request it makes lands there, whatever thread the agent runs it from.
 
+pub mod egress_path;
 pub mod ethtool;
 pub mod events;
 pub mod netns;

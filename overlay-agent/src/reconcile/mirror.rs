@@ -14,7 +14,8 @@ use std::{
 use overlay_common::{
     dns::{NAME_LEN, NameAddrs, NameKey},
     maps::{
-        ENDPOINT_LOCAL, Endpoint as MapEndpoint, EndpointKey, Iface, NETWORK_RESOLVER, Network as MapNetwork,
+        ENDPOINT_LOCAL, Endpoint as MapEndpoint, EndpointKey, Iface, NETWORK_EGRESS, NETWORK_RESOLVER,
+        Network as MapNetwork,
     },
 };
 use tracing::warn;
@@ -94,6 +95,9 @@ pub struct Mirror {
     /// The gateways the agent's resolver serves on this host (the resolver's path says which
     /// before each pass): their networks' entries carry `NETWORK_RESOLVER`.
     served: BTreeSet<Ipv4Addr>,
+    /// The networks whose containers have a way out through this host (the egress path says
+    /// which before each pass): their entries carry `NETWORK_EGRESS`.
+    egress: BTreeSet<String>,
 }
 
 impl Mirror {
@@ -112,6 +116,11 @@ impl Mirror {
     /// Which gateways the resolver serves, for the passes from now on.
     pub fn set_served(&mut self, served: BTreeSet<Ipv4Addr>) {
         self.served = served;
+    }
+
+    /// Which networks have a way out through this host, for the passes from now on.
+    pub fn set_egress(&mut self, egress: BTreeSet<String>) {
+        self.egress = egress;
     }
 
     /// Number of entries in the endpoint map (local and remote).
@@ -155,17 +164,18 @@ impl Mirror {
         locals: &HashMap<Id, Local>,
         out: &mut Outcome,
     ) {
-        let served = &self.served.clone();
+        let (served, egress) = &(self.served.clone(), self.egress.clone());
         let named = self.named_vnis(desired, plan);
         for (n, vni) in &plan.networks {
-            let want = vni.zip(desired.network(n)).map(|(vni, n)| (vni, network_value(n, served)));
+            let want = vni.zip(desired.network(n)).map(|(vni, n)| (vni, network_value(n, served, egress)));
             if let Err(e) = self.sync_network(w, n, want) {
                 warn!(network = %n, error = format!("{e:#}"), "cannot update the network map");
                 out.retry.networks.insert(n.clone());
             }
         }
-        // Whether the resolver serves a joined network changes without the network changing
-        // (its gateway address made after a failure): written only where it differs.
+        // Whether the resolver serves a joined network, or it has a way out, changes without the
+        // network changing (its gateway address made after a failure, the egress path put in
+        // place): written only where it differs.
         let others: Vec<(String, u32)> = self
             .joined
             .iter()
@@ -174,7 +184,7 @@ impl Mirror {
             .collect();
         for (id, vni) in others {
             let Some(n) = desired.network(&id) else { continue };
-            if let Err(e) = self.sync_network(w, &id, Some((vni, network_value(n, served)))) {
+            if let Err(e) = self.sync_network(w, &id, Some((vni, network_value(n, served, egress)))) {
                 warn!(network = %id, error = format!("{e:#}"), "cannot update the network map");
                 out.retry.networks.insert(id);
             }
@@ -426,14 +436,26 @@ impl Mirror {
     }
 }
 
-/// The `NETWORKS` value of network `n`: its gateway, and whether the resolver serves it here
-/// (its gateway among the `served` addresses).
-fn network_value(n: &crate::model::Network, served: &BTreeSet<Ipv4Addr>) -> MapNetwork {
+/// The `NETWORKS` value of network `n`: its gateway and subnet, whether the resolver serves it
+/// here (its gateway among the `served` addresses), and whether it has a way out (among
+/// `egress`).
+fn network_value(
+    n: &crate::model::Network,
+    served: &BTreeSet<Ipv4Addr>,
+    egress: &BTreeSet<String>,
+) -> MapNetwork {
+    let mut flags = 0;
+    if served.contains(&n.gateway) {
+        flags |= NETWORK_RESOLVER;
+    }
+    if egress.contains(&n.id) {
+        flags |= NETWORK_EGRESS;
+    }
     MapNetwork {
         gateway: n.gateway.octets(),
         gateway_mac: n.gateway_mac().0,
-        flags: if served.contains(&n.gateway) { NETWORK_RESOLVER } else { 0 },
-        _pad: 0,
+        flags,
+        prefix_len: n.subnet.prefix_len(),
     }
 }
 
@@ -441,7 +463,9 @@ fn network_value(n: &crate::model::Network, served: &BTreeSet<Ipv4Addr>) -> MapN
 mod tests {
     use std::net::Ipv4Addr;
 
-    use overlay_common::maps::{ENDPOINT_LOCAL, Endpoint as MapEndpoint, EndpointKey, NETWORK_RESOLVER};
+    use overlay_common::maps::{
+        ENDPOINT_LOCAL, Endpoint as MapEndpoint, EndpointKey, NETWORK_EGRESS, NETWORK_RESOLVER,
+    };
 
     use super::Mirror;
     use crate::{
@@ -516,6 +540,23 @@ mod tests {
         pass.served = [Ipv4Addr::new(10, 0, 9, 1)].into();
         pass.run(Dirty::default());
         assert_eq!(flags(&pass), 0);
+    }
+
+    #[test]
+    fn a_network_carries_its_prefix_and_the_egress_flag_exactly_while_it_has_a_way_out() {
+        let mut pass = Pass::new();
+        pass.snapshot(three_hosts(), true);
+        let entry = |p: &Pass| p.kernel.networks[&100];
+        assert_eq!((entry(&pass).flags, entry(&pass).prefix_len), (0, 24), "no way out yet");
+        let id = pass.mirror.joined_ids().next().cloned().expect("a joined network");
+        pass.egress = [id].into();
+        pass.kernel.take_calls();
+        pass.run(Dirty::default());
+        assert_eq!(entry(&pass).flags, NETWORK_EGRESS);
+        assert_eq!(pass.kernel.take_calls().len(), 1, "one NETWORKS write");
+        pass.egress.clear();
+        pass.run(Dirty::default());
+        assert_eq!(entry(&pass).flags, 0);
     }
 
     #[test]

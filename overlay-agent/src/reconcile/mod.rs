@@ -17,6 +17,8 @@
 //!   previous agent left;
 //! - the resolver's path and zone (`serve_names` below, over `netlink::resolver_path` and
 //!   `resolver`): the gateways it answers on, the routes its answers take, the names it knows;
+//! - egress (`egress_step` below, over `crate::egress`): the way out through the host for the
+//!   networks that have one, and published ports;
 //! - `mirror`: the maps, written through [`MapWriter`](crate::datapath::MapWriter) where they
 //!   differ from what is desired.
 
@@ -43,6 +45,7 @@ use self::{
 use crate::{
     datapath::Datapath,
     desired::{Desired, Dirty},
+    egress::{self, Egress, Exit, nft::Published},
     netlink::{
         Netlink,
         resolver_path::{ResolverPath, Route},
@@ -67,6 +70,7 @@ pub struct Reconciler {
     mirror: Mirror,
     path: ResolverPath,
     resolver: Resolver,
+    egress: Egress,
 }
 
 impl Reconciler {
@@ -75,6 +79,7 @@ impl Reconciler {
         me: &str,
         dp: Datapath,
         host: Netlink,
+        uplink: &str,
         sandboxes: Sandboxes,
         resolver: Resolver,
     ) -> anyhow::Result<Self> {
@@ -91,6 +96,7 @@ impl Reconciler {
             here,
             dp,
             path: ResolverPath::new(host.clone()),
+            egress: Egress::new(host.clone(), uplink),
             locals: Locals::new(host, sandboxes),
             mirror: Mirror::new(found),
             resolver,
@@ -142,6 +148,8 @@ impl Reconciler {
 
         let served = self.serve_names(desired, &plan, &mut out).await;
         self.mirror.set_served(served);
+        let exits = self.egress_step(desired, &plan, &mut out).await;
+        self.mirror.set_egress(exits);
         self.mirror.apply(&mut self.dp, &self.here, desired, &plan, self.locals.by_id(), &mut out);
 
         if plan.full {
@@ -163,6 +171,45 @@ impl Reconciler {
             }
         }
         out
+    }
+
+    /// Gives this host's containers whose networks have a way out their path through the host,
+    /// and its published ports their rules. Returns the networks whose containers may now send
+    /// out.
+    async fn egress_step(&mut self, desired: &Desired, plan: &Plan, out: &mut Outcome) -> BTreeSet<String> {
+        let mut want = egress::Want::default();
+        // Per container, its endpoints with a way out, by network name: a published port leads
+        // to the first (a container has one network, as a rule).
+        let mut by_container: BTreeMap<&str, BTreeMap<&str, Ipv4Addr>> = BTreeMap::new();
+        for (id, l) in self.locals.by_id() {
+            let (Some(e), Some(n)) = (desired.endpoint(id), desired.network(&l.network_id)) else { continue };
+            if !n.has_egress() {
+                continue;
+            }
+            want.exits.insert(
+                e.ipv4,
+                Exit {
+                    route: Route { ifindex: l.ifindex, mac: e.mac.0 },
+                    network_id: n.id.clone(),
+                    subnet: n.subnet,
+                },
+            );
+            by_container.entry(l.container.as_str()).or_default().insert(n.name.as_str(), e.ipv4);
+        }
+        for (name, exits) in &by_container {
+            let (Some(c), Some((_, target))) = (desired.container(name), exits.first_key_value()) else {
+                continue;
+            };
+            for port in &c.ports {
+                want.published.insert(Published { port: *port, target: *target, container: c.name.clone() });
+            }
+        }
+        let subnets: Vec<ipnet::Ipv4Net> = desired.networks().map(|n| n.subnet).collect();
+        let (ready, failed) = self.egress.sync_with(&want, plan.full, &subnets).await;
+        if failed {
+            out.retry.full = true;
+        }
+        ready
     }
 
     /// Gives the resolver its path (a gateway address and rule per network with a local

@@ -180,6 +180,7 @@ pub fn add_endpoint(s: &mut State, id: &str, network_id: &str, container: &str, 
         host: host.to_owned(),
         netns: None,
         handover: false,
+        ports: Vec::new(),
         created: String::new(),
         revision: 0,
     });
@@ -194,6 +195,8 @@ pub struct Pass {
     pub locals: HashMap<Id, Local>,
     /// The gateways the resolver serves (as `ResolverPath` reports them to the mirror).
     pub served: BTreeSet<Ipv4Addr>,
+    /// Networks with a way out (what the egress path would say).
+    pub egress: BTreeSet<String>,
     next_ifindex: u32,
 }
 
@@ -210,6 +213,7 @@ impl Pass {
             kernel,
             locals: HashMap::new(),
             served: BTreeSet::new(),
+            egress: BTreeSet::new(),
             next_ifindex: 100,
         }
     }
@@ -256,6 +260,7 @@ impl Pass {
             }
         }
         self.mirror.set_served(self.served.clone());
+        self.mirror.set_egress(self.egress.clone());
         self.mirror.apply(&mut self.kernel, &here, &self.desired, &plan, &self.locals, &mut out);
         assert!(out.retry.is_empty(), "an in-memory kernel never fails: {:?}", out.retry);
         plan

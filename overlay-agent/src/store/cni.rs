@@ -128,6 +128,7 @@ impl Store {
                     host: a.host.clone(),
                     netns: Some(a.netns.clone()),
                     handover: false,
+                    ports: Vec::new(),
                     created: now_rfc3339(),
                     revision: 0,
                 };

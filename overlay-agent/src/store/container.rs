@@ -14,7 +14,7 @@ use super::{
     now_rfc3339,
     service::Names,
 };
-use crate::model::{Container, Endpoint};
+use crate::model::{Container, Endpoint, PortMapping};
 
 #[derive(Clone, Debug, Default)]
 pub struct ContainerSpec {
@@ -27,6 +27,8 @@ pub struct ContainerSpec {
     pub ip: Option<Ipv4Addr>,
     /// Its names on that network beyond its own (`--alias`, `--publish-service`).
     pub names: Names,
+    /// Ports published on its host (`-p`), forwarded to its address on `network`.
+    pub ports: Vec<PortMapping>,
 }
 
 #[derive(Clone, Debug)]
@@ -36,6 +38,40 @@ pub struct CreatedContainer {
     /// The revision that created it: its key's create revision, which the host's status names
     /// so that a status left by an earlier container of the same name is never taken for it.
     pub revision: i64,
+}
+
+/// The key that holds published port `p` on `host`.
+fn port_key(k: &super::keys::Keys, host: &str, p: &PortMapping) -> String {
+    k.port(host, p.proto.as_str(), p.host_port)
+}
+
+/// The deletes of a removed container's published ports (with its key, in one transaction).
+pub(super) fn port_deletes(k: &super::keys::Keys, c: &Container) -> Vec<TxnOp> {
+    c.ports.iter().map(|p| TxnOp::delete(port_key(k, &c.host, p), None)).collect()
+}
+
+/// Refuses published ports that cannot work, before anything is read: without a network, or
+/// the same host port twice.
+fn check_ports(spec: &ContainerSpec) -> Result<()> {
+    let Some(first) = spec.ports.first() else { return Ok(()) };
+    if spec.network.is_none() {
+        return Err(StoreError::Invalid {
+            what: "--publish",
+            value: first.to_string(),
+            reason: "needs --network (the port leads to the container's address on it)".into(),
+        });
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for p in &spec.ports {
+        if !seen.insert((p.proto, p.host_port)) {
+            return Err(StoreError::Invalid {
+                what: "--publish",
+                value: p.to_string(),
+                reason: format!("host port {}/{} is given twice", p.host_port, p.proto.as_str()),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl Store {
@@ -58,19 +94,17 @@ impl Store {
                 reason: "needs --network".into(),
             });
         }
+        check_ports(spec)?;
         let k = &self.keys;
         let mut retry = Retry::new(OP);
         loop {
-            let view = self
-                .view(
-                    OP,
-                    &[
-                        Range::Key(k.container(&spec.name)),
-                        Range::Key(k.host(&spec.host)),
-                        Range::Prefix(k.networks()),
-                    ],
-                )
-                .await?;
+            let mut ranges = vec![
+                Range::Key(k.container(&spec.name)),
+                Range::Key(k.host(&spec.host)),
+                Range::Prefix(k.networks()),
+            ];
+            ranges.extend(spec.ports.iter().map(|p| Range::Key(port_key(k, &spec.host, p))));
+            let view = self.view(OP, &ranges).await?;
             if let Some(kv) = view.key(0) {
                 let existing: Container = decode(kv)?;
                 return Err(StoreError::ContainerExists { name: spec.name.clone(), host: existing.host });
@@ -82,6 +116,7 @@ impl Store {
                 host: spec.host.clone(),
                 netns: spec.netns.clone(),
                 handover: false,
+                ports: spec.ports.clone(),
                 created: now_rfc3339(),
                 revision: 0,
             };
@@ -95,10 +130,36 @@ impl Store {
                 },
             ];
             let mut ops = vec![put_leased(k.container(&spec.name), encode(&container), lease)];
+            // A published port is the host's: one container at a time holds it, named in the
+            // refusal. The keys live under the host's lease, as the container.
+            for (i, p) in spec.ports.iter().enumerate() {
+                let key = port_key(k, &spec.host, p);
+                if let Some(kv) = view.key(3 + i) {
+                    return Err(StoreError::PortTaken {
+                        port: p.host_port,
+                        proto: p.proto.as_str(),
+                        host: spec.host.clone(),
+                        holder: String::from_utf8_lossy(kv.value()).into_owned(),
+                    });
+                }
+                compares.push(absent(&key));
+                ops.push(put_leased(key, spec.name.clone(), lease));
+            }
             let mut endpoint = None;
             if let Some(network) = &spec.network {
                 let networks = decode_networks(view.prefix(2));
                 let (net, net_kv) = resolve(&networks, network)?;
+                if !spec.ports.is_empty() && !net.has_egress() {
+                    return Err(StoreError::Invalid {
+                        what: "--publish",
+                        value: spec.ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                        reason: format!(
+                            "network {:?} has no way out ({}): ports are published on networks with one",
+                            net.name,
+                            if net.internal { "--internal" } else { "no gateway" }
+                        ),
+                    });
+                }
                 let more = self.read_for_endpoint(OP, &net.id, &spec.name, &spec.names).await?;
                 let (ep, c, o) = endpoint::plan(
                     k,
@@ -153,6 +214,7 @@ impl Store {
                 TxnOp::delete(k.container(name), None),
                 TxnOp::delete(attachments_prefix.as_str(), Some(DeleteOptions::new().with_prefix())),
             ];
+            ops.extend(port_deletes(k, &container));
             let mut endpoints = Vec::new();
             for (i, key) in endpoint_keys.iter().enumerate() {
                 let Some(kv) = eps.key(i) else { continue };

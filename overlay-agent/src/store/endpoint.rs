@@ -66,8 +66,11 @@ impl Store {
                 address(&ep, ep_kv),
             ];
             let others = more.prefix(1).iter().filter(|kv| kv.key() != attachment.as_bytes()).count();
-            if others == 0 && more.key(0).is_some_and(&remove_container) {
+            if let Some(kv) = more.key(0).filter(|kv| others == 0 && remove_container(kv)) {
                 ops.push(TxnOp::delete(k.container(&ep.container), None));
+                if let Some(c) = super::etcd::decode_or_skip::<crate::model::Container>(kv) {
+                    ops.extend(super::container::port_deletes(k, &c));
+                }
             }
             if self.commit(op, compares, ops).await?.is_some() {
                 return Ok(Some(ep));

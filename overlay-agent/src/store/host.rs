@@ -209,7 +209,13 @@ impl Store {
                 Compare::version(k.alive_host(name), CompareOp::Equal, 0),
                 unchanged(&k.host(name), Some(reg)),
             ];
-            if self.commit(OP, guards, vec![TxnOp::delete(k.host(name), None)]).await?.is_none() {
+            // Its published ports go now: they live under the records lease too, but a port is
+            // the host's, and a host registered afresh must find it free.
+            let ops = vec![
+                TxnOp::delete(k.host(name), None),
+                TxnOp::delete(k.ports(name), Some(etcd_client::DeleteOptions::new().with_prefix())),
+            ];
+            if self.commit(OP, guards, ops).await?.is_none() {
                 retry.again().await?;
                 continue;
             }

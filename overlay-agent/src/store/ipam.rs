@@ -316,6 +316,7 @@ mod tests {
             options: BTreeMap::new(),
             labels: BTreeMap::new(),
             created: String::new(),
+            internal: false,
         }
     }
 

@@ -94,6 +94,16 @@ impl Keys {
         format!("{}{network_id}", self.attachments(container))
     }
 
+    /// The ports published on one host (`-p`): one key per protocol and port, holding the
+    /// container's name, so that two containers cannot publish the same port on a host.
+    pub fn ports(&self, host: &str) -> String {
+        format!("{}/ports/{host}/", self.prefix)
+    }
+
+    pub fn port(&self, host: &str, proto: &str, port: u16) -> String {
+        format!("{}{proto}/{port}", self.ports(host))
+    }
+
     pub fn hosts(&self) -> String {
         format!("{}/hosts/", self.prefix)
     }

@@ -126,6 +126,8 @@ pub enum StoreError {
     ServiceExists { name: String, network: String },
     #[error("service {name:?} on network {network:?} has backends ({backends}): detach them first (overlay service detach CONTAINER {name}.{network})", backends = .backends.join(", "))]
     ServiceInUse { name: String, network: String, backends: Vec<String> },
+    #[error("port {port}/{proto} is already published on host {host:?} by container {holder:?}")]
+    PortTaken { port: u16, proto: &'static str, host: String, holder: String },
     #[error("container {container:?} is already connected to network {network:?}")]
     AlreadyConnected { container: String, network: String },
     #[error("container {container:?} is not connected to network {network:?}")]

@@ -40,6 +40,8 @@ pub struct NetworkSpec {
     pub options: Vec<String>,
     /// `key=value` (or `key`, for an empty value).
     pub labels: Vec<String>,
+    /// No way out through the hosts, no published ports (`--internal`).
+    pub internal: bool,
 }
 
 /// Splits `key=value` pairs; a bare `key` has an empty value when `bare_ok`.
@@ -281,6 +283,7 @@ impl Store {
                 options: p.options.clone(),
                 labels: p.labels.clone(),
                 created: now_rfc3339(),
+                internal: spec.internal,
             };
             // Any network created (or changed) since the read could collide on name, VNI or
             // subnet; the name and VNI keys say the same thing once more, key by key.

@@ -199,6 +199,7 @@ impl Store {
                     host: j.host.clone(),
                     netns: Some(j.netns.clone()),
                     handover: true,
+                    ports: Vec::new(),
                     created: now_rfc3339(),
                     revision: 0,
                 };

@@ -13,6 +13,12 @@
 //! - `tos PORT SECONDS`: print "listening" once UDP PORT is bound, then for every datagram
 //!   received within SECONDS one line "<TOS byte in hex> <payload>" (the TOS as the receiving
 //!   stack saw it, IP_RECVTOS): what a container's application gets, ECN marks included.
+//! - `give PORT BYTES`: print "listening" once bound, accept one TCP connection, send BYTES of
+//!   the same data as `send`, print "<bytes> <sha256>"; `fetch IP:PORT`: connect, read to EOF,
+//!   print "<bytes> <sha256>" (a download, for a client that cannot be connected to).
+//! - `peer PORT LABEL`: answer every TCP connection and UDP datagram on PORT with
+//!   "LABEL <the peer's address>" (who is there, and whom it sees); `ask IP:PORT tcp|udp`:
+//!   print that answer.
 //! - `dns-serve`, `dns-query`, `dns-raw`: an upstream DNS server and a DNS client; `dns-bench`,
 //!   `dns-wait`: the name benchmark's clients (probe/dns.rs).
 
@@ -41,6 +47,11 @@ fn main() -> ExitCode {
         ["send", to, bytes] => send(to.parse().expect("address"), bytes.parse().expect("bytes")),
         ["session", to, secs] => session(to.parse().expect("address"), secs.parse().expect("seconds")),
         ["frame", iface, hex] => frame(iface, hex),
+        ["give", port, bytes] => give(port.parse().expect("port"), bytes.parse().expect("bytes")),
+        ["fetch", from] => fetch(from.parse().expect("address")),
+        ["peer", port, label] => peer(port.parse().expect("port"), label),
+        ["ask", to, "tcp"] => ask(to.parse().expect("address"), false),
+        ["ask", to, "udp"] => ask(to.parse().expect("address"), true),
         ["tos", port, secs] => tos(port.parse().expect("port"), secs.parse().expect("seconds")),
         ["dns-serve", addr] => dns::serve(addr.parse().expect("IP:PORT")),
         ["dns-query", server, name, qtype] => dns::query(server, name, qtype, false),
@@ -167,6 +178,90 @@ fn send(to: SocketAddr, bytes: u64) -> Result {
     // Wait for the sink to close, so the bytes are known to have arrived.
     let _ = conn.read(&mut buf);
     println!("{bytes} {:x}", hash.finalize());
+    Ok(())
+}
+
+fn give(port: u16, bytes: u64) -> Result {
+    let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| e.to_string())?;
+    println!("listening");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let (mut conn, _) = listener.accept().map_err(|e| e.to_string())?;
+    let mut hash = Sha256::new();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        fill(&mut buf[..n], &mut state);
+        conn.write_all(&buf[..n]).map_err(|e| format!("after {} bytes: {e}", bytes - left))?;
+        hash.update(&buf[..n]);
+        left -= n as u64;
+    }
+    conn.shutdown(std::net::Shutdown::Write).map_err(|e| e.to_string())?;
+    println!("{bytes} {:x}", hash.finalize());
+    Ok(())
+}
+
+fn fetch(from: SocketAddr) -> Result {
+    let mut conn = TcpStream::connect_timeout(&from, TIMEOUT).map_err(|e| format!("connect {from}: {e}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let mut hash = Sha256::new();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = conn.read(&mut buf).map_err(|e| format!("after {total} bytes: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        total += n as u64;
+    }
+    println!("{total} {:x}", hash.finalize());
+    Ok(())
+}
+
+fn peer(port: u16, label: &str) -> Result {
+    let udp = UdpSocket::bind(("0.0.0.0", port)).map_err(|e| e.to_string())?;
+    let tag = label.to_owned();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(format!("{tag} {}\n", from.ip()).as_bytes(), from);
+        }
+    });
+    let tcp = TcpListener::bind(("0.0.0.0", port)).map_err(|e| e.to_string())?;
+    for mut conn in tcp.incoming().flatten() {
+        if let Ok(from) = conn.peer_addr() {
+            let _ = conn.write_all(format!("{label} {}\n", from.ip()).as_bytes());
+        }
+    }
+    Ok(())
+}
+
+fn ask(to: SocketAddr, udp: bool) -> Result {
+    let answer = if udp {
+        let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(Duration::from_millis(300))).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + TIMEOUT;
+        let mut buf = [0u8; 256];
+        let mut got = None;
+        while got.is_none() && Instant::now() < deadline {
+            sock.send_to(b"?", to).map_err(|e| e.to_string())?;
+            if let Ok((n, from)) = sock.recv_from(&mut buf)
+                && from == to
+            {
+                got = Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        got.ok_or_else(|| format!("no UDP answer from {to}"))?
+    } else {
+        let conn = TcpStream::connect_timeout(&to, TIMEOUT).map_err(|e| format!("connect {to}: {e}"))?;
+        conn.set_read_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(conn).read_line(&mut line).map_err(|e| format!("reading from {to}: {e}"))?;
+        line
+    };
+    print!("{answer}");
     Ok(())
 }
 

@@ -1,0 +1,321 @@
+//! The agent's own nftables table, `ip overlay`: masquerading of what containers send out,
+//! published ports, and the forwarding filter that keeps networks apart on the host
+//! (docs/egress.md).
+//!
+//! Written with the `nftables` crate (the one netavark uses): typed rules, serialised to nft's
+//! JSON and applied by `nft -j -f -` in one transaction. The whole table is rewritten each time
+//! (created, deleted and made again in one batch, so no packet ever sees it half-made or
+//! missing): the rules are few (four, plus two per published port), a rewrite is one `nft` run,
+//! and a restarted agent simply writes the same table again instead of having to diff a
+//! predecessor's. Conntrack keeps the translations of established connections, so a rewrite
+//! disturbs none of them.
+//!
+//! Every rule matches only packets of ours: by the interface group of the containers' veths
+//! (`netlink::egress_path::GROUP`), by the overlay subnets as source, or by a published port.
+//! No other table or chain is touched; other tables' verdicts still apply (a drop anywhere is
+//! final in nftables).
+
+use std::{borrow::Cow, collections::BTreeSet, net::Ipv4Addr};
+
+use ipnet::Ipv4Net;
+use nftables::{
+    batch::Batch,
+    expr::{
+        CT, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload, PayloadField,
+        Prefix,
+    },
+    helper::{NftablesError, apply_ruleset_async},
+    schema::{Chain, NfListObject, Rule, Table},
+    stmt::{Counter, Match, NAT, NATFamily, Operator, Statement},
+    types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
+};
+
+use crate::{model::PortMapping, netlink::egress_path::GROUP};
+
+/// The table's name (family `ip`).
+pub const TABLE: &str = "overlay";
+
+/// A published port on this host and where it leads.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Published {
+    pub port: PortMapping,
+    /// The container's address on the network it is published on.
+    pub target: Ipv4Addr,
+    /// For the rule's comment: `nft list table ip overlay` says whose port it is.
+    pub container: String,
+}
+
+/// What the table holds: the subnets masqueraded on the way out, and the published ports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    pub subnets: BTreeSet<Ipv4Net>,
+    pub published: BTreeSet<Published>,
+}
+
+impl Ruleset {
+    /// Whether there is nothing to hold: the table is then removed, so a host without
+    /// containers with a way out keeps nothing of ours.
+    pub fn is_empty(&self) -> bool {
+        self.subnets.is_empty() && self.published.is_empty()
+    }
+
+    /// The batch that replaces the table with this ruleset (or removes it, when empty).
+    pub fn batch(&self) -> Batch<'static> {
+        let mut b = Batch::new();
+        // Adding first makes the delete succeed whether the table existed or not.
+        b.add(NfListObject::Table(table()));
+        b.delete(NfListObject::Table(table()));
+        if self.is_empty() {
+            return b;
+        }
+        b.add(NfListObject::Table(table()));
+        for (name, kind, hook, prio) in [
+            ("forward", NfChainType::Filter, NfHook::Forward, 0),
+            ("prerouting", NfChainType::NAT, NfHook::Prerouting, -100),
+            ("output", NfChainType::NAT, NfHook::Output, -100),
+            ("postrouting", NfChainType::NAT, NfHook::Postrouting, 100),
+        ] {
+            b.add(NfListObject::Chain(Chain {
+                family: NfFamily::IP,
+                table: TABLE.into(),
+                name: name.into(),
+                _type: Some(kind),
+                hook: Some(hook),
+                prio: Some(prio),
+                policy: Some(NfChainPolicy::Accept),
+                ..Chain::default()
+            }));
+        }
+        let rule = |chain: &'static str, expr: Vec<Statement<'static>>, comment: Option<String>| {
+            NfListObject::Rule(Rule {
+                family: NfFamily::IP,
+                table: TABLE.into(),
+                chain: chain.into(),
+                expr: expr.into(),
+                comment: comment.map(Cow::Owned),
+                ..Rule::default()
+            })
+        };
+
+        // forward: what may reach a container through the host, and what may not.
+        b.add(rule(
+            "forward",
+            vec![
+                oifgroup(Operator::EQ),
+                ct("status", Expression::String("dnat".into())),
+                counter(),
+                accept(),
+            ],
+            Some("published ports".into()),
+        ));
+        b.add(rule(
+            "forward",
+            vec![iifgroup(), oifgroup(Operator::EQ), counter(), Statement::Drop(None)],
+            Some("networks meet on the overlay only, never through the host".into()),
+        ));
+        b.add(rule(
+            "forward",
+            vec![
+                oifgroup(Operator::EQ),
+                ct(
+                    "state",
+                    Expression::List(vec![
+                        Expression::String("established".into()),
+                        Expression::String("related".into()),
+                    ]),
+                ),
+                counter(),
+                accept(),
+            ],
+            Some("replies to what containers sent out".into()),
+        ));
+        b.add(rule(
+            "forward",
+            vec![oifgroup(Operator::EQ), counter(), Statement::Drop(None)],
+            Some("nothing else reaches a container through the host".into()),
+        ));
+
+        // postrouting: the host's address on what leaves for elsewhere. (The input device is
+        // unknown in postrouting, so the source subnets say the packet is a container's.)
+        if !self.subnets.is_empty() {
+            let set = self
+                .subnets
+                .iter()
+                .map(|n| {
+                    nftables::expr::SetItem::Element(Expression::Named(NamedExpression::Prefix(Prefix {
+                        addr: Box::new(Expression::String(n.network().to_string().into())),
+                        len: u32::from(n.prefix_len()),
+                    })))
+                })
+                .collect();
+            b.add(rule(
+                "postrouting",
+                vec![
+                    matches(
+                        payload("ip", "saddr"),
+                        Expression::Named(NamedExpression::Set(set)),
+                        Operator::EQ,
+                    ),
+                    oifgroup(Operator::NEQ),
+                    counter(),
+                    Statement::Masquerade(None),
+                ],
+                Some("containers going out".into()),
+            ));
+        }
+
+        // prerouting (from elsewhere, and from containers) and output (from the host's own
+        // processes): published ports to their containers.
+        for p in &self.published {
+            for chain in ["prerouting", "output"] {
+                let mut expr = Vec::new();
+                match p.port.host_ip {
+                    Some(ip) => expr.push(matches(
+                        payload("ip", "daddr"),
+                        Expression::String(ip.to_string().into()),
+                        Operator::EQ,
+                    )),
+                    None => expr.push(matches(
+                        Expression::Named(NamedExpression::Fib(Fib {
+                            result: FibResult::Type,
+                            flags: [FibFlag::Daddr].into(),
+                        })),
+                        Expression::String("local".into()),
+                        Operator::EQ,
+                    )),
+                }
+                if chain == "output" {
+                    // Loopback addresses cannot be forwarded to another device: Docker needs a
+                    // userland proxy for those; ports here are reached on the host's other
+                    // addresses.
+                    expr.push(matches(
+                        payload("ip", "daddr"),
+                        Expression::Named(NamedExpression::Prefix(Prefix {
+                            addr: Box::new(Expression::String("127.0.0.0".into())),
+                            len: 8,
+                        })),
+                        Operator::NEQ,
+                    ));
+                }
+                expr.push(matches(
+                    payload(p.port.proto.as_str(), "dport"),
+                    Expression::Number(u32::from(p.port.host_port)),
+                    Operator::EQ,
+                ));
+                expr.push(counter());
+                expr.push(Statement::DNAT(Some(NAT {
+                    addr: Some(Expression::String(p.target.to_string().into())),
+                    family: Some(NATFamily::IP),
+                    port: Some(Expression::Number(u32::from(p.port.container_port))),
+                    flags: None,
+                })));
+                b.add(rule(chain, expr, Some(format!("{} of container {}", p.port, p.container))));
+            }
+        }
+        b
+    }
+}
+
+/// Replaces the table with `rules` (removes it when empty), in one `nft` transaction.
+pub async fn apply(rules: &Ruleset) -> Result<(), NftablesError> {
+    apply_ruleset_async(&rules.batch().to_nftables()).await
+}
+
+/// Removes the table. For `overlay-agent reset`: without `nft` installed there is nothing of
+/// ours to remove.
+pub async fn remove() -> Result<(), NftablesError> {
+    match apply(&Ruleset::default()).await {
+        Err(NftablesError::NftExecution { inner, .. }) if inner.kind() == std::io::ErrorKind::NotFound => {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// An `nft` failure in one line, with what nft said (the error's own text leaves it out).
+pub fn describe(e: &NftablesError) -> String {
+    match e {
+        NftablesError::NftFailed { stderr, .. } => format!("{e}: {}", stderr.trim()),
+        _ => e.to_string(),
+    }
+}
+
+fn table() -> Table<'static> {
+    Table { family: NfFamily::IP, name: TABLE.into(), ..Table::default() }
+}
+
+fn matches(left: Expression<'static>, right: Expression<'static>, op: Operator) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
+        protocol: protocol.into(),
+        field: field.into(),
+    })))
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn iifgroup() -> Statement<'static> {
+    matches(meta(MetaKey::Iifgroup), Expression::Number(GROUP), Operator::EQ)
+}
+
+fn oifgroup(op: Operator) -> Statement<'static> {
+    matches(meta(MetaKey::Oifgroup), Expression::Number(GROUP), op)
+}
+
+fn ct(key: &'static str, right: Expression<'static>) -> Statement<'static> {
+    matches(
+        Expression::Named(NamedExpression::CT(CT { key: key.into(), family: None, dir: None })),
+        right,
+        Operator::IN,
+    )
+}
+
+fn counter() -> Statement<'static> {
+    Statement::Counter(Counter::Anonymous(None))
+}
+
+fn accept() -> Statement<'static> {
+    Statement::Accept(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Proto;
+
+    #[test]
+    fn an_empty_ruleset_only_removes_the_table() {
+        let json = serde_json::to_value(Ruleset::default().batch().to_nftables()).unwrap();
+        let cmds = json["nftables"].as_array().unwrap();
+        assert_eq!(cmds.len(), 2, "{json}");
+        assert!(cmds[0]["add"]["table"].is_object() && cmds[1]["delete"]["table"].is_object(), "{json}");
+    }
+
+    #[test]
+    fn a_published_port_is_translated_in_prerouting_and_output() {
+        let rules = Ruleset {
+            subnets: ["10.0.9.0/24".parse().unwrap()].into(),
+            published: [Published {
+                port: "198.18.0.1:8080:80/udp".parse().unwrap(),
+                target: "10.0.9.2".parse().unwrap(),
+                container: "web".into(),
+            }]
+            .into(),
+        };
+        let text = serde_json::to_string(&rules.batch().to_nftables()).unwrap();
+        assert_eq!(
+            text.matches(r#""dnat":{"addr":"10.0.9.2","family":"ip","port":80}"#).count(),
+            2,
+            "{text}"
+        );
+        assert!(text.contains(r#""protocol":"udp","field":"dport""#), "{text}");
+        assert!(text.contains(r#""masquerade""#), "{text}");
+        assert!(text.contains("198.18.0.1:8080:80/udp of container web"), "{text}");
+        assert_eq!(rules.published.first().unwrap().port.proto, Proto::Udp);
+    }
+}

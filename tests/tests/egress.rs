@@ -1,0 +1,249 @@
+//! Egress end to end (docs/egress.md): real etcd, an agent per host, and an "outside"
+//! namespace behind a router on the underlay (`outside.rs`). Containers reach it through their
+//! host, masqueraded; `--internal` networks do not; published ports lead from a host's address
+//! to the right container; and the hosts keep nothing of ours once the containers are gone.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::Ipv4Addr,
+    process::{Output, Stdio},
+    time::Duration,
+};
+
+use overlay_tests::{
+    Proc, binary,
+    cluster::Cluster,
+    in_ns, ip_in,
+    outside::{self, OUTSIDE},
+    sh, skip_unless_privileged, try_sh, wait_for,
+};
+
+/// The MTU of the link between the router and the outside: less than the containers' 1450, so
+/// what they send at full size needs path MTU discovery through the host's NAT.
+const OUTSIDE_MTU: u32 = 1400;
+
+fn probe(ns: &str, args: &[&str]) -> Output {
+    let probe = binary("overlay-probe");
+    let mut cmd = in_ns(ns, &["timeout", "20", probe.to_str().expect("path")]);
+    try_sh(cmd.args(args))
+}
+
+/// `overlay-probe ask TO tcp|udp` from `ns`: the answer line, or None.
+fn ask(ns: &str, to: &str, proto: &str) -> Option<String> {
+    let out = probe(ns, &["ask", to, proto]);
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Starts `overlay-probe ARGS` in `ns` in the background.
+fn serve(ns: &str, name: &str, args: &[&str]) -> Proc {
+    let probe = binary("overlay-probe");
+    let mut cmd = in_ns(ns, &[probe.to_str().expect("path")]);
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
+    Proc::spawn(name, &mut cmd)
+}
+
+/// The packet count of the rule of the agent's nftables table in `ns` whose comment starts
+/// with `comment`; None when the table (or the rule) is not there.
+fn nft_counter(ns: &str, comment: &str) -> Option<u64> {
+    let out = try_sh(&mut in_ns(ns, &["nft", "-j", "list", "table", "ip", "overlay"]));
+    if !out.status.success() {
+        return None;
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft JSON");
+    json["nftables"].as_array()?.iter().find_map(|o| {
+        let rule = o.get("rule")?;
+        rule["comment"].as_str()?.starts_with(comment).then_some(())?;
+        rule["expr"].as_array()?.iter().find_map(|e| e.get("counter")?["packets"].as_u64())
+    })
+}
+
+fn table_exists(ns: &str) -> bool {
+    try_sh(&mut in_ns(ns, &["nft", "list", "table", "ip", "overlay"])).status.success()
+}
+
+/// The rules of `ns` that select the egress table, and the routes in it.
+fn egress_rules(ns: &str) -> usize {
+    sh(&mut in_ns(ns, &["ip", "rule", "show"])).lines().filter(|l| l.contains("lookup 4790")).count()
+}
+
+fn egress_routes(ns: &str) -> String {
+    sh(&mut in_ns(ns, &["ip", "route", "show", "table", "4790"]))
+}
+
+/// Conntrack entries of `ns` that name `ip`.
+fn conntrack_of(ns: &str, ip: Ipv4Addr) -> Vec<String> {
+    let out = try_sh(&mut in_ns(ns, &["conntrack", "-L"]));
+    let needle = format!("={ip} ");
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(&needle)).map(str::to_owned).collect()
+}
+
+#[test]
+fn containers_reach_the_outside_through_their_host_and_published_ports_lead_to_them() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let Some(mut c) = Cluster::start("egress", 2, 10) else { return };
+    let out_ns = c.topo.run.ns("out");
+    let (h1, h2) = (c.topo.host("h1").ns.clone(), c.topo.host("h2").ns.clone());
+    outside::build(&c.topo.underlay, &out_ns, OUTSIDE_MTU, &[&h1, &h2]).expect("building the outside");
+    let out_at = |port: u16| format!("{OUTSIDE}:{port}");
+
+    c.ok(&["network", "create", "--subnet", "10.71.0.0/24", "pub"]);
+    c.ok(&["network", "create", "--subnet", "10.72.0.0/24", "--internal", "int"]);
+    c.ok(&["network", "create", "--subnet", "10.73.0.0/24", "pub2"]);
+    assert_eq!(c.inspect("pub")["Internal"], false);
+    assert_eq!(c.inspect("int")["Internal"], true);
+    c.ok(&[
+        "container",
+        "create",
+        "--host",
+        "h1",
+        "--network",
+        "pub",
+        "-p",
+        "8080:80",
+        "-p",
+        "5300:53/udp",
+        "a1",
+    ]);
+    c.ok(&["container", "create", "--host", "h2", "--network", "pub", "-p", "8080:80", "a2"]);
+    c.ok(&["container", "create", "--host", "h1", "--network", "int", "i1"]);
+    c.ok(&["container", "create", "--host", "h1", "--network", "pub2", "d1"]);
+    let (a1, a2, i1, d1) =
+        (c.address("pub", "a1"), c.address("pub", "a2"), c.address("int", "i1"), c.address("pub2", "d1"));
+    let prefixes: Vec<(String, String)> =
+        c.topo.hosts.iter().map(|h| (h.name.clone(), h.netns_prefix.clone())).collect();
+    let ns = |host: &str, name: &str| {
+        let prefix = &prefixes.iter().find(|(h, _)| h == host).expect("host").1;
+        format!("{prefix}{name}")
+    };
+
+    // A port is one container's per host, and an internal network publishes none: refused,
+    // naming the holder, and nothing written.
+    let err = c.refused(&["container", "create", "--host", "h1", "--network", "pub", "-p", "8080:81", "a3"]);
+    assert!(err.contains(r#"port 8080/tcp is already published on host "h1" by container "a1""#), "{err}");
+    let err = c.refused(&["container", "create", "--host", "h1", "--network", "int", "-p", "9090:80", "i2"]);
+    assert!(err.contains("--internal"), "{err}");
+    let ls = c.ok(&["container", "ls"]);
+    assert!(!ls.contains("a3") && !ls.contains("i2"), "{ls}");
+
+    // Out: TCP and UDP, from both hosts; the outside sees each host's address.
+    let _outside_peer = serve(&out_ns, "outside peer", &["peer", "7000", "outside"]);
+    let got = wait_for(Duration::from_secs(10), || ask(&ns("h1", "a1"), &out_at(7000), "tcp"));
+    assert_eq!(got.as_deref(), Some("outside 198.18.0.1"), "a1 on h1 does not reach the outside");
+    assert_eq!(ask(&ns("h1", "a1"), &out_at(7000), "udp").as_deref(), Some("outside 198.18.0.1"));
+    let got = wait_for(Duration::from_secs(10), || ask(&ns("h2", "a2"), &out_at(7000), "tcp"));
+    assert_eq!(got.as_deref(), Some("outside 198.18.0.2"), "a2 on h2 does not reach the outside");
+    assert!(c.topo.host("h1").counter("to_host") >= 2, "{}", c.topo.host("h1").counters());
+
+    // An internal network has no way out, and the drop is counted.
+    let before = c.topo.host("h1").counter("drop/no_egress");
+    assert_eq!(ask(&ns("h1", "i1"), &out_at(7000), "tcp"), None, "i1 on an internal network got out");
+    assert!(c.topo.host("h1").counter("drop/no_egress") > before, "{}", c.topo.host("h1").counters());
+
+    // 100 MiB down from the outside, intact.
+    let mut giver = serve(&out_ns, "outside give", &["give", "7001", "104857600"]);
+    let mut lines = BufReader::new(giver.take_stdout().expect("stdout")).lines();
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("listening"));
+    let fetched = probe(&ns("h1", "a1"), &["fetch", &out_at(7001)]);
+    assert!(fetched.status.success(), "fetch: {}", String::from_utf8_lossy(&fetched.stderr));
+    let given = lines.next().and_then(Result::ok).expect("give's digest");
+    assert_eq!(String::from_utf8_lossy(&fetched.stdout).trim(), given);
+    assert!(given.starts_with("104857600 "), "{given}");
+
+    // Path MTU: a full-size packet with DF set meets the router's smaller link; its
+    // "fragmentation needed" comes back through the host's NAT to the container.
+    let ping = try_sh(&mut in_ns(
+        &ns("h1", "a1"),
+        &["ping", "-c", "2", "-W", "1", "-M", "do", "-s", "1422", &OUTSIDE.to_string()],
+    ));
+    let text = String::from_utf8_lossy(&ping.stdout);
+    assert!(
+        text.contains(&format!("mtu = {OUTSIDE_MTU}")) || text.contains(&format!("mtu={OUTSIDE_MTU}")),
+        "{text}"
+    );
+    let route = sh(&mut in_ns(&ns("h1", "a1"), &["ip", "route", "get", &OUTSIDE.to_string()]));
+    assert!(
+        route.contains(&format!("mtu {OUTSIDE_MTU}")),
+        "the container did not learn the path MTU: {route}"
+    );
+
+    // Published ports, from the outside: each host's port leads to its own container, which
+    // sees the client's own address; UDP too; a port not published on h2 leads nowhere.
+    let _a1_peer = serve(&ns("h1", "a1"), "a1 peer", &["peer", "80", "a1"]);
+    let _a1_dns = serve(&ns("h1", "a1"), "a1 peer udp", &["peer", "53", "a1"]);
+    let _a2_peer = serve(&ns("h2", "a2"), "a2 peer", &["peer", "80", "a2"]);
+    let _d1_peer = serve(&ns("h1", "d1"), "d1 peer", &["peer", "80", "d1"]);
+    let reached = |to: &str, proto: &str| wait_for(Duration::from_secs(5), || ask(&out_ns, to, proto));
+    assert_eq!(reached("198.18.0.1:8080", "tcp").as_deref(), Some("a1 198.19.0.2"));
+    assert_eq!(reached("198.18.0.2:8080", "tcp").as_deref(), Some("a2 198.19.0.2"));
+    assert_eq!(reached("198.18.0.1:5300", "udp").as_deref(), Some("a1 198.19.0.2"));
+    assert_eq!(ask(&out_ns, "198.18.0.2:5300", "udp"), None, "5300/udp is published on h1 only");
+    // And from the hosts' own processes, on their address.
+    assert_eq!(ask(&h2, "198.18.0.1:8080", "tcp").as_deref(), Some("a1 198.18.0.2"));
+
+    // Nothing else reaches a container through its host: not the outside routing to the
+    // container's address, not a container of another network on the same host.
+    ip_in(&c.topo.underlay, &["route", "add", "10.71.0.0/24", "via", "198.18.0.1"]).expect("route");
+    ip_in(&c.topo.underlay, &["route", "add", "10.73.0.0/24", "via", "198.18.0.1"]).expect("route");
+    ip_in(&out_ns, &["route", "add", "10.71.0.0/16", "via", &outside::ROUTER_OUT.to_string()])
+        .expect("route");
+    assert_eq!(ask(&out_ns, &format!("{a1}:80"), "tcp"), None, "the outside reached a1 by its own address");
+    assert_eq!(
+        ask(&ns("h1", "a1"), &format!("{d1}:80"), "tcp"),
+        None,
+        "a1 reached d1 (another network) through h1"
+    );
+    assert!(nft_counter(&h1, "networks meet").unwrap_or(0) > 0, "the isolation rule did not count");
+    assert!(
+        nft_counter(&h1, "nothing else reaches").unwrap_or(0) > 0,
+        "the direct access was not dropped by the table"
+    );
+    // Nor a container of an internal network, which has no route through its host at all.
+    ip_in(&c.topo.underlay, &["route", "add", "10.72.0.0/24", "via", "198.18.0.1"]).expect("route");
+    assert_eq!(ask(&out_ns, &format!("{i1}:80"), "tcp"), None);
+
+    // The host's own traffic is not ours: its connections out are not masqueraded by us.
+    let masq = nft_counter(&h1, "containers going out").expect("masquerade rule");
+    assert_eq!(ask(&h1, &out_at(7000), "tcp").as_deref(), Some("outside 198.18.0.1"));
+    assert_eq!(
+        nft_counter(&h1, "containers going out"),
+        Some(masq),
+        "the host's own connection hit our rule"
+    );
+
+    // A restarted agent adopts what is there: one rule, the same table, still working.
+    let rules_before = sh(&mut in_ns(&h1, &["nft", "list", "table", "ip", "overlay"])).lines().count();
+    let log = c.topo.host("h1").log.clone();
+    let passes = || std::fs::read_to_string(&log).unwrap_or_default().matches("full reconcile done").count();
+    let before = passes();
+    c.kill_agent("h1");
+    c.start_agent("h1");
+    assert!(
+        wait_for(Duration::from_secs(20), || (passes() > before).then_some(())).is_some(),
+        "h1 never reconciled"
+    );
+    assert_eq!(egress_rules(&h1), 1, "{}", sh(&mut in_ns(&h1, &["ip", "rule", "show"])));
+    assert_eq!(sh(&mut in_ns(&h1, &["nft", "list", "table", "ip", "overlay"])).lines().count(), rules_before);
+    assert_eq!(ask(&ns("h1", "a1"), &out_at(7000), "tcp").as_deref(), Some("outside 198.18.0.1"));
+    assert_eq!(reached("198.18.0.1:8080", "tcp").as_deref(), Some("a1 198.19.0.2"));
+
+    // A container that goes takes its route and its connections with it; the last one takes
+    // the table and the rule.
+    assert!(!conntrack_of(&h1, a1).is_empty(), "no conntrack entry of a1 to begin with");
+    c.ok(&["container", "rm", "a1"]);
+    let clean = wait_for(Duration::from_secs(10), || {
+        (!egress_routes(&h1).contains(&a1.to_string()) && conntrack_of(&h1, a1).is_empty()).then_some(())
+    });
+    assert!(clean.is_some(), "a1 left {:?} / {:?}", egress_routes(&h1), conntrack_of(&h1, a1));
+    assert_eq!(ask(&out_ns, "198.18.0.1:8080", "tcp"), None, "h1's port 8080 still leads somewhere");
+    // The port is free again.
+    c.ok(&["container", "create", "--host", "h1", "--network", "pub", "-p", "8080:80", "a4"]);
+    c.ok(&["container", "rm", "a4", "i1", "d1"]);
+    let gone = wait_for(Duration::from_secs(10), || {
+        (!table_exists(&h1) && egress_rules(&h1) == 0 && egress_routes(&h1).trim().is_empty()).then_some(())
+    });
+    assert!(gone.is_some(), "h1 kept {:?} {} {}", egress_routes(&h1), egress_rules(&h1), table_exists(&h1));
+    assert!(table_exists(&h2), "h2 still has a2");
+    assert!(egress_routes(&h2).contains(&a2.to_string()), "{}", egress_routes(&h2));
+}
