@@ -549,13 +549,11 @@ fn run_pods(args: &RunArgs) -> anyhow::Result<()> {
     let mut machine = Machine::probe();
     eprintln!("overlay-bench: pods stage ({} pods), writing to {}", plan.count, out_dir.display());
     let figures = pods::run(&plan, &exe)?;
-    let mut cmd = "cargo xtask bench -- --pods".to_owned();
-    if args.quick {
-        cmd.push_str(" --quick");
-    }
-    if let Some(n) = args.pod_count {
-        cmd.push_str(&format!(" --pod-count {n}"));
-    }
+    let cmd = format!(
+        "cargo xtask bench -- --pods{}{}",
+        if args.quick { " --quick" } else { "" },
+        args.pod_count.map(|n| format!(" --pod-count {n}")).unwrap_or_default()
+    );
     machine.loadavg_end = report::loadavg();
     let table = format!(
         "{}\nRun of {started_utc} UTC on {}. Samples: `{}/pods.json`.\n",
