@@ -7,9 +7,11 @@
 
 mod agent;
 mod control;
+mod icmp;
 mod measure;
 mod names;
 mod plot;
+mod pods;
 mod report;
 mod state;
 mod stats;
@@ -108,13 +110,21 @@ struct RunArgs {
     no_file_reach: bool,
     /// Also put the tables into this README, between `<!-- overlay-bench:begin -->` and
     /// `<!-- overlay-bench:end -->` (appended if the markers are missing); with --names, between
-    /// `<!-- overlay-bench:names:begin -->` and `<!-- overlay-bench:names:end -->`.
+    /// `<!-- overlay-bench:names:begin -->` and `<!-- overlay-bench:names:end -->`; with --pods,
+    /// between `<!-- overlay-bench:pods:begin -->` and `<!-- overlay-bench:pods:end -->`.
     #[arg(long)]
     readme: Option<PathBuf>,
     /// Run only the names stage: query latency and throughput of the datapath's answers, the
     /// agent's resolver and dnsmasq, and name created -> resolvable on another host.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "pods")]
     names: bool,
+    /// Run only the pods stage: a pod created through CRI (containerd's RunPodSandbox) ->
+    /// pingable from another host, beside a container created with the CLI.
+    #[arg(long)]
+    pods: bool,
+    /// Pods measured by the pods stage, and as many CLI containers [default: 50, quick: 3].
+    #[arg(long)]
+    pod_count: Option<usize>,
 }
 
 /// The traffic programs and the store client, run by the harness inside the namespaces.
@@ -186,6 +196,15 @@ enum Worker {
         #[arg(long)]
         timeout_ms: u64,
     },
+    /// Pings an address until the first reply and says when it came.
+    PingProbe {
+        #[arg(long)]
+        to: std::net::Ipv4Addr,
+        #[arg(long)]
+        interval_us: u64,
+        #[arg(long)]
+        timeout_ms: u64,
+    },
     /// A client of the store: one JSON request per line on stdin (`store::Request`).
     Store {
         #[arg(long)]
@@ -220,6 +239,9 @@ fn run_worker(w: Worker) -> anyhow::Result<()> {
         Worker::ProbeTx { to, interval_us, timeout_ms } => {
             worker::probe_tx(to, Duration::from_micros(interval_us), ms(timeout_ms))
         }
+        Worker::PingProbe { to, interval_us, timeout_ms } => {
+            worker::ping_probe(to, Duration::from_micros(interval_us), ms(timeout_ms))
+        }
         Worker::Store { etcd } => store::serve(&etcd),
     }
 }
@@ -252,6 +274,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     sys::require_program("iperf3", "iperf3")?;
     if args.names {
         return run_names(&args);
+    }
+    if args.pods {
+        return run_pods(&args);
     }
     let exe = std::env::current_exe().context("locating this binary")?;
     let agent_bin = agent_binary(args.agent.clone(), &exe)?;
@@ -508,6 +533,49 @@ fn run_names(args: &RunArgs) -> anyhow::Result<()> {
             "<!-- overlay-bench:names:end -->",
             &table,
         )?;
+    }
+    Ok(())
+}
+
+/// `--pods`: the pods stage alone, its table in <out>/pods.md and its samples in
+/// <out>/pods.json (and the table in the README if asked).
+fn run_pods(args: &RunArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let plan = pods::PodsPlan::new(args.quick, args.pod_count);
+    let (started_utc, stamp) = report::utc_now();
+    let out_dir =
+        args.out.clone().unwrap_or_else(|| Path::new("bench-results").join(format!("{stamp}-pods")));
+    overlay_tests::cleanup_on_signal().context("installing the signal handler")?;
+    let mut machine = Machine::probe();
+    eprintln!("overlay-bench: pods stage ({} pods), writing to {}", plan.count, out_dir.display());
+    let figures = pods::run(&plan, &exe)?;
+    let cmd = format!(
+        "cargo xtask bench -- --pods{}{}",
+        if args.quick { " --quick" } else { "" },
+        args.pod_count.map(|n| format!(" --pod-count {n}")).unwrap_or_default()
+    );
+    machine.loadavg_end = report::loadavg();
+    let table = format!(
+        "{}\nRun of {started_utc} UTC on {}. Samples: `{}/pods.json`.\n",
+        pods::markdown(&figures, &cmd),
+        machine.describe(),
+        out_dir.display()
+    );
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::write(out_dir.join("pods.md"), &table)?;
+    std::fs::write(out_dir.join("pods.json"), serde_json::to_string_pretty(&figures)?)?;
+    print!("{table}");
+    if let Some(readme) = &args.readme {
+        report::replace_between(
+            readme,
+            "<!-- overlay-bench:pods:begin -->",
+            "<!-- overlay-bench:pods:end -->",
+            &table,
+        )?;
+    }
+    let never: usize = figures.series.iter().map(|s| s.unreachable).sum();
+    if never > 0 {
+        bail!("{never} container(s) never replied");
     }
     Ok(())
 }

@@ -6,15 +6,15 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::fd::AsRawFd as _,
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::sys::mono_ns;
+use crate::{icmp, sys::mono_ns};
 
 fn ready() {
     println!("ready");
@@ -367,4 +367,71 @@ pub fn probe_tx(to: SocketAddr, interval: Duration, timeout: Duration) -> anyhow
         std::thread::sleep(interval);
     }
     Ok(())
+}
+
+/// Pings `to` every `interval` (ICMP echo on a raw socket) until the first reply, and says when
+/// it came (as `ProbeRxResult`; None after `timeout`). For a namespace the harness has no process
+/// in (a pod made by a runtime), where `probe_rx` cannot wait: its kernel answers the echo as
+/// soon as the path to it works both ways.
+pub fn ping_probe(to: Ipv4Addr, interval: Duration, timeout: Duration) -> anyhow::Result<()> {
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned right after.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMP) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("opening a raw ICMP socket");
+    }
+    // SAFETY: fd is a fresh descriptor nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Each wait for a reply lasts one interval, after which the next request goes.
+    let tv =
+        libc::timeval { tv_sec: 0, tv_usec: interval.as_micros().clamp(1, 999_999) as libc::suseconds_t };
+    // SAFETY: setsockopt reads a timeval we own, of the size we pass.
+    let set = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(std::io::Error::last_os_error()).context("setting SO_RCVTIMEO");
+    }
+    let dest = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from(to).to_be() },
+        sin_zero: [0; 8],
+    };
+    // Our pid tells our replies from another prober's (every raw ICMP socket sees all of them).
+    let id = std::process::id() as u16;
+    ready();
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 2048];
+    let mut seq = 0u16;
+    while Instant::now() < deadline {
+        let request = icmp::echo_request(id, seq);
+        seq = seq.wrapping_add(1);
+        // SAFETY: sendto reads the request and the address we own, of the sizes we pass. A
+        // failure (no route yet) is as good as a loss: the next request follows.
+        unsafe {
+            libc::sendto(
+                sock.as_raw_fd(),
+                request.as_ptr().cast(),
+                request.len(),
+                0,
+                (&raw const dest).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        loop {
+            // SAFETY: recv writes at most buf.len() bytes into the buffer we own.
+            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let Ok(n) = usize::try_from(n) else { break };
+            if icmp::is_echo_reply(&buf[..n], to, id) {
+                return emit(&ProbeRxResult { arrived_mono_ns: Some(mono_ns()) });
+            }
+        }
+    }
+    emit(&ProbeRxResult { arrived_mono_ns: None })
 }
