@@ -124,6 +124,9 @@ fn containers_reach_the_outside_through_their_host_and_published_ports_lead_to_t
     assert!(err.contains(r#"port 8080/tcp is already published on host "h1" by container "a1""#), "{err}");
     let err = c.refused(&["container", "create", "--host", "h1", "--network", "int", "-p", "9090:80", "i2"]);
     assert!(err.contains("--internal"), "{err}");
+    let inspect: serde_json::Value = serde_json::from_str(&c.ok(&["container", "inspect", "a1"])).expect("JSON");
+    assert_eq!(inspect[0]["NetworkSettings"]["Ports"]["80/tcp"][0]["HostPort"], "8080", "{inspect}");
+    assert_eq!(inspect[0]["NetworkSettings"]["Ports"]["53/udp"][0]["HostPort"], "5300", "{inspect}");
     let ls = c.ok(&["container", "ls"]);
     assert!(!ls.contains("a3") && !ls.contains("i2"), "{ls}");
 

@@ -55,6 +55,15 @@ pub struct NetworkSettings {
     /// for one the agent made (its path is the host's: `container exec` finds it).
     pub sandbox_key: String,
     pub networks: BTreeMap<String, EndpointSettings>,
+    /// Published ports, as Docker shows them: "80/tcp" -> [{HostIp, HostPort}].
+    pub ports: BTreeMap<String, Vec<PortBinding>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PortBinding {
+    pub host_ip: String,
+    pub host_port: String,
 }
 
 /// One network of a container, as Docker shows it.
@@ -109,6 +118,16 @@ impl ContainerInspect {
             network_settings: NetworkSettings {
                 sandbox_key: c.netns.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
                 networks,
+                ports: c.ports.iter().fold(BTreeMap::new(), |mut ports, p| {
+                    ports
+                        .entry(format!("{}/{}", p.container_port, p.proto.as_str()))
+                        .or_insert_with(Vec::new)
+                        .push(PortBinding {
+                            host_ip: p.host_ip.map_or_else(|| "0.0.0.0".to_owned(), |ip| ip.to_string()),
+                            host_port: p.host_port.to_string(),
+                        });
+                    ports
+                }),
             },
         }
     }
