@@ -15,10 +15,19 @@ pub const MAP_PEERS: &str = "PEERS";
 pub const MAP_NETWORKS: &str = "NETWORKS";
 pub const MAP_CONFIG: &str = "CONFIG";
 pub const MAP_STATS: &str = "STATS";
+pub const MAP_SUBNETS: &str = "SUBNETS";
 
 /// Every pinned map, in the order the agent checks and reports them.
-pub const PINNED_MAPS: [&str; 7] =
-    [MAP_ENDPOINTS, MAP_IFACES, MAP_PEERS, MAP_NETWORKS, MAP_CONFIG, MAP_STATS, crate::dns::MAP_NAMES];
+pub const PINNED_MAPS: [&str; 8] = [
+    MAP_ENDPOINTS,
+    MAP_IFACES,
+    MAP_PEERS,
+    MAP_NETWORKS,
+    MAP_CONFIG,
+    MAP_STATS,
+    crate::dns::MAP_NAMES,
+    MAP_SUBNETS,
+];
 
 /// Capacity of the endpoint map: every endpoint of every network this host takes part in,
 /// local and remote. The map is not preallocated, so an idle host pays for what it holds.
@@ -26,6 +35,8 @@ pub const MAX_ENDPOINTS: u32 = 1 << 18;
 pub const MAX_IFACES: u32 = 4096;
 pub const MAX_PEERS: u32 = 4096;
 pub const MAX_NETWORKS: u32 = 4096;
+/// Capacity of `SUBNETS`: the subnet of every network of the overlay (not only this host's).
+pub const MAX_SUBNETS: u32 = 4096;
 
 /// Key of `ENDPOINTS`: an address is only meaningful inside its network, so the VNI is part
 /// of the key. This is what isolates networks from each other: a lookup from one network can

@@ -299,12 +299,22 @@ mod tests {
             assert!(is_drop(reason.code()));
             assert!(names.insert(reason.name()), "{} named twice", reason.name());
         }
-        for code in [TX_ENCAP, TX_LOCAL, ARP_REPLY, RX_DECAP, RX_DELIVER, UPLINK_PASS, DNS_ANSWER] {
+        for code in [
+            TX_ENCAP,
+            TX_LOCAL,
+            ARP_REPLY,
+            RX_DECAP,
+            RX_DELIVER,
+            UPLINK_PASS,
+            DNS_ANSWER,
+            TO_RESOLVER,
+            TO_HOST,
+        ] {
             assert!(!is_drop(code));
             assert!(names.insert(name(code).expect("named")));
         }
         assert_eq!(DropReason::from_code(DROP_BASE - 1), None);
-        assert_eq!(DropReason::from_code(DropReason::DnsAnswerFailed.code() + 1), None);
+        assert_eq!(DropReason::from_code(DropReason::NoEgress.code() + 1), None);
         assert_eq!(name(STATS_LEN - 1), None);
     }
 }

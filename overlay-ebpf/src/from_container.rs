@@ -18,7 +18,7 @@ use overlay_common::{
 
 use crate::{
     arp, dns, encap, ipv4,
-    maps::{ENDPOINTS, IFACES, NETWORKS, config},
+    maps::{ENDPOINTS, IFACES, NETWORKS, SUBNETS, config},
     packet::Packet,
     skb::{PACKET_HOST, deliver, packet},
     stats::count,
@@ -117,13 +117,17 @@ fn to_local(ctx: &TcContext, ep: &Endpoint) -> Result<i32, DropReason> {
 /// subnet goes up the host's stack, to be routed and masqueraded out, where the network has a
 /// way out here; the stack delivers it as if the container's veth had received it for the
 /// host (the frame is addressed to the gateway's MAC, no device's here: mark it for this
-/// host). In the subnet it is simply nobody's; broadcast, multicast and the ranges no host
-/// routes (0/8, 127/8) never leave.
+/// host). In the subnet, or in another overlay network's (`SUBNETS`), it is nobody's for the
+/// sender; broadcast, multicast and the ranges no host routes (0/8, 127/8) never leave.
 #[inline(always)]
 fn to_outside(ctx: &TcContext, vni: u32, dst: [u8; 4]) -> Result<i32, DropReason> {
     // SAFETY: copied out at once.
     let net = *unsafe { NETWORKS.get(vni) }.ok_or(DropReason::NoEndpoint)?;
     if net.contains(dst) || dst[0] == 0 || dst[0] == 127 || dst[0] >= 224 {
+        return Err(DropReason::NoEndpoint);
+    }
+    // Another network of the overlay: isolated from this one, here as on the overlay.
+    if SUBNETS.get(&aya_ebpf::btf_maps::lpm_trie::Key::new(32, dst)).is_some() {
         return Err(DropReason::NoEndpoint);
     }
     if net.flags & NETWORK_EGRESS == 0 {

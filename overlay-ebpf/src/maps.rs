@@ -3,14 +3,14 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
     macros::btf_map,
 };
 use overlay_common::{
     dns::{MAX_NAMES, NameAddrs, NameKey},
     maps::{
         Config, Counter, Endpoint, EndpointKey, Iface, MAX_ENDPOINTS, MAX_IFACES, MAX_NETWORKS, MAX_PEERS,
-        Network, Peer, PeerKey,
+        MAX_SUBNETS, Network, Peer, PeerKey,
     },
     stats::STATS_LEN,
 };
@@ -36,6 +36,13 @@ pub static PEERS: HashMap<PeerKey, Peer, { MAX_PEERS as usize }> = HashMap::new(
 /// VNI -> network, for the networks that have an endpoint on this host.
 #[btf_map]
 pub static NETWORKS: HashMap<u32, Network, { MAX_NETWORKS as usize }> = HashMap::new();
+
+/// Subnet of every network of the overlay (longest prefix match on an IPv4 address) -> its VNI.
+/// What the from-container program asks before it hands a packet to the host's stack: an
+/// address on any overlay network stays on the overlay (another network's is nobody's for the
+/// sender), only the rest may leave by the host.
+#[btf_map]
+pub static SUBNETS: LpmTrie<[u8; 4], u32, { MAX_SUBNETS as usize }> = LpmTrie::new();
 
 /// (VNI, name in DNS wire format) -> the name's IPv4 addresses, for the names of every network
 /// this host takes part in (dns.rs answers from it).

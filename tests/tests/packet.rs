@@ -33,8 +33,8 @@ use overlay_agent::{
 use overlay_common::{
     dns::{NAME_ADDRS, NameAddrs, name_key},
     maps::{
-        Config, ENDPOINT_LOCAL, Endpoint, EndpointKey, Iface, NETWORK_RESOLVER, Network, Peer, PeerKey,
-        XDP_META_MAGIC,
+        Config, ENDPOINT_LOCAL, Endpoint, EndpointKey, Iface, NETWORK_EGRESS, NETWORK_RESOLVER, Network,
+        Peer, PeerKey, XDP_META_MAGIC,
     },
     stats::{self, *},
     wire::{
@@ -1900,4 +1900,43 @@ fn xdp_hands_decapsulated_frames_to_tc_which_delivers_them() {
     let (what, other) = not_ours().into_iter().next().expect("a frame");
     let ((), counts) = h.counting(|h| h.uplink_xdp_live(&other));
     assert_eq!(counts, one_each(&[(UPLINK_PASS, other.len())]), "{what}");
+}
+
+#[test]
+fn an_address_outside_the_overlay_goes_up_the_stack_where_the_network_has_a_way_out() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let mut h = Host::new("pkegress");
+    // Blue is 10.1.0.0/16 (its gateway 10.1.0.254); red's subnet is another network's.
+    let blue =
+        |flags| Network { gateway: BLUE_GATEWAY, gateway_mac: BLUE_GATEWAY_MAC, flags, prefix_len: 16 };
+    h.dp.maps.networks.insert(BLUE, blue(0), 0).expect("NETWORKS");
+    let red_net = aya::maps::lpm_trie::Key::new(16, [10, 2, 0, 0]);
+    h.dp.maps.subnets.insert(&red_net, RED, 0).expect("SUBNETS");
+    let world = Ep { ip: [93, 184, 216, 34], mac: BLUE_GATEWAY_MAC };
+    let out = udp_frame(A, world, 443, 40);
+    let drop = |h: &Host, frame: &[u8], reason: DropReason| {
+        let (got, counts) = h.counting(|h| h.from_container("veth-a", frame));
+        assert_eq!(
+            (got.verdict, counts),
+            (TC_ACT_SHOT, one_each(&[(reason.code(), frame.len())])),
+            "{reason:?}"
+        );
+    };
+    // No way out (internal, or not yet set up here): dropped and counted as such.
+    drop(&h, &out, DropReason::NoEgress);
+    h.dp.maps.networks.insert(BLUE, blue(NETWORK_EGRESS), 0).expect("NETWORKS");
+    // With it: up the host's stack unchanged, counted.
+    let (got, counts) = h.counting(|h| h.from_container("veth-a", &out));
+    assert_eq!((got.verdict, &got.frame), (TC_ACT_OK, &out));
+    assert_eq!(counts, one_each(&[(TO_HOST, out.len())]));
+    // What stays on the overlay never leaves by the host: an unknown address of the network,
+    // another network's address, broadcast, multicast, loopback.
+    for ip in [[10, 1, 9, 9], [10, 2, 0, 7], [255, 255, 255, 255], [224, 0, 0, 251], [127, 0, 0, 1]] {
+        drop(&h, &udp_frame(A, Ep { ip, mac: BLUE_GATEWAY_MAC }, 443, 40), DropReason::NoEndpoint);
+    }
+    // The overlay's own path is unchanged: a known endpoint is still delivered or encapsulated.
+    let (got, _) = h.counting(|h| h.from_container("veth-a", &udp_frame(A, R, 443, 40)));
+    assert_eq!(got.verdict, TC_ACT_REDIRECT);
 }

@@ -5,13 +5,16 @@ use std::mem::size_of;
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
 };
 use overlay_common::{
     dns::{MAP_NAMES, NameAddrs, NameKey},
     maps::{
         Config, Counter, Endpoint, EndpointKey, Iface, MAP_CONFIG, MAP_ENDPOINTS, MAP_IFACES, MAP_NETWORKS,
-        MAP_PEERS, MAP_STATS, Network, PINNED_MAPS, Peer, PeerKey,
+        MAP_PEERS, MAP_STATS, MAP_SUBNETS, Network, PINNED_MAPS, Peer, PeerKey,
     },
     stats::STATS_LEN,
 };
@@ -26,6 +29,8 @@ pub struct Maps {
     pub config: Array<MapData, Config>,
     pub stats: PerCpuArray<MapData, Counter>,
     pub names: HashMap<MapData, NameKey, NameAddrs>,
+    /// Every overlay network's subnet -> its VNI (longest prefix match).
+    pub subnets: LpmTrie<MapData, [u8; 4], u32>,
 }
 
 /// Key and value sizes of each pinned map, as this build lays them out.
@@ -38,6 +43,7 @@ fn expected_layout(name: &str) -> (usize, usize) {
         MAP_CONFIG => (size_of::<u32>(), size_of::<Config>()),
         MAP_STATS => (size_of::<u32>(), size_of::<Counter>()),
         MAP_NAMES => (size_of::<NameKey>(), size_of::<NameAddrs>()),
+        MAP_SUBNETS => (size_of::<LpmKey<[u8; 4]>>(), size_of::<u32>()),
         _ => unreachable!("not one of PINNED_MAPS: {name}"),
     }
 }
@@ -93,6 +99,7 @@ impl Maps {
             config: Array::try_from(take(MAP_CONFIG)?).map_err(|e| Error::Map(MAP_CONFIG, e))?,
             stats: PerCpuArray::try_from(take(MAP_STATS)?).map_err(|e| Error::Map(MAP_STATS, e))?,
             names: HashMap::try_from(take(MAP_NAMES)?).map_err(|e| Error::Map(MAP_NAMES, e))?,
+            subnets: LpmTrie::try_from(take(MAP_SUBNETS)?).map_err(|e| Error::Map(MAP_SUBNETS, e))?,
         })
     }
 }

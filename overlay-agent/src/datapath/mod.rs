@@ -227,6 +227,8 @@ pub trait MapWriter {
     fn remove_network(&mut self, vni: u32) -> Result<(), Error>;
     fn put_name(&mut self, key: NameKey, value: NameAddrs) -> Result<(), Error>;
     fn remove_name(&mut self, key: &NameKey) -> Result<(), Error>;
+    fn put_subnet(&mut self, subnet: ipnet::Ipv4Net, vni: u32) -> Result<(), Error>;
+    fn remove_subnet(&mut self, subnet: ipnet::Ipv4Net) -> Result<(), Error>;
 }
 
 impl MapWriter for Datapath {
@@ -270,6 +272,16 @@ impl MapWriter for Datapath {
 
     fn remove_name(&mut self, key: &NameKey) -> Result<(), Error> {
         ignore_missing(self.maps.names.remove(key)).map_err(|e| Error::Map(MAP_NAMES, e))
+    }
+
+    fn put_subnet(&mut self, subnet: ipnet::Ipv4Net, vni: u32) -> Result<(), Error> {
+        let key = aya::maps::lpm_trie::Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
+        self.maps.subnets.insert(&key, vni, 0).map_err(|e| Error::Map("SUBNETS", e))
+    }
+
+    fn remove_subnet(&mut self, subnet: ipnet::Ipv4Net) -> Result<(), Error> {
+        let key = aya::maps::lpm_trie::Key::new(u32::from(subnet.prefix_len()), subnet.network().octets());
+        ignore_missing(self.maps.subnets.remove(&key)).map_err(|e| Error::Map("SUBNETS", e))
     }
 }
 

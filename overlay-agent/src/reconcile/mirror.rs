@@ -39,6 +39,7 @@ pub struct Found {
     pub peers: Vec<Ipv4Addr>,
     pub networks: HashMap<u32, MapNetwork>,
     pub names: HashMap<NameKey, NameAddrs>,
+    pub subnets: BTreeMap<ipnet::Ipv4Net, u32>,
 }
 
 impl Found {
@@ -62,6 +63,18 @@ impl Found {
                 .collect::<Result<_, _>>()
                 .map_err(|e| Error::Map("NETWORKS", e))?,
             names: maps.names.iter().collect::<Result<_, _>>().map_err(|e| Error::Map("NAMES", e))?,
+            subnets: maps
+                .subnets
+                .iter()
+                .map(|r| {
+                    r.map(|(k, vni)| {
+                        let net = ipnet::Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8)
+                            .unwrap_or_default();
+                        (net, vni)
+                    })
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|e| Error::Map("SUBNETS", e))?,
         })
     }
 }
@@ -98,6 +111,8 @@ pub struct Mirror {
     /// The networks whose containers have a way out through this host (the egress path says
     /// which before each pass): their entries carry `NETWORK_EGRESS`.
     egress: BTreeSet<String>,
+    /// The SUBNETS map: every network of the overlay, this host's or not.
+    subnets: BTreeMap<ipnet::Ipv4Net, u32>,
 }
 
 impl Mirror {
@@ -109,6 +124,7 @@ impl Mirror {
             peer_set: found.peers.into_iter().map(|vtep| (vtep, PeerState::Orphan)).collect(),
             networks: found.networks,
             names: found.names.into_iter().collect(),
+            subnets: found.subnets,
             ..Self::default()
         }
     }
@@ -189,6 +205,7 @@ impl Mirror {
                 out.retry.networks.insert(id);
             }
         }
+        self.sync_subnets(w, desired, out);
         for id in &plan.entries {
             let result = match self.wanted_entry(here, desired, locals, id) {
                 Some((key, value)) => self.put_entry(w, id, key, value),
@@ -436,6 +453,42 @@ impl Mirror {
     }
 }
 
+impl Mirror {
+    /// Brings SUBNETS to every network's subnet (a handful of entries: compared in full on
+    /// every pass, written where they differ).
+    fn sync_subnets(&mut self, w: &mut impl MapWriter, desired: &Desired, out: &mut Outcome) {
+        let want: BTreeMap<ipnet::Ipv4Net, u32> =
+            desired.networks().map(|n| (n.subnet.trunc(), n.vni)).collect();
+        let stale: Vec<ipnet::Ipv4Net> =
+            self.subnets.keys().filter(|k| !want.contains_key(k)).copied().collect();
+        for net in stale {
+            match w.remove_subnet(net) {
+                Ok(()) => {
+                    self.subnets.remove(&net);
+                }
+                Err(e) => {
+                    warn!(subnet = %net, error = format!("{e:#}"), "cannot update the subnet map");
+                    out.retry.full = true;
+                }
+            }
+        }
+        for (net, vni) in want {
+            if self.subnets.get(&net) == Some(&vni) {
+                continue;
+            }
+            match w.put_subnet(net, vni) {
+                Ok(()) => {
+                    self.subnets.insert(net, vni);
+                }
+                Err(e) => {
+                    warn!(subnet = %net, error = format!("{e:#}"), "cannot update the subnet map");
+                    out.retry.full = true;
+                }
+            }
+        }
+    }
+}
+
 /// The `NETWORKS` value of network `n`: its gateway and subnet, whether the resolver serves it
 /// here (its gateway among the `served` addresses), and whether it has a way out (among
 /// `egress`).
@@ -557,6 +610,20 @@ mod tests {
         pass.egress.clear();
         pass.run(Dirty::default());
         assert_eq!(entry(&pass).flags, 0);
+    }
+
+    #[test]
+    fn every_network_of_the_overlay_has_its_subnet_here_and_a_removed_one_goes() {
+        let mut pass = Pass::new();
+        let mut s = three_hosts();
+        // n2 has no endpoint on h1: not joined here, but its subnet is still the overlay's.
+        add_network(&mut s, "n2", 200, 2);
+        pass.snapshot(s, true);
+        let subnets: Vec<(String, u32)> =
+            pass.kernel.subnets.iter().map(|(n, v)| (n.to_string(), *v)).collect();
+        assert_eq!(subnets, [("10.0.1.0/24".to_owned(), 100), ("10.0.2.0/24".to_owned(), 200)]);
+        delete(&mut pass, ObjectRef::Network("n2".into()));
+        assert_eq!(pass.kernel.subnets.len(), 1, "{:?}", pass.kernel.subnets);
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub struct Kernel {
     pub peers: BTreeSet<Ipv4Addr>,
     pub networks: BTreeMap<u32, MapNetwork>,
     pub names: BTreeMap<NameKey, NameAddrs>,
+    pub subnets: BTreeMap<ipnet::Ipv4Net, u32>,
     pub calls: Vec<Call>,
     pub name_calls: Vec<NameCall>,
 }
@@ -73,6 +74,7 @@ impl Kernel {
             peers: self.peers.iter().copied().collect(),
             networks: self.networks.iter().map(|(k, v)| (*k, *v)).collect(),
             names: self.names.iter().map(|(k, v)| (*k, *v)).collect(),
+            subnets: self.subnets.clone(),
         }
     }
 
@@ -136,6 +138,15 @@ impl MapWriter for Kernel {
     fn remove_name(&mut self, key: &NameKey) -> Result<(), Error> {
         self.name_calls.push(NameCall::Remove(*key));
         self.names.remove(key);
+        Ok(())
+    }
+    // Kept apart from `calls`, whose tests count endpoint, peer and network writes.
+    fn put_subnet(&mut self, subnet: ipnet::Ipv4Net, vni: u32) -> Result<(), Error> {
+        self.subnets.insert(subnet, vni);
+        Ok(())
+    }
+    fn remove_subnet(&mut self, subnet: ipnet::Ipv4Net) -> Result<(), Error> {
+        self.subnets.remove(&subnet);
         Ok(())
     }
 }
