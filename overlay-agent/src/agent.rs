@@ -90,7 +90,6 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
         }
     }
     spawn_bpf_logger(&mut dp);
-    dp.keep_pins(PIN_CHECK);
     // Opened here, in the agent's namespace, where the host sides of the veths are.
     let mut link_events = crate::netlink::events::subscribe(LINK_DEBOUNCE)?;
     let health = crate::health::Shared::default();
@@ -100,6 +99,21 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
         h.xdp = dp.xdp;
         h.uplink.clone_from(&uplink.name);
     }
+    // Every second: pins removed by hand are made again, and what is still wrong goes into
+    // health (readiness says so until the next look finds it mended) and, for attachments
+    // detached by hand, to the loop, which attaches them again.
+    let (detached_tx, mut detached) = mpsc::unbounded_channel::<Vec<PathBuf>>();
+    let pin_health = health.clone();
+    dp.keep_pins(PIN_CHECK, move |found| {
+        let show = |pins: &[PathBuf]| pins.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
+        if let Ok(mut h) = pin_health.lock() {
+            h.datapath.missing_pins = show(&found.missing);
+            h.datapath.detached = show(&found.detached);
+        }
+        if !found.detached.is_empty() {
+            let _ = detached_tx.send(found.detached);
+        }
+    });
     let (release_tx, mut release) = mpsc::unbounded_channel();
     if let Some(addr) = cfg.health {
         crate::health::serve(addr, health.clone(), release_tx, cfg.pins.clone()).await?;
@@ -171,6 +185,20 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
                 retry_at = None;
             }
             _ = resync.tick(), if started => dirty.full = true,
+            Some(pins) = detached.recv() => {
+                for pin in pins {
+                    match rec.reattach(&pin) {
+                        Ok(()) => {
+                            warn!(pin = %pin.display(), "attachment detached behind the agent's back; attached again");
+                            if let Ok(mut h) = health.lock() {
+                                h.datapath.reattached += 1;
+                            }
+                        }
+                        Err(e) => error!(pin = %pin.display(), error = %e, "cannot attach again what was detached"),
+                    }
+                }
+                continue;
+            }
             Some(()) = release.recv() => {
                 if let Some(held) = brake.release() {
                     dirty = held;
@@ -208,6 +236,8 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
             h.last_reconcile = crate::health::now();
             h.reconcile.observe(started_at.elapsed());
             h.pending_retries = outcome.retry.len() + retry.len();
+            h.last_pass_error = (!outcome.retry.is_empty())
+                .then(|| format!("{} keys to retry (failures names the containers)", outcome.retry.len()));
             outcome.status.iter().for_each(|r| h.note(r));
         }
         for status in outcome.status {

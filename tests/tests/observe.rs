@@ -69,3 +69,160 @@ fn the_listener_is_on_localhost_unless_exposed() {
     assert_eq!(log().matches("endpoint listening").count(), 2, "{}", log());
     assert_eq!(get(&ns, "127.0.0.1:9700", "/healthz"), None, "no listener with --health-addr off");
 }
+
+/// Polls `GET /readyz` on 127.0.0.1:9700 in `ns` every 100 ms on a thread of its own, keeping
+/// every answer, so that a short unready spell is seen however the test's own steps are timed.
+struct Watcher {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(u16, serde_json::Value)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watcher {
+    fn start(ns: &str) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (ns, s, st) = (ns.to_owned(), seen.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some((code, body)) = get(&ns, "127.0.0.1:9700", "/readyz")
+                    && let Ok(body) = serde_json::from_str(&body)
+                {
+                    s.lock().expect("seen").push((code, body));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Self { stop, seen, thread: Some(thread) }
+    }
+
+    /// The first answer `pred` accepts, waiting up to `timeout` for it.
+    fn wait(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(u16, &serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        wait_for(timeout, || {
+            self.seen
+                .lock()
+                .expect("seen")
+                .iter()
+                .find(|(code, body)| pred(*code, body))
+                .map(|(_, b)| b.clone())
+        })
+    }
+
+    /// Forgets what was seen so far.
+    fn clear(&self) {
+        self.seen.lock().expect("seen").clear();
+    }
+
+    fn last(&self) -> Option<(u16, serde_json::Value)> {
+        self.seen.lock().expect("seen").last().cloned()
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Whether a /readyz body says check `name` failed.
+fn failed(body: &serde_json::Value, name: &str) -> bool {
+    body["failed"].as_array().is_some_and(|f| f.iter().any(|n| n == name))
+}
+
+/// The id of the bpf_link pinned at `pin`, as bpftool shows it.
+fn link_id(pin: &std::path::Path) -> u64 {
+    let out = overlay_tests::sh(
+        std::process::Command::new("bpftool").args(["-j", "link", "show", "pinned"]).arg(pin),
+    );
+    let link: serde_json::Value = serde_json::from_str(&out).expect("bpftool JSON");
+    link["id"].as_u64().unwrap_or_else(|| panic!("no link id in {out}"))
+}
+
+/// An attachment detached by hand (`bpftool link detach`: the link and its pin stay, the
+/// interface is gone from it) makes /readyz 503 naming `programs_attached` and the pin; the
+/// agent attaches it again on its own within a second or two, and /readyz is 200 again. Both
+/// for a container's veth and for the uplink, with the container reaching its gateway after.
+#[test]
+fn readiness_fails_while_an_attachment_is_detached_and_the_agent_repairs_it() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let (mut topo, state) = one_host("obs-detach");
+    topo.start_agent("h1", Source::File(&state), &[]);
+    let h1 = topo.host("h1");
+    let (ns, links) = (h1.ns.clone(), h1.pin_dir.join("links"));
+    let watcher = Watcher::start(&ns);
+    let ready = watcher.wait(Duration::from_secs(20), |code, _| code == 200);
+    assert!(ready.is_some(), "never ready: {:?}", watcher.last());
+    let endpoint = std::fs::read_dir(&links)
+        .expect("links")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("ep_")))
+        .expect("the container's attachment");
+    let container = topo.host("h1").container_ns("c1");
+    for pin in [endpoint, links.join("uplink_tc")] {
+        let id = link_id(&pin);
+        watcher.clear();
+        overlay_tests::sh(std::process::Command::new("bpftool").args([
+            "link",
+            "detach",
+            "id",
+            &id.to_string(),
+        ]));
+        let name = pin.display().to_string();
+        let unready = watcher.wait(Duration::from_secs(10), |code, body| {
+            code == 503 && failed(body, "programs_attached") && body["reasons"].to_string().contains(&name)
+        });
+        assert!(unready.is_some(), "{name} detached and still ready: {:?}", watcher.last());
+        let again = watcher.wait(Duration::from_secs(10), |code, _| code == 200);
+        assert!(again.is_some(), "{name} not repaired: {:?}", watcher.last());
+        assert_ne!(link_id(&pin), id, "{name}: a new attachment is pinned");
+    }
+    let health: serde_json::Value =
+        serde_json::from_str(&get(&ns, "127.0.0.1:9700", "/healthz").expect("healthz").1).expect("JSON");
+    assert_eq!(health["datapath"]["reattached"], 2, "{health}");
+    // The container's path works through the new attachment: ARP for its gateway is answered
+    // by from_container.
+    let arp = try_sh(&mut in_ns(&container, &["ping", "-c", "1", "-W", "2", "10.10.0.1"]));
+    let neigh = String::from_utf8_lossy(
+        &try_sh(&mut in_ns(&container, &["ip", "neigh", "show", "10.10.0.1"])).stdout,
+    )
+    .into_owned();
+    assert!(neigh.contains("lladdr"), "the gateway's ARP is answered again: {neigh} ({arp:?})");
+}
+
+/// etcd stopped: /readyz stays 200 for the grace (the lease TTL), then turns 503 naming
+/// `etcd_watch`; etcd started again: the watch comes back and /readyz is 200, with the
+/// reconnect counted.
+#[test]
+fn readiness_fails_when_etcd_is_gone_past_its_grace() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let Some(mut c) = overlay_tests::cluster::Cluster::start("obs-etcd", 1, 4) else { return };
+    let ns = c.topo.host("h1").ns.clone();
+    let watcher = Watcher::start(&ns);
+    assert!(watcher.wait(Duration::from_secs(20), |code, _| code == 200).is_some(), "{:?}", watcher.last());
+    c.etcd.stop();
+    let stopped = std::time::Instant::now();
+    watcher.clear();
+    let unready =
+        watcher.wait(Duration::from_secs(20), |code, body| code == 503 && failed(body, "etcd_watch"));
+    assert!(unready.is_some(), "etcd gone and still ready: {:?}", watcher.last());
+    let after = stopped.elapsed();
+    assert!(after >= Duration::from_secs(3), "unready after {after:?}, before the grace of 4 s");
+    watcher.clear();
+    c.etcd.restart().expect("etcd restarted");
+    let again = watcher.wait(Duration::from_secs(30), |code, _| code == 200);
+    assert!(again.is_some(), "not ready again: {:?}", watcher.last());
+    let body = again.unwrap_or_default();
+    assert!(body["health"]["etcd"]["reconnects"].as_u64() >= Some(1), "{body}");
+}

@@ -75,8 +75,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// The workspace `cargo xtask` was run in. `cargo run` says at run time which package it ran
+/// (CARGO_MANIFEST_DIR in the environment): worktrees sharing one target directory share one
+/// xtask binary, whose compile-time path would name whichever tree built it.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    dir.parent().expect("workspace root").to_path_buf()
 }
 
 fn cargo() -> Command {

@@ -70,6 +70,15 @@ impl Source for AgentEtcd {
     }
 
     fn attach_health(&mut self, health: crate::health::Shared) {
+        if let Ok(mut h) = health.lock() {
+            // Down from the start until the first watch is up; readiness allows it the lease's
+            // TTL, as it does a watch lost later.
+            h.etcd = Some(crate::health::EtcdLink {
+                since: crate::health::now(),
+                grace_secs: self.life.ttl.as_secs(),
+                ..Default::default()
+            });
+        }
         self.health = Some(health);
     }
 }
