@@ -236,6 +236,13 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
             h.last_reconcile = crate::health::now();
             h.reconcile.observe(started_at.elapsed());
             h.pending_retries = outcome.retry.len() + retry.len();
+            h.objects = [
+                ("networks", desired.networks().count()),
+                ("endpoints", desired.endpoint_count()),
+                ("containers", desired.containers().count()),
+                ("hosts", desired.hosts().count()),
+            ]
+            .into();
             h.last_pass_error = (!outcome.retry.is_empty())
                 .then(|| format!("{} keys to retry (failures names the containers)", outcome.retry.len()));
             outcome.status.iter().for_each(|r| h.note(r));

@@ -70,6 +70,12 @@ pub struct Health {
     pub state_file: bool,
     /// The etcd watch (None: not started, or no etcd).
     pub etcd: Option<EtcdLink>,
+    /// Renewals of the host's leases that failed, counted by the registration's task.
+    #[serde(skip)]
+    pub lease_renewals_failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The desired state's objects by kind (networks, endpoints, containers, hosts), as of the
+    /// last pass.
+    pub objects: std::collections::BTreeMap<&'static str, usize>,
 }
 
 /// What the agent's last look at its pinned objects found.

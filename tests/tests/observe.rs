@@ -226,3 +226,69 @@ fn readiness_fails_when_etcd_is_gone_past_its_grace() {
     let body = again.unwrap_or_default();
     assert!(body["health"]["etcd"]["reconnects"].as_u64() >= Some(1), "{body}");
 }
+
+/// The control plane's figures in `/metrics`, parsed with a Prometheus text parser: objects of
+/// the desired state by kind, the etcd watch's state, its reconnects and the failed lease
+/// renewals across an etcd restart, readiness check by check, and the process's own figures.
+#[test]
+fn metrics_show_the_control_plane_and_the_process() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let Some(mut c) = overlay_tests::cluster::Cluster::start("obs-mx", 2, 4) else { return };
+    c.ok(&["network", "create", "--subnet", "10.70.0.0/24", "blue"]);
+    c.ok(&["container", "create", "--host", "h1", "--network", "blue", "c1"]);
+    c.ok(&["container", "create", "--host", "h2", "--network", "blue", "c2"]);
+    let value = |scrape: &prometheus_parse::Scrape, name: &str, label: Option<(&str, &str)>| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .and_then(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => Some(v),
+                _ => None,
+            })
+    };
+    let scrape = |c: &overlay_tests::cluster::Cluster| {
+        let text = c.metrics("h1");
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text")
+    };
+    // Both endpoints known to h1 (its own and c2 from the watch).
+    let settled = wait_for(Duration::from_secs(10), || {
+        let s = scrape(&c);
+        (value(&s, "overlay_objects", Some(("kind", "endpoints"))) == Some(2.0)).then_some(s)
+    });
+    let s = settled.unwrap_or_else(|| panic!("h1 never counted 2 endpoints: {}", c.metrics("h1")));
+    for (kind, n) in [("networks", 1.0), ("containers", 1.0), ("hosts", 2.0)] {
+        assert_eq!(value(&s, "overlay_objects", Some(("kind", kind))), Some(n), "{kind}");
+    }
+    assert_eq!(value(&s, "overlay_etcd_connected", None), Some(1.0));
+    assert_eq!(value(&s, "overlay_ready_check", Some(("check", "programs_attached"))), Some(1.0));
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+    let started = value(&s, "overlay_process_start_time_seconds", None).expect("start time");
+    assert!(now - started < 600.0 && now >= started - 2.0, "started at {started}, now {now}");
+    assert!(value(&s, "overlay_process_resident_memory_bytes", None).is_some_and(|v| v > 1e6));
+    assert!(value(&s, "overlay_process_open_fds", None).is_some_and(|v| v > 3.0));
+    assert!(value(&s, "overlay_process_cpu_seconds_total", None).is_some_and(|v| v > 0.0));
+    let reconnects = value(&s, "overlay_etcd_reconnects_total", None).expect("reconnects");
+    let renewals = value(&s, "overlay_lease_renewals_failed_total", None).expect("renewals failed");
+
+    // etcd away for a few seconds: the watch and the renewals fail, then come back.
+    c.etcd.stop();
+    let down = wait_for(Duration::from_secs(10), || {
+        (value(&scrape(&c), "overlay_etcd_connected", None) == Some(0.0)).then_some(())
+    });
+    assert!(down.is_some(), "the watch is not seen down");
+    std::thread::sleep(Duration::from_secs(3));
+    c.etcd.restart().expect("etcd restarted");
+    let back = wait_for(Duration::from_secs(20), || {
+        let s = scrape(&c);
+        (value(&s, "overlay_etcd_connected", None) == Some(1.0)).then_some(s)
+    });
+    let s = back.unwrap_or_else(|| panic!("the watch is not back: {}", c.metrics("h1")));
+    assert_eq!(value(&s, "overlay_etcd_reconnects_total", None), Some(reconnects + 1.0));
+    assert!(value(&s, "overlay_lease_renewals_failed_total", None).is_some_and(|v| v > renewals));
+}

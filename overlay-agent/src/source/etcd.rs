@@ -59,6 +59,9 @@ impl Source for AgentEtcd {
         }
         if let Some(health) = &self.health {
             tokio::spawn(mirror_registration(registration.state(), health.clone()));
+            if let Ok(mut h) = health.lock() {
+                h.lease_renewals_failed = registration.renewals_failed();
+            }
         }
         let mut source = EtcdSource::registered(store, &self.host.name, &registration);
         source.state_dir = Some(self.state_dir);
