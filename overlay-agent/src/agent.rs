@@ -140,6 +140,10 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
     let mut resync = tokio::time::interval(cfg.resync);
     resync.tick().await;
     let mut brake = crate::brake::SafetyBrake::new(cfg.brake_share, &cfg.state_dir, &health);
+    // For /metrics: when local endpoints arrived, until they are ready; when the watch's
+    // events of the batch being applied arrived.
+    let mut arriving = Arriving::default();
+    let mut watch_arrived: Option<std::time::Instant> = None;
 
     loop {
         let mut dirty = Dirty::default();
@@ -154,16 +158,20 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
                     };
                 };
                 let mut snapshot = matches!(update, Update::Snapshot(_));
+                arriving.note(&update, &desired, &cfg.host);
                 desired.apply(update, &mut dirty);
                 while dirty.len() < BATCH {
                     match updates.try_recv() {
                         Ok(update) => {
                             snapshot |= matches!(update, Update::Snapshot(_));
+                            arriving.note(&update, &desired, &cfg.host);
                             desired.apply(update, &mut dirty);
                         }
                         Err(_) => break,
                     }
                 }
+                // The watch's events taken in this batch: their lag is measured once applied.
+                watch_arrived = health.lock().ok().and_then(|mut h| h.watch_arrival.take());
                 dirty.full |= snapshot;
                 if !started {
                     if !snapshot {
@@ -246,6 +254,12 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
             h.last_pass_error = (!outcome.retry.is_empty())
                 .then(|| format!("{} keys to retry (failures names the containers)", outcome.retry.len()));
             outcome.status.iter().for_each(|r| h.note(r));
+            if let Some(at) = watch_arrived.take() {
+                h.latencies.watch_lag.observe(at.elapsed().as_secs_f64());
+            }
+            for took in arriving.settled(&outcome.status) {
+                h.latencies.endpoint_ready.observe(took.as_secs_f64());
+            }
         }
         for status in outcome.status {
             if status_tx.send(status).await.is_err() {
@@ -259,6 +273,44 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
             retry.merge(outcome.retry);
             retry_at = Some(Instant::now() + retry_backoff.next_delay());
         }
+    }
+}
+
+/// Local endpoints new to the agent, by id, with when their update arrived: how long each took
+/// to be reported ready is the endpoint create-to-ready latency as the agent sees it.
+#[derive(Default)]
+struct Arriving {
+    since: std::collections::HashMap<String, std::time::Instant>,
+}
+
+impl Arriving {
+    /// Notes an update before it is applied to `desired`: an endpoint of this host's that
+    /// `desired` does not have yet starts its clock; one deleted stops it.
+    fn note(&mut self, update: &Update, desired: &Desired, me: &str) {
+        match update {
+            Update::Put(crate::model::Object::Endpoint(e))
+                if e.host == me && desired.endpoint(&e.id).is_none() =>
+            {
+                self.since.entry(e.id.clone()).or_insert_with(std::time::Instant::now);
+            }
+            Update::Delete(crate::model::ObjectRef::Endpoint(id)) => drop(self.since.remove(id)),
+            // A snapshot's endpoints were created before the agent looked.
+            Update::Snapshot(_) => self.since.clear(),
+            _ => {}
+        }
+    }
+
+    /// How long each endpoint the reports say is ready (or gone) took, for those noted.
+    fn settled(&mut self, reports: &[Report]) -> Vec<Duration> {
+        let mut took = Vec::new();
+        for r in reports {
+            match r {
+                Report::EndpointReady { id, .. } => took.extend(self.since.remove(id).map(|t| t.elapsed())),
+                Report::EndpointGone { id } => drop(self.since.remove(id)),
+                _ => {}
+            }
+        }
+        took
     }
 }
 

@@ -73,6 +73,13 @@ pub struct Health {
     /// Renewals of the host's leases that failed, counted by the registration's task.
     #[serde(skip)]
     pub lease_renewals_failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Latencies the agent's loop observes, for `/metrics`.
+    #[serde(skip)]
+    pub latencies: metrics::Latencies,
+    /// When the oldest watch event not yet taken by the agent's loop arrived (set by the
+    /// follower, taken by the loop when it takes the batch).
+    #[serde(skip)]
+    pub watch_arrival: Option<std::time::Instant>,
     /// The desired state's objects by kind (networks, endpoints, containers, hosts), as of the
     /// last pass.
     pub objects: std::collections::BTreeMap<&'static str, usize>,

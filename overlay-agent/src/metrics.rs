@@ -54,6 +54,25 @@ impl Passes {
     }
 }
 
+/// Latencies observed by the agent's loop.
+#[derive(Clone, Debug)]
+pub struct Latencies {
+    /// From a watch event's arrival to the end of the pass that applied it.
+    pub watch_lag: Histogram,
+    /// From a new local endpoint's arrival to its ready report.
+    pub endpoint_ready: Histogram,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        // 1 ms to about 16 s, as the passes.
+        Self {
+            watch_lag: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            endpoint_ready: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+        }
+    }
+}
+
 fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
     let g: Gauge = Gauge::default();
     g.set(value);
@@ -162,6 +181,18 @@ fn control_plane(registry: &mut Registry, health: &Health) {
             health.lease_renewals_failed.load(std::sync::atomic::Ordering::Relaxed),
         );
     }
+    registry.register_with_unit(
+        "etcd_watch_lag",
+        "From an etcd watch event's arrival to the end of the reconcile pass that applied it",
+        Unit::Seconds,
+        health.latencies.watch_lag.clone(),
+    );
+    registry.register_with_unit(
+        "endpoint_ready_latency",
+        "From a new local endpoint's arrival at the agent to its ready report",
+        Unit::Seconds,
+        health.latencies.endpoint_ready.clone(),
+    );
     let checks = Family::<Labels, Gauge>::default();
     for c in health.checks(crate::health::now()) {
         checks.get_or_create(&vec![("check".to_owned(), c.name.to_owned())]).set(i64::from(c.ok));

@@ -228,9 +228,12 @@ fn readiness_fails_when_etcd_is_gone_past_its_grace() {
 }
 
 /// The control plane's figures in `/metrics`, parsed with a Prometheus text parser: objects of
-/// the desired state by kind, the etcd watch's state, its reconnects and the failed lease
-/// renewals across an etcd restart, readiness check by check, and the process's own figures.
+/// the desired state by kind, the latency of an endpoint's creation to its ready report and of
+/// the watch's events to their application, the etcd watch's state, its reconnects and the
+/// failed lease renewals across an etcd restart, readiness check by check, and the process's
+/// own figures.
 #[test]
+#[expect(clippy::float_cmp, reason = "counts are integers, which f64 holds exactly")]
 fn metrics_show_the_control_plane_and_the_process() {
     if skip_unless_privileged() {
         return;
@@ -273,6 +276,18 @@ fn metrics_show_the_control_plane_and_the_process() {
     assert!(value(&s, "overlay_process_resident_memory_bytes", None).is_some_and(|v| v > 1e6));
     assert!(value(&s, "overlay_process_open_fds", None).is_some_and(|v| v > 3.0));
     assert!(value(&s, "overlay_process_cpu_seconds_total", None).is_some_and(|v| v > 0.0));
+    // Latencies: c1 is the one endpoint created on h1 while its agent ran, reported ready once;
+    // the watch brought h1 the events of all three creations.
+    let text = c.metrics("h1");
+    let plain = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    assert_eq!(plain("overlay_endpoint_ready_latency_seconds_count"), 1.0);
+    let took = plain("overlay_endpoint_ready_latency_seconds_sum");
+    assert!(took > 0.0 && took < 10.0, "c1 took {took} s to be ready");
+    assert!(plain("overlay_etcd_watch_lag_seconds_count") >= 1.0);
     let reconnects = value(&s, "overlay_etcd_reconnects_total", None).expect("reconnects");
     let renewals = value(&s, "overlay_lease_renewals_failed_total", None).expect("renewals failed");
 

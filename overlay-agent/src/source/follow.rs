@@ -333,6 +333,12 @@ impl Follower {
                 }
                 continue;
             }
+            // Stamped before the events go to the agent, whose loop takes the stamp with them.
+            if let Some(h) = &self.health
+                && let Ok(mut h) = h.lock()
+            {
+                h.watch_arrival.get_or_insert_with(std::time::Instant::now);
+            }
             for event in resp.events() {
                 let Some(kv) = event.kv() else { continue };
                 if let Some(update) = self.translate(event.event_type(), kv)
