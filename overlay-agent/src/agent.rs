@@ -104,7 +104,17 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
     // detached by hand, to the loop, which attaches them again.
     let (detached_tx, mut detached) = mpsc::unbounded_channel::<Vec<PathBuf>>();
     let pin_health = health.clone();
-    dp.keep_pins(PIN_CHECK, move |found| {
+    let pins = cfg.pins.clone();
+    dp.keep_pins(PIN_CHECK, move |mut found| {
+        // A veth deleted detaches its attachment too: that is a container going (link events
+        // make the pass forget it), not a program detached by hand, and nothing to attach
+        // again. Nor is an index reused by an interface that is not an endpoint's veth.
+        found.detached.retain(|pin| {
+            pins.endpoint_ifindex(pin).is_none_or(|ifindex| {
+                nix::net::if_::if_indextoname(ifindex)
+                    .is_ok_and(|name| name.to_string_lossy().starts_with(crate::netlink::veth::HOST_PREFIX))
+            })
+        });
         let show = |pins: &[PathBuf]| pins.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
         if let Ok(mut h) = pin_health.lock() {
             h.datapath.missing_pins = show(&found.missing);
