@@ -90,7 +90,6 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
         }
     }
     spawn_bpf_logger(&mut dp);
-    dp.keep_pins(PIN_CHECK);
     // Opened here, in the agent's namespace, where the host sides of the veths are.
     let mut link_events = crate::netlink::events::subscribe(LINK_DEBOUNCE)?;
     let health = crate::health::Shared::default();
@@ -100,6 +99,31 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
         h.xdp = dp.xdp;
         h.uplink.clone_from(&uplink.name);
     }
+    // Every second: pins removed by hand are made again, and what is still wrong goes into
+    // health (readiness says so until the next look finds it mended) and, for attachments
+    // detached by hand, to the loop, which attaches them again.
+    let (detached_tx, mut detached) = mpsc::unbounded_channel::<Vec<PathBuf>>();
+    let pin_health = health.clone();
+    let pins = cfg.pins.clone();
+    dp.keep_pins(PIN_CHECK, move |mut found| {
+        // A veth deleted detaches its attachment too: that is a container going (link events
+        // make the pass forget it), not a program detached by hand, and nothing to attach
+        // again. Nor is an index reused by an interface that is not an endpoint's veth.
+        found.detached.retain(|pin| {
+            pins.endpoint_ifindex(pin).is_none_or(|ifindex| {
+                nix::net::if_::if_indextoname(ifindex)
+                    .is_ok_and(|name| name.to_string_lossy().starts_with(crate::netlink::veth::HOST_PREFIX))
+            })
+        });
+        let show = |pins: &[PathBuf]| pins.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
+        if let Ok(mut h) = pin_health.lock() {
+            h.datapath.missing_pins = show(&found.missing);
+            h.datapath.detached = show(&found.detached);
+        }
+        if !found.detached.is_empty() {
+            let _ = detached_tx.send(found.detached);
+        }
+    });
     let (release_tx, mut release) = mpsc::unbounded_channel();
     if let Some(addr) = cfg.health {
         crate::health::serve(addr, health.clone(), release_tx, cfg.pins.clone()).await?;
@@ -126,6 +150,10 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
     let mut resync = tokio::time::interval(cfg.resync);
     resync.tick().await;
     let mut brake = crate::brake::SafetyBrake::new(cfg.brake_share, &cfg.state_dir, &health);
+    // For /metrics: when local endpoints arrived, until they are ready; when the watch's
+    // events of the batch being applied arrived.
+    let mut arriving = Arriving::default();
+    let mut watch_arrived: Option<std::time::Instant> = None;
 
     loop {
         let mut dirty = Dirty::default();
@@ -140,16 +168,20 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
                     };
                 };
                 let mut snapshot = matches!(update, Update::Snapshot(_));
+                arriving.note(&update, &desired, &cfg.host);
                 desired.apply(update, &mut dirty);
                 while dirty.len() < BATCH {
                     match updates.try_recv() {
                         Ok(update) => {
                             snapshot |= matches!(update, Update::Snapshot(_));
+                            arriving.note(&update, &desired, &cfg.host);
                             desired.apply(update, &mut dirty);
                         }
                         Err(_) => break,
                     }
                 }
+                // The watch's events taken in this batch: their lag is measured once applied.
+                watch_arrived = health.lock().ok().and_then(|mut h| h.watch_arrival.take());
                 dirty.full |= snapshot;
                 if !started {
                     if !snapshot {
@@ -171,6 +203,20 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
                 retry_at = None;
             }
             _ = resync.tick(), if started => dirty.full = true,
+            Some(pins) = detached.recv() => {
+                for pin in pins {
+                    match rec.reattach(&pin) {
+                        Ok(()) => {
+                            warn!(pin = %pin.display(), "attachment detached behind the agent's back; attached again");
+                            if let Ok(mut h) = health.lock() {
+                                h.datapath.reattached += 1;
+                            }
+                        }
+                        Err(e) => error!(pin = %pin.display(), error = %e, "cannot attach again what was detached"),
+                    }
+                }
+                continue;
+            }
             Some(()) = release.recv() => {
                 if let Some(held) = brake.release() {
                     dirty = held;
@@ -208,7 +254,22 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
             h.last_reconcile = crate::health::now();
             h.reconcile.observe(started_at.elapsed());
             h.pending_retries = outcome.retry.len() + retry.len();
+            h.objects = [
+                ("networks", desired.networks().count()),
+                ("endpoints", desired.endpoint_count()),
+                ("containers", desired.containers().count()),
+                ("hosts", desired.hosts().count()),
+            ]
+            .into();
+            h.last_pass_error = (!outcome.retry.is_empty())
+                .then(|| format!("{} keys to retry (failures names the containers)", outcome.retry.len()));
             outcome.status.iter().for_each(|r| h.note(r));
+            if let Some(at) = watch_arrived.take() {
+                h.latencies.watch_lag.observe(at.elapsed().as_secs_f64());
+            }
+            for took in arriving.settled(&outcome.status) {
+                h.latencies.endpoint_ready.observe(took.as_secs_f64());
+            }
         }
         for status in outcome.status {
             if status_tx.send(status).await.is_err() {
@@ -222,6 +283,44 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
             retry.merge(outcome.retry);
             retry_at = Some(Instant::now() + retry_backoff.next_delay());
         }
+    }
+}
+
+/// Local endpoints new to the agent, by id, with when their update arrived: how long each took
+/// to be reported ready is the endpoint create-to-ready latency as the agent sees it.
+#[derive(Default)]
+struct Arriving {
+    since: std::collections::HashMap<String, std::time::Instant>,
+}
+
+impl Arriving {
+    /// Notes an update before it is applied to `desired`: an endpoint of this host's that
+    /// `desired` does not have yet starts its clock; one deleted stops it.
+    fn note(&mut self, update: &Update, desired: &Desired, me: &str) {
+        match update {
+            Update::Put(crate::model::Object::Endpoint(e))
+                if e.host == me && desired.endpoint(&e.id).is_none() =>
+            {
+                self.since.entry(e.id.clone()).or_insert_with(std::time::Instant::now);
+            }
+            Update::Delete(crate::model::ObjectRef::Endpoint(id)) => drop(self.since.remove(id)),
+            // A snapshot's endpoints were created before the agent looked.
+            Update::Snapshot(_) => self.since.clear(),
+            _ => {}
+        }
+    }
+
+    /// How long each endpoint the reports say is ready (or gone) took, for those noted.
+    fn settled(&mut self, reports: &[Report]) -> Vec<Duration> {
+        let mut took = Vec::new();
+        for r in reports {
+            match r {
+                Report::EndpointReady { id, .. } => took.extend(self.since.remove(id).map(|t| t.elapsed())),
+                Report::EndpointGone { id } => drop(self.since.remove(id)),
+                _ => {}
+            }
+        }
+        took
     }
 }
 

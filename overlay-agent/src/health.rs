@@ -1,9 +1,11 @@
-//! The agent's HTTP endpoint (axum), for the probes of whatever supervises the agent and for
-//! Prometheus:
-//! - `GET /healthz` answers 200 once the first full reconcile is done (503 before), with a JSON
-//!   body saying what the agent holds;
-//! - `GET /readyz` answers 200 only while the host is also registered in the store and the
-//!   safety brake is not holding anything (503 with the reasons otherwise);
+//! The agent's HTTP endpoint (axum, as the Docker plugin's and the CNI server's), for the probes
+//! of whatever supervises the agent and for Prometheus:
+//! - `GET /healthz`, liveness: 200 while the process serves, with a JSON body saying what the
+//!   agent holds and its one check (`serving`);
+//! - `GET /readyz`, readiness: 200 only while every check passes (the first full reconcile
+//!   done, the last pass left nothing to retry, every pin in place, every attachment on its
+//!   interface, the etcd watch up or down for less than the grace, the host registered, the
+//!   safety brake holding nothing), 503 otherwise; the body names each check and which failed;
 //! - `POST /brake/release` is the operator's explicit go-ahead for a change the safety brake
 //!   holds (agent.rs);
 //! - `GET /metrics`: Prometheus metrics (metrics.rs).
@@ -60,6 +62,66 @@ pub struct Health {
     /// The resolver's queries by outcome, for `/metrics`.
     #[serde(skip)]
     pub dns: crate::resolver::serve::Counts,
+    /// Why the last reconcile pass did not do everything (None: it did).
+    pub last_pass_error: Option<String>,
+    /// What the agent's look at its pins and attachments (every second) found.
+    pub datapath: DatapathCheck,
+    /// The desired state comes from a file: there is no store to watch or register in.
+    pub state_file: bool,
+    /// The etcd watch (None: not started, or no etcd).
+    pub etcd: Option<EtcdLink>,
+    /// Renewals of the host's leases that failed, counted by the registration's task.
+    #[serde(skip)]
+    pub lease_renewals_failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Latencies the agent's loop observes, for `/metrics`.
+    #[serde(skip)]
+    pub latencies: metrics::Latencies,
+    /// When the oldest watch event not yet taken by the agent's loop arrived (set by the
+    /// follower, taken by the loop when it takes the batch).
+    #[serde(skip)]
+    pub watch_arrival: Option<std::time::Instant>,
+    /// The desired state's objects by kind (networks, endpoints, containers, hosts), as of the
+    /// last pass.
+    pub objects: std::collections::BTreeMap<&'static str, usize>,
+}
+
+/// What the agent's last look at its pinned objects found.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct DatapathCheck {
+    /// Pins gone that could not be made again.
+    pub missing_pins: Vec<String>,
+    /// Attachments detached from their interface (by hand: `bpftool link detach`).
+    pub detached: Vec<String>,
+    /// Attachments made again after they were detached, since the agent started.
+    pub reattached: u64,
+}
+
+/// The etcd watch as the agent's follower sees it.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct EtcdLink {
+    /// The watch is established.
+    pub connected: bool,
+    /// Unix time `connected` last changed.
+    pub since: u64,
+    /// Times the watch was established again after it was lost.
+    pub reconnects: u64,
+    /// Why it was last lost.
+    pub error: Option<String>,
+    /// Seconds the watch may be down before the host is not ready: the lease TTL, after which
+    /// the other hosts stop sending to this one anyway.
+    pub grace_secs: u64,
+}
+
+/// One readiness check: its name, whether it passes, and what it found.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+fn check(name: &'static str, ok: bool, detail: impl Into<String>) -> Check {
+    Check { name, ok, detail: detail.into() }
 }
 
 /// A change the safety brake did not apply: it would have removed `would_remove` of the `of`
@@ -85,26 +147,72 @@ pub struct Failure {
 }
 
 impl Health {
-    /// Why the agent is not ready (empty: ready).
+    /// Why the agent is not ready (empty: ready): the details of the failed checks.
     pub fn not_ready(&self) -> Vec<String> {
-        let mut why = Vec::new();
-        if !self.ready {
-            why.push("the first full reconcile is not done".to_owned());
-        }
-        if !self.registered {
-            why.push(if self.registration.is_empty() {
-                "not registered".to_owned()
+        self.checks(now()).into_iter().filter(|c| !c.ok).map(|c| c.detail).collect()
+    }
+
+    /// Every readiness check, at unix time `now`.
+    pub fn checks(&self, now: u64) -> Vec<Check> {
+        let list = |pins: &[String]| pins.join(", ");
+        let mut checks = vec![
+            if self.ready {
+                check("reconciled", true, "the first full reconcile is done")
             } else {
-                self.registration.clone()
-            });
-        }
-        if let Some(b) = &self.brake {
-            why.push(format!(
-                "the safety brake holds a change that would remove {} of {} containers",
-                b.would_remove, b.of
-            ));
-        }
-        why
+                check("reconciled", false, "the first full reconcile is not done")
+            },
+            match &self.last_pass_error {
+                None => check("last_reconcile", true, "the last reconcile pass did everything"),
+                Some(why) => check("last_reconcile", false, format!("the last reconcile pass left {why}")),
+            },
+            if self.datapath.missing_pins.is_empty() {
+                check("maps_pinned", true, "every pin is in place")
+            } else {
+                check("maps_pinned", false, format!("pins missing: {}", list(&self.datapath.missing_pins)))
+            },
+            if self.datapath.detached.is_empty() {
+                check("programs_attached", true, "every attachment holds its interface")
+            } else {
+                check(
+                    "programs_attached",
+                    false,
+                    format!("detached from their interface: {}", list(&self.datapath.detached)),
+                )
+            },
+        ];
+        checks.push(match (&self.etcd, self.state_file) {
+            (_, true) => check("etcd_watch", true, "no etcd: the desired state is a file"),
+            (None, false) => check("etcd_watch", true, "not started"),
+            (Some(e), false) if e.connected => check("etcd_watch", true, "watching"),
+            (Some(e), false) => {
+                let down = now.saturating_sub(e.since);
+                let error = e.error.as_deref().unwrap_or("not connected yet");
+                let detail =
+                    format!("the etcd watch is down for {down} s (grace {} s): {error}", e.grace_secs);
+                check("etcd_watch", down < e.grace_secs, detail)
+            }
+        });
+        checks.push(if self.state_file {
+            check("registered", true, "no store to register in")
+        } else if self.registered {
+            check("registered", true, self.registration.clone())
+        } else if self.registration.is_empty() {
+            check("registered", false, "not registered")
+        } else {
+            check("registered", false, self.registration.clone())
+        });
+        checks.push(match &self.brake {
+            None => check("brake", true, "the safety brake holds nothing"),
+            Some(b) => check(
+                "brake",
+                false,
+                format!(
+                    "the safety brake holds a change that would remove {} of {} containers",
+                    b.would_remove, b.of
+                ),
+            ),
+        });
+        checks
     }
 
     /// Keeps `failures` in step with a report the agent sends to the store.
@@ -156,17 +264,27 @@ fn json(status: StatusCode, body: &serde_json::Value) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
+/// Liveness: answering at all is the check. The body is the agent's health record, with the
+/// check named the way /readyz names its own.
 async fn healthz(State(e): State<Endpoint>) -> Response {
     let h = e.snapshot();
-    let status = if h.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    json(status, &serde_json::to_value(&h).unwrap_or_default())
+    let mut body = serde_json::to_value(&h).unwrap_or_default();
+    body["checks"] = serde_json::json!([check("serving", true, "the agent answers")]);
+    body["failed"] = serde_json::json!([]);
+    json(StatusCode::OK, &body)
 }
 
 async fn readyz(State(e): State<Endpoint>) -> Response {
     let h = e.snapshot();
-    let why = h.not_ready();
-    let status = if why.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    json(status, &serde_json::json!({ "ready": why.is_empty(), "reasons": why, "health": h }))
+    let checks = h.checks(now());
+    let failed: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.name).collect();
+    let reasons: Vec<&str> = checks.iter().filter(|c| !c.ok).map(|c| c.detail.as_str()).collect();
+    let ready = failed.is_empty();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json(
+        status,
+        &serde_json::json!({ "ready": ready, "checks": checks, "failed": failed, "reasons": reasons, "health": h }),
+    )
 }
 
 async fn brake_release(State(e): State<Endpoint>) -> Response {
@@ -245,6 +363,34 @@ mod tests {
         h.note(&Report::ContainerReady { name: "c1".into(), revision: 3, netns: PathBuf::new(), pid: None });
         h.note(&Report::EndpointGone { id: "e1".into() });
         assert!(h.failures.is_empty(), "{:?}", h.failures);
+    }
+
+    #[test]
+    fn the_etcd_watch_may_be_down_for_its_grace_and_attachments_never() {
+        let link = super::EtcdLink {
+            connected: false,
+            since: 1000,
+            reconnects: 0,
+            error: Some("connection refused".into()),
+            grace_secs: 30,
+        };
+        let h = Health { ready: true, registered: true, etcd: Some(link), ..Health::default() };
+        let failed = |h: &Health, now| {
+            h.checks(now).into_iter().filter(|c| !c.ok).map(|c| (c.name, c.detail)).collect::<Vec<_>>()
+        };
+        assert_eq!(failed(&h, 1029), []);
+        assert_eq!(
+            failed(&h, 1030),
+            [("etcd_watch", "the etcd watch is down for 30 s (grace 30 s): connection refused".to_owned())]
+        );
+        let mut h = Health { ready: true, registered: true, ..Health::default() };
+        h.datapath.detached = vec!["/sys/fs/bpf/overlay/h1/links/ep_7".into()];
+        h.last_pass_error = Some("1 keys to retry".into());
+        let names: Vec<_> = failed(&h, 0).into_iter().map(|(name, _)| name).collect();
+        assert_eq!(names, ["last_reconcile", "programs_attached"]);
+        // A state file has no store: nothing to watch or register in.
+        let h = Health { ready: true, state_file: true, ..Health::default() };
+        assert_eq!(failed(&h, 0), []);
     }
 
     #[test]

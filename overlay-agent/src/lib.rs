@@ -29,6 +29,8 @@ pub mod metrics;
 pub mod model;
 /// Kernel plumbing over rtnetlink: namespaces, veths, addresses, routes; GRO by ethtool ioctl.
 pub mod netlink;
+/// The agent process's CPU, memory, descriptors and start time, from /proc/self.
+pub mod process;
 /// One pass closing the gap between desired and actual: plan, local plumbing, map mirror.
 pub mod reconcile;
 /// The agent's DNS resolver: overlay names the datapath cannot answer, the rest relayed upstream.

@@ -18,8 +18,9 @@ use prometheus_client::{
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
-    registry::Registry,
+    registry::{Registry, Unit},
 };
+use std::sync::atomic::AtomicU64;
 
 use crate::{
     datapath::{PinDir, maps},
@@ -50,6 +51,25 @@ impl Passes {
     pub fn observe(&self, took: Duration) {
         self.count.inc();
         self.seconds.observe(took.as_secs_f64());
+    }
+}
+
+/// Latencies observed by the agent's loop.
+#[derive(Clone, Debug)]
+pub struct Latencies {
+    /// From a watch event's arrival to the end of the pass that applied it.
+    pub watch_lag: Histogram,
+    /// From a new local endpoint's arrival to its ready report.
+    pub endpoint_ready: Histogram,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        // 1 ms to about 16 s, as the passes.
+        Self {
+            watch_lag: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            endpoint_ready: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+        }
     }
 }
 
@@ -119,11 +139,97 @@ pub fn render(health: &Health, pins: &PinDir) -> String {
         "Queries to the agent's resolver, by how they ended (the datapath's own answers are dns_answer)",
         health.dns.clone(),
     );
+    control_plane(&mut registry, health);
+    process(&mut registry);
     datapath(&mut registry, pins);
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &registry);
     out
+}
+
+fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let c: Counter = Counter::default();
+    c.inc_by(value);
+    registry.register(name, help, c);
+}
+
+/// The control plane beyond the reconcile passes: the desired state's size, the etcd watch,
+/// the host's leases, readiness check by check, attachments repaired.
+fn control_plane(registry: &mut Registry, health: &Health) {
+    let objects = Family::<Labels, Gauge>::default();
+    for (kind, n) in &health.objects {
+        objects.get_or_create(&vec![("kind".to_owned(), (*kind).to_owned())]).set(count(*n));
+    }
+    registry.register(
+        "objects",
+        "Objects of the desired state by kind (containers: this host's), as of the last pass",
+        objects,
+    );
+    if let Some(etcd) = &health.etcd {
+        gauge(registry, "etcd_connected", "1 while the etcd watch is established", i64::from(etcd.connected));
+        counter(
+            registry,
+            "etcd_reconnects",
+            "Times the etcd watch was established again after it was lost",
+            etcd.reconnects,
+        );
+        counter(
+            registry,
+            "lease_renewals_failed",
+            "Renewals of the host's leases that failed (etcd unreachable, or a lease found gone)",
+            health.lease_renewals_failed.load(std::sync::atomic::Ordering::Relaxed),
+        );
+    }
+    registry.register_with_unit(
+        "etcd_watch_lag",
+        "From an etcd watch event's arrival to the end of the reconcile pass that applied it",
+        Unit::Seconds,
+        health.latencies.watch_lag.clone(),
+    );
+    registry.register_with_unit(
+        "endpoint_ready_latency",
+        "From a new local endpoint's arrival at the agent to its ready report",
+        Unit::Seconds,
+        health.latencies.endpoint_ready.clone(),
+    );
+    let checks = Family::<Labels, Gauge>::default();
+    for c in health.checks(crate::health::now()) {
+        checks.get_or_create(&vec![("check".to_owned(), c.name.to_owned())]).set(i64::from(c.ok));
+    }
+    registry.register("ready_check", "1 while the readiness check passes (the checks of /readyz)", checks);
+    counter(
+        registry,
+        "datapath_reattached",
+        "Attachments the agent made again after they were detached by hand",
+        health.datapath.reattached,
+    );
+}
+
+/// The process's figures (process.rs), named as the other Prometheus clients name them, under
+/// the agent's prefix. None when /proc cannot be read.
+fn process(registry: &mut Registry) {
+    let Ok(f) = crate::process::read() else { return };
+    let cpu: Counter<f64, AtomicU64> = Counter::default();
+    cpu.inc_by(f.cpu_seconds);
+    registry.register_with_unit("process_cpu", "User and system CPU time of the agent", Unit::Seconds, cpu);
+    gauge_unit(
+        registry,
+        "process_resident_memory",
+        "Resident memory of the agent",
+        Unit::Bytes,
+        f.resident_bytes,
+    );
+    gauge(registry, "process_open_fds", "Open file descriptors of the agent", count(f.open_fds as usize));
+    let start: Gauge<f64, AtomicU64> = Gauge::default();
+    start.set(f.start_time_seconds);
+    registry.register_with_unit("process_start_time", "Unix time the agent started", Unit::Seconds, start);
+}
+
+fn gauge_unit(registry: &mut Registry, name: &str, help: &str, unit: Unit, value: u64) {
+    let g: Gauge = Gauge::default();
+    g.set(i64::try_from(value).unwrap_or(i64::MAX));
+    registry.register_with_unit(name, help, unit, g);
 }
 
 fn count(n: usize) -> i64 {

@@ -133,10 +133,12 @@ struct Run {
     /// POST /brake/release to the health address. 1 turns the brake off.
     #[arg(long, env = "OVERLAY_BRAKE_SHARE", default_value_t = 0.5)]
     brake_share: f64,
-    /// Serve GET /healthz on this address (e.g. 127.0.0.1:9700): 200 once the agent has
-    /// reconciled the host. With --netns, the address is inside that namespace.
-    #[arg(long, env = "OVERLAY_HEALTH_ADDR")]
-    health_addr: Option<std::net::SocketAddr>,
+    /// Where to serve GET /healthz, /readyz and /metrics: localhost unless told otherwise, so
+    /// that nothing is exposed by default; an address of the host (or 0.0.0.0) for probes and
+    /// a Prometheus server elsewhere; `off` for no listener. With --netns, the address is
+    /// inside that namespace.
+    #[arg(long, env = "OVERLAY_HEALTH_ADDR", default_value = "127.0.0.1:9700", value_parser = parse_listen)]
+    health_addr: Listen,
     /// Seconds between full reconciles, which repair what changed behind the agent's back and
     /// nothing announced (a map entry removed by hand) even when etcd says nothing changed. A
     /// veth deleted by hand is made again at once (the kernel says so), a pin removed by hand
@@ -166,6 +168,17 @@ struct Run {
     /// Off by default.
     #[arg(long, env = "OVERLAY_CNI_SOCKET")]
     cni_socket: Option<PathBuf>,
+}
+
+/// The health listener's address, or none (`off`).
+#[derive(Clone, Copy, Debug)]
+struct Listen(Option<std::net::SocketAddr>);
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen(None));
+    }
+    s.parse().map(|a| Listen(Some(a))).map_err(|_| format!("{s:?} is not IP:PORT or `off`"))
 }
 
 /// `192.0.2.53` or `192.0.2.53:5353` (or `[2001:db8::53]:53`).
@@ -201,7 +214,7 @@ fn main() -> anyhow::Result<()> {
                 xdp: run.xdp_mode,
                 debug_drops: run.debug_drops,
                 resync: Duration::from_secs(run.resync_secs.max(1)),
-                health: run.health_addr,
+                health: run.health_addr.0,
                 brake_share: run.brake_share.clamp(0.0, 1.0),
                 dns_upstreams: run.dns_upstreams.clone(),
                 resolv_conf: run.resolv_conf.clone(),

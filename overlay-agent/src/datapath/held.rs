@@ -23,22 +23,64 @@ use std::{
 
 use tracing::{info, warn};
 
+/// A held object: its descriptor, and whether it is an attachment (a bpf_link).
+struct Object {
+    fd: OwnedFd,
+    link: bool,
+}
+
 /// Open descriptors of the pinned objects, by pin path; shared with the task that re-pins.
 #[derive(Clone, Default)]
 pub struct Held {
-    by_pin: Arc<Mutex<BTreeMap<PathBuf, OwnedFd>>>,
+    by_pin: Arc<Mutex<BTreeMap<PathBuf, Object>>>,
+}
+
+/// What one look at the held objects found wrong (nothing: the datapath is whole).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Check {
+    /// Pins that are gone and could not be made again.
+    pub missing: Vec<PathBuf>,
+    /// Attachments that no longer hold their interface: detached by hand (`bpftool link
+    /// detach`), which leaves the link, and its pin, in place with no interface.
+    pub detached: Vec<PathBuf>,
 }
 
 impl Held {
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<PathBuf, OwnedFd>> {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<PathBuf, Object>> {
         self.by_pin.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Opens the object pinned at `pin` and keeps it open.
     pub fn hold(&self, pin: &Path) -> io::Result<()> {
         let fd = obj_get(pin)?;
-        self.lock().insert(pin.to_owned(), fd);
+        self.lock().insert(pin.to_owned(), Object { fd, link: false });
         Ok(())
+    }
+
+    /// Opens the attachment pinned at `pin` and keeps it open; `check` says whether it still
+    /// holds its interface.
+    pub fn hold_link(&self, pin: &Path) -> io::Result<()> {
+        let fd = obj_get(pin)?;
+        self.lock().insert(pin.to_owned(), Object { fd, link: true });
+        Ok(())
+    }
+
+    /// Re-pins what is missing, then says what is still wrong: pins that could not be made,
+    /// attachments detached from their interface.
+    pub fn check(&self) -> Check {
+        self.repin();
+        let held = self.lock();
+        let mut out = Check::default();
+        for (pin, object) in held.iter() {
+            if !pin.exists() {
+                out.missing.push(pin.clone());
+            }
+            // An error reading the link's information says nothing about its interface.
+            if object.link && link_ifindex(object.fd.as_fd()).is_ok_and(|ifindex| ifindex == 0) {
+                out.detached.push(pin.clone());
+            }
+        }
+        out
     }
 
     /// Lets go of the object pinned at `pin` and removes the pin: the object goes away with its
@@ -57,7 +99,7 @@ impl Held {
     pub fn repin(&self) -> Vec<PathBuf> {
         let held = self.lock();
         let mut made = Vec::new();
-        for (pin, fd) in held.iter() {
+        for (pin, Object { fd, .. }) in held.iter() {
             // `exists` follows the path: an operator's `mv` elsewhere leaves nothing here.
             if pin.exists() {
                 continue;
@@ -82,18 +124,19 @@ impl Held {
         made
     }
 
-    /// Re-pins what is missing every `every`, for as long as the runtime runs.
-    pub fn keep(&self, every: Duration) {
+    /// Re-pins what is missing and checks the attachments every `every`, for as long as the
+    /// runtime runs, giving each check's result to `found`.
+    pub fn keep(&self, every: Duration, found: impl Fn(Check) + Send + 'static) {
         let held = self.clone();
-        info!(every_ms = every.as_millis() as u64, "checking the pins");
+        info!(every_ms = every.as_millis() as u64, "checking the pins and attachments");
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                // A handful of stat calls (and a pin only when one is missing): cheap enough to
-                // run on the runtime's thread.
-                held.repin();
+                // A handful of stat and bpf calls (and a pin only when one is missing): cheap
+                // enough to run on the runtime's thread.
+                found(held.check());
             }
         });
     }
@@ -104,6 +147,7 @@ impl Held {
 // value), which is what re-pinning needs.
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
 /// The part of `union bpf_attr` the pin commands read (the kernel zeroes the rest).
 #[repr(C)]
@@ -134,4 +178,47 @@ fn obj_get(path: &Path) -> io::Result<OwnedFd> {
 /// Pins the object of `fd` at `path`.
 fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     bpf_obj(BPF_OBJ_PIN, path, fd.as_raw_fd() as u32).map(drop)
+}
+
+/// The part of `union bpf_attr` BPF_OBJ_GET_INFO_BY_FD reads.
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The head of `struct bpf_link_info` up to the interface of an XDP or TCX link (both keep it
+/// first in their part of the union, which starts 8-aligned after type, id and prog_id).
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfoHead {
+    kind: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    ifindex: u32,
+    attach_type: u32,
+}
+
+/// The interface an XDP or TCX link is attached to; 0 once it was detached (the kernel clears
+/// its device then, and keeps the link).
+fn link_ifindex(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut info = LinkInfoHead::default();
+    let attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfoHead>() as u32,
+        info: (&raw mut info) as u64,
+    };
+    // SAFETY: `attr` and `info` live across the call; the kernel writes at most `info_len`
+    // bytes into `info` and reads size_of::<InfoAttr>() bytes of `attr`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw const attr,
+            std::mem::size_of::<InfoAttr>() as libc::c_ulong,
+        )
+    };
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(info.ifindex) }
 }

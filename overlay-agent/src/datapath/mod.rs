@@ -134,6 +134,8 @@ pub struct Datapath {
     pub uplink: Uplink,
     /// Whether an XDP program is attached to the uplink.
     pub xdp: bool,
+    /// How the operator wants XDP, for attaching it again.
+    xdp_preference: XdpPreference,
     /// Every pinned object, held open, so that a pin removed by hand can be made again.
     held: Held,
 }
@@ -173,15 +175,22 @@ impl Datapath {
             "datapath attached"
         );
         let held = Held::default();
-        let mut pinned: Vec<_> = PINNED_MAPS.iter().map(|name| opts.pins.map(name)).collect();
-        pinned.push(opts.pins.uplink_tc());
+        for pin in PINNED_MAPS.iter().map(|name| opts.pins.map(name)) {
+            hold(&held, &pin)?;
+        }
+        hold_link(&held, &opts.pins.uplink_tc())?;
         if xdp {
-            pinned.push(opts.pins.uplink_xdp());
+            hold_link(&held, &opts.pins.uplink_xdp())?;
         }
-        for pin in &pinned {
-            hold(&held, pin)?;
-        }
-        Ok(Self { ebpf, maps, pins: opts.pins.clone(), uplink: opts.uplink.clone(), xdp, held })
+        Ok(Self {
+            ebpf,
+            maps,
+            pins: opts.pins.clone(),
+            uplink: opts.uplink.clone(),
+            xdp,
+            xdp_preference: opts.xdp,
+            held,
+        })
     }
 
     /// Pins again whatever pin was removed by hand (the agent still holds every object).
@@ -189,9 +198,10 @@ impl Datapath {
         self.held.repin();
     }
 
-    /// Checks the pins every `every` from a task of its own, between passes too.
-    pub fn keep_pins(&self, every: Duration) {
-        self.held.keep(every);
+    /// Checks the pins and attachments every `every` from a task of its own, between passes
+    /// too, giving each result to `found`.
+    pub fn keep_pins(&self, every: Duration, found: impl Fn(held::Check) + Send + 'static) {
+        self.held.keep(every, found);
     }
 
     /// Attaches the from-container program to an endpoint's host-side veth.
@@ -199,7 +209,36 @@ impl Datapath {
         let prog: &mut SchedClassifier = program(&mut self.ebpf, PROG_FROM_CONTAINER)?;
         let pin = self.pins.endpoint_link(ifindex);
         attach::tc_ingress(prog, ifname, &pin)?;
-        hold(&self.held, &pin)
+        hold_link(&self.held, &pin)
+    }
+
+    /// Attaches anew what the attachment pinned at `pin` attached (the uplink's TC or XDP
+    /// program, or an endpoint's), after someone detached it by hand: the detached link keeps
+    /// its pin but can be neither updated nor attached again, so it is let go of first.
+    pub fn reattach(&mut self, pin: &Path) -> Result<(), Error> {
+        let failed = |e: io::Error| Error::Pin(pin.display().to_string(), e);
+        self.held.unpin(pin).map_err(failed)?;
+        if pin == self.pins.uplink_tc() {
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, PROG_UPLINK_TC)?;
+            attach::tc_ingress(prog, &self.uplink.name, pin)?;
+        } else if pin == self.pins.uplink_xdp() {
+            let prog: &mut Xdp = program(&mut self.ebpf, PROG_UPLINK_XDP)?;
+            let (name, kind) = (&self.uplink.name, self.uplink.kind.as_deref());
+            self.xdp = attach::uplink_xdp(prog, name, kind, pin, self.xdp_preference)?;
+            if !self.xdp {
+                return Ok(());
+            }
+        } else if let Some(ifindex) = self.pins.endpoint_ifindex(pin) {
+            let name = nix::net::if_::if_indextoname(ifindex)
+                .map_err(|e| failed(io::Error::from(e)))?
+                .to_string_lossy()
+                .into_owned();
+            let prog: &mut SchedClassifier = program(&mut self.ebpf, PROG_FROM_CONTAINER)?;
+            attach::tc_ingress(prog, &name, pin)?;
+        } else {
+            return Err(failed(io::Error::other("not an attachment of this datapath")));
+        }
+        hold_link(&self.held, pin)
     }
 
     /// Drops the attachment of a veth that is going away (the agent's hold on it, and its pin).
@@ -211,6 +250,10 @@ impl Datapath {
 
 fn hold(held: &Held, pin: &Path) -> Result<(), Error> {
     held.hold(pin).map_err(|e| Error::Pin(pin.display().to_string(), e))
+}
+
+fn hold_link(held: &Held, pin: &Path) -> Result<(), Error> {
+    held.hold_link(pin).map_err(|e| Error::Pin(pin.display().to_string(), e))
 }
 
 /// Writing the maps the agent fills, one entry at a time. Removing an entry that is not there

@@ -71,6 +71,14 @@ impl PinDir {
         self.links().join(format!("{ENDPOINT_PREFIX}{ifindex}"))
     }
 
+    /// The interface of the endpoint attachment pinned at `pin` (None: not one).
+    pub fn endpoint_ifindex(&self, pin: &Path) -> Option<u32> {
+        if pin.parent()? != self.links() {
+            return None;
+        }
+        pin.file_name()?.to_str()?.strip_prefix(ENDPOINT_PREFIX)?.parse().ok()
+    }
+
     /// The ifindexes of every pinned endpoint attachment.
     pub fn endpoint_links(&self) -> io::Result<Vec<u32>> {
         let mut out = Vec::new();

@@ -108,6 +108,11 @@ impl Reconciler {
         self.locals.sandboxes().into_keys().collect()
     }
 
+    /// Attaches again what was detached by hand (datapath::Datapath::reattach).
+    pub fn reattach(&mut self, pin: &std::path::Path) -> Result<(), crate::datapath::Error> {
+        self.dp.reattach(pin)
+    }
+
     /// Number of entries in the endpoint map (local and remote).
     pub fn endpoint_entries(&self) -> usize {
         self.mirror.endpoint_entries()

@@ -59,6 +59,9 @@ impl Source for AgentEtcd {
         }
         if let Some(health) = &self.health {
             tokio::spawn(mirror_registration(registration.state(), health.clone()));
+            if let Ok(mut h) = health.lock() {
+                h.lease_renewals_failed = registration.renewals_failed();
+            }
         }
         let mut source = EtcdSource::registered(store, &self.host.name, &registration);
         source.state_dir = Some(self.state_dir);
@@ -70,6 +73,15 @@ impl Source for AgentEtcd {
     }
 
     fn attach_health(&mut self, health: crate::health::Shared) {
+        if let Ok(mut h) = health.lock() {
+            // Down from the start until the first watch is up; readiness allows it the lease's
+            // TTL, as it does a watch lost later.
+            h.etcd = Some(crate::health::EtcdLink {
+                since: crate::health::now(),
+                grace_secs: self.life.ttl.as_secs(),
+                ..Default::default()
+            });
+        }
         self.health = Some(health);
     }
 }

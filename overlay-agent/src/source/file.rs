@@ -80,4 +80,10 @@ impl Source for FileSource {
             }
         }
     }
+
+    fn attach_health(&mut self, health: crate::health::Shared) {
+        if let Ok(mut h) = health.lock() {
+            h.state_file = true;
+        }
+    }
 }

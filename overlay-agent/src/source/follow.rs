@@ -93,6 +93,7 @@ impl Follower {
                     }
                     Ok(None) => return,
                     Err(e) => {
+                        self.watching(Some(e.to_string()));
                         warn!(error = %e, "cannot read the desired state from etcd; retrying");
                         backoff.wait().await;
                         continue;
@@ -123,6 +124,7 @@ impl Follower {
                     delivered = None;
                 }
                 Stop::Failed(e) => {
+                    self.watching(Some(e.to_string()));
                     if progressed {
                         backoff.reset();
                     }
@@ -180,6 +182,25 @@ impl Follower {
         {
             h.store_resets += 1;
             h.last_store_reset = Some(why);
+        }
+    }
+
+    /// Keeps health's view of the watch current: up (`error` None) or lost, and since when.
+    fn watching(&self, error: Option<String>) {
+        let Some(h) = &self.health else { return };
+        let Ok(mut h) = h.lock() else { return };
+        let Some(link) = h.etcd.as_mut() else { return };
+        let connected = error.is_none();
+        if connected != link.connected {
+            // Established again after it was up once (error already set by the loss).
+            if connected && link.error.is_some() {
+                link.reconnects += 1;
+            }
+            link.connected = connected;
+            link.since = crate::health::now();
+        }
+        if error.is_some() {
+            link.error = error;
         }
     }
 
@@ -280,6 +301,9 @@ impl Follower {
             if resp.compact_revision() > 0 {
                 return Stop::Compacted(resp.compact_revision());
             }
+            if resp.created() {
+                self.watching(None);
+            }
             if resp.created()
                 && let Some(last) = self.last_event.clone()
                 && let Some(Err(reset)) = self.history_holds(&last).await
@@ -308,6 +332,12 @@ impl Follower {
                     *delivered = Some(delivered.unwrap_or(0).max(h.revision()));
                 }
                 continue;
+            }
+            // Stamped before the events go to the agent, whose loop takes the stamp with them.
+            if let Some(h) = &self.health
+                && let Ok(mut h) = h.lock()
+            {
+                h.watch_arrival.get_or_insert_with(std::time::Instant::now);
             }
             for event in resp.events() {
                 let Some(kv) = event.kv() else { continue };

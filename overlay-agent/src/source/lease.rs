@@ -7,7 +7,10 @@
 use std::time::Duration;
 
 use etcd_client::ResponseHeader;
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
 
 use tokio::{
     sync::{Notify, watch},
@@ -48,6 +51,7 @@ pub struct HostRegistration {
     state: watch::Receiver<Registered>,
     headers: watch::Receiver<Option<(u64, i64)>>,
     recheck: Arc<Notify>,
+    renewals_failed: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -81,10 +85,22 @@ impl HostRegistration {
         let (state_tx, state) = watch::channel(Registered::Yes(leases));
         let (headers_tx, headers) = watch::channel(None);
         let recheck = Arc::new(Notify::new());
-        let channels =
-            Channels { lease: lease_tx, state: state_tx, headers: headers_tx, recheck: recheck.clone() };
+        let renewals_failed = Arc::new(AtomicU64::new(0));
+        let channels = Channels {
+            lease: lease_tx,
+            state: state_tx,
+            headers: headers_tx,
+            recheck: recheck.clone(),
+            renewals_failed: renewals_failed.clone(),
+        };
         let task = tokio::spawn(maintain(store, host, life, leases, channels));
-        Self { lease, state, headers, recheck, task }
+        Self { lease, state, headers, recheck, renewals_failed, task }
+    }
+
+    /// How many renewals of the host's leases failed so far, counted as they fail (for
+    /// `/metrics`).
+    pub fn renewals_failed(&self) -> Arc<AtomicU64> {
+        self.renewals_failed.clone()
     }
 
     /// The liveness lease the host's reports are written under.
@@ -126,6 +142,8 @@ struct Channels {
     state: watch::Sender<Registered>,
     headers: watch::Sender<Option<(u64, i64)>>,
     recheck: Arc<Notify>,
+    /// Renewals that did not renew (an error, or a lease found gone).
+    renewals_failed: Arc<AtomicU64>,
 }
 
 fn log_registered(host: &Host, leases: Leases, again: bool) {
@@ -218,7 +236,10 @@ async fn maintain(store: Store, host: Host, life: Lifetimes, first: Leases, ch: 
             }
             continue;
         };
-        match keep_alive(&store, current, life.ttl, &ch).await {
+        let stopped = keep_alive(&store, current, life.ttl, &ch).await;
+        // It returns only when a renewal did not renew.
+        ch.renewals_failed.fetch_add(1, Ordering::Relaxed);
+        match stopped {
             Ok(KeepAlive::Lapsed(which)) => {
                 let why = format!("its {which} lease ran out or etcd lost it");
                 warn!(host = %host.name, records = format!("{:x}", current.records), alive = format!("{:x}", current.alive), "the host is not registered: {why}; registering again");
