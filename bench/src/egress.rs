@@ -62,8 +62,9 @@ const GWBRIDGE: &str = "docker_gwbridge";
 const GWBRIDGE_ADDR: &str = "172.18.0.1";
 const GWBRIDGE_SUBNET: &str = "172.18.0.0/16";
 const DOCKER_CONTAINER_ADDR: &str = "172.18.0.2/16";
-/// Docker's default MTU for a bridge network's containers; the overlay's are uplink - 50.
-const DOCKER_MTU: u32 = 1500;
+/// Docker's default MTU for a bridge network's containers (`--egress-docker-mtu` changes it);
+/// the overlay's are uplink - 50.
+pub const DOCKER_MTU: u32 = 1500;
 /// The link from the router to the outside: as large as the underlay's, so no path MTU
 /// below either container's interface.
 const OUTSIDE_MTU: u32 = 1500;
@@ -77,6 +78,8 @@ pub struct EgressPlan {
     pub rr_size: usize,
     /// Seconds of each iperf3 test.
     pub stream_secs: u32,
+    /// The MTU of the Docker-design container's interface and its bridge port.
+    pub docker_mtu: u32,
 }
 
 impl EgressPlan {
@@ -85,6 +88,7 @@ impl EgressPlan {
         rounds: Option<usize>,
         rr_count: Option<usize>,
         stream_secs: Option<u32>,
+        docker_mtu: Option<u32>,
     ) -> Self {
         Self {
             rounds: rounds.unwrap_or(if quick { 1 } else { 5 }).max(1),
@@ -92,6 +96,7 @@ impl EgressPlan {
             rr_warmup: if quick { 50 } else { 500 },
             rr_size: 64,
             stream_secs: stream_secs.unwrap_or(if quick { 1 } else { 4 }).max(1),
+            docker_mtu: docker_mtu.unwrap_or(DOCKER_MTU),
         }
     }
 }
@@ -107,10 +112,10 @@ pub enum Side {
 impl Side {
     pub const ALL: [Side; 2] = [Side::Overlay, Side::DockerDesign];
 
-    pub fn title(self) -> &'static str {
+    pub fn title(self, plan: &EgressPlan) -> String {
         match self {
-            Side::Overlay => "eBPF overlay (MTU 1450)",
-            Side::DockerDesign => "Docker's design (MTU 1500)",
+            Side::Overlay => "eBPF overlay (MTU 1450)".to_owned(),
+            Side::DockerDesign => format!("Docker's design (MTU {})", plan.docker_mtu),
         }
     }
 }
@@ -228,7 +233,7 @@ pub fn run(plan: &EgressPlan, exe: &Path) -> anyhow::Result<Egress> {
     ok(&c, &["network", "create", "--subnet", SUBNET, NET])?;
     ok(&c, &["container", "create", "--host", "h1", "--network", NET, "c"])?;
     let overlay_ns = c.container_ns("h1", "c");
-    let docker_ns = docker_design(&c.topo.run, &docker_host)?;
+    let docker_ns = docker_design(&c.topo.run, &docker_host, plan.docker_mtu)?;
 
     let mut sides = Sides { overlay_ns, docker_ns, servers: Vec::new() };
     start_servers(&mut sides, &out_ns, exe)?;
@@ -239,7 +244,7 @@ pub fn run(plan: &EgressPlan, exe: &Path) -> anyhow::Result<Egress> {
             ping.status.success().then_some(())
         });
         if reached.is_none() {
-            bail!("the {} container does not reach the outside", side.title());
+            bail!("the container of {} does not reach the outside", side.title(plan));
         }
     }
     // `sides` (the servers) goes first, then the cluster: its agent, then every namespace.
@@ -247,7 +252,7 @@ pub fn run(plan: &EgressPlan, exe: &Path) -> anyhow::Result<Egress> {
 }
 
 /// Builds Docker's design on `host`; returns the container's namespace.
-fn docker_design(run: &Run, host: &str) -> anyhow::Result<String> {
+fn docker_design(run: &Run, host: &str, mtu: u32) -> anyhow::Result<String> {
     let ns = run.ns("dc");
     ip(&["netns", "add", &ns])?;
     ip_in(&ns, &["link", "set", "lo", "up"])?;
@@ -255,7 +260,7 @@ fn docker_design(run: &Run, host: &str) -> anyhow::Result<String> {
     ip_in(host, &["addr", "add", &format!("{GWBRIDGE_ADDR}/16"), "dev", GWBRIDGE])?;
     ip_in(host, &["link", "set", GWBRIDGE, "up"])?;
     ip_in(host, &["link", "add", "veth0", "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-    let mtu = DOCKER_MTU.to_string();
+    let mtu = mtu.to_string();
     ip_in(host, &["link", "set", "veth0", "mtu", &mtu, "master", GWBRIDGE, "up"])?;
     ip_in(&ns, &["link", "set", "eth0", "mtu", &mtu, "up"])?;
     ip_in(&ns, &["addr", "add", DOCKER_CONTAINER_ADDR, "dev", "eth0"])?;
@@ -381,7 +386,7 @@ fn measure(sides: &Sides, exe: &Path, plan: &EgressPlan) -> anyhow::Result<Egres
 }
 
 fn progress(round: usize, plan: &EgressPlan, side: Side, test: &str, what: &str) {
-    eprintln!("  round {}/{} {test:<13} {:<27} {what}", round + 1, plan.rounds, side.title());
+    eprintln!("  round {}/{} {test:<13} {:<27} {what}", round + 1, plan.rounds, side.title(plan));
 }
 
 /// The harness's request/response client in `ns`, to the outside's echo server: the round
@@ -455,8 +460,8 @@ pub fn markdown(e: &Egress, cmd: &str) -> String {
     let _ = writeln!(
         out,
         "| Figure | {} | {} | overlay ÷ Docker's design |",
-        Side::Overlay.title(),
-        Side::DockerDesign.title()
+        Side::Overlay.title(p),
+        Side::DockerDesign.title(p)
     );
     let _ = writeln!(out, "|---|---|---|---|");
     for figure in Figure::ALL {
@@ -494,7 +499,7 @@ mod tests {
 
     #[test]
     fn ratios_are_per_round_and_the_goals_read_from_their_medians() {
-        let plan = EgressPlan::new(true, Some(3), None, None);
+        let plan = EgressPlan::new(true, Some(3), None, None, None);
         let mut samples = Vec::new();
         // Throughput: overlay 10, 12, 9 against Docker 10, 10, 10: ratios 1.0, 1.2, 0.9.
         for (round, (a, b)) in [(10.0, 10.0), (12.0, 10.0), (9.0, 10.0)].into_iter().enumerate() {

@@ -129,6 +129,9 @@ struct RunArgs {
     /// MASQUERADE) built beside it in the same run (takes --rounds, --rr-count, --stream-secs).
     #[arg(long)]
     egress: bool,
+    /// MTU of the Docker-design container in the egress stage [default: 1500, Docker's].
+    #[arg(long)]
+    egress_docker_mtu: Option<u32>,
     /// Pods measured by the pods stage, and as many CLI containers [default: 50, quick: 3].
     #[arg(long)]
     pod_count: Option<usize>,
@@ -595,7 +598,13 @@ fn run_pods(args: &RunArgs) -> anyhow::Result<()> {
 fn run_egress(args: &RunArgs) -> anyhow::Result<()> {
     sys::require_program("iptables-restore", "iptables")?;
     let exe = std::env::current_exe().context("locating this binary")?;
-    let plan = egress::EgressPlan::new(args.quick, args.rounds, args.rr_count, args.stream_secs);
+    let plan = egress::EgressPlan::new(
+        args.quick,
+        args.rounds,
+        args.rr_count,
+        args.stream_secs,
+        args.egress_docker_mtu,
+    );
     let (started_utc, stamp) = report::utc_now();
     let out_dir =
         args.out.clone().unwrap_or_else(|| Path::new("bench-results").join(format!("{stamp}-egress")));
@@ -609,6 +618,7 @@ fn run_egress(args: &RunArgs) -> anyhow::Result<()> {
         ("--rounds", args.rounds.map(|n| n.to_string())),
         ("--rr-count", args.rr_count.map(|n| n.to_string())),
         ("--stream-secs", args.stream_secs.map(|n| n.to_string())),
+        ("--egress-docker-mtu", args.egress_docker_mtu.map(|n| n.to_string())),
     ] {
         if let Some(v) = value {
             cmd = format!("{cmd} {flag}{}{v}", if v.is_empty() { "" } else { " " });
