@@ -7,6 +7,7 @@
 
 mod agent;
 mod control;
+mod egress;
 mod icmp;
 mod measure;
 mod names;
@@ -111,17 +112,26 @@ struct RunArgs {
     /// Also put the tables into this README, between `<!-- overlay-bench:begin -->` and
     /// `<!-- overlay-bench:end -->` (appended if the markers are missing); with --names, between
     /// `<!-- overlay-bench:names:begin -->` and `<!-- overlay-bench:names:end -->`; with --pods,
-    /// between `<!-- overlay-bench:pods:begin -->` and `<!-- overlay-bench:pods:end -->`.
+    /// between `<!-- overlay-bench:pods:begin -->` and `<!-- overlay-bench:pods:end -->`; with
+    /// --egress, between `<!-- overlay-bench:egress:begin -->` and `<!-- overlay-bench:egress:end -->`.
     #[arg(long)]
     readme: Option<PathBuf>,
     /// Run only the names stage: query latency and throughput of the datapath's answers, the
     /// agent's resolver and dnsmasq, and name created -> resolvable on another host.
-    #[arg(long, conflicts_with = "pods")]
+    #[arg(long, conflicts_with_all = ["pods", "egress"])]
     names: bool,
     /// Run only the pods stage: a pod created through CRI (containerd's RunPodSandbox) ->
     /// pingable from another host, beside a container created with the CLI.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "egress")]
     pods: bool,
+    /// Run only the egress stage: throughput and request/response latency from a container to
+    /// a server outside, through its host, against Docker's design (docker_gwbridge with
+    /// MASQUERADE) built beside it in the same run (takes --rounds, --rr-count, --stream-secs).
+    #[arg(long)]
+    egress: bool,
+    /// MTU of the Docker-design container in the egress stage [default: 1500, Docker's].
+    #[arg(long)]
+    egress_docker_mtu: Option<u32>,
     /// Pods measured by the pods stage, and as many CLI containers [default: 50, quick: 3].
     #[arg(long)]
     pod_count: Option<usize>,
@@ -277,6 +287,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if args.pods {
         return run_pods(&args);
+    }
+    if args.egress {
+        return run_egress(&args);
     }
     let exe = std::env::current_exe().context("locating this binary")?;
     let agent_bin = agent_binary(args.agent.clone(), &exe)?;
@@ -576,6 +589,59 @@ fn run_pods(args: &RunArgs) -> anyhow::Result<()> {
     let never: usize = figures.series.iter().map(|s| s.unreachable).sum();
     if never > 0 {
         bail!("{never} container(s) never replied");
+    }
+    Ok(())
+}
+
+/// `--egress`: the egress stage alone, its table in <out>/egress.md and its samples in
+/// <out>/egress.json (and the table in the README if asked).
+fn run_egress(args: &RunArgs) -> anyhow::Result<()> {
+    sys::require_program("iptables-restore", "iptables")?;
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let plan = egress::EgressPlan::new(
+        args.quick,
+        args.rounds,
+        args.rr_count,
+        args.stream_secs,
+        args.egress_docker_mtu,
+    );
+    let (started_utc, stamp) = report::utc_now();
+    let out_dir =
+        args.out.clone().unwrap_or_else(|| Path::new("bench-results").join(format!("{stamp}-egress")));
+    overlay_tests::cleanup_on_signal().context("installing the signal handler")?;
+    let mut machine = Machine::probe();
+    eprintln!("overlay-bench: egress stage ({} rounds), writing to {}", plan.rounds, out_dir.display());
+    let figures = egress::run(&plan, &exe)?;
+    let mut cmd = "cargo xtask bench -- --egress".to_owned();
+    for (flag, value) in [
+        ("--quick", args.quick.then(String::new)),
+        ("--rounds", args.rounds.map(|n| n.to_string())),
+        ("--rr-count", args.rr_count.map(|n| n.to_string())),
+        ("--stream-secs", args.stream_secs.map(|n| n.to_string())),
+        ("--egress-docker-mtu", args.egress_docker_mtu.map(|n| n.to_string())),
+    ] {
+        if let Some(v) = value {
+            cmd = format!("{cmd} {flag}{}{v}", if v.is_empty() { "" } else { " " });
+        }
+    }
+    machine.loadavg_end = report::loadavg();
+    let table = format!(
+        "{}\nRun of {started_utc} UTC on {}. Samples: `{}/egress.json`.\n",
+        egress::markdown(&figures, &cmd),
+        machine.describe(),
+        out_dir.display()
+    );
+    std::fs::create_dir_all(&out_dir)?;
+    std::fs::write(out_dir.join("egress.md"), &table)?;
+    std::fs::write(out_dir.join("egress.json"), serde_json::to_string_pretty(&figures)?)?;
+    print!("{table}");
+    if let Some(readme) = &args.readme {
+        report::replace_between(
+            readme,
+            "<!-- overlay-bench:egress:begin -->",
+            "<!-- overlay-bench:egress:end -->",
+            &table,
+        )?;
     }
     Ok(())
 }

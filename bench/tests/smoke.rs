@@ -1,7 +1,8 @@
-//! The harness's smoke run (`overlay-bench --quick`, seconds), so the benchmark keeps working as
-//! the code under it changes. It checks that every topology passed traffic in every test and
-//! that the control-plane stages produced figures; it never checks a speed (this machine is
-//! shared with the rest of the test suite, and the targets are for the real run to report).
+//! The harness's smoke runs (`overlay-bench --quick`, and `--egress --quick`; seconds), so the
+//! benchmark keeps working as the code under it changes. They check that every topology (every
+//! side) passed traffic in every test and that the control-plane stages produced figures; they
+//! never check a speed (this machine is shared with the rest of the test suite, and the targets
+//! are for the real run to report).
 
 use std::process::Command;
 
@@ -76,4 +77,60 @@ fn quick_bench_passes_traffic_on_every_topology() {
     );
     let png = std::fs::read(out.path().join("latency.png")).expect("latency.png");
     assert!(png.starts_with(b"\x89PNG"), "latency.png is not a PNG");
+}
+
+/// The egress stage's smoke run (`--egress --quick`): both ways out (the overlay's and Docker's
+/// design) carried every test's traffic, and the table was written.
+#[test]
+fn quick_egress_stage_passes_traffic_on_both_sides() {
+    if overlay_tests::skip_unless_privileged() {
+        return;
+    }
+    for (program, package) in [("iperf3", "iperf3"), ("iptables-restore", "iptables")] {
+        if Command::new(program).arg("--version").output().is_err()
+            && overlay_tests::skip(&format!("{program} is not installed (install {package}, or run ./setup)"))
+        {
+            return;
+        }
+    }
+    if overlay_tests::etcd::Etcd::binary().is_none()
+        && overlay_tests::skip("no etcd binary (install etcd-server, or run ./setup)")
+    {
+        return;
+    }
+    let out = tempfile::tempdir().expect("temp dir");
+    let run = Command::new(env!("CARGO_BIN_EXE_overlay-bench"))
+        .args(["--egress", "--quick", "--out"])
+        .arg(out.path())
+        .output()
+        .expect("running overlay-bench");
+    assert!(
+        run.status.success(),
+        "overlay-bench --egress --quick failed ({}):\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let text = std::fs::read_to_string(out.path().join("egress.json")).expect("egress.json");
+    let results: Value = serde_json::from_str(&text).expect("egress.json parses");
+    let samples = results["samples"].as_array().expect("samples");
+    for side in ["overlay", "docker-design"] {
+        for figure in [
+            "tcp-rr-p50",
+            "tcp-rr-p99",
+            "udp-rr-p50",
+            "udp-rr-p99",
+            "stream-out",
+            "stream-in",
+            "stream-out4",
+            "cpu-per-gb",
+        ] {
+            let value = samples
+                .iter()
+                .find(|s| s["side"] == side && s["figure"] == figure)
+                .and_then(|s| s["value"].as_f64());
+            assert!(value.is_some_and(|v| v > 0.0), "{side}: {figure} is {value:?}");
+        }
+    }
+    let table = std::fs::read_to_string(out.path().join("egress.md")).expect("egress.md");
+    assert!(table.contains("| Figure | eBPF overlay"), "{table}");
 }

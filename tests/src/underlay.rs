@@ -43,24 +43,31 @@ pub fn build(underlay: &str, hosts: &[Member<'_>], opts: Options) -> anyhow::Res
     ip_in(underlay, &["link", "set", "lo", "up"])?;
     ip_in(underlay, &["link", "add", "br0", "type", "bridge"])?;
     ip_in(underlay, &["link", "set", "br0", "up"])?;
-    let mtu = MTU.to_string();
     for (i, host) in hosts.iter().enumerate() {
         // Made inside the underlay namespace, so the port's name needs to be unique only there.
-        let port = format!("p{}", i + 1);
-        ip(&["netns", "add", host.ns])?;
-        ip_in(underlay, &["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", host.ns])?;
-        ip_in(underlay, &["link", "set", &port, "mtu", &mtu, "master", "br0", "up"])?;
-        if let Some(queue) = opts.port_queue {
-            let queue = queue.to_string();
-            ip_in(underlay, &["link", "set", &port, "txqueuelen", &queue])?;
-            sh_result(&mut in_ns(
-                underlay,
-                &["tc", "qdisc", "replace", "dev", &port, "root", "pfifo", "limit", &queue],
-            ))?;
-        }
-        ip_in(host.ns, &["link", "set", "lo", "up"])?;
-        ip_in(host.ns, &["link", "set", "eth0", "mtu", &mtu, "up"])?;
-        ip_in(host.ns, &["addr", "add", &format!("{}/{PREFIX_LEN}", host.addr), "dev", "eth0"])?;
+        attach(underlay, &format!("p{}", i + 1), host, opts)?;
     }
+    Ok(())
+}
+
+/// Makes `host`'s namespace and joins its `eth0` to the bridge of `underlay` (built by `build`)
+/// through `port`, a name not yet used there: a host added after the others (the benchmark's
+/// Docker-design host beside a `Cluster`'s).
+pub fn attach(underlay: &str, port: &str, host: &Member<'_>, opts: Options) -> anyhow::Result<()> {
+    let mtu = MTU.to_string();
+    ip(&["netns", "add", host.ns])?;
+    ip_in(underlay, &["link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", host.ns])?;
+    ip_in(underlay, &["link", "set", port, "mtu", &mtu, "master", "br0", "up"])?;
+    if let Some(queue) = opts.port_queue {
+        let queue = queue.to_string();
+        ip_in(underlay, &["link", "set", port, "txqueuelen", &queue])?;
+        sh_result(&mut in_ns(
+            underlay,
+            &["tc", "qdisc", "replace", "dev", port, "root", "pfifo", "limit", &queue],
+        ))?;
+    }
+    ip_in(host.ns, &["link", "set", "lo", "up"])?;
+    ip_in(host.ns, &["link", "set", "eth0", "mtu", &mtu, "up"])?;
+    ip_in(host.ns, &["addr", "add", &format!("{}/{PREFIX_LEN}", host.addr), "dev", "eth0"])?;
     Ok(())
 }
