@@ -53,18 +53,24 @@ fn the_listener_is_on_localhost_unless_exposed() {
     assert_eq!(local.map(|(code, _)| code), Some(200), "/healthz on localhost by default");
     let outside = format!("{vtep}:9700");
     assert_eq!(get(&neighbour, &outside, "/healthz"), None, "not reachable from a neighbour");
+    // /healthz answers as soon as the agent serves: each agent is let finish its first pass
+    // before the next replaces it, so that the count of passes below says which ran.
+    let log_path = topo.host("h1").log.clone();
+    let passes =
+        || std::fs::read_to_string(&log_path).unwrap_or_default().matches("full reconcile done").count();
+    let reconciled = |n: usize| wait_for(Duration::from_secs(20), || (passes() >= n).then_some(())).is_some();
+    assert!(reconciled(1), "the first agent never reconciled");
 
     topo.start_agent("h1", Source::File(&state), &["--health-addr", "0.0.0.0:9700"]);
     let exposed =
         wait_for(Duration::from_secs(20), || get(&neighbour, &outside, "/healthz").filter(|r| r.0 == 200));
     assert_eq!(exposed.map(|(code, _)| code), Some(200), "exposed with --health-addr 0.0.0.0:9700");
+    assert!(reconciled(2), "the second agent never reconciled");
 
     // `off`: the agent runs (it takes the container over again) and serves nothing.
     topo.start_agent("h1", Source::File(&state), &["--health-addr", "off"]);
     let log = || std::fs::read_to_string(&topo.host("h1").log).unwrap_or_default();
-    let third = wait_for(Duration::from_secs(20), || {
-        (log().matches("full reconcile done").count() >= 3).then_some(())
-    });
+    let third = wait_for(Duration::from_secs(20), || (passes() >= 3).then_some(()));
     assert!(third.is_some(), "the third agent reconciled: {}", log());
     assert_eq!(log().matches("endpoint listening").count(), 2, "{}", log());
     assert_eq!(get(&ns, "127.0.0.1:9700", "/healthz"), None, "no listener with --health-addr off");
