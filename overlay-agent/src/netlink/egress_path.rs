@@ -23,15 +23,18 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use futures::TryStreamExt as _;
 use rtnetlink::{
-    IpVersion, RouteMessageBuilder,
+    RouteMessageBuilder,
     packet_route::{
         neighbour::NeighbourState,
         route::{RouteAttribute, RouteScope},
-        rule::{RuleAction, RuleAttribute},
+        rule::RuleAction,
     },
 };
 
-use super::{Error, Netlink, nl, resolver_path::Route};
+use super::{
+    Error, Netlink, nl,
+    resolver_path::{Route, flush_table, rules_of},
+};
 
 /// The interface group of the host side of every veth with a way out: what the NAT table's
 /// rules match (`iifgroup`, `oifgroup`), so they match no packet that is not a container's.
@@ -83,7 +86,7 @@ impl EgressPath {
         }
         if full && routes.is_empty() {
             // A predecessor's leftovers, which the map above never knew.
-            if let Err(e) = flush_table(&self.nl).await {
+            if let Err(e) = flush_table(&self.nl, TABLE).await {
                 errors.push(e);
             }
         }
@@ -172,20 +175,8 @@ fn route_msg(ip: Ipv4Addr, ifindex: Option<u32>) -> rtnetlink::packet_route::rou
     }
 }
 
-async fn our_rules(host: &Netlink) -> Result<Vec<rtnetlink::packet_route::rule::RuleMessage>, Error> {
-    let rules: Vec<_> =
-        host.handle().rule().get(IpVersion::V4).execute().try_collect().await.map_err(nl("listing rules"))?;
-    Ok(rules
-        .into_iter()
-        .filter(|r| {
-            r.attributes.iter().any(|a| matches!(a, RuleAttribute::Table(TABLE)))
-                || u32::from(r.header.table) == TABLE
-        })
-        .collect())
-}
-
 async fn has_rule(host: &Netlink) -> Result<bool, Error> {
-    Ok(!our_rules(host).await?.is_empty())
+    Ok(!rules_of(host, TABLE).await?.is_empty())
 }
 
 async fn add_rule(host: &Netlink) -> Result<(), Error> {
@@ -207,39 +198,9 @@ async fn add_rule(host: &Netlink) -> Result<(), Error> {
 }
 
 async fn remove_rule(host: &Netlink) -> Result<(), Error> {
-    for msg in our_rules(host).await? {
+    for msg in rules_of(host, TABLE).await? {
         match host.handle().rule().del(msg).execute().await.map_err(nl("removing a rule")) {
             Err(e) if e.errno() == Some(libc::ENOENT) => {}
-            other => other?,
-        }
-    }
-    Ok(())
-}
-
-async fn flush_table(host: &Netlink) -> Result<(), Error> {
-    let mut routes =
-        host.handle().route().get(RouteMessageBuilder::<Ipv4Addr>::new().table_id(TABLE).build()).execute();
-    let mut ours = Vec::new();
-    while let Some(msg) = routes.try_next().await.map_err(nl("listing routes"))? {
-        let table = msg
-            .attributes
-            .iter()
-            .find_map(|a| if let RouteAttribute::Table(t) = a { Some(*t) } else { None })
-            .unwrap_or_else(|| u32::from(msg.header.table));
-        if table == TABLE {
-            ours.push(msg);
-        }
-    }
-    for msg in ours {
-        match host
-            .handle()
-            .route()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(nl(format!("removing a route of table {TABLE}")))
-        {
-            Err(e) if e.errno() == Some(libc::ESRCH) => {}
             other => other?,
         }
     }
@@ -249,7 +210,7 @@ async fn flush_table(host: &Netlink) -> Result<(), Error> {
 /// Removes the rule and the table. For `overlay-agent reset`.
 pub async fn remove_all(host: &Netlink) -> Result<(), Error> {
     remove_rule(host).await?;
-    flush_table(host).await
+    flush_table(host, TABLE).await
 }
 
 /// Turns IPv4 forwarding on for one device (by index), in the agent's namespace.

@@ -287,11 +287,16 @@ pub async fn remove_all(host: &Netlink) -> Result<(), Error> {
             other => other?,
         }
     }
+    flush_table(host, TABLE).await
+}
+
+/// Removes every route of routing table `table` (the resolver's, egress_path's).
+pub(super) async fn flush_table(host: &Netlink, table: u32) -> Result<(), Error> {
     let mut routes =
-        host.handle().route().get(RouteMessageBuilder::<Ipv4Addr>::new().table_id(TABLE).build()).execute();
+        host.handle().route().get(RouteMessageBuilder::<Ipv4Addr>::new().table_id(table).build()).execute();
     let mut ours = Vec::new();
     while let Some(msg) = routes.try_next().await.map_err(nl("listing routes"))? {
-        if table_of(&msg) == TABLE {
+        if table_of(&msg) == table {
             ours.push(msg);
         }
     }
@@ -302,7 +307,7 @@ pub async fn remove_all(host: &Netlink) -> Result<(), Error> {
             .del(msg)
             .execute()
             .await
-            .map_err(nl(format!("removing a route of table {TABLE}")))
+            .map_err(nl(format!("removing a route of table {table}")))
         {
             Err(e) if e.errno() == Some(libc::ESRCH) => {}
             other => other?,
@@ -342,18 +347,29 @@ async fn device_addresses(host: &Netlink, index: u32) -> Result<BTreeSet<Ipv4Add
         .map_err(nl(format!("listing {DEVICE}'s addresses")))
 }
 
-/// The rules selecting our table, by the source they match.
-async fn our_rules(
+/// The rules that select routing table `table` (the resolver's, egress_path's).
+pub(super) async fn rules_of(
     host: &Netlink,
-) -> Result<Vec<(Option<Ipv4Addr>, rtnetlink::packet_route::rule::RuleMessage)>, Error> {
+    table: u32,
+) -> Result<Vec<rtnetlink::packet_route::rule::RuleMessage>, Error> {
     let rules: Vec<_> =
         host.handle().rule().get(IpVersion::V4).execute().try_collect().await.map_err(nl("listing rules"))?;
     Ok(rules
         .into_iter()
         .filter(|r| {
-            r.attributes.iter().any(|a| matches!(a, RuleAttribute::Table(TABLE)))
-                || u32::from(r.header.table) == TABLE
+            r.attributes.iter().any(|a| matches!(a, RuleAttribute::Table(t) if *t == table))
+                || u32::from(r.header.table) == table
         })
+        .collect())
+}
+
+/// The rules selecting our table, by the source they match.
+async fn our_rules(
+    host: &Netlink,
+) -> Result<Vec<(Option<Ipv4Addr>, rtnetlink::packet_route::rule::RuleMessage)>, Error> {
+    Ok(rules_of(host, TABLE)
+        .await?
+        .into_iter()
         .map(|r| {
             let source = r.attributes.iter().find_map(|a| match a {
                 RuleAttribute::Source(IpAddr::V4(ip)) => Some(ip.to_owned()),
