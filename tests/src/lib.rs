@@ -26,6 +26,8 @@ pub mod fuzz;
 pub mod outside;
 /// Just enough of the pcap format to read back what crossed the underlay.
 pub mod pcap;
+/// Peers that name themselves and the client that asks them (published ports).
+pub mod peer;
 /// A ping for the length of a fault, and what it lost.
 pub mod ping;
 /// Podman (CNI backend) on a simulated host, with its own roots and CNI directories.

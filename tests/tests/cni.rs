@@ -10,7 +10,9 @@ use overlay_agent::{cni::types::SUPPORTED_VERSIONS, model::MacAddr};
 use overlay_tests::{
     cluster::Cluster,
     cni::{self, Call, Outcome},
-    in_ns, ip, sh, skip_unless_privileged, try_sh, wait_for,
+    in_ns, ip,
+    peer::{ask, serve},
+    sh, skip_unless_privileged, try_sh, wait_for,
 };
 use serde_json::{Value, json};
 
@@ -146,6 +148,9 @@ fn cni_suite() {
     assert_eq!(env.state(), empty, "the DEL case left keys behind");
     errors_are_cni_errors(&env);
     assert_eq!(env.state(), empty, "a refused call wrote keys");
+    port_mappings_publish_the_pods_ports(&env);
+    assert_eq!(env.state(), empty, "the port mappings case left keys behind");
+    assert!(env.keys("ports/").is_empty(), "a DEL left a published port: {:?}", env.keys("ports/"));
     a_failed_add_leaves_nothing(&env);
     gc_removes_what_the_runtime_no_longer_has(&env);
     assert_eq!(env.state(), empty, "the GC case left keys behind");
@@ -351,26 +356,26 @@ fn errors_are_cni_errors(env: &Env) {
             "this host's own network namespace",
         ),
         (
-            "podman's port mappings",
+            "an SCTP port mapping",
             add.clone(),
             env.conf(
                 "h1",
                 "1.0.0",
-                &json!({"runtimeConfig": {"portMappings": [{"containerPort": 80, "hostPort": 18081, "protocol": "tcp"}]}}),
+                &json!({"runtimeConfig": {"portMappings": [{"containerPort": 80, "hostPort": 18081, "protocol": "sctp"}]}}),
             ),
             2,
-            "hostPort 18081 -> containerPort 80/tcp",
+            "\"sctp\" is not published",
         ),
         (
-            "containerd's port mappings",
+            "a port mapping to port 0",
             add.clone(),
             env.conf(
                 "h1",
                 "1.0.0",
-                &json!({"runtimeConfig": {"portMappings": [{"HostPort": 18082, "ContainerPort": 80, "Protocol": "udp", "HostIP": ""}]}}),
+                &json!({"runtimeConfig": {"portMappings": [{"HostPort": 0, "ContainerPort": 80, "Protocol": "tcp", "HostIP": ""}]}}),
             ),
-            2,
-            "hostPort 18082 -> containerPort 80/udp",
+            7,
+            "hostPort 0 -> containerPort 80/tcp",
         ),
         (
             "an unknown command",
@@ -398,6 +403,54 @@ fn errors_are_cni_errors(env: &Env) {
     let json: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     assert!(!out.status.success() && json["code"] == 6, "bad JSON: {json}");
     assert!(env.veths("h1").is_empty(), "a refused ADD made an interface");
+}
+
+/// `portMappings` as podman and containerd pass them: the pod's port on its host's address, from
+/// another host, with the client's own address seen; a second pod asking for the same host port
+/// is refused naming the first and writes nothing; DEL frees the port for the next pod.
+fn port_mappings_publish_the_pods_ports(env: &Env) {
+    let h2 = env.host_ns("h2").to_owned();
+    let mapping = |spelling: &str| match spelling {
+        "podman" => json!({"runtimeConfig": {"portMappings": [
+            {"containerPort": 80, "hostPort": 18081, "protocol": "tcp"},
+            {"containerPort": 53, "hostPort": 18053, "protocol": "udp"}]}}),
+        _ => json!({"runtimeConfig": {"portMappings": [
+            {"HostPort": 18081, "ContainerPort": 80, "Protocol": "tcp", "HostIP": ""}]}}),
+    };
+    let add_with = |id: &str, netns: &str, spelling: &str| {
+        let call = Call { command: "ADD", container_id: id, netns, ifname: "eth0", args: "" };
+        env.invoke("h1", &call, &env.conf("h1", "1.0.0", &mapping(spelling)))
+    };
+    let web = env.pod_ns("web");
+    let first = add_with("ctr-web", &web, "podman");
+    assert!(first.ok, "ADD with port mappings: {}", first.stdout);
+    let _tcp = serve(&ns_name(&web), "web peer", &["peer", "80", "web"]);
+    let _udp = serve(&ns_name(&web), "web peer udp", &["peer", "53", "web"]);
+    let reached = |to: &str, proto: &str| wait_for(Duration::from_secs(10), || ask(&h2, to, proto));
+    assert_eq!(reached("198.18.0.1:18081", "tcp").as_deref(), Some("web 198.18.0.2"));
+    assert_eq!(reached("198.18.0.1:18053", "udp").as_deref(), Some("web 198.18.0.2"));
+    assert_eq!(ask(&h2, "198.18.0.2:18081", "tcp"), None, "the port is published on h1 only");
+
+    // Another pod, containerd's spelling, the same host port: refused naming the holder.
+    let before = env.state();
+    let other = env.pod_ns("other");
+    let out = add_with("ctr-other", &other, "containerd");
+    assert!(!out.ok, "a second pod got port 18081: {}", out.stdout);
+    assert!(out.msg().contains("18081") && out.msg().contains("\"cni-ctr-web\""), "{}", out.msg());
+    assert_eq!(env.state(), before, "a refused ADD wrote keys");
+
+    // DEL frees it: the next pod gets it and the port leads there.
+    env.del("h1", "ctr-web", &web, Some(&first.json));
+    let out = add_with("ctr-other", &other, "containerd");
+    assert!(out.ok, "the port was not freed by DEL: {}", out.stdout);
+    let _other = serve(&ns_name(&other), "other peer", &["peer", "80", "other"]);
+    assert_eq!(reached("198.18.0.1:18081", "tcp").as_deref(), Some("other 198.18.0.2"));
+    env.del("h1", "ctr-other", &other, Some(&out.json));
+}
+
+/// The namespace name of a pod's `/run/netns/<name>` path.
+fn ns_name(netns: &str) -> String {
+    netns.trim_start_matches("/run/netns/").to_owned()
 }
 
 /// An ADD the agent cannot complete (the pod has an eth0 already) is answered with the

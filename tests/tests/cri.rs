@@ -10,7 +10,9 @@ use overlay_tests::{
     cluster::Cluster,
     cni,
     containerd::{self, Containerd},
-    cri, docker, in_ns, processes_mentioning, sh, skip, skip_unless_privileged, try_sh, wait_for,
+    cri, docker, in_ns,
+    peer::{ask, serve},
+    processes_mentioning, sh, skip, skip_unless_privileged, try_sh, wait_for,
 };
 
 const NET: &str = "pods";
@@ -134,17 +136,36 @@ fn cri_suite() {
     assert!(env.cluster.comes_to_reach("h2", "cli", ip_a), "the CLI container does not reach the pod");
     env.cluster.ok(&["container", "rm", "cli"]);
 
-    // A hostPort reaches the plugin in containerd's capitalised spelling and is refused, naming
-    // it; containerd cleans up, and nothing of the pod is left.
-    let mut ported = cri::pod("ported", "default", "uid-p", &env.cgroup("h1"));
-    ported.port_mappings.push(cri::PortMapping {
-        protocol: 0,
-        container_port: 80,
-        host_port: 18082,
-        host_ip: String::new(),
-    });
-    let err = c1.run_pod_sandbox(ported).expect_err("a hostPort pod ran");
-    assert!(err.message().contains("hostPort 18082 -> containerPort 80/tcp"), "{}", err.message());
+    // A hostPort reaches the plugin in containerd's capitalised spelling and is published on
+    // h1's address: h2 reaches the pod through it. Another pod asking for it is refused naming
+    // the holder; containerd cleans up, and removing the first pod frees the port.
+    let host_port = |name: &str, uid: &str| {
+        let mut pod = cri::pod(name, "default", uid, &env.cgroup("h1"));
+        pod.port_mappings.push(cri::PortMapping {
+            protocol: 0,
+            container_port: 80,
+            host_port: 18082,
+            host_ip: String::new(),
+        });
+        pod
+    };
+    let ported = c1.run_pod_sandbox(host_port("ported", "uid-p")).expect("a hostPort pod");
+    let ported_ns = env.netns("ported.default");
+    let peer =
+        serve(ported_ns.rsplit('/').next().expect("netns name"), "ported peer", &["peer", "80", "ported"]);
+    let h2 = env.cluster.topo.host("h2").ns.clone();
+    let answer = wait_for(Duration::from_secs(10), || ask(&h2, "198.18.0.1:18082", "tcp"));
+    assert_eq!(answer.as_deref(), Some("ported 198.18.0.2"), "the hostPort from h2");
+    let err = c1.run_pod_sandbox(host_port("second", "uid-s")).expect_err("two pods got hostPort 18082");
+    assert!(
+        err.message().contains("18082") && err.message().contains("\"ported.default\""),
+        "{}",
+        err.message()
+    );
+    drop(peer);
+    c1.stop_pod_sandbox(&ported).expect("StopPodSandbox");
+    c1.remove_pod_sandbox(&ported).expect("RemovePodSandbox");
+    assert!(env.keys("ports/").is_empty(), "the pod's port is left: {:?}", env.keys("ports/"));
 
     // Stop (CNI DEL), twice, then Remove: the pod leaves the overlay; nothing is left.
     for (c, id) in [(&mut c1, &a), (&mut c2, &b)] {

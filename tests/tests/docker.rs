@@ -9,7 +9,9 @@ use overlay_tests::{
     binary,
     cluster::Cluster,
     docker::{self, DRIVER, Dockerd, IMAGE},
-    in_ns, sh, skip, skip_unless_privileged, try_sh, wait_for,
+    in_ns,
+    peer::ask,
+    sh, skip, skip_unless_privileged, try_sh, wait_for,
 };
 
 /// The hosts, their agents and engines; the engines are dropped (stopped) before the rest.
@@ -224,6 +226,7 @@ fn docker_suite() {
     addresses_come_from_etcd(&env);
     containers_reach_each_other_across_hosts(&env);
     docker_and_cli_containers_meet(&env);
+    published_ports_lead_to_the_container(&env);
     networks_are_isolated_and_connect_at_runtime(&env);
     bad_endpoints_are_refused(&env);
     sixteen_at_once_get_sixteen_addresses(&env);
@@ -490,6 +493,68 @@ fn docker_and_cli_containers_meet(env: &Env) {
     env.cluster.ok(&["container", "rm", "cli1"]);
 }
 
+/// `docker run -p`: the port map becomes the container's published ports, in etcd under h1 and
+/// in h1's NAT; another host reaches the container through h1's address (and the container sees
+/// the client's own address); a range takes its first free port and `-p 81` one of dockerd's
+/// default range; a second container asking for a held port is refused naming the holder, and
+/// `docker rm` frees every port.
+fn published_ports_lead_to_the_container(env: &Env) {
+    let h2 = env.cluster.topo.host("h2").ns.clone();
+    let ports = |env: &Env| -> Vec<String> {
+        let mut keys: Vec<String> = env
+            .cluster
+            .keys("ports/h1/")
+            .iter()
+            .map(|k| k.rsplit("ports/").next().unwrap_or(k).to_owned())
+            .collect();
+        keys.sort();
+        keys
+    };
+    assert!(ports(env).is_empty(), "ports published before: {:?}", ports(env));
+    env.run(
+        "h1",
+        "ipnet",
+        &["--name", "pub", "-p", "18090:80", "-p", "18091-18095:80/udp", "-p", "81"],
+        &["sh", "-c", "/probe peer 80 pub & /probe peer 81 pub-any & wait"],
+    );
+    let held = ports(env);
+    assert_eq!(held.len(), 3, "{held:?}");
+    assert!(
+        held.contains(&"h1/tcp/18090".to_owned()) && held.contains(&"h1/udp/18091".to_owned()),
+        "{held:?}"
+    );
+    let any: u16 = held
+        .iter()
+        .find_map(|k| k.strip_prefix("h1/tcp/").filter(|p| *p != "18090").and_then(|p| p.parse().ok()))
+        .unwrap_or_else(|| panic!("no port for -p 81: {held:?}"));
+    assert!((49153..=60999).contains(&any), "-p 81 took {any}");
+    let reached = |to: &str, proto: &str| wait_for(Duration::from_secs(10), || ask(&h2, to, proto));
+    assert_eq!(reached("198.18.0.1:18090", "tcp").as_deref(), Some("pub 198.18.0.2"));
+    assert_eq!(reached("198.18.0.1:18091", "udp").as_deref(), Some("pub 198.18.0.2"));
+    assert_eq!(reached(&format!("198.18.0.1:{any}"), "tcp").as_deref(), Some("pub-any 198.18.0.2"));
+
+    // The same host port again: refused, naming the container that holds it; nothing written.
+    let sandbox = env.docker("h1", &["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", "pub"]);
+    let holder = format!("docker-{}", sandbox.trim().rsplit('/').next().unwrap_or(""));
+    let mounts = probe_mounts();
+    let mut args = vec!["run", "-d", "--name", "pub2", "--network", "ipnet", "-p", "18090:80"];
+    args.extend(mounts.iter().map(String::as_str));
+    args.extend([IMAGE, "sleep", "600"]);
+    let err = env.docker_refused("h1", &args);
+    assert!(err.contains("18090") && err.contains(&holder), "{err}");
+    assert_eq!(ports(env), held, "a refused -p changed the published ports");
+    env.docker("h1", &["rm", "-f", "pub2"]);
+
+    // rm frees them all; the port leads nowhere.
+    env.docker("h1", &["rm", "-f", "pub"]);
+    assert!(
+        wait_for(Duration::from_secs(10), || ports(env).is_empty().then_some(())).is_some(),
+        "{:?}",
+        ports(env)
+    );
+    assert_eq!(ask(&h2, "198.18.0.1:18090", "tcp"), None, "a removed container's port still leads somewhere");
+}
+
 /// Two Docker networks are isolated; `docker network connect` gives a running container an
 /// `eth1` on the other network at once, `disconnect` takes it away.
 fn networks_are_isolated_and_connect_at_runtime(env: &Env) {
@@ -526,8 +591,8 @@ fn networks_are_isolated_and_connect_at_runtime(env: &Env) {
 }
 
 /// What the plugin refuses, with Docker's error naming why, leaving nothing behind: a network
-/// whose addresses come from Docker's own IPAM (they could collide across hosts), published
-/// ports, unknown driver options, and endpoint calls that do not parse or name nothing.
+/// whose addresses come from Docker's own IPAM (they could collide across hosts), SCTP ports
+/// published, unknown driver options, and endpoint calls that do not parse or name nothing.
 fn bad_endpoints_are_refused(env: &Env) {
     env.docker("h1", &["network", "create", "-d", DRIVER, "--subnet", "10.0.22.0/24", "own-ipam"]);
     env.run("h1", "apart", &["--name", "opt"], &["sleep", "600"]);
@@ -535,8 +600,8 @@ fn bad_endpoints_are_refused(env: &Env) {
     let err = env.docker_refused("h1", &["run", "--rm", "--network", "own-ipam", IMAGE, "true"]);
     assert!(err.contains("was not given by this plugin's IPAM driver"), "{err}");
     let err =
-        env.docker_refused("h1", &["run", "--rm", "--network", "ipnet", "-p", "8080:80", IMAGE, "true"]);
-    assert!(err.contains("publishing ports (-p) is not supported"), "{err}");
+        env.docker_refused("h1", &["run", "--rm", "--network", "ipnet", "-p", "8080:80/sctp", IMAGE, "true"]);
+    assert!(err.contains("IP protocol 132 is not supported"), "{err}");
     let err = env.docker_refused("h1", &["network", "connect", "--driver-opt", "colour=red", "ipnet", "opt"]);
     assert!(err.contains("unknown endpoint option \"colour\""), "{err}");
     let id = "a".repeat(64);

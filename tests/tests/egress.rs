@@ -6,41 +6,20 @@
 use std::{
     io::{BufRead as _, BufReader},
     net::Ipv4Addr,
-    process::{Output, Stdio},
     time::Duration,
 };
 
 use overlay_tests::{
-    Proc, binary,
     cluster::Cluster,
     in_ns, ip_in,
     outside::{self, OUTSIDE},
+    peer::{ask, probe, serve},
     sh, skip_unless_privileged, try_sh, wait_for,
 };
 
 /// The MTU of the link between the router and the outside: less than the containers' 1450, so
 /// what they send at full size needs path MTU discovery through the host's NAT.
 const OUTSIDE_MTU: u32 = 1400;
-
-fn probe(ns: &str, args: &[&str]) -> Output {
-    let probe = binary("overlay-probe");
-    let mut cmd = in_ns(ns, &["timeout", "20", probe.to_str().expect("path")]);
-    try_sh(cmd.args(args))
-}
-
-/// `overlay-probe ask TO tcp|udp` from `ns`: the answer line, or None.
-fn ask(ns: &str, to: &str, proto: &str) -> Option<String> {
-    let out = probe(ns, &["ask", to, proto]);
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-/// Starts `overlay-probe ARGS` in `ns` in the background.
-fn serve(ns: &str, name: &str, args: &[&str]) -> Proc {
-    let probe = binary("overlay-probe");
-    let mut cmd = in_ns(ns, &[probe.to_str().expect("path")]);
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
-    Proc::spawn(name, &mut cmd)
-}
 
 /// The packet count of the rule of the agent's nftables table in `ns` whose comment starts
 /// with `comment`; None when the table (or the rule) is not there.

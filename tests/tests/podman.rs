@@ -6,8 +6,10 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use overlay_tests::{
+    binary,
     cluster::Cluster,
     cni, docker, in_ns,
+    peer::ask,
     podman::{self, IMAGE, Podman},
     sh, skip, skip_unless_privileged, try_sh, wait_for,
 };
@@ -146,13 +148,23 @@ fn podman_suite() {
     assert!(env.cluster.comes_to_reach("h2", "cli", a), "the CLI container does not reach pa");
     env.cluster.ok(&["container", "rm", "cli"]);
 
-    // `-p` reaches the plugin in podman's lowercase spelling and is refused, naming the port;
-    // nothing is left of the container's attempt.
+    // `-p` reaches the plugin in podman's lowercase spelling and publishes the port on h1's
+    // address: h2 reaches the container through it, and the container sees h2's own address.
+    let probe = format!("{}:/probe:ro", binary("overlay-probe").display());
+    let mounts = ["-v", &probe, "-v", "/usr/lib:/lib:ro", "-v", "/usr/lib64:/lib64:ro"];
+    let mut args = vec!["run", "-d", "--name", "pp", "-p", "18081:80", "--network", NET];
+    args.extend(mounts);
+    args.extend([IMAGE, "/probe", "peer", "80", "pp"]);
+    env.ok("h1", &args);
+    let h2 = env.cluster.topo.host("h2").ns.clone();
+    let answer = wait_for(Duration::from_secs(10), || ask(&h2, "198.18.0.1:18081", "tcp"));
+    assert_eq!(answer.as_deref(), Some("pp 198.18.0.2"), "the published port from h2");
+    // The same host port for another container: refused naming the holder, nothing left of it.
     let out = try_sh(env.podman("h1").podman().args([
         "run",
         "-d",
         "--name",
-        "pp",
+        "pq",
         "-p",
         "18081:80",
         "--network",
@@ -162,9 +174,12 @@ fn podman_suite() {
         "600",
     ]));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "podman run -p passed");
-    assert!(err.contains("hostPort 18081 -> containerPort 80/tcp"), "{err}");
-    let _ = try_sh(env.podman("h1").podman().args(["rm", "-f", "pp"]));
+    assert!(!out.status.success(), "a second podman run -p 18081 passed");
+    assert!(err.contains("18081") && err.contains("\"pp\""), "{err}");
+    let _ = try_sh(env.podman("h1").podman().args(["rm", "-f", "pq"]));
+    assert!(!env.keys("containers/").iter().any(|k| k.ends_with("/pq")), "the refused container was written");
+    env.ok("h1", &["rm", "-f", "-t", "0", "pp"]);
+    assert!(env.keys("ports/").is_empty(), "podman rm left its port: {:?}", env.keys("ports/"));
 
     // podman rm: CNI DEL for each; nothing is left in etcd or on the hosts.
     env.ok("h1", &["rm", "-f", "-t", "0", "pa"]);

@@ -1,8 +1,10 @@
 //! The CNI commands, answered by the agent for `overlay-cni` (docs/cni.md):
 //!
 //! - **ADD** checks everything it can before writing (the environment, the version, the
-//!   network, the namespace, refused port mappings), then writes the container (at its first
-//!   interface) and the endpoint in one transaction (`Store::cni_attach`) and waits for this
+//!   network, the namespace, the port mappings), then writes the container (at its first
+//!   interface, with the runtime's `portMappings` as its published ports, each refused naming
+//!   its holder if another container has it) and the endpoint in one transaction
+//!   (`Store::cni_attach`) and waits for this
 //!   agent's loop to make the interface in the runtime's namespace, named CNI_IFNAME, with the
 //!   address, MTU and default route, exactly as for `container create --netns`. If the loop
 //!   reports an error or does not answer, ADD undoes its writes (the loop then removes whatever
@@ -27,12 +29,13 @@ use super::types::{
     CniError, CniResult, Code, NetConf, Request, SUPPORTED_VERSIONS, at_least, parse_args, supported,
 };
 use crate::{
-    model::{Endpoint, Network},
+    model::{Endpoint, Network, Proto},
     netlink::Netlink,
     sandbox::Forbidden,
     store::{
         Store, StoreError, check_name,
         cni::{CniAttach, endpoint_id},
+        ports::PortRequest,
     },
 };
 
@@ -109,7 +112,7 @@ impl Cni {
         required("CNI_CONTAINERID", &req.container_id)?;
         check_ifname(&req.ifname)?;
         let netns = check_netns(&req.netns, &self.forbidden)?;
-        refuse_port_mappings(conf)?;
+        let ports = port_requests(conf)?;
         let container = container_name(&req.container_id, &req.args)?;
         let network = self.network(conf).await?;
         let Some(network) = network else {
@@ -129,6 +132,7 @@ impl Cni {
             netns: netns.to_owned(),
             endpoint_id: endpoint_id(&network.id, &req.container_id, &req.ifname),
             ifname: req.ifname.clone(),
+            ports,
         };
         let (network, ep, new) = self.store.cni_attach(&attach).await.map_err(store_error)?;
         if !new && ep.ifname.as_deref() != Some(req.ifname.as_str()) {
@@ -325,19 +329,54 @@ fn check_netns<'a>(netns: &'a str, forbidden: &Forbidden) -> Result<&'a Path, Cn
     Ok(path)
 }
 
-/// Port mappings are refused until the overlay has a path from host ports to containers: a
-/// pod whose ports silently do not work is worse than one that does not start.
-fn refuse_port_mappings(conf: &NetConf) -> Result<(), CniError> {
-    let Some(p) = conf.runtime_config.port_mappings.first() else { return Ok(()) };
-    Err(CniError::new(
-        Code::UnsupportedField,
-        format!(
-            "runtimeConfig.portMappings (hostPort {} -> containerPort {}/{}) is not supported: the overlay does not publish host ports yet; reach the container at its overlay address",
-            p.host_port,
-            p.container_port,
-            if p.protocol.is_empty() { "tcp" } else { &p.protocol },
-        ),
-    ))
+/// The runtime's `portMappings` (the capability the netconf declares), as published ports:
+/// hostPort on this host's addresses, to containerPort on the pod's address. Entries for an
+/// IPv6 host address are left out, as the portmap plugin leaves out a family the pod has no
+/// address of (the overlay carries IPv4); anything else that cannot be published is an error.
+fn port_requests(conf: &NetConf) -> Result<Vec<PortRequest>, CniError> {
+    let mut requests = Vec::new();
+    for p in &conf.runtime_config.port_mappings {
+        let bad = |why: &str| {
+            CniError::new(
+                Code::InvalidNetworkConfig,
+                format!(
+                    "runtimeConfig.portMappings entry hostPort {} -> containerPort {}/{}: {why}",
+                    p.host_port, p.container_port, p.protocol
+                ),
+            )
+        };
+        let host_ip = match p.host_ip.as_str() {
+            "" => None,
+            ip => match ip.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(ip)) if ip.is_unspecified() => None,
+                Ok(std::net::IpAddr::V4(ip)) => Some(ip),
+                Ok(std::net::IpAddr::V6(_)) => continue,
+                Err(_) => return Err(bad(&format!("hostIP {ip:?} is not an address"))),
+            },
+        };
+        let proto = match p.protocol.to_ascii_lowercase().as_str() {
+            "" | "tcp" => Proto::Tcp,
+            "udp" => Proto::Udp,
+            other => {
+                return Err(CniError::new(
+                    Code::UnsupportedField,
+                    format!(
+                        "runtimeConfig.portMappings: protocol {other:?} is not published (tcp and udp are)"
+                    ),
+                ));
+            }
+        };
+        if p.host_port == 0 || p.container_port == 0 {
+            return Err(bad("ports are 1-65535"));
+        }
+        requests.push(PortRequest {
+            proto,
+            host_ip,
+            host_ports: p.host_port..=p.host_port,
+            container_port: p.container_port,
+        });
+    }
+    Ok(requests)
 }
 
 /// The container's name in the overlay: `<pod>.<namespace>` for a Kubernetes pod (namespaces
@@ -422,18 +461,35 @@ mod tests {
     }
 
     #[test]
-    fn port_mappings_are_refused_naming_the_port() {
+    fn port_mappings_are_read_as_each_runtime_spells_them() {
         let conf: NetConf = serde_json::from_str(
-            r#"{"cniVersion":"1.0.0","name":"n","runtimeConfig":{"portMappings":[{"HostPort":18082,"ContainerPort":80,"Protocol":"tcp","HostIP":""}]}}"#,
+            r#"{"cniVersion":"1.0.0","name":"n","runtimeConfig":{"portMappings":[
+                {"HostPort":18082,"ContainerPort":80,"Protocol":"TCP","HostIP":""},
+                {"hostPort":18083,"containerPort":53,"protocol":"udp","hostIP":"198.18.0.1"},
+                {"hostPort":18084,"containerPort":80,"protocol":"tcp","hostIP":"::"}]}}"#,
         )
         .unwrap();
-        let e = refuse_port_mappings(&conf).unwrap_err();
-        assert_eq!(e.code, Code::UnsupportedField as u32);
-        assert!(e.msg.contains("hostPort 18082 -> containerPort 80/tcp"), "{}", e.msg);
-        let empty: NetConf =
-            serde_json::from_str(r#"{"cniVersion":"1.0.0","name":"n","runtimeConfig":{"portMappings":[]}}"#)
-                .unwrap();
-        assert!(refuse_port_mappings(&empty).is_ok());
+        let got = port_requests(&conf).unwrap();
+        assert_eq!(got.len(), 2, "the IPv6 entry is left out: {got:?}");
+        assert_eq!(
+            (got[0].proto, got[0].host_ip, got[0].host_ports.clone(), got[0].container_port),
+            (Proto::Tcp, None, 18082..=18082, 80)
+        );
+        assert_eq!((got[1].proto, got[1].host_ip), (Proto::Udp, Some("198.18.0.1".parse().unwrap())));
+        for (entry, code) in [
+            (r#"{"hostPort":1,"containerPort":2,"protocol":"sctp"}"#, Code::UnsupportedField),
+            (r#"{"hostPort":0,"containerPort":80,"protocol":"tcp"}"#, Code::InvalidNetworkConfig),
+            (
+                r#"{"hostPort":80,"containerPort":80,"protocol":"tcp","hostIP":"nowhere"}"#,
+                Code::InvalidNetworkConfig,
+            ),
+        ] {
+            let conf: NetConf = serde_json::from_str(&format!(
+                r#"{{"cniVersion":"1.0.0","name":"n","runtimeConfig":{{"portMappings":[{entry}]}}}}"#
+            ))
+            .unwrap();
+            assert_eq!(port_requests(&conf).unwrap_err().code, code as u32, "{entry}");
+        }
     }
 
     #[test]

@@ -3,13 +3,16 @@
 //! endpoint id, on the address this host's IPAM calls reserved for it.
 //!
 //! - **CreateEndpoint** checks what Docker asks for (the network is one this plugin made, the
-//!   address is this host's reservation, no IPv6, no published ports) and chooses the MAC (the
-//!   one derived from the address, as for every overlay endpoint, or `--mac-address`). Nothing
-//!   is written yet: Docker names the container's sandbox only at Join.
+//!   address is this host's reservation, no IPv6, a port map that can be published) and chooses
+//!   the MAC (the one derived from the address, as for every overlay endpoint, or
+//!   `--mac-address`). Nothing is written yet: Docker names the container's sandbox only at Join.
 //! - **Join** writes the endpoint (and, at the sandbox's first endpoint, its container,
 //!   `docker-<sandbox id>`), the address passing from the reservation to it
 //!   (`Store::join_reserved`); the agent's loop then makes the veth pair in the host's
-//!   namespace, as for the CLI, and Join answers once the agent reports it up: Docker moves the
+//!   namespace, as for the CLI, and Join answers once the agent reports it up; the port map
+//!   (`-p`) goes on the container as its published ports, in the same transaction, each host
+//!   port refused naming its holder if another container has it (`store::ports`), a range or
+//!   `-p 80` taking the first free port (of dockerd's default range for the latter). Docker moves the
 //!   container side (`ovt<id>`) into the sandbox, names it `ethN` and gives it the address and
 //!   the gateway.
 //! - **Leave** takes the endpoint back out of the store (the address is the reservation again,
@@ -31,9 +34,13 @@ use super::{
     },
 };
 use crate::{
-    model::{MacAddr, Network},
+    model::{MacAddr, Network, Proto},
     netlink::veth,
-    store::{ReservedJoin, Store, ipam, reservation},
+    store::{
+        ReservedJoin, Store, ipam,
+        ports::{ANY_HOST_PORT, PortRequest},
+        reservation,
+    },
 };
 
 /// How long Join waits for the agent to make the interface, and Leave for it to remove it.
@@ -49,6 +56,8 @@ pub struct Chosen {
     pub network_id: String,
     pub ip: Ipv4Addr,
     pub mac: MacAddr,
+    /// Docker's port map (`-p`), published at Join.
+    pub ports: Vec<PortRequest>,
 }
 
 /// The endpoints created and not yet joined or deleted, by Docker's endpoint id. Kept in memory
@@ -110,15 +119,20 @@ pub async fn create(
     if !req.interface.address_ipv6.is_empty() {
         return Err("IPv6 is not supported: the overlay carries IPv4 only".into());
     }
-    for (key, value) in &req.options {
-        if key == PORT_MAP && value.as_array().is_some_and(|ports| !ports.is_empty()) {
-            return Err("publishing ports (-p) is not supported on an overlay network: reach the container at its overlay address".into());
-        }
+    for key in req.options.keys() {
         if !DOCKER_OPTIONS.contains(&key.as_str()) {
             return Err(format!("unknown endpoint option {key:?} (--driver-opt: none is understood)"));
         }
     }
+    let ports = port_map(req.options.get(PORT_MAP))?;
     let network = overlay_network(store, networks, &req.network_id).await?;
+    if !ports.is_empty() && !network.has_egress() {
+        return Err(format!(
+            "network {:?} has no way out ({}): publish ports (-p) on a network with one",
+            network.name,
+            if network.internal { "--internal" } else { "no gateway" }
+        ));
+    }
     let address = req.interface.address.as_str();
     if address.is_empty() {
         return Err(
@@ -142,11 +156,67 @@ pub async fn create(
             held.map_or_else(|| "nothing holds it".to_owned(), |h| format!("held by {h:?}")),
         ));
     }
-    created.lock().insert(req.endpoint_id.clone(), Chosen { network_id: network.id.clone(), ip, mac });
+    created.lock().insert(req.endpoint_id.clone(), Chosen { network_id: network.id.clone(), ip, mac, ports });
     info!(endpoint = %req.endpoint_id, network = %network.name, %ip, %mac, "Docker endpoint created");
     Ok(CreateEndpointAnswer {
         interface: InterfaceAnswer { mac_address: given.is_none().then(|| mac.to_string()) },
     })
+}
+
+/// One binding of Docker's port map (libnetwork's `types.PortBinding`).
+#[derive(Debug, serde::Deserialize)]
+struct Binding {
+    #[serde(rename = "Proto")]
+    proto: u8,
+    #[serde(rename = "Port")]
+    port: u16,
+    #[serde(rename = "HostIP", default)]
+    host_ip: Option<String>,
+    #[serde(rename = "HostPort", default)]
+    host_port: u16,
+    #[serde(rename = "HostPortEnd", default)]
+    host_port_end: u16,
+}
+
+/// Docker's port map as published ports: `-p 8080:80` one host port, `-p 8080-8090:80` the
+/// first free of a range, `-p 80` (host port 0) any of dockerd's default range. Bindings to an
+/// IPv6 host address are left out (the overlay carries IPv4; dockerd sends `::` beside
+/// `0.0.0.0` where the host has IPv6).
+fn port_map(value: Option<&serde_json::Value>) -> Result<Vec<PortRequest>, String> {
+    let Some(value) = value.filter(|v| !v.is_null()) else { return Ok(Vec::new()) };
+    let bindings: Vec<Binding> = serde_json::from_value(value.clone())
+        .map_err(|e| format!("{PORT_MAP} is not a list of port bindings: {e}"))?;
+    let mut requests = Vec::new();
+    for b in bindings {
+        let proto = match b.proto {
+            6 => Proto::Tcp,
+            17 => Proto::Udp,
+            other => {
+                return Err(format!(
+                    "publishing ports of IP protocol {other} is not supported (tcp and udp are)"
+                ));
+            }
+        };
+        let host_ip = match b.host_ip.as_deref().unwrap_or_default() {
+            "" => None,
+            ip => match ip.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(ip)) if ip.is_unspecified() => None,
+                Ok(std::net::IpAddr::V4(ip)) => Some(ip),
+                Ok(std::net::IpAddr::V6(_)) => continue,
+                Err(_) => return Err(format!("host address {ip:?} of a published port is not an address")),
+            },
+        };
+        let host_ports = match (b.host_port, b.host_port_end) {
+            (0, _) => ANY_HOST_PORT,
+            (start, end) if end <= start => start..=start,
+            (start, end) => start..=end,
+        };
+        if b.port == 0 {
+            return Err("a published port's container port is 0".into());
+        }
+        requests.push(PortRequest { proto, host_ip, host_ports, container_port: b.port });
+    }
+    Ok(requests)
 }
 
 /// A MAC as Docker writes it: six hex pairs; a unicast one.
@@ -195,6 +265,7 @@ pub async fn join(
         netns: PathBuf::from(&req.sandbox_key),
         ip: chosen.ip,
         mac: chosen.mac,
+        ports: chosen.ports.clone(),
     };
     let ep = store.join_reserved(&j).await.map_err(|e| e.to_string())?;
     if let Err(e) = store.wait_endpoint_ready(&ep, &network.name, Instant::now() + WAIT).await {
@@ -238,13 +309,11 @@ pub async fn delete(
     Ok(())
 }
 
-/// ProgramExternalConnectivity: nothing to program (no ports are published; CreateEndpoint
-/// refuses them), but the body is still checked.
+/// ProgramExternalConnectivity: nothing left to program (the port map went on the container at
+/// Join, and the agent publishes its ports), but the body is still checked.
 pub fn program_external(req: &ProgramExternalConnectivity) -> Result<(), String> {
     check_endpoint_id(&req.endpoint_id)?;
-    if req.options.get(PORT_MAP).and_then(serde_json::Value::as_array).is_some_and(|p| !p.is_empty()) {
-        return Err("publishing ports (-p) is not supported on an overlay network".into());
-    }
+    port_map(req.options.get(PORT_MAP))?;
     Ok(())
 }
 
@@ -279,15 +348,36 @@ mod tests {
     }
 
     #[test]
-    fn published_ports_are_refused() {
+    fn port_maps_become_published_ports() {
+        let map = serde_json::json!([
+            {"HostIP": "", "HostPort": 8080, "HostPortEnd": 8080, "IP": "", "Port": 80, "Proto": 6},
+            {"HostIP": "::", "HostPort": 8080, "HostPortEnd": 8080, "IP": "", "Port": 80, "Proto": 6},
+            {"HostIP": "198.18.0.1", "HostPort": 5300, "HostPortEnd": 5310, "IP": "", "Port": 53, "Proto": 17},
+            {"HostIP": "0.0.0.0", "HostPort": 0, "HostPortEnd": 0, "IP": "", "Port": 443, "Proto": 6}
+        ]);
+        let got = port_map(Some(&map)).unwrap();
+        assert_eq!(got.len(), 3, "the IPv6 binding is left out: {got:?}");
+        assert_eq!(
+            (got[0].proto, got[0].host_ip, got[0].host_ports.clone()),
+            (Proto::Tcp, None, 8080..=8080)
+        );
+        assert_eq!(
+            (got[1].proto, got[1].host_ip, got[1].host_ports.clone()),
+            (Proto::Udp, Some("198.18.0.1".parse().unwrap()), 5300..=5310)
+        );
+        assert_eq!((got[2].host_ports.clone(), got[2].container_port), (ANY_HOST_PORT, 443));
+        assert!(port_map(Some(&serde_json::json!([]))).unwrap().is_empty());
+        assert!(port_map(None).unwrap().is_empty());
+        for bad in [
+            serde_json::json!([{"HostPort": 1, "Port": 2, "Proto": 132}]),
+            serde_json::json!([{"HostPort": 1, "Port": 0, "Proto": 6}]),
+            serde_json::json!([{"HostIP": "x", "HostPort": 1, "Port": 2, "Proto": 6}]),
+            serde_json::json!({"HostPort": 1}),
+        ] {
+            assert!(port_map(Some(&bad)).is_err(), "{bad}");
+        }
         let req: ProgramExternalConnectivity = serde_json::from_str(&format!(
-            r#"{{"NetworkID": "n", "EndpointID": "{}", "Options": {{"com.docker.network.portmap": [{{"Port": 80, "Proto": 6}}]}}}}"#,
-            "a".repeat(64)
-        ))
-        .unwrap();
-        assert!(program_external(&req).unwrap_err().contains("-p"));
-        let req: ProgramExternalConnectivity = serde_json::from_str(&format!(
-            r#"{{"NetworkID": "n", "EndpointID": "{}", "Options": {{"com.docker.network.portmap": []}}}}"#,
+            r#"{{"NetworkID": "n", "EndpointID": "{}", "Options": {{"com.docker.network.portmap": [{{"Port": 80, "Proto": 6, "HostPort": 8080}}]}}}}"#,
             "a".repeat(64)
         ))
         .unwrap();

@@ -20,6 +20,7 @@ use super::{
     etcd::{Range, Retry, absent, decode, decode_or_skip, encode, unchanged},
     network::{decode_networks, resolve},
     now_rfc3339,
+    ports::{self, PortRequest},
     service::Names,
 };
 use crate::model::{Container, Endpoint, Network};
@@ -38,6 +39,8 @@ pub struct CniAttach {
     pub endpoint_id: String,
     /// CNI_IFNAME.
     pub ifname: String,
+    /// The runtime's `portMappings`: host ports published to the pod's address on this network.
+    pub ports: Vec<PortRequest>,
 }
 
 /// The id of the endpoint of CNI attachment (`container_id`, `ifname`) on network `network_id`:
@@ -62,6 +65,7 @@ impl Store {
     pub async fn cni_attach(&self, a: &CniAttach) -> Result<(Network, Endpoint, bool)> {
         const OP: &str = "cni add";
         check_name("container name", &a.container)?;
+        ports::check("portMappings", &a.ports)?;
         let k = &self.keys;
         let mut retry = Retry::new(OP);
         loop {
@@ -72,11 +76,13 @@ impl Store {
                         Range::Prefix(k.networks()),
                         Range::Key(k.host(&a.host)),
                         Range::Key(k.container(&a.container)),
+                        ports::read(k, &a.host),
                     ],
                 )
                 .await?;
             let networks = decode_networks(view.prefix(0));
             let (net, net_kv) = resolve(&networks, &a.network)?;
+            ports::check_network("portMappings", net, &a.ports)?;
             let endpoint_key = k.endpoint(&net.id, &a.endpoint_id);
             let (existing, _) = self.get(OP, &endpoint_key).await?;
             if let Some(kv) = existing {
@@ -120,15 +126,43 @@ impl Store {
                         ),
                     });
                 }
+                // The pod's ports were published with its first interface: the runtime passes
+                // the same portMappings to each of its networks' plugins, and a port leads to one
+                // address only.
+                if !a.ports.is_empty() && !c.ports.is_empty() {
+                    let same = a.ports.len() == c.ports.len()
+                        && a.ports.iter().zip(&c.ports).all(|(r, p)| {
+                            r.proto == p.proto
+                                && r.host_ports.contains(&p.host_port)
+                                && r.container_port == p.container_port
+                        });
+                    if !same {
+                        return Err(StoreError::Invalid {
+                            what: "portMappings",
+                            value: a.container.clone(),
+                            reason: "differ from those the pod's first interface published".into(),
+                        });
+                    }
+                } else if !a.ports.is_empty() {
+                    return Err(StoreError::Invalid {
+                        what: "portMappings",
+                        value: a.container.clone(),
+                        reason: "are published with a pod's first interface, and this is not it".into(),
+                    });
+                }
                 compares.push(unchanged(&k.container(&a.container), Some(kv)));
                 c
             } else {
+                let (published, c, o) =
+                    ports::claim(k, &a.host, &a.container, &a.ports, &ports::taken(view.prefix(3)), lease)?;
+                compares.extend(c);
+                ops.extend(o);
                 let c = Container {
                     name: a.container.clone(),
                     host: a.host.clone(),
                     netns: Some(a.netns.clone()),
                     handover: false,
-                    ports: Vec::new(),
+                    ports: published,
                     created: now_rfc3339(),
                     revision: 0,
                 };

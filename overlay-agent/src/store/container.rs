@@ -12,6 +12,7 @@ use super::{
     etcd::{Range, Retry, absent, decode, decode_or_skip, encode, range_unchanged_since, unchanged},
     network::{decode_networks, resolve},
     now_rfc3339,
+    ports::{self, PortRequest},
     service::Names,
 };
 use crate::model::{Container, Endpoint, PortMapping};
@@ -40,38 +41,21 @@ pub struct CreatedContainer {
     pub revision: i64,
 }
 
-/// The key that holds published port `p` on `host`.
-fn port_key(k: &super::keys::Keys, host: &str, p: &PortMapping) -> String {
-    k.port(host, p.proto.as_str(), p.host_port)
-}
-
-/// The deletes of a removed container's published ports (with its key, in one transaction).
-pub(super) fn port_deletes(k: &super::keys::Keys, c: &Container) -> Vec<TxnOp> {
-    c.ports.iter().map(|p| TxnOp::delete(port_key(k, &c.host, p), None)).collect()
-}
-
-/// Refuses published ports that cannot work, before anything is read: without a network, or
-/// the same host port twice.
-fn check_ports(spec: &ContainerSpec) -> Result<()> {
-    let Some(first) = spec.ports.first() else { return Ok(()) };
-    if spec.network.is_none() {
+/// Refuses published ports that cannot work, before anything is read: without a network, port
+/// 0, the same host port twice.
+fn check_ports(spec: &ContainerSpec) -> Result<Vec<PortRequest>> {
+    let requests: Vec<PortRequest> = spec.ports.iter().copied().map(PortRequest::from).collect();
+    if let Some(first) = spec.ports.first()
+        && spec.network.is_none()
+    {
         return Err(StoreError::Invalid {
             what: "--publish",
             value: first.to_string(),
             reason: "needs --network (the port leads to the container's address on it)".into(),
         });
     }
-    let mut seen = std::collections::BTreeSet::new();
-    for p in &spec.ports {
-        if !seen.insert((p.proto, p.host_port)) {
-            return Err(StoreError::Invalid {
-                what: "--publish",
-                value: p.to_string(),
-                reason: format!("host port {}/{} is given twice", p.host_port, p.proto.as_str()),
-            });
-        }
-    }
-    Ok(())
+    ports::check("--publish", &requests)?;
+    Ok(requests)
 }
 
 impl Store {
@@ -94,16 +78,16 @@ impl Store {
                 reason: "needs --network".into(),
             });
         }
-        check_ports(spec)?;
+        let requests = check_ports(spec)?;
         let k = &self.keys;
         let mut retry = Retry::new(OP);
         loop {
-            let mut ranges = vec![
+            let ranges = [
                 Range::Key(k.container(&spec.name)),
                 Range::Key(k.host(&spec.host)),
                 Range::Prefix(k.networks()),
+                ports::read(k, &spec.host),
             ];
-            ranges.extend(spec.ports.iter().map(|p| Range::Key(port_key(k, &spec.host, p))));
             let view = self.view(OP, &ranges).await?;
             if let Some(kv) = view.key(0) {
                 let existing: Container = decode(kv)?;
@@ -111,12 +95,16 @@ impl Store {
             }
             let host_kv = view.key(1).ok_or_else(|| StoreError::HostNotRegistered(spec.host.clone()))?;
             let lease = host_kv.lease();
+            // A published port is the host's: one container at a time holds it, named in the
+            // refusal. The keys live under the host's lease, as the container.
+            let (published, port_compares, port_ops) =
+                ports::claim(k, &spec.host, &spec.name, &requests, &ports::taken(view.prefix(3)), lease)?;
             let container = Container {
                 name: spec.name.clone(),
                 host: spec.host.clone(),
                 netns: spec.netns.clone(),
                 handover: false,
-                ports: spec.ports.clone(),
+                ports: published,
                 created: now_rfc3339(),
                 revision: 0,
             };
@@ -129,37 +117,14 @@ impl Store {
                     unchanged(&k.host(&spec.host), Some(host_kv))
                 },
             ];
+            compares.extend(port_compares);
             let mut ops = vec![put_leased(k.container(&spec.name), encode(&container), lease)];
-            // A published port is the host's: one container at a time holds it, named in the
-            // refusal. The keys live under the host's lease, as the container.
-            for (i, p) in spec.ports.iter().enumerate() {
-                let key = port_key(k, &spec.host, p);
-                if let Some(kv) = view.key(3 + i) {
-                    return Err(StoreError::PortTaken {
-                        port: p.host_port,
-                        proto: p.proto.as_str(),
-                        host: spec.host.clone(),
-                        holder: String::from_utf8_lossy(kv.value()).into_owned(),
-                    });
-                }
-                compares.push(absent(&key));
-                ops.push(put_leased(key, spec.name.clone(), lease));
-            }
+            ops.extend(port_ops);
             let mut endpoint = None;
             if let Some(network) = &spec.network {
                 let networks = decode_networks(view.prefix(2));
                 let (net, net_kv) = resolve(&networks, network)?;
-                if !spec.ports.is_empty() && !net.has_egress() {
-                    return Err(StoreError::Invalid {
-                        what: "--publish",
-                        value: spec.ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
-                        reason: format!(
-                            "network {:?} has no way out ({}): ports are published on networks with one",
-                            net.name,
-                            if net.internal { "--internal" } else { "no gateway" }
-                        ),
-                    });
-                }
+                ports::check_network("--publish", net, &requests)?;
                 let more = self.read_for_endpoint(OP, &net.id, &spec.name, &spec.names).await?;
                 let (ep, c, o) = endpoint::plan(
                     k,
@@ -214,7 +179,7 @@ impl Store {
                 TxnOp::delete(k.container(name), None),
                 TxnOp::delete(attachments_prefix.as_str(), Some(DeleteOptions::new().with_prefix())),
             ];
-            ops.extend(port_deletes(k, &container));
+            ops.extend(ports::deletes(k, &container));
             let mut endpoints = Vec::new();
             for (i, key) in endpoint_keys.iter().enumerate() {
                 let Some(kv) = eps.key(i) else { continue };

@@ -69,7 +69,7 @@ impl Store {
             if let Some(kv) = more.key(0).filter(|kv| others == 0 && remove_container(kv)) {
                 ops.push(TxnOp::delete(k.container(&ep.container), None));
                 if let Some(c) = super::etcd::decode_or_skip::<crate::model::Container>(kv) {
-                    ops.extend(super::container::port_deletes(k, &c));
+                    ops.extend(super::ports::deletes(k, &c));
                 }
             }
             if self.commit(op, compares, ops).await?.is_some() {

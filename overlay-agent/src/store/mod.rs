@@ -24,6 +24,8 @@ pub mod ipam;
 pub mod keys;
 pub(crate) mod load;
 pub mod network;
+/// Published ports: one container at a time holds a host's port.
+pub mod ports;
 /// Addresses held before their endpoint exists (Docker's IPAM driver API asks first).
 pub mod reservation;
 pub mod service;

@@ -8,7 +8,8 @@
 //! Docker's Join turns a reservation into an endpoint (`join_reserved`): in one transaction the
 //! address passes from the reservation to the endpoint, and the endpoint, its attachment and (at
 //! its first endpoint) the container are written, the container as one whose runtime moves the
-//! interfaces in itself (`Container::handover`). Leave undoes it (`leave_reserved`): the address
+//! interfaces in itself (`Container::handover`), with Docker's port map as its published ports
+//! (`store::ports`). Leave undoes it (`leave_reserved`): the address
 //! goes back to the reservation, which Docker releases after DeleteEndpoint, and the container
 //! goes with its last endpoint.
 
@@ -21,6 +22,7 @@ use super::{
     endpoint::{AddressHolder, choose_address, put_leased},
     etcd::{Range, Retry, absent, decode, encode, unchanged},
     now_rfc3339,
+    ports::{self, PortRequest},
 };
 use crate::model::{Container, Endpoint, MacAddr, Network};
 
@@ -37,6 +39,8 @@ pub struct ReservedJoin {
     pub netns: PathBuf,
     pub ip: Ipv4Addr,
     pub mac: MacAddr,
+    /// Docker's port map for the endpoint: published on the host, to `ip`.
+    pub ports: Vec<PortRequest>,
 }
 
 /// The holder of an address that `host` reserved.
@@ -121,6 +125,7 @@ impl Store {
         const OP: &str = "endpoint join";
         check_name("container name", &j.container)?;
         check_name("endpoint id", &j.endpoint_id)?;
+        ports::check("port map", &j.ports)?;
         let k = &self.keys;
         let address = k.address(&j.network_id, j.ip);
         let endpoint_key = k.endpoint(&j.network_id, &j.endpoint_id);
@@ -137,11 +142,13 @@ impl Store {
                         Range::Key(address.clone()),
                         Range::Key(endpoint_key.clone()),
                         Range::Key(attachment.clone()),
+                        ports::read(k, &j.host),
                     ],
                 )
                 .await?;
             let net_kv = view.key(0).ok_or_else(|| StoreError::NetworkNotFound(j.network_id.clone()))?;
             let network: Network = decode(net_kv)?;
+            ports::check_network("port map", &network, &j.ports)?;
             let host_kv = view.key(1).ok_or_else(|| StoreError::HostNotRegistered(j.host.clone()))?;
             let lease = host_kv.lease();
             if let Some(kv) = view.key(4) {
@@ -187,19 +194,36 @@ impl Store {
                 absent(&attachment),
             ];
             let mut ops = Vec::new();
+            // Docker gives its port map to one endpoint of a container (the first on a network
+            // with a way out): the ports go on the container with it, held by the container.
+            let (published, port_compares, port_ops) =
+                ports::claim(k, &j.host, &j.container, &j.ports, &ports::taken(view.prefix(6)), lease)?;
+            compares.extend(port_compares);
+            ops.extend(port_ops);
             if let Some(kv) = view.key(2) {
                 let c: Container = decode(kv)?;
                 if c.host != j.host || !c.handover || c.netns.as_ref() != Some(&j.netns) {
                     return Err(StoreError::ContainerExists { name: j.container.clone(), host: c.host });
                 }
                 compares.push(unchanged(&k.container(&j.container), Some(kv)));
+                if !published.is_empty() {
+                    if !c.ports.is_empty() {
+                        return Err(StoreError::Invalid {
+                            what: "port map",
+                            value: j.container.clone(),
+                            reason: "the container publishes ports through another endpoint already".into(),
+                        });
+                    }
+                    let c = Container { ports: published, ..c };
+                    ops.push(put_leased(k.container(&j.container), encode(&c), lease));
+                }
             } else {
                 let c = Container {
                     name: j.container.clone(),
                     host: j.host.clone(),
                     netns: Some(j.netns.clone()),
                     handover: true,
-                    ports: Vec::new(),
+                    ports: published,
                     created: now_rfc3339(),
                     revision: 0,
                 };
