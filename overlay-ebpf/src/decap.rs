@@ -33,6 +33,22 @@ use crate::{
 /// with the start of the transport header after it (ipv4::READ).
 pub const HEADERS: usize = INNER_IP_OFF + ipv4::READ;
 
+/// Bytes [`maybe_ours`] reads: the outer Ethernet and IPv4 headers.
+pub const PEEK: usize = OUTER_UDP_OFF;
+
+/// Whether the frame may be VXLAN for this host (IPv4, UDP, to our VTEP), from its first
+/// [`PEEK`] bytes: what is not passes untouched, as [`classify`] would pass it, without the
+/// rest of the headers being made linear.
+#[inline(always)]
+pub fn maybe_ours(pkt: Packet, cfg: &Config) -> bool {
+    let Some(eth) = pkt.read::<EthHdr>(0) else { return false };
+    if ether_type(&eth) != ETH_P_IP {
+        return false;
+    }
+    let Some(ip) = pkt.read::<Ipv4Hdr>(OUTER_IP_OFF) else { return false };
+    ip.proto == IpProto::Udp as u8 && ip.dst_addr == cfg.vtep
+}
+
 pub enum Verdict {
     /// Not VXLAN for this host: leave it to the host stack.
     Pass,

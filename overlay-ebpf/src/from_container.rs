@@ -20,14 +20,20 @@ use crate::{
     arp, dns, encap, ipv4,
     maps::{ENDPOINTS, IFACES, NETWORKS, SUBNETS, config},
     packet::Packet,
-    skb::{PACKET_HOST, deliver, packet},
+    skb::{PACKET_HOST, deliver, linear},
     stats::count,
 };
 
-/// Bytes the program reads, which must be in the linear part of the skb: Ethernet and then
-/// ARP, or the IPv4 header and the start of the transport header (ipv4::READ, the longer).
-const HEADERS: u32 = (EthHdr::LEN + ipv4::READ) as u32;
-const _: () = assert!(ipv4::READ >= ArpHdr::LEN);
+/// Bytes the program reads of every frame, which must be in the linear part of the skb:
+/// Ethernet and then ARP, or an IPv4 header without options and the fixed TCP header after it
+/// (`ipv4::read_len`). A header with options makes the program pull the rest of it then.
+///
+/// No more than that: pulling makes the skb's head the program's own, which for a TCP sender's
+/// packet (a clone, its headers alone in the head, 66 bytes) means a new head, copied, and
+/// payload moved into it, on every super-packet, on paths (to a local container, up the
+/// host's stack) that write nothing. Encapsulation makes the head writable itself.
+const HEADERS: u32 = (EthHdr::LEN + Ipv4Hdr::LEN + 20) as u32;
+const _: () = assert!(HEADERS as usize >= EthHdr::LEN + ArpHdr::LEN);
 
 #[inline(always)]
 pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
@@ -43,14 +49,8 @@ pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
     if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
         return Err(DropReason::VlanTagged);
     }
-    let mut pkt = packet(ctx);
     let len = ctx.len();
-    let want = if len < HEADERS { len } else { HEADERS };
-    if (pkt.len() as u32) < want {
-        // Headers in a paged fragment: bring them into the linear part.
-        ctx.pull_data(want).map_err(|_| DropReason::Malformed)?;
-        pkt = packet(ctx);
-    }
+    let mut pkt = linear(ctx, HEADERS, len, DropReason::Malformed)?;
     let eth: EthHdr = pkt.read(0).ok_or(DropReason::Malformed)?;
     if eth.src_addr != iface.mac {
         return Err(DropReason::Spoofed);
@@ -62,6 +62,11 @@ pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
     }
 
     let ip: Ipv4Hdr = pkt.read(EthHdr::LEN).ok_or(DropReason::Malformed)?;
+    if ip.vihl != 0x45 {
+        // Options: the rest of the header, and the transport header after it.
+        let want = (EthHdr::LEN + ipv4::read_len(ip.ihl() as usize)) as u32;
+        pkt = linear(ctx, want, len, DropReason::Malformed)?;
+    }
     // The packet must be one the receiving container's kernel takes in (its headers describe
     // it), or it would be discarded there, on this host or another, where no counter sees it.
     // SAFETY: reading a field of the context the kernel gave us.

@@ -15,8 +15,17 @@ const MIN_FRAME: usize = 60;
 
 /// Bytes from the start of an IPv4 header through the part of a transport header this module
 /// reads: the longest IPv4 header and the fixed TCP header. A TC caller makes this much (or the
-/// whole packet, if shorter) linear first.
+/// whole packet, if shorter) linear first, or [`read_len`] of the header it has.
 pub const READ: usize = 60 + 20;
+
+/// What this module reads of a packet whose IPv4 header is `ihl` bytes long: the header and the
+/// fixed TCP header after it (the longest transport header it looks into). Less than [`READ`]
+/// for the packets there are (no options: 40 bytes), which a TCP sender's linear part always
+/// holds, so no pull is needed for them.
+#[inline(always)]
+pub fn read_len(ihl: usize) -> usize {
+    ihl + TCP_MIN
+}
 
 /// Where the TCP header keeps its data offset, and the shortest TCP, UDP and ICMP headers.
 const TCP_DOFF_OFF: usize = 12;

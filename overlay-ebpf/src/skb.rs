@@ -38,3 +38,17 @@ pub fn redirected(helper: i64, counter: u32, bytes: u32, failure: DropReason) ->
 pub fn packet(ctx: &TcContext) -> Packet {
     Packet { start: ctx.data(), end: ctx.data_end() }
 }
+
+/// The packet, with its first `want` bytes (or all `len`, if fewer) in the linear part: pulled
+/// only when they are not there already (headers in a paged fragment), `err` if that fails.
+/// Pull no more than the path reads: pulling makes the skb's head the program's own.
+#[inline(always)]
+pub fn linear(ctx: &TcContext, want: u32, len: u32, err: DropReason) -> Result<Packet, DropReason> {
+    let pkt = packet(ctx);
+    let want = if len < want { len } else { want };
+    if (pkt.len() as u32) >= want {
+        return Ok(pkt);
+    }
+    ctx.pull_data(want).map_err(|_| err)?;
+    Ok(packet(ctx))
+}

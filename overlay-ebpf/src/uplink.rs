@@ -29,7 +29,7 @@ use crate::{
     decap::{self, Verdict},
     maps::config,
     packet::Packet,
-    skb::{deliver, packet},
+    skb::{deliver, linear},
     stats::count,
 };
 
@@ -106,14 +106,16 @@ pub fn tc(ctx: &TcContext) -> Result<i32, DropReason> {
     }
 
     let Some(cfg) = config() else { return Ok(TC_ACT_OK) };
-    let mut pkt = packet(ctx);
     let len = ctx.len();
-    let want = if (len as usize) < decap::HEADERS { len } else { decap::HEADERS as u32 };
-    if (pkt.len() as u32) < want {
-        // Headers in a paged fragment: bring them into the linear part.
-        ctx.pull_data(want).map_err(|_| DropReason::Truncated)?;
-        pkt = packet(ctx);
+    // First only as much as says whether it may be VXLAN for us: everything else (the host's
+    // own traffic, and containers' through the host) passes without its head being pulled,
+    // which for a forwarded super-packet means a new head, copied, and payload moved into it.
+    let pkt = linear(ctx, decap::PEEK as u32, len, DropReason::Truncated)?;
+    if !decap::maybe_ours(pkt, cfg) {
+        count(stats::UPLINK_PASS, len);
+        return Ok(TC_ACT_OK);
     }
+    let pkt = linear(ctx, decap::HEADERS as u32, len, DropReason::Truncated)?;
     // SAFETY: reading a field of the context the kernel gave us.
     let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
     match decap::classify(pkt, len as usize, gso, cfg) {
