@@ -12,12 +12,14 @@ use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use overlay_common::{
     dns::DNS_PORT,
     maps::{ENDPOINT_LOCAL, Endpoint, EndpointKey, NETWORK_EGRESS, NETWORK_RESOLVER},
+    monitor::HOOK_FROM_CONTAINER,
     stats::{self, DropReason},
     wire::{ArpHdr, ETH_P_ARP, ETH_P_IP, EthHdr, IpProto, Ipv4Hdr, UdpHdr, ether_type, is_fragment},
 };
 
 use crate::{
     arp, dns, encap, ipv4,
+    monitor,
     maps::{ENDPOINTS, IFACES, NETWORKS, SUBNETS, config},
     packet::Packet,
     skb::{PACKET_HOST, deliver, packet},
@@ -99,9 +101,12 @@ pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
     };
 
     if ep.flags & ENDPOINT_LOCAL != 0 {
+        monitor::flow(ctx, HOOK_FROM_CONTAINER, stats::TX_LOCAL, iface.vni, 0);
         return to_local(ctx, &ep);
     }
     let cfg = config().ok_or(DropReason::NoConfig)?;
+    // Before the encapsulation: the event shows the container's packet, as sent.
+    monitor::flow(ctx, HOOK_FROM_CONTAINER, stats::TX_ENCAP, iface.vni, 0);
     encap::to_remote(ctx, cfg, iface.vni, &ep, eth, ip.tos)
 }
 
@@ -133,6 +138,7 @@ fn to_outside(ctx: &TcContext, vni: u32, dst: [u8; 4]) -> Result<i32, DropReason
     if net.flags & NETWORK_EGRESS == 0 {
         return Err(DropReason::NoEgress);
     }
+    monitor::flow(ctx, HOOK_FROM_CONTAINER, stats::TO_HOST, vni, 0);
     let len = ctx.len();
     ctx.change_type(PACKET_HOST).map_err(|_| DropReason::NoEgress)?;
     count(stats::TO_HOST, len);
