@@ -353,6 +353,13 @@ fn monitor(args: &MonitorArgs) -> anyhow::Result<()> {
     use overlay_agent::monitor::{self, Filter, Output};
     use overlay_common::monitor::{MONITOR_DROPS, MONITOR_FLOWS};
     let pins = args.target.pins()?;
+    // The host's namespace first: its interfaces' names are there, and its way to etcd.
+    if let Some(ns) = &args.netns {
+        let path = if ns.contains('/') { PathBuf::from(ns) } else { netns::named(ns) };
+        let file = netns::open(&path)?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {}", path.display()))?;
+    }
     // Names need the desired state; read once, before the monitor starts listening.
     let state = if args.networks.iter().any(|n| n.parse::<u32>().is_err()) || !args.containers.is_empty() {
         Some(if let Some(path) = &args.state_file {
@@ -369,12 +376,6 @@ fn monitor(args: &MonitorArgs) -> anyhow::Result<()> {
     };
     let ifaces = if args.containers.is_empty() { Default::default() } else { maps::read_ifaces(&pins)? };
     let filter = Filter::build(&args.reasons, &args.networks, &args.containers, state.as_ref(), &ifaces)?;
-    if let Some(ns) = &args.netns {
-        let path = if ns.contains('/') { PathBuf::from(ns) } else { netns::named(ns) };
-        let file = netns::open(&path)?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("entering {}", path.display()))?;
-    }
     // With --reason only drops are shown: flows would be written for nothing.
     let flags = MONITOR_DROPS | if args.flows && args.reasons.is_empty() { MONITOR_FLOWS } else { 0 };
     let out = Output { json: args.json, count: args.count, duration: args.duration.map(Into::into) };

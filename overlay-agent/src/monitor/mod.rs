@@ -161,10 +161,14 @@ pub fn run(pins: &PinDir, flags: u32, filter: &Filter, out: &Output) -> anyhow::
     let mut printed = 0u64;
     let stdout = std::io::stdout();
     let fd = session.ring.as_raw_fd();
-    while !STOP.load(Ordering::Relaxed) {
-        let mut pfd = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
-        // SAFETY: one valid pollfd; EINTR (a signal) is handled by the loop's condition.
-        unsafe { libc::poll(pfd.as_mut_ptr(), 1, 200) };
+    loop {
+        // Stopping: what the programs wrote before the signal is still read and printed.
+        let stopping = STOP.load(Ordering::Relaxed);
+        if !stopping {
+            let mut pfd = [libc::pollfd { fd, events: libc::POLLIN, revents: 0 }];
+            // SAFETY: one valid pollfd; a signal ends the wait early (EINTR), seen next round.
+            unsafe { libc::poll(pfd.as_mut_ptr(), 1, 200) };
+        }
         let mut lock = stdout.lock();
         while let Some(item) = session.ring.next() {
             let Some(mut rec) = Record::from_bytes(&item) else { continue };
@@ -195,6 +199,9 @@ pub fn run(pins: &PinDir, flags: u32, filter: &Filter, out: &Output) -> anyhow::
             }
         }
         drop(lock);
+        if stopping {
+            break;
+        }
         if out.duration.is_some_and(|d| started.elapsed() >= d) {
             break;
         }
