@@ -28,17 +28,24 @@ const RED_VNI: u64 = 5002;
 /// A running `overlay-agent monitor --json` on a host, its output gathered as it comes.
 struct Monitor {
     proc: Proc,
-    lines: Arc<Mutex<Vec<Value>>>,
+    lines: Arc<Mutex<Vec<String>>>,
+    json: bool,
     reader: Option<JoinHandle<()>>,
 }
 
 impl Monitor {
     /// Starts it on `host` of `c` with `args`, and waits until it listens.
     fn start(c: &Cluster, host: &str, args: &[&str]) -> Self {
+        Self::start_as(c, host, args, true)
+    }
+
+    /// `start`, printing text (not JSON) if `json` is false.
+    fn start_as(c: &Cluster, host: &str, args: &[&str], json: bool) -> Self {
         let h = c.topo.host(host);
         let bin = binary("overlay-agent");
         let mut cmd = std::process::Command::new(bin);
-        cmd.args(["monitor", "--json", "--pin-dir"])
+        cmd.args(["monitor", "--pin-dir"])
+            .args(json.then_some("--json"))
             .arg(&h.pin_dir)
             .args(["--netns", &h.ns, "--etcd-endpoints", &c.url])
             .args(args)
@@ -59,31 +66,49 @@ impl Monitor {
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 eprintln!("monitor> {line}");
-                let v = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-                gathered.lock().expect("lines").push(v);
+                gathered.lock().expect("lines").push(line);
             }
         });
         let listening = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_default();
         assert!(listening.contains("listening"), "the monitor did not start: {listening:?}");
-        Self { proc, lines, reader: Some(reader) }
+        Self { proc, lines, json, reader: Some(reader) }
     }
 
-    /// Waits until an event `matches` (what has come so far otherwise).
-    fn wait(&self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+    /// Waits until a line `matches` (what has come so far otherwise).
+    fn wait_line(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
         let seen = wait_for(Duration::from_secs(10), || {
-            self.lines.lock().expect("lines").iter().find(|v| matches(v)).cloned()
+            self.lines.lock().expect("lines").iter().find(|l| matches(l)).cloned()
         });
         seen.unwrap_or_else(|| panic!("no {what} event; got {:#?}", self.lines.lock().expect("lines")))
     }
 
-    /// SIGTERM: it prints what is still in the ring buffer and exits cleanly; every event.
-    fn stop(mut self) -> Vec<Value> {
+    /// Waits until an event `matches`.
+    fn wait(&self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        assert!(self.json);
+        let line = self.wait_line(what, |l| matches(&parse(l)));
+        parse(&line)
+    }
+
+    /// SIGTERM: it prints what is still in the ring buffer and exits cleanly; every line.
+    fn stop_lines(mut self) -> Vec<String> {
         assert!(self.proc.terminate(Duration::from_secs(10)), "the monitor did not exit cleanly on SIGTERM");
         if let Some(reader) = self.reader.take() {
             reader.join().expect("the reader");
         }
         self.lines.lock().expect("lines").clone()
     }
+
+    /// `stop_lines`, as JSON.
+    fn stop(self) -> Vec<Value> {
+        self.stop_lines().iter().map(|l| parse(l)).collect()
+    }
+}
+
+fn parse(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+}
+
+impl Monitor {
 }
 
 fn ip(v: &Value, field: &str) -> Option<Ipv4Addr> {
@@ -238,29 +263,59 @@ fn a_filtered_monitor_shows_only_what_its_filter_lets_through() {
     assert_eq!(h1.map("MONITOR_CTL")[0]["value"]["flags"], 0);
 }
 
-/// The runbook's dead host: while h2's lease runs, a's packets to b leave (a tx_encap flow) and
-/// nothing answers; once it ran out, b left h1's maps and they are dropped as no_endpoint.
+/// The runbook of docs/observability.md, "my containers cannot talk", on the real failures it
+/// names, with the tools it names: the text monitor, `stats`, /metrics and bpftool (what they
+/// print is in the test's output, `--nocapture`, and in the doc). Wrong network: a (blue) to r
+/// (red). MTU: a raised its MTU. Dead host: h2's agent dies and its uplink goes down; while
+/// its lease runs a's packets to b leave (a tx_encap flow) and nothing answers; once it ran
+/// out, b left h1's maps and they are dropped as no_endpoint.
 #[test]
-fn monitor_shows_a_dead_host_as_the_runbook_says() {
+fn the_runbook_on_a_wrong_network_an_mtu_and_a_dead_host() {
     if skip_unless_privileged() {
         return;
     }
-    let Some((mut c, a, b, _r)) = cluster("mon-dead") else { return };
+    let Some((mut c, a, b, r)) = cluster("mon-book") else { return };
     let a_ns = c.container_ns("h1", "a");
     let h2_ns = c.topo.host("h2").ns.clone();
-    let mon = Monitor::start(&c, "h1", &["--flows"]);
-    // h2 goes dark: its agent dies and its uplink goes down.
+    let show = |what: &str, text: &str| eprintln!("===== {what}\n{}", text.trim_end());
+    let drops_metric = |c: &Cluster| -> String {
+        c.metrics("h1").lines().filter(|l| l.starts_with("overlay_datapath_drops_total{")).collect::<Vec<_>>().join("\n")
+    };
+    let stats = |c: &Cluster| sh(std::process::Command::new(binary("overlay-agent")).args(["stats", "--pin-dir"]).arg(&c.topo.host("h1").pin_dir));
+    let mon = Monitor::start_as(&c, "h1", &["--flows"], false);
+
+    // Wrong network.
+    let _ = try_sh(&mut in_ns(&a_ns, &["ping", "-c", "1", "-W", "1", &r.to_string()]));
+    let line = mon.wait_line("wrong network", |l| l.contains(" drop no_endpoint") && l.contains(&format!("-> {r}")));
+    assert!(line.contains(&format!("vni {BLUE_VNI} icmp {a} -> {r}")), "{line}");
+    show("stats on h1 (wrong network)", &stats(&c));
+    let metric = drops_metric(&c);
+    assert!(metric.contains("reason=\"no_endpoint\""), "{metric}");
+    show("/metrics drops on h1", &metric);
+
+    // MTU.
+    sh(&mut in_ns(&a_ns, &["ip", "link", "set", "eth0", "mtu", "1454"]));
+    let _ = try_sh(&mut in_ns(&a_ns, &["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1426", &b.to_string()]));
+    let line = mon.wait_line("too big", |l| l.contains(" drop too_big"));
+    assert!(line.contains(&format!("icmp {a} -> {b}")) && line.ends_with("len 1468"), "{line}");
+    show("ip link in a", &sh(&mut in_ns(&a_ns, &["ip", "link", "show", "eth0"])));
+    sh(&mut in_ns(&a_ns, &["ip", "link", "set", "eth0", "mtu", "1450"]));
+
+    // Dead host.
     c.kill_agent("h2");
     sh(&mut in_ns(&h2_ns, &["ip", "link", "set", "eth0", "down"]));
     assert!(!try_sh(&mut in_ns(&a_ns, &["ping", "-c", "1", "-W", "1", &b.to_string()])).status.success());
-    let flow = mon.wait("flow a -> b", |v| v["event"] == "flow" && ip(v, "dst") == Some(b));
-    assert_eq!((&flow["reason"], ip(&flow, "src")), (&"tx_encap".into(), Some(a)), "{flow}");
-    // The lease (4 s) runs out; h1 forgets b.
+    let line = mon.wait_line("flow a -> b", |l| l.contains(" flow tx_encap") && l.contains(&format!("icmp {a} -> {b}")));
+    assert!(line.contains(&format!("vni {BLUE_VNI}")), "{line}");
+    show("bpftool ENDPOINTS on h1 while h2's lease runs", &serde_json::to_string(&c.map("h1", "ENDPOINTS")).expect("JSON"));
     let gone = wait_for(Duration::from_secs(20), || (!c.maps_hold("h1", b)).then_some(()));
     assert!(gone.is_some(), "h1 still holds b after h2's lease ran out");
-    assert!(c.host_state("h2").is_some_and(|s| s.starts_with("down")), "{:?}", c.host_state("h2"));
+    let state = c.host_state("h2");
+    assert!(state.as_deref().is_some_and(|s| s.starts_with("down")), "{state:?}");
+    show("overlay host ls", &String::from_utf8_lossy(&c.cli(&["host", "ls"]).stdout));
     let _ = try_sh(&mut in_ns(&a_ns, &["ping", "-c", "1", "-W", "1", &b.to_string()]));
-    let d = mon.wait("no endpoint for b", |v| is_drop(v, "no_endpoint") && ip(v, "dst") == Some(b));
-    assert_eq!((ip(&d, "src"), &d["vni"]), (Some(a), &BLUE_VNI.into()), "{d}");
-    mon.stop();
+    let line = mon.wait_line("no endpoint for b", |l| l.contains(" drop no_endpoint") && l.contains(&format!("{a} -> {b}")));
+    assert!(line.contains(&format!("vni {BLUE_VNI}")), "{line}");
+    show("bpftool ENDPOINTS on h1 after h2's lease ran out", &serde_json::to_string(&c.map("h1", "ENDPOINTS")).expect("JSON"));
+    show("monitor on h1", &mon.stop_lines().join("\n"));
 }
