@@ -18,7 +18,6 @@ use overlay_tests::{Proc, Run};
 
 use crate::{
     measure::{self, Data, Plan, Test},
-    sys::read_line_timeout,
     topology::{BuildOptions, HOSTS, Kind, Topology},
 };
 
@@ -57,7 +56,14 @@ impl Attached {
                 .stderr(Stdio::piped());
             let mut proc = Proc::try_spawn("monitor", &mut cmd)?;
             let err = proc.take_stderr().context("monitor stderr")?;
-            let (line, _) = read_line_timeout(err, Duration::from_secs(10)).context("the monitor's first line")?;
+            // Its first line says it listens (or why not); read on a thread, with a timeout.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(err), &mut line);
+                let _ = tx.send(line);
+            });
+            let line = rx.recv_timeout(Duration::from_secs(10)).context("the monitor's first line")?;
             if !line.contains("listening") {
                 bail!("the monitor on {} said {line:?}", spec.name);
             }

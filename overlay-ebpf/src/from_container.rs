@@ -105,8 +105,6 @@ pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
         return to_local(ctx, &ep);
     }
     let cfg = config().ok_or(DropReason::NoConfig)?;
-    // Before the encapsulation: the event shows the container's packet, as sent.
-    monitor::flow(ctx, HOOK_FROM_CONTAINER, stats::TX_ENCAP, iface.vni, 0);
     encap::to_remote(ctx, cfg, iface.vni, &ep, eth, ip.tos)
 }
 

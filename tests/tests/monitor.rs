@@ -45,8 +45,8 @@ impl Monitor {
         let bin = binary("overlay-agent");
         let mut cmd = std::process::Command::new(bin);
         cmd.args(["monitor", "--pin-dir"])
-            .args(json.then_some("--json"))
             .arg(&h.pin_dir)
+            .args(json.then_some("--json"))
             .args(["--netns", &h.ns, "--etcd-endpoints", &c.url])
             .args(args)
             .stdout(Stdio::piped())
