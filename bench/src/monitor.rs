@@ -6,12 +6,7 @@
 //! interleaved rounds of the same run (the order turning each round, so no position is
 //! favoured).
 
-use std::{
-    fmt::Write as _,
-    path::Path,
-    process::Stdio,
-    time::Duration,
-};
+use std::{fmt::Write as _, path::Path, process::Stdio, time::Duration};
 
 use anyhow::{Context as _, bail};
 use overlay_tests::{Proc, Run};
@@ -158,7 +153,10 @@ pub fn run(
     }
     // Per-round ratios: each pair measured minutes apart at most, the noise a machine has.
     let ratios = |a: Variant, b: Variant| -> Vec<String> {
-        let (sa, sb) = (&got.iter().find(|(k, _)| *k == a).expect("a").1, &got.iter().find(|(k, _)| *k == b).expect("b").1);
+        let (sa, sb) = (
+            &got.iter().find(|(k, _)| *k == a).expect("a").1,
+            &got.iter().find(|(k, _)| *k == b).expect("b").1,
+        );
         sa.iter().zip(sb).map(|(x, y)| format!("{:.3}", x / y)).collect()
     };
     let _ = writeln!(out);

@@ -25,10 +25,10 @@ pub mod health;
 pub mod identity;
 /// Prometheus metrics: the datapath's counters and the agent's figures.
 pub mod metrics;
-/// `overlay-agent monitor`: a host's drops and new flows, live, from the programs' ring buffer.
-pub mod monitor;
 /// The desired state's objects (networks, endpoints, containers, hosts) and their updates.
 pub mod model;
+/// `overlay-agent monitor`: a host's drops and new flows, live, from the programs' ring buffer.
+pub mod monitor;
 /// Kernel plumbing over rtnetlink: namespaces, veths, addresses, routes; GRO by ethtool ioctl.
 pub mod netlink;
 /// The agent process's CPU, memory, descriptors and start time, from /proc/self.

@@ -19,8 +19,8 @@ use overlay_common::{
 
 use crate::{
     arp, dns, encap, ipv4,
-    monitor,
     maps::{ENDPOINTS, IFACES, NETWORKS, SUBNETS, config},
+    monitor,
     packet::Packet,
     skb::{PACKET_HOST, deliver, packet},
     stats::count,

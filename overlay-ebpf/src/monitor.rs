@@ -10,8 +10,8 @@ use aya_ebpf::{
 };
 use overlay_common::{
     monitor::{
-        EVENT_DROP, EVENT_FLOW, FlowKey, HEAD_LEN, HOOK_FROM_CONTAINER, MONITOR_DROPS,
-        MONITOR_FLOWS, MonitorCtl, MonitorEvent,
+        EVENT_DROP, EVENT_FLOW, FlowKey, HEAD_LEN, HOOK_FROM_CONTAINER, MONITOR_DROPS, MONITOR_FLOWS,
+        MonitorCtl, MonitorEvent,
     },
     stats,
     wire::{EthHdr, IpProto, Ipv4Hdr, UdpHdr, is_fragment},
@@ -84,7 +84,11 @@ fn iface_vni(ifindex: u32) -> u32 {
 /// way through the compiler's zero-extensions, constants cannot). The sizes are where the
 /// headers end: Ethernet; IPv4; its ports; a VXLAN frame's inner IPv4 and ports.
 #[inline(always)]
-fn capture(entry: &mut aya_ebpf::maps::ring_buf::RingBufEntry<MonitorEvent>, len: u32, load: impl Fn(*mut u8, u32) -> i64) {
+fn capture(
+    entry: &mut aya_ebpf::maps::ring_buf::RingBufEntry<MonitorEvent>,
+    len: u32,
+    load: impl Fn(*mut u8, u32) -> i64,
+) {
     let ev = entry.as_mut_ptr();
     // SAFETY: `head` is HEAD_LEN bytes of the reserved event; every size below is at most that.
     let to = unsafe { (&raw mut (*ev).head).cast::<u8>() };

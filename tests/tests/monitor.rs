@@ -108,8 +108,7 @@ fn parse(line: &str) -> Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
 }
 
-impl Monitor {
-}
+impl Monitor {}
 
 fn ip(v: &Value, field: &str) -> Option<Ipv4Addr> {
     v[field].as_str()?.parse().ok()
@@ -152,7 +151,12 @@ fn spoofed_from_a(c: &Cluster, b: Ipv4Addr) -> Vec<u8> {
     let a_ns = c.container_ns("h1", "a");
     let (src, dst) = ([10, 94, 0, 99], b.octets());
     let dst_mac = mac_of(&c.container_ns("h2", "b"), "eth0");
-    ethernet(dst_mac, mac_of(&a_ns, "eth0"), 0x0800, &Ipv4::new(src, dst, IPPROTO_UDP).packet(&udp(src, dst, 4444, 7000, b"spoof")))
+    ethernet(
+        dst_mac,
+        mac_of(&a_ns, "eth0"),
+        0x0800,
+        &Ipv4::new(src, dst, IPPROTO_UDP).packet(&udp(src, dst, 4444, 7000, b"spoof")),
+    )
 }
 
 #[test]
@@ -166,30 +170,58 @@ fn monitor_shows_each_drop_with_its_fields_and_each_flow_once() {
     let mon = Monitor::start(&c, "h1", &["--flows"]);
 
     // A flow: three pings, one event.
-    assert!(try_sh(&mut in_ns(&a_ns, &["ping", "-c", "3", "-i", "0.2", "-W", "1", &b.to_string()])).status.success());
+    assert!(
+        try_sh(&mut in_ns(&a_ns, &["ping", "-c", "3", "-i", "0.2", "-W", "1", &b.to_string()]))
+            .status
+            .success()
+    );
     let flow = mon.wait("flow a -> b", |v| v["event"] == "flow" && ip(v, "dst") == Some(b));
-    assert_eq!((&flow["reason"], &flow["hook"], &flow["proto"]), (&"tx_encap".into(), &"from_container".into(), &"icmp".into()), "{flow}");
+    assert_eq!(
+        (&flow["reason"], &flow["hook"], &flow["proto"]),
+        (&"tx_encap".into(), &"from_container".into(), &"icmp".into()),
+        "{flow}"
+    );
     assert_eq!((ip(&flow, "src"), &flow["vni"]), (Some(a), &BLUE_VNI.into()), "{flow}");
 
     // Wrong network: a (blue) to r (red).
     let _ = try_sh(&mut in_ns(&a_ns, &["ping", "-c", "1", "-W", "1", &r.to_string()]));
     let d = mon.wait("wrong network", |v| is_drop(v, "no_endpoint") && ip(v, "dst") == Some(r));
-    assert_eq!((&d["hook"], ip(&d, "src"), &d["vni"], &d["proto"]), (&"from_container".into(), Some(a), &BLUE_VNI.into(), &"icmp".into()), "{d}");
+    assert_eq!(
+        (&d["hook"], ip(&d, "src"), &d["vni"], &d["proto"]),
+        (&"from_container".into(), Some(a), &BLUE_VNI.into(), &"icmp".into()),
+        "{d}"
+    );
     assert!(d["interface"].is_string() && d["ifindex"].as_u64() > Some(0), "{d}");
 
     // Unknown destination on a's own network: its ARP request is unanswerable.
     let nobody = Ipv4Addr::new(10, 94, 0, 200);
     let _ = try_sh(&mut in_ns(&a_ns, &["ping", "-c", "1", "-W", "1", &nobody.to_string()]));
-    let d = mon.wait("unknown destination", |v| is_drop(v, "arp_unanswerable") && ip(v, "dst") == Some(nobody));
+    let d =
+        mon.wait("unknown destination", |v| is_drop(v, "arp_unanswerable") && ip(v, "dst") == Some(nobody));
     assert_eq!((&d["proto"], ip(&d, "src"), &d["vni"]), (&"arp".into(), Some(a), &BLUE_VNI.into()), "{d}");
 
     // Spoofed source.
     send_frame(&a_ns, "eth0", &spoofed_from_a(&c, b));
     let d = mon.wait("spoofed source", |v| is_drop(v, "spoofed_source"));
-    assert_eq!((ip(&d, "src"), ip(&d, "dst"), &d["sport"], &d["dport"], &d["proto"]), (Some(Ipv4Addr::new(10, 94, 0, 99)), Some(b), &4444.into(), &7000.into(), &"udp".into()), "{d}");
+    assert_eq!(
+        (ip(&d, "src"), ip(&d, "dst"), &d["sport"], &d["dport"], &d["proto"]),
+        (Some(Ipv4Addr::new(10, 94, 0, 99)), Some(b), &4444.into(), &7000.into(), &"udp".into()),
+        "{d}"
+    );
 
     // Malformed VXLAN from h2: no I flag.
-    let inner = ethernet(mac_of(&a_ns, "eth0"), [2, 0, 0, 0, 0, 9], 0x0800, &Ipv4::new(b.octets(), a.octets(), IPPROTO_UDP).packet(&udp(b.octets(), a.octets(), 5555, 7000, b"x")));
+    let inner = ethernet(
+        mac_of(&a_ns, "eth0"),
+        [2, 0, 0, 0, 0, 9],
+        0x0800,
+        &Ipv4::new(b.octets(), a.octets(), IPPROTO_UDP).packet(&udp(
+            b.octets(),
+            a.octets(),
+            5555,
+            7000,
+            b"x",
+        )),
+    );
     let tunnel = Tunnel {
         src_mac: mac_of(&h2.ns, "eth0"),
         dst_mac: mac_of(&h1.ns, "eth0"),
@@ -203,19 +235,27 @@ fn monitor_shows_each_drop_with_its_fields_and_each_flow_once() {
     send_frame(&h2.ns, "eth0", &frame);
     let d = mon.wait("malformed VXLAN", |v| is_drop(v, "bad_vxlan_flags"));
     assert!(d["hook"].as_str().is_some_and(|h| h.starts_with("uplink")), "{d}");
-    assert_eq!((ip(&d, "outer_src"), ip(&d, "outer_dst"), &d["vni"]), (Some(h2.vtep), Some(h1.vtep), &BLUE_VNI.into()), "{d}");
+    assert_eq!(
+        (ip(&d, "outer_src"), ip(&d, "outer_dst"), &d["vni"]),
+        (Some(h2.vtep), Some(h1.vtep), &BLUE_VNI.into()),
+        "{d}"
+    );
     assert_eq!((ip(&d, "src"), ip(&d, "dst"), &d["sport"]), (Some(b), Some(a), &5555.into()), "{d}");
 
     // MTU: a raises its MTU past what the overlay carries (see datapath.rs).
     sh(&mut in_ns(&a_ns, &["ip", "link", "set", "eth0", "mtu", "1454"]));
-    let _ = try_sh(&mut in_ns(&a_ns, &["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1426", &b.to_string()]));
+    let _ =
+        try_sh(&mut in_ns(&a_ns, &["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1426", &b.to_string()]));
     let d = mon.wait("too big", |v| is_drop(v, "too_big"));
     assert_eq!((ip(&d, "src"), ip(&d, "dst"), &d["len"]), (Some(a), Some(b), &1468.into()), "{d}");
     sh(&mut in_ns(&a_ns, &["ip", "link", "set", "eth0", "mtu", "1450"]));
 
     let all = mon.stop();
     // Each ping of three was one flow.
-    let flows = all.iter().filter(|v| v["event"] == "flow" && ip(v, "dst") == Some(b) && v["proto"] == "icmp").count();
+    let flows = all
+        .iter()
+        .filter(|v| v["event"] == "flow" && ip(v, "dst") == Some(b) && v["proto"] == "icmp")
+        .count();
     assert_eq!(flows, 1, "{all:#?}");
     // The monitor is gone: its flags are cleared (bpftool reads the control entry).
     let ctl = h1.map("MONITOR_CTL");
@@ -279,14 +319,23 @@ fn the_runbook_on_a_wrong_network_an_mtu_and_a_dead_host() {
     let h2_ns = c.topo.host("h2").ns.clone();
     let show = |what: &str, text: &str| eprintln!("===== {what}\n{}", text.trim_end());
     let drops_metric = |c: &Cluster| -> String {
-        c.metrics("h1").lines().filter(|l| l.starts_with("overlay_datapath_drops_total{")).collect::<Vec<_>>().join("\n")
+        c.metrics("h1")
+            .lines()
+            .filter(|l| l.starts_with("overlay_datapath_drops_total{"))
+            .collect::<Vec<_>>()
+            .join("\n")
     };
-    let stats = |c: &Cluster| sh(std::process::Command::new(binary("overlay-agent")).args(["stats", "--pin-dir"]).arg(&c.topo.host("h1").pin_dir));
+    let stats = |c: &Cluster| {
+        sh(std::process::Command::new(binary("overlay-agent"))
+            .args(["stats", "--pin-dir"])
+            .arg(&c.topo.host("h1").pin_dir))
+    };
     let mon = Monitor::start_as(&c, "h1", &["--flows"], false);
 
     // Wrong network.
     let _ = try_sh(&mut in_ns(&a_ns, &["ping", "-c", "1", "-W", "1", &r.to_string()]));
-    let line = mon.wait_line("wrong network", |l| l.contains(" drop no_endpoint") && l.contains(&format!("-> {r}")));
+    let line =
+        mon.wait_line("wrong network", |l| l.contains(" drop no_endpoint") && l.contains(&format!("-> {r}")));
     assert!(line.contains(&format!("vni {BLUE_VNI} icmp {a} -> {r}")), "{line}");
     show("stats on h1 (wrong network)", &stats(&c));
     let metric = drops_metric(&c);
@@ -295,7 +344,8 @@ fn the_runbook_on_a_wrong_network_an_mtu_and_a_dead_host() {
 
     // MTU.
     sh(&mut in_ns(&a_ns, &["ip", "link", "set", "eth0", "mtu", "1454"]));
-    let _ = try_sh(&mut in_ns(&a_ns, &["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1426", &b.to_string()]));
+    let _ =
+        try_sh(&mut in_ns(&a_ns, &["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1426", &b.to_string()]));
     let line = mon.wait_line("too big", |l| l.contains(" drop too_big"));
     assert!(line.contains(&format!("icmp {a} -> {b}")) && line.ends_with("len 1468"), "{line}");
     show("ip link in a", &sh(&mut in_ns(&a_ns, &["ip", "link", "show", "eth0"])));
@@ -305,17 +355,27 @@ fn the_runbook_on_a_wrong_network_an_mtu_and_a_dead_host() {
     c.kill_agent("h2");
     sh(&mut in_ns(&h2_ns, &["ip", "link", "set", "eth0", "down"]));
     assert!(!try_sh(&mut in_ns(&a_ns, &["ping", "-c", "1", "-W", "1", &b.to_string()])).status.success());
-    let line = mon.wait_line("flow a -> b", |l| l.contains(" flow tx_encap") && l.contains(&format!("icmp {a} -> {b}")));
+    let line = mon.wait_line("flow a -> b", |l| {
+        l.contains(" flow tx_encap") && l.contains(&format!("icmp {a} -> {b}"))
+    });
     assert!(line.contains(&format!("vni {BLUE_VNI}")), "{line}");
-    show("bpftool ENDPOINTS on h1 while h2's lease runs", &serde_json::to_string(&c.map("h1", "ENDPOINTS")).expect("JSON"));
+    show(
+        "bpftool ENDPOINTS on h1 while h2's lease runs",
+        &serde_json::to_string(&c.map("h1", "ENDPOINTS")).expect("JSON"),
+    );
     let gone = wait_for(Duration::from_secs(20), || (!c.maps_hold("h1", b)).then_some(()));
     assert!(gone.is_some(), "h1 still holds b after h2's lease ran out");
     let state = c.host_state("h2");
     assert!(state.as_deref().is_some_and(|s| s.starts_with("down")), "{state:?}");
     show("overlay host ls", &String::from_utf8_lossy(&c.cli(&["host", "ls"]).stdout));
     let _ = try_sh(&mut in_ns(&a_ns, &["ping", "-c", "1", "-W", "1", &b.to_string()]));
-    let line = mon.wait_line("no endpoint for b", |l| l.contains(" drop no_endpoint") && l.contains(&format!("{a} -> {b}")));
+    let line = mon.wait_line("no endpoint for b", |l| {
+        l.contains(" drop no_endpoint") && l.contains(&format!("{a} -> {b}"))
+    });
     assert!(line.contains(&format!("vni {BLUE_VNI}")), "{line}");
-    show("bpftool ENDPOINTS on h1 after h2's lease ran out", &serde_json::to_string(&c.map("h1", "ENDPOINTS")).expect("JSON"));
+    show(
+        "bpftool ENDPOINTS on h1 after h2's lease ran out",
+        &serde_json::to_string(&c.map("h1", "ENDPOINTS")).expect("JSON"),
+    );
     show("monitor on h1", &mon.stop_lines().join("\n"));
 }

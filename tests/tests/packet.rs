@@ -2009,7 +2009,10 @@ fn monitor_reports_each_drop_with_its_fields_while_it_listens() {
     assert_eq!(e.len, unknown_vni.len() as u32);
 
     let e = &got[3];
-    assert_eq!((e.reason, e.hook, e.ifindex, e.vni), ("unknown_peer", "uplink_tc", h.ifindex["uplink"], Some(BLUE)));
+    assert_eq!(
+        (e.reason, e.hook, e.ifindex, e.vni),
+        ("unknown_peer", "uplink_tc", h.ifindex["uplink"], Some(BLUE))
+    );
     assert_eq!((e.outer_src, e.src, e.dst), (ip(STRANGER), ip(R.ip), ip(A.ip)));
 
     // One monitor at a time.
@@ -2044,12 +2047,14 @@ fn monitor_reports_the_first_packet_of_each_flow_once_per_session() {
         assert_eq!(h.from_container("veth-a", &remote).verdict, TC_ACT_REDIRECT);
     }
     // Another flow: another source port.
-    let other = ip_frame(A, B, Ipv4::new(A.ip, B.ip, IPPROTO_UDP), &udp(A.ip, B.ip, 40001, 7000, &payload(40)));
+    let other =
+        ip_frame(A, B, Ipv4::new(A.ip, B.ip, IPPROTO_UDP), &udp(A.ip, B.ip, 40001, 7000, &payload(40)));
     assert_eq!(h.from_container("veth-a", &other).verdict, TC_ACT_REDIRECT);
     // Received from PEER2, delivered to A.
     assert_eq!(h.uplink_tc(&valid_vxlan()).verdict, TC_ACT_REDIRECT);
     let got = events(&mut session);
-    let seen: Vec<_> = got.iter().map(|e| (e.event, e.reason, e.hook, e.vni, e.src, e.dst, e.sport, e.dport)).collect();
+    let seen: Vec<_> =
+        got.iter().map(|e| (e.event, e.reason, e.hook, e.vni, e.src, e.dst, e.sport, e.dport)).collect();
     assert_eq!(
         seen,
         vec![

@@ -264,14 +264,23 @@ mod tests {
         f.extend(ipv4(17, [10, 0, 0, 2], [10, 0, 0, 3], (5353, 53)));
         let r = Record::from_event(&event(EVENT_DROP, HOOK_UPLINK_XDP, DropReason::UnknownVni.code(), 0, &f));
         assert_eq!(r.vni, Some(0x0102ff));
-        assert_eq!((r.outer_src, r.outer_dst), (Some(Ipv4Addr::new(198, 18, 0, 1)), Some(Ipv4Addr::new(198, 18, 0, 2))));
+        assert_eq!(
+            (r.outer_src, r.outer_dst),
+            (Some(Ipv4Addr::new(198, 18, 0, 1)), Some(Ipv4Addr::new(198, 18, 0, 2)))
+        );
         assert_eq!((r.src, r.sport, r.dport), (Some(Ipv4Addr::new(10, 0, 0, 2)), Some(5353), Some(53)));
         assert_eq!(r.proto.as_deref(), Some("udp"));
     }
 
     #[test]
     fn short_and_foreign_frames_say_what_they_can() {
-        let r = Record::from_event(&event(EVENT_DROP, HOOK_FROM_CONTAINER, DropReason::Malformed.code(), 0, &[1, 2]));
+        let r = Record::from_event(&event(
+            EVENT_DROP,
+            HOOK_FROM_CONTAINER,
+            DropReason::Malformed.code(),
+            0,
+            &[1, 2],
+        ));
         assert_eq!((r.proto, r.src, r.vni), (None, None, None));
         let r = Record::from_event(&event(EVENT_DROP, HOOK_FROM_CONTAINER, 18, 5, &eth(0x86dd)));
         assert_eq!(r.proto.as_deref(), Some("0x86dd"));
@@ -279,6 +288,9 @@ mod tests {
         let mut f = eth(ETH_P_IP);
         f.extend(ipv4(1, [10, 0, 0, 2], [10, 0, 0, 3], (0, 0)));
         let r = Record::from_event(&event(EVENT_FLOW, HOOK_UPLINK_TC, stats::RX_DELIVER, 9, &f));
-        assert_eq!((r.event, r.reason, r.proto.as_deref(), r.sport), ("flow", "rx_deliver", Some("icmp"), None));
+        assert_eq!(
+            (r.event, r.reason, r.proto.as_deref(), r.sport),
+            ("flow", "rx_deliver", Some("icmp"), None)
+        );
     }
 }

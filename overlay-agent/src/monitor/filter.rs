@@ -45,7 +45,9 @@ impl Filter {
             filter.reasons = Some(set);
         }
         let need = |what: &str| {
-            state.ok_or_else(|| anyhow::anyhow!("{what} by name needs the store (--etcd-endpoints or --state-file)"))
+            state.ok_or_else(|| {
+                anyhow::anyhow!("{what} by name needs the store (--etcd-endpoints or --state-file)")
+            })
         };
         if !networks.is_empty() {
             let mut set = BTreeSet::new();
@@ -112,7 +114,13 @@ mod tests {
     use super::*;
     use crate::model::{Container, Endpoint, Network};
 
-    fn rec(event: &'static str, reason: &'static str, vni: Option<u32>, src: [u8; 4], dst: [u8; 4]) -> Record {
+    fn rec(
+        event: &'static str,
+        reason: &'static str,
+        vni: Option<u32>,
+        src: [u8; 4],
+        dst: [u8; 4],
+    ) -> Record {
         Record {
             event,
             reason,
@@ -177,8 +185,7 @@ mod tests {
     #[test]
     fn containers_by_address_or_veth() {
         let s = state();
-        let ifaces =
-            BTreeMap::from([(40, Iface { vni: 100, ip: [10, 0, 0, 5], mac: [2; 6], _pad: [0; 2] })]);
+        let ifaces = BTreeMap::from([(40, Iface { vni: 100, ip: [10, 0, 0, 5], mac: [2; 6], _pad: [0; 2] })]);
         let f = Filter::build(&[], &[], &["web".into()], Some(&s), &ifaces).unwrap();
         assert!(f.passes(&rec("drop", "no_endpoint", Some(100), [10, 0, 0, 9], [10, 0, 0, 5])));
         // Spoofed: not its address, but its veth.

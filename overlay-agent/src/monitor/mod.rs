@@ -62,8 +62,8 @@ impl Control {
     /// Whether a monitor listens now: flags set, expiry ahead, its process alive.
     pub fn holder(&self) -> anyhow::Result<Option<u32>> {
         let ctl = self.get()?;
-        let alive = ctl.pid != 0
-            && nix::sys::signal::kill(nix::unistd::Pid::from_raw(ctl.pid as i32), None).is_ok();
+        let alive =
+            ctl.pid != 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(ctl.pid as i32), None).is_ok();
         Ok((ctl.flags != 0 && ctl.expires_ns > monotonic_ns() && alive).then_some(ctl.pid))
     }
 }
@@ -147,9 +147,8 @@ pub fn run(pins: &PinDir, flags: u32, filter: &Filter, out: &Output) -> anyhow::
     }
     let mut session = Session::open(pins, flags)?;
     // Monotonic event times to wall-clock times.
-    let wall_offset =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as i128
-            - i128::from(monotonic_ns());
+    let wall_offset = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as i128
+        - i128::from(monotonic_ns());
     eprintln!(
         "monitor: listening on {} for {} (Ctrl-C to stop)",
         pins.root().display(),
