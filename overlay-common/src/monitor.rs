@@ -116,7 +116,7 @@ const _: () = {
     assert!(offset_of!(MonitorEvent, head) == 32);
     assert!(size_of::<FlowKey>() == 20);
     // The ring buffer's size must be a power of two and whole pages.
-    assert!(MONITOR_RING_BYTES.is_power_of_two() && MONITOR_RING_BYTES % 4096 == 0);
+    assert!(MONITOR_RING_BYTES.is_power_of_two() && MONITOR_RING_BYTES.is_multiple_of(4096));
 };
 
 #[cfg(feature = "user")]

@@ -125,7 +125,10 @@ fn mac_of(ns: &str, dev: &str) -> [u8; 6] {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = std::fmt::Write::write_fmt(&mut s, format_args!("{b:02x}"));
+        s
+    })
 }
 
 /// Sends `frame` out of `dev` in namespace `ns` as it is (overlay-probe frame).

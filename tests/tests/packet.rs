@@ -1961,6 +1961,7 @@ fn listen(h: &Host, flags: u32) -> Session {
     Session::open(&PinDir::new(h.run.pin_root().join("h")), flags).expect("starting a monitor session")
 }
 
+#[expect(clippy::unnecessary_wraps, reason = "compared with the events' optional addresses")]
 fn ip(a: Ip) -> Option<std::net::Ipv4Addr> {
     Some(a.into())
 }

@@ -1,7 +1,7 @@
 //! What a monitor event says, read from the bytes the programs copied (overlay_common::monitor):
 //! the frame's 5-tuple, and for VXLAN its VNI, outer addresses and the inner 5-tuple.
 
-use std::net::Ipv4Addr;
+use std::{fmt::Write as _, net::Ipv4Addr};
 
 use overlay_common::{
     VXLAN_PORT,
@@ -160,15 +160,15 @@ impl Record {
     /// A line for people.
     pub fn line(&self, wall: &str) -> String {
         let mut out = format!("{wall} {:<4} {:<18} {:<14}", self.event, self.reason, self.hook);
-        match &self.interface {
-            Some(name) => out.push_str(&format!(" {name}({})", self.ifindex)),
-            None => out.push_str(&format!(" if{}", self.ifindex)),
-        }
+        let _ = match &self.interface {
+            Some(name) => write!(out, " {name}({})", self.ifindex),
+            None => write!(out, " if{}", self.ifindex),
+        };
         if let Some(vni) = self.vni {
-            out.push_str(&format!(" vni {vni}"));
+            let _ = write!(out, " vni {vni}");
         }
         if let Some(proto) = &self.proto {
-            out.push_str(&format!(" {proto}"));
+            let _ = write!(out, " {proto}");
         }
         let end = |ip: Option<Ipv4Addr>, port: Option<u16>| match (ip, port) {
             (Some(ip), Some(port)) => format!("{ip}:{port}"),
@@ -176,12 +176,12 @@ impl Record {
             (None, _) => "?".into(),
         };
         if self.src.is_some() || self.dst.is_some() {
-            out.push_str(&format!(" {} -> {}", end(self.src, self.sport), end(self.dst, self.dport)));
+            let _ = write!(out, " {} -> {}", end(self.src, self.sport), end(self.dst, self.dport));
         }
         if let (Some(s), Some(d)) = (self.outer_src, self.outer_dst) {
-            out.push_str(&format!(" (vxlan {s} -> {d})"));
+            let _ = write!(out, " (vxlan {s} -> {d})");
         }
-        out.push_str(&format!(" len {}", self.len));
+        let _ = write!(out, " len {}", self.len);
         out
     }
 }
@@ -258,12 +258,12 @@ mod tests {
     fn vxlan_drop_shows_inner_and_outer() {
         let mut f = eth(ETH_P_IP);
         f.extend(ipv4(17, [198, 18, 0, 1], [198, 18, 0, 2], (50000, VXLAN_PORT)));
-        // The UDP header's other half is in ipv4()'s padding; VXLAN: I flag, VNI 0x0102ff.
+        // The UDP header's other half is in ipv4()'s padding; VXLAN: I flag, VNI 0x01_02_ff.
         f.extend_from_slice(&[0x08, 0, 0, 0, 0x01, 0x02, 0xff, 0]);
         f.extend(eth(ETH_P_IP));
         f.extend(ipv4(17, [10, 0, 0, 2], [10, 0, 0, 3], (5353, 53)));
         let r = Record::from_event(&event(EVENT_DROP, HOOK_UPLINK_XDP, DropReason::UnknownVni.code(), 0, &f));
-        assert_eq!(r.vni, Some(0x0102ff));
+        assert_eq!(r.vni, Some(0x01_02_ff));
         assert_eq!(
             (r.outer_src, r.outer_dst),
             (Some(Ipv4Addr::new(198, 18, 0, 1)), Some(Ipv4Addr::new(198, 18, 0, 2)))

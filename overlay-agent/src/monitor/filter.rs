@@ -12,6 +12,9 @@ use overlay_common::{maps::Iface, stats::DropReason};
 use super::Record;
 use crate::model::State;
 
+/// A container filter: its (VNI, address) pairs, and its host-side veths' ifindexes.
+pub type ContainerMatch = (BTreeSet<(u32, Ipv4Addr)>, BTreeSet<u32>);
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Filter {
     /// Only drops, for these reasons.
@@ -19,7 +22,7 @@ pub struct Filter {
     /// Only events of these networks.
     pub vnis: Option<BTreeSet<u32>>,
     /// Only events to or from these containers' addresses (VNI, address), or on their veths.
-    pub containers: Option<(BTreeSet<(u32, Ipv4Addr)>, BTreeSet<u32>)>,
+    pub containers: Option<ContainerMatch>,
 }
 
 impl Filter {
