@@ -10,6 +10,7 @@ mod control;
 mod egress;
 mod icmp;
 mod measure;
+mod monitor;
 mod names;
 mod plot;
 mod pods;
@@ -132,6 +133,15 @@ struct RunArgs {
     /// MTU of the Docker-design container in the egress stage [default: 1500, Docker's].
     #[arg(long)]
     egress_docker_mtu: Option<u32>,
+    /// Run only the monitor stage: the 64-byte UDP packet rate of the eBPF topology with
+    /// `overlay-agent monitor --flows` attached and detached (and with --monitor-baseline-agent)
+    /// in interleaved rounds (takes --rounds, --pps-secs).
+    #[arg(long, conflicts_with_all = ["names", "pods", "egress"])]
+    monitor: bool,
+    /// An overlay-agent built before the monitor existed: the monitor stage measures it too, on
+    /// a topology of its own, as the detached figure's baseline.
+    #[arg(long)]
+    monitor_baseline_agent: Option<PathBuf>,
     /// Pods measured by the pods stage, and as many CLI containers [default: 50, quick: 3].
     #[arg(long)]
     pod_count: Option<usize>,
@@ -332,7 +342,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         xdp_mode: &args.xdp_mode,
         self_exe: &exe,
         ebpf_source: EbpfSource::File,
+        tag: None,
     };
+    if args.monitor {
+        return run_monitor(&args, &run, &opts, &exe, &plan, rounds, &out_dir);
+    }
     let mut topologies = Vec::new();
     for kind in Kind::ALL {
         let t = Instant::now();
@@ -548,6 +562,45 @@ fn run_names(args: &RunArgs) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// `--monitor`: the monitor stage alone, its table in <out>/monitor.md (and in the README
+/// between `<!-- overlay-bench:monitor:begin -->` and `<!-- overlay-bench:monitor:end -->`).
+fn run_monitor(
+    args: &RunArgs,
+    run: &Run,
+    opts: &BuildOptions<'_>,
+    exe: &Path,
+    plan: &measure::Plan,
+    rounds: usize,
+    out_dir: &Path,
+) -> anyhow::Result<()> {
+    let table = monitor::run(
+        run,
+        opts,
+        args.monitor_baseline_agent.as_deref(),
+        exe,
+        plan,
+        rounds,
+        &format!("cargo xtask bench -- {}", command_line_args()),
+    )?;
+    std::fs::create_dir_all(out_dir)?;
+    std::fs::write(out_dir.join("monitor.md"), &table)?;
+    print!("{table}");
+    if let Some(readme) = &args.readme {
+        report::replace_between(
+            readme,
+            "<!-- overlay-bench:monitor:begin -->",
+            "<!-- overlay-bench:monitor:end -->",
+            &table,
+        )?;
+    }
+    Ok(())
+}
+
+/// This run's arguments, as given.
+fn command_line_args() -> String {
+    std::env::args().skip(1).collect::<Vec<_>>().join(" ")
 }
 
 /// `--pods`: the pods stage alone, its table in <out>/pods.md and its samples in

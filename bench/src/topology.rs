@@ -150,6 +150,9 @@ pub struct BuildOptions<'a> {
     pub self_exe: &'a Path,
     /// Where the eBPF topology's agents read the desired state.
     pub ebpf_source: EbpfSource,
+    /// The namespaces' tag instead of the kind's, for a second topology of the same kind
+    /// beside the first (the monitor stage's baseline).
+    pub tag: Option<&'static str>,
 }
 
 /// The eBPF agents' desired-state source.
@@ -207,6 +210,9 @@ impl Topology {
 
     /// The namespace-name tag of the topology (`<run>-<tag>-h1`, ...).
     fn tag(kind: Kind, opts: &BuildOptions<'_>) -> &'static str {
+        if let Some(tag) = opts.tag {
+            return tag;
+        }
         if kind == Kind::Ebpf && opts.ebpf_source == EbpfSource::Etcd { "k" } else { kind.tag() }
     }
 
@@ -373,7 +379,7 @@ impl Topology {
                 state::endpoint(&id, NETWORK_ID, c.name, host, c.ip),
             );
         }
-        let state_file = run.path("e-state.json");
+        let state_file = run.path(&format!("{}-state.json", self.tag));
         self.publisher = Some(Box::new(FilePublisher::new(state_file.clone(), st, NETWORK_ID)?));
         self.start_agents(run, &Source::File(&state_file), opts)
     }

@@ -27,6 +27,8 @@ pub mod identity;
 pub mod metrics;
 /// The desired state's objects (networks, endpoints, containers, hosts) and their updates.
 pub mod model;
+/// `overlay-agent monitor`: a host's drops and new flows, live, from the programs' ring buffer.
+pub mod monitor;
 /// Kernel plumbing over rtnetlink: namespaces, veths, addresses, routes; GRO by ethtool ioctl.
 pub mod netlink;
 /// The agent process's CPU, memory, descriptors and start time, from /proc/self.

@@ -8,6 +8,7 @@
 
 pub mod dns;
 pub mod maps;
+pub mod monitor;
 pub mod stats;
 pub mod wire;
 

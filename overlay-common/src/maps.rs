@@ -18,7 +18,7 @@ pub const MAP_STATS: &str = "STATS";
 pub const MAP_SUBNETS: &str = "SUBNETS";
 
 /// Every pinned map, in the order the agent checks and reports them.
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 10] = [
     MAP_ENDPOINTS,
     MAP_IFACES,
     MAP_PEERS,
@@ -27,6 +27,8 @@ pub const PINNED_MAPS: [&str; 8] = [
     MAP_STATS,
     crate::dns::MAP_NAMES,
     MAP_SUBNETS,
+    crate::monitor::MAP_MONITOR,
+    crate::monitor::MAP_MONITOR_CTL,
 ];
 
 /// Capacity of the endpoint map: every endpoint of every network this host takes part in,

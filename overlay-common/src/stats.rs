@@ -25,6 +25,9 @@ pub const TO_RESOLVER: u32 = 7;
 /// be routed and masqueraded out (see `NETWORK_EGRESS`). Replies come back through the host's
 /// stack, which delivers them to the veth itself: no program counts them.
 pub const TO_HOST: u32 = 8;
+/// Events for `overlay-agent monitor` that found its ring buffer full and were lost (the
+/// packets themselves went on as ever).
+pub const MONITOR_LOST: u32 = 9;
 
 /// The first code of a drop reason: codes from here to [`STATS_LEN`] belong to [`DropReason`].
 pub const DROP_BASE: u32 = 16;
@@ -260,6 +263,7 @@ pub const fn name(code: u32) -> Option<&'static str> {
         DNS_ANSWER => "dns_answer",
         TO_RESOLVER => "to_resolver",
         TO_HOST => "to_host",
+        MONITOR_LOST => "monitor_lost",
         _ => match DropReason::from_code(code) {
             Some(reason) => reason.name(),
             None => return None,
@@ -309,6 +313,7 @@ mod tests {
             DNS_ANSWER,
             TO_RESOLVER,
             TO_HOST,
+            MONITOR_LOST,
         ] {
             assert!(!is_drop(code));
             assert!(names.insert(name(code).expect("named")));

@@ -17,6 +17,7 @@ use aya_ebpf::{
 use overlay_common::{
     VXLAN_OVERHEAD, VXLAN_PORT, VXLAN_SRC_PORT_MAX, VXLAN_SRC_PORT_MIN,
     maps::{Config, Endpoint},
+    monitor::HOOK_FROM_CONTAINER,
     stats::{self, DropReason},
     wire::{EthHdr, EtherType, IPV4_DF, IpProto, Ipv4Hdr, UdpHdr, VxlanEncap, VxlanHdr, ipv4_header_sum},
 };
@@ -65,6 +66,9 @@ pub fn to_remote(
     if ip_len + VXLAN_OVERHEAD > cfg.uplink_mtu {
         return Err(DropReason::TooBig);
     }
+    // Past the last check of the packet, before its headers change: the monitor sees the
+    // container's packet as sent.
+    crate::monitor::flow(ctx, HOOK_FROM_CONTAINER, stats::TX_ENCAP, vni, 0);
     // Hash of the inner flow, taken before the headers change, for the UDP source port.
     // SAFETY: plain helper call on our skb.
     let hash = unsafe { bpf_get_hash_recalc(skb) };

@@ -12,6 +12,7 @@ use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use overlay_common::{
     dns::DNS_PORT,
     maps::{ENDPOINT_LOCAL, Endpoint, EndpointKey, NETWORK_EGRESS, NETWORK_RESOLVER},
+    monitor::HOOK_FROM_CONTAINER,
     stats::{self, DropReason},
     wire::{ArpHdr, ETH_P_ARP, ETH_P_IP, EthHdr, IpProto, Ipv4Hdr, UdpHdr, ether_type, is_fragment},
 };
@@ -19,6 +20,7 @@ use overlay_common::{
 use crate::{
     arp, dns, encap, ipv4,
     maps::{ENDPOINTS, IFACES, NETWORKS, SUBNETS, config},
+    monitor,
     packet::Packet,
     skb::{PACKET_HOST, deliver, linear},
     stats::count,
@@ -104,6 +106,7 @@ pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
     };
 
     if ep.flags & ENDPOINT_LOCAL != 0 {
+        monitor::flow(ctx, HOOK_FROM_CONTAINER, stats::TX_LOCAL, iface.vni, 0);
         return to_local(ctx, &ep);
     }
     let cfg = config().ok_or(DropReason::NoConfig)?;
@@ -138,6 +141,7 @@ fn to_outside(ctx: &TcContext, vni: u32, dst: [u8; 4]) -> Result<i32, DropReason
     if net.flags & NETWORK_EGRESS == 0 {
         return Err(DropReason::NoEgress);
     }
+    monitor::flow(ctx, HOOK_FROM_CONTAINER, stats::TO_HOST, vni, 0);
     let len = ctx.len();
     ctx.change_type(PACKET_HOST).map_err(|_| DropReason::NoEgress)?;
     count(stats::TO_HOST, len);

@@ -19,6 +19,7 @@ mod encap;
 mod from_container;
 mod ipv4;
 mod maps;
+mod monitor;
 mod packet;
 mod skb;
 mod stats;
@@ -30,7 +31,11 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::{info, warn};
-use overlay_common::{maps::CONFIG_DEBUG_DROPS, stats::DropReason};
+use overlay_common::{
+    maps::CONFIG_DEBUG_DROPS,
+    monitor::{HOOK_FROM_CONTAINER, HOOK_UPLINK_TC, HOOK_UPLINK_XDP},
+    stats::DropReason,
+};
 
 use crate::stats::count;
 
@@ -39,7 +44,9 @@ pub fn from_container(ctx: TcContext) -> i32 {
     match from_container::process(&ctx) {
         Ok(verdict) => verdict,
         Err(drop) => {
-            dropped(&ctx, drop, ctx.len());
+            let len = ctx.len();
+            dropped(&ctx, drop, len);
+            monitor::drop_tc(&ctx, HOOK_FROM_CONTAINER, drop.code(), len);
             TC_ACT_SHOT
         }
     }
@@ -50,7 +57,9 @@ pub fn uplink_xdp(ctx: XdpContext) -> u32 {
     match uplink::xdp(&ctx) {
         Ok(verdict) => verdict,
         Err(drop) => {
-            dropped(&ctx, drop, (ctx.data_end() - ctx.data()) as u32);
+            let len = (ctx.data_end() - ctx.data()) as u32;
+            dropped(&ctx, drop, len);
+            monitor::drop_xdp(&ctx, HOOK_UPLINK_XDP, drop.code(), len);
             xdp_action::XDP_DROP
         }
     }
@@ -61,13 +70,16 @@ pub fn uplink_tc(ctx: TcContext) -> i32 {
     match uplink::tc(&ctx) {
         Ok(verdict) => verdict,
         Err(drop) => {
-            dropped(&ctx, drop, ctx.len());
+            let len = ctx.len();
+            dropped(&ctx, drop, len);
+            monitor::drop_tc(&ctx, HOOK_UPLINK_TC, drop.code(), len);
             TC_ACT_SHOT
         }
     }
 }
 
-/// Counts a drop by reason. The rare events (the kernel refused to grow, shrink or redirect a
+/// Counts a drop by reason (the entry points then hand it to the monitor, monitor.rs, which
+/// writes it only while one listens). The rare events (the kernel refused to grow, shrink or redirect a
 /// frame; no configuration yet) are always logged: they mean something is wrong with the host,
 /// not with the packet. Every other drop is logged only when the operator switched drop logging
 /// on, so the fast path carries no log call by default.

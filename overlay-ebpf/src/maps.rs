@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use overlay_common::{
@@ -12,6 +12,7 @@ use overlay_common::{
         Config, Counter, Endpoint, EndpointKey, Iface, MAX_ENDPOINTS, MAX_IFACES, MAX_NETWORKS, MAX_PEERS,
         MAX_SUBNETS, Network, Peer, PeerKey,
     },
+    monitor::{FlowKey, MAX_FLOWS_SEEN, MONITOR_RING_BYTES, MonitorCtl, MonitorEvent},
     stats::STATS_LEN,
 };
 
@@ -62,6 +63,19 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 /// Packets and bytes per counter code (see overlay_common::stats), per CPU.
 #[btf_map]
 pub static STATS: PerCpuArray<Counter, { STATS_LEN as usize }> = PerCpuArray::new();
+
+/// Events for `overlay-agent monitor` (monitor.rs), written only while one listens.
+#[btf_map]
+pub static MONITOR: RingBuf<MonitorEvent, { MONITOR_RING_BYTES as usize }> = RingBuf::new();
+
+/// Whether a monitor listens, and for what (one entry, index 0; written by the monitor).
+#[btf_map]
+pub static MONITOR_CTL: Array<MonitorCtl, 1> = Array::new();
+
+/// Flows whose first packet a monitor session has seen -> that session. Touched only while a
+/// monitor listens for flows; not pinned (the sessions number on from the control entry).
+#[btf_map]
+pub static FLOWS_SEEN: LruHashMap<FlowKey, u32, { MAX_FLOWS_SEEN as usize }> = LruHashMap::new();
 
 /// The host configuration, or None before the agent wrote it.
 #[inline(always)]

@@ -21,6 +21,7 @@ use aya_ebpf::{
 };
 use overlay_common::{
     maps::{XDP_META_MAGIC, XdpMeta},
+    monitor::HOOK_UPLINK_TC,
     stats::{self, DropReason},
     wire::{ETH_P_8021AD, ETH_P_8021Q, EthHdr, ether_type},
 };
@@ -28,6 +29,7 @@ use overlay_common::{
 use crate::{
     decap::{self, Verdict},
     maps::config,
+    monitor,
     packet::Packet,
     skb::{deliver, linear},
     stats::count,
@@ -102,6 +104,7 @@ pub fn tc(ctx: &TcContext) -> Result<i32, DropReason> {
         if vlan_present(ctx) {
             return Err(DropReason::VlanTagged);
         }
+        monitor::flow(ctx, HOOK_UPLINK_TC, stats::RX_DELIVER, 0, meta.ifindex);
         return deliver(ctx, meta.ifindex, stats::RX_DELIVER, DropReason::DecapFailed);
     }
 
@@ -134,6 +137,7 @@ pub fn tc(ctx: &TcContext) -> Result<i32, DropReason> {
                 return Err(DropReason::VlanTagged);
             }
             decap::strip_tc(ctx, pkt)?;
+            monitor::flow(ctx, HOOK_UPLINK_TC, stats::RX_DELIVER, 0, ifindex);
             deliver(ctx, ifindex, stats::RX_DELIVER, DropReason::DecapFailed)
         }
     }

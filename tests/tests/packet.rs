@@ -28,6 +28,7 @@ use overlay_agent::{
     datapath::{
         Loaded, PROG_FROM_CONTAINER, PROG_UPLINK_TC, PROG_UPLINK_XDP, PinDir, maps::read_stats, program,
     },
+    monitor::{Control, Record, Session, monotonic_ns},
     netlink::netns::NetnsGuard,
 };
 use overlay_common::{
@@ -36,6 +37,7 @@ use overlay_common::{
         Config, ENDPOINT_LOCAL, Endpoint, EndpointKey, Iface, NETWORK_EGRESS, NETWORK_RESOLVER, Network,
         Peer, PeerKey, XDP_META_MAGIC,
     },
+    monitor::{MONITOR_DROPS, MONITOR_FLOWS, MonitorCtl},
     stats::{self, *},
     wire::{
         ARP_OP_REPLY, ARP_OP_REQUEST, ETH_P_ARP, ETH_P_IP, EthHdr, INNER_ETH_OFF, INNER_IP_OFF, IPV4_DF,
@@ -1939,4 +1941,141 @@ fn an_address_outside_the_overlay_goes_up_the_stack_where_the_network_has_a_way_
     // The overlay's own path is unchanged: a known endpoint is still delivered or encapsulated.
     let (got, _) = h.counting(|h| h.from_container("veth-a", &udp_frame(A, R, 443, 40)));
     assert_eq!(got.verdict, TC_ACT_REDIRECT);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The monitor's ring buffer (overlay-agent monitor).
+// ---------------------------------------------------------------------------------------------
+
+/// Every event the ring buffer holds now.
+fn events(session: &mut Session) -> Vec<Record> {
+    let mut out = Vec::new();
+    while let Some(item) = session.ring.next() {
+        out.push(Record::from_bytes(&item).expect("an event"));
+    }
+    out
+}
+
+/// A session on the test host's pins, listening for `flags`.
+fn listen(h: &Host, flags: u32) -> Session {
+    Session::open(&PinDir::new(h.run.pin_root().join("h")), flags).expect("starting a monitor session")
+}
+
+#[expect(clippy::unnecessary_wraps, reason = "compared with the events' optional addresses")]
+fn ip(a: Ip) -> Option<std::net::Ipv4Addr> {
+    Some(a.into())
+}
+
+#[test]
+fn monitor_reports_each_drop_with_its_fields_while_it_listens() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkmon");
+    let pins = PinDir::new(h.run.pin_root().join("h"));
+    let to_nobody = udp_frame(A, Ep { ip: NOBODY, mac: B.mac }, 53, 40);
+    let spoofed = udp_frame(Ep { ip: B.ip, mac: A.mac }, R, 7000, 40);
+    let unknown_vni = vxlan(&from_peer2(0x00_99_99), &tcp_frame(R, A, 10));
+    let unknown_peer = vxlan(&Tunnel { src_vtep: STRANGER, ..from_peer2(BLUE) }, &udp_frame(R, A, 7000, 64));
+
+    // Nobody listens: the drop is counted and nothing is written.
+    let mut session = listen(&h, MONITOR_DROPS);
+    drop(session);
+    assert_eq!(h.from_container("veth-a", &to_nobody).verdict, TC_ACT_SHOT);
+    session = listen(&h, MONITOR_DROPS);
+    assert_eq!(events(&mut session), Vec::new(), "events written while nobody listened");
+
+    assert_eq!(h.from_container("veth-a", &to_nobody).verdict, TC_ACT_SHOT);
+    assert_eq!(h.from_container("veth-a", &spoofed).verdict, TC_ACT_SHOT);
+    assert_eq!(h.uplink_xdp(&unknown_vni).verdict, XDP_DROP);
+    assert_eq!(h.uplink_tc(&unknown_peer).verdict, TC_ACT_SHOT);
+    // A forwarded packet is no drop, and flows were not asked for.
+    assert_eq!(h.from_container("veth-a", &udp_frame(A, B, 7000, 40)).verdict, TC_ACT_REDIRECT);
+    let got = events(&mut session);
+    assert_eq!(got.len(), 4, "{got:#?}");
+
+    let e = &got[0];
+    assert_eq!((e.event, e.reason, e.hook), ("drop", "no_endpoint", "from_container"));
+    assert_eq!((e.ifindex, e.vni, e.len), (h.ifindex["veth-a"], Some(BLUE), to_nobody.len() as u32));
+    assert_eq!((e.proto.as_deref(), e.src, e.dst), (Some("udp"), ip(A.ip), ip(NOBODY)));
+    assert_eq!((e.sport, e.dport), (Some(40000), Some(53)));
+
+    let e = &got[1];
+    assert_eq!((e.reason, e.vni, e.src, e.dst), ("spoofed_source", Some(BLUE), ip(B.ip), ip(R.ip)));
+
+    let e = &got[2];
+    assert_eq!((e.reason, e.hook, e.vni), ("unknown_vni", "uplink_xdp", Some(0x00_99_99)));
+    assert_eq!((e.outer_src, e.outer_dst), (ip(PEER2), ip(VTEP)));
+    assert_eq!((e.proto.as_deref(), e.src, e.dst, e.dport), (Some("tcp"), ip(R.ip), ip(A.ip), Some(80)));
+    assert_eq!(e.len, unknown_vni.len() as u32);
+
+    let e = &got[3];
+    assert_eq!(
+        (e.reason, e.hook, e.ifindex, e.vni),
+        ("unknown_peer", "uplink_tc", h.ifindex["uplink"], Some(BLUE))
+    );
+    assert_eq!((e.outer_src, e.src, e.dst), (ip(STRANGER), ip(R.ip), ip(A.ip)));
+
+    // One monitor at a time.
+    let second = Session::open(&pins, MONITOR_DROPS).err().expect("a second monitor was let in");
+    assert!(second.to_string().contains("another monitor"), "{second:#}");
+
+    // A monitor killed without clearing the flags: once its expiry passed, nothing is written.
+    let mut control = Control::open(&pins).expect("MONITOR_CTL");
+    let ctl = control.get().expect("reading MONITOR_CTL");
+    assert_eq!(ctl.flags, MONITOR_DROPS);
+    control.set(MonitorCtl { expires_ns: monotonic_ns() - 1, ..ctl }).expect("writing MONITOR_CTL");
+    assert_eq!(h.from_container("veth-a", &to_nobody).verdict, TC_ACT_SHOT);
+    assert_eq!(events(&mut session), Vec::new(), "events written after the monitor's expiry");
+    assert_eq!(control.holder().expect("holder"), None, "an expired monitor still holds the host");
+
+    // Ended: the flags are cleared.
+    drop(session);
+    assert_eq!(control.get().expect("reading MONITOR_CTL").flags, 0);
+}
+
+#[test]
+fn monitor_reports_the_first_packet_of_each_flow_once_per_session() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let h = Host::new("pkmonf");
+    let local = udp_frame(A, B, 7000, 40);
+    let remote = tcp_frame(A, R, 10);
+    let mut session = listen(&h, MONITOR_DROPS | MONITOR_FLOWS);
+    for _ in 0..3 {
+        assert_eq!(h.from_container("veth-a", &local).verdict, TC_ACT_REDIRECT);
+        assert_eq!(h.from_container("veth-a", &remote).verdict, TC_ACT_REDIRECT);
+    }
+    // Another flow: another source port.
+    let other =
+        ip_frame(A, B, Ipv4::new(A.ip, B.ip, IPPROTO_UDP), &udp(A.ip, B.ip, 40001, 7000, &payload(40)));
+    assert_eq!(h.from_container("veth-a", &other).verdict, TC_ACT_REDIRECT);
+    // Received from PEER2, delivered to A.
+    assert_eq!(h.uplink_tc(&valid_vxlan()).verdict, TC_ACT_REDIRECT);
+    let got = events(&mut session);
+    let seen: Vec<_> =
+        got.iter().map(|e| (e.event, e.reason, e.hook, e.vni, e.src, e.dst, e.sport, e.dport)).collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("flow", "tx_local", "from_container", Some(BLUE), ip(A.ip), ip(B.ip), Some(40000), Some(7000)),
+            ("flow", "tx_encap", "from_container", Some(BLUE), ip(A.ip), ip(R.ip), Some(43210), Some(80)),
+            ("flow", "tx_local", "from_container", Some(BLUE), ip(A.ip), ip(B.ip), Some(40001), Some(7000)),
+            // The decapsulated frame; its network from the veth it is delivered to.
+            ("flow", "rx_deliver", "uplink_tc", Some(BLUE), ip(R.ip), ip(A.ip), Some(40000), Some(7000)),
+        ],
+        "{got:#?}"
+    );
+    // Seen in the last session, new to the next.
+    drop(session);
+    let mut session = listen(&h, MONITOR_DROPS | MONITOR_FLOWS);
+    assert_eq!(h.from_container("veth-a", &local).verdict, TC_ACT_REDIRECT);
+    assert_eq!(events(&mut session).len(), 1, "a flow of the last session was not new to this one");
+    // Drops only: no flows.
+    drop(session);
+    let mut session = listen(&h, MONITOR_DROPS);
+    assert_eq!(h.from_container("veth-a", &remote.clone()).verdict, TC_ACT_REDIRECT);
+    assert_eq!(h.from_container("veth-a", &udp_frame(A, S, 9, 40)).verdict, TC_ACT_REDIRECT);
+    assert_eq!(events(&mut session), Vec::new(), "flows written while only drops were asked for");
 }

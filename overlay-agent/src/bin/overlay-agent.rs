@@ -50,6 +50,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stream a host's dropped packets live (reason, interface, VNI, 5-tuple), and with --flows
+    /// the first packet of every flow it forwards. The programs write events only while a
+    /// monitor listens; one monitor per host at a time.
+    Monitor(Box<MonitorArgs>),
     /// Remove a host's pinned datapath: its containers stop forwarding (for decommissioning a
     /// host whose agent is stopped).
     Reset {
@@ -59,6 +63,44 @@ enum Command {
     /// (internal) Hold a sandbox namespace open: the long-running process of a container.
     #[command(hide = true)]
     Hold { netns: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct MonitorArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Also show the first packet of each flow the host forwards (tx_local, tx_encap, to_host,
+    /// rx_deliver), not only drops.
+    #[arg(long)]
+    flows: bool,
+    /// Only drops for this reason (the names `stats` prints; repeat for more).
+    #[arg(long = "reason")]
+    reasons: Vec<String>,
+    /// Only events of this network (a name, looked up in the store, or a VNI; repeat for more).
+    #[arg(long = "network")]
+    networks: Vec<String>,
+    /// Only events to or from this container, or sent from its interface (looked up in the
+    /// store when the monitor starts; repeat for more).
+    #[arg(long = "container")]
+    containers: Vec<String>,
+    /// One JSON object a line instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Stop after this many events.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Stop after this long (e.g. 30s, 5m).
+    #[arg(long)]
+    duration: Option<humantime::Duration>,
+    /// Names from a JSON state file instead of etcd (as `run --state-file`).
+    #[arg(long, env = "OVERLAY_STATE_FILE")]
+    state_file: Option<PathBuf>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// The host's network namespace (a path, or a name under /run/netns), where the interface
+    /// names are; as `run --netns`.
+    #[arg(long, env = "OVERLAY_NETNS")]
+    netns: Option<String>,
 }
 
 /// Which host's pins to read.
@@ -288,6 +330,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Monitor(args) => monitor(&args),
         Command::Reset { target } => {
             let pins = target.pins()?;
             pins.remove_all().with_context(|| format!("removing {}", pins.root().display()))?;
@@ -304,6 +347,39 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Hold { netns } => sandbox::hold(&netns),
     }
+}
+
+fn monitor(args: &MonitorArgs) -> anyhow::Result<()> {
+    use overlay_agent::monitor::{self, Filter, Output};
+    use overlay_common::monitor::{MONITOR_DROPS, MONITOR_FLOWS};
+    let pins = args.target.pins()?;
+    // The host's namespace first: its interfaces' names are there, and its way to etcd.
+    if let Some(ns) = &args.netns {
+        let path = if ns.contains('/') { PathBuf::from(ns) } else { netns::named(ns) };
+        let file = netns::open(&path)?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {}", path.display()))?;
+    }
+    // Names need the desired state; read once, before the monitor starts listening.
+    let state = if args.networks.iter().any(|n| n.parse::<u32>().is_err()) || !args.containers.is_empty() {
+        Some(if let Some(path) = &args.state_file {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?
+        } else {
+            tokio::runtime::Runtime::new()?.block_on(async {
+                let store = overlay_agent::store::Store::connect(&args.etcd.config()).await?;
+                anyhow::Ok(store.load().await?.0)
+            })?
+        })
+    } else {
+        None
+    };
+    let ifaces = if args.containers.is_empty() { Default::default() } else { maps::read_ifaces(&pins)? };
+    let filter = Filter::build(&args.reasons, &args.networks, &args.containers, state.as_ref(), &ifaces)?;
+    // With --reason only drops are shown: flows would be written for nothing.
+    let flags = MONITOR_DROPS | if args.flows && args.reasons.is_empty() { MONITOR_FLOWS } else { 0 };
+    let out = Output { json: args.json, count: args.count, duration: args.duration.map(Into::into) };
+    monitor::run(&pins, flags, &filter, &out)
 }
 
 fn init_logging(format: LogFormat) {

@@ -16,6 +16,7 @@ use overlay_common::{
         Config, Counter, Endpoint, EndpointKey, Iface, MAP_CONFIG, MAP_ENDPOINTS, MAP_IFACES, MAP_NETWORKS,
         MAP_PEERS, MAP_STATS, MAP_SUBNETS, Network, PINNED_MAPS, Peer, PeerKey,
     },
+    monitor::{MAP_MONITOR, MAP_MONITOR_CTL, MonitorCtl},
     stats::STATS_LEN,
 };
 
@@ -44,6 +45,9 @@ fn expected_layout(name: &str) -> (usize, usize) {
         MAP_STATS => (size_of::<u32>(), size_of::<Counter>()),
         MAP_NAMES => (size_of::<NameKey>(), size_of::<NameAddrs>()),
         MAP_SUBNETS => (size_of::<LpmKey<[u8; 4]>>(), size_of::<u32>()),
+        // A ring buffer has neither keys nor values.
+        MAP_MONITOR => (0, 0),
+        MAP_MONITOR_CTL => (size_of::<u32>(), size_of::<MonitorCtl>()),
         _ => unreachable!("not one of PINNED_MAPS: {name}"),
     }
 }
@@ -124,4 +128,13 @@ pub fn read_stats(stats: &PerCpuArray<MapData, Counter>) -> Result<Totals, MapEr
 pub fn open_stats(pins: &PinDir) -> Result<PerCpuArray<MapData, Counter>, Error> {
     let data = MapData::from_pin(pins.map(MAP_STATS)).map_err(|e| Error::Map(MAP_STATS, e))?;
     PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(|e| Error::Map(MAP_STATS, e))
+}
+
+/// The pinned `IFACES` entries of a host (host-side veth ifindex -> its endpoint), for
+/// `overlay-agent monitor`'s container filter.
+pub fn read_ifaces(pins: &PinDir) -> Result<std::collections::BTreeMap<u32, Iface>, Error> {
+    let data = MapData::from_pin(pins.map(MAP_IFACES)).map_err(|e| Error::Map(MAP_IFACES, e))?;
+    let map: HashMap<MapData, u32, Iface> =
+        HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|e| Error::Map(MAP_IFACES, e))?;
+    map.iter().collect::<Result<_, _>>().map_err(|e| Error::Map(MAP_IFACES, e))
 }
