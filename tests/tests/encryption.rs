@@ -60,9 +60,13 @@ fn an_encrypted_network_never_crosses_the_underlay_in_the_clear() {
         .and_then(|v| v.parse().ok())
         .expect("VNI in inspect");
 
-    for (host, net, name) in
-        [("h1", "sec", "s1"), ("h1", "sec", "s3"), ("h2", "sec", "s2"), ("h1", "plain", "p1"), ("h2", "plain", "p2")]
-    {
+    for (host, net, name) in [
+        ("h1", "sec", "s1"),
+        ("h1", "sec", "s3"),
+        ("h2", "sec", "s2"),
+        ("h1", "plain", "p1"),
+        ("h2", "plain", "p2"),
+    ] {
         c.ok(&["container", "create", "--host", host, "--network", net, name]);
     }
     let ns = |host: &str, name: &str| c.container_ns(host, name);

@@ -728,7 +728,12 @@ fn uplink_drops_unknown_vni() {
 
 /// Marks blue encrypted, as the agent does for a network created `-o encrypted`.
 fn encrypt_blue(h: &mut Host) {
-    let net = Network { gateway: BLUE_GATEWAY, gateway_mac: BLUE_GATEWAY_MAC, flags: NETWORK_ENCRYPTED, prefix_len: 0 };
+    let net = Network {
+        gateway: BLUE_GATEWAY,
+        gateway_mac: BLUE_GATEWAY_MAC,
+        flags: NETWORK_ENCRYPTED,
+        prefix_len: 0,
+    };
     h.dp.maps.networks.insert(BLUE, net, 0).expect("NETWORKS");
 }
 

@@ -14,8 +14,8 @@ use std::{
 use overlay_common::{
     dns::{NAME_LEN, NameAddrs, NameKey},
     maps::{
-        ENDPOINT_LOCAL, Endpoint as MapEndpoint, EndpointKey, Iface, NETWORK_EGRESS, NETWORK_ENCRYPTED, NETWORK_RESOLVER,
-        Network as MapNetwork,
+        ENDPOINT_LOCAL, Endpoint as MapEndpoint, EndpointKey, Iface, NETWORK_EGRESS, NETWORK_ENCRYPTED,
+        NETWORK_RESOLVER, Network as MapNetwork,
     },
 };
 use tracing::warn;
