@@ -262,6 +262,7 @@ impl Store {
                         host: host.name.clone(),
                         uplink,
                         limit,
+                        tunnel: if p.encrypted { "encrypted VXLAN (ESP)" } else { "VXLAN" },
                         overhead,
                     });
                 }
