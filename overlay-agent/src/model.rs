@@ -49,6 +49,11 @@ pub struct Network {
     /// way out through their hosts, no published ports (docs/egress.md).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub internal: bool,
+    /// `-o encrypted` (Docker's `--opt encrypted`): its frames may cross the underlay only
+    /// encrypted and authenticated, never in the clear (docs/encryption.md). Set at creation,
+    /// never changed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
 }
 
 impl Network {
@@ -69,6 +74,7 @@ impl Network {
             labels: BTreeMap::new(),
             created: String::new(),
             internal: false,
+            encrypted: false,
         }
     }
 

@@ -20,6 +20,13 @@ pub const VXLAN_PORT: u16 = 4789;
 /// inside the tunnel instead of on the wire. A container's MTU is the uplink's MTU minus this.
 pub const VXLAN_OVERHEAD: u32 = 50;
 
+/// Bytes ESP in tunnel mode with an AES-GCM AEAD (rfc4106) adds around a VXLAN packet, at most:
+/// outer IPv4 (20) + ESP header (8) + IV (8) + ICV (16) + pad length and next header (2) + up to
+/// 3 bytes of padding to a 4-byte boundary. An encrypted network's containers get this much less
+/// MTU on top of [`VXLAN_OVERHEAD`], so nothing fragments once encryption is on the path
+/// (docs/encryption.md says why tunnel mode).
+pub const ESP_OVERHEAD: u32 = 20 + 8 + 8 + 16 + 2 + 3;
+
 /// UDP source ports for encapsulated frames are spread over the dynamic range
 /// (RFC 7348 section 5 recommends 49152-65535) by a hash of the inner flow, so that
 /// underlay ECMP and RSS spread tunnel traffic the way they spread the inner flows.

@@ -133,6 +133,13 @@ pub const NETWORK_RESOLVER: u8 = 1;
 /// packets are dropped (`no_egress`).
 pub const NETWORK_EGRESS: u8 = 2;
 
+/// `Network::flags`: the network was created `-o encrypted` (docs/encryption.md). Its frames
+/// may cross the underlay only protected: plaintext VXLAN claiming its VNI is dropped on the
+/// uplink (`plaintext_encrypted`), and, since no cipher path exists on this kernel yet, the
+/// from-container program drops its frames for other hosts (`no_cipher`) rather than send them
+/// in the clear. Same-host delivery never touches the underlay and is unaffected.
+pub const NETWORK_ENCRYPTED: u8 = 4;
+
 /// `Config::flags`: log every dropped packet through aya-log (off by default: the fast path
 /// carries no log call unless an operator asks for it).
 pub const CONFIG_DEBUG_DROPS: u32 = 1;

@@ -131,11 +131,19 @@ pub enum DropReason {
     /// out on this host: `--internal`, without a gateway, or before the host's egress path is
     /// in place. (Broadcast, multicast and the host-local ranges never leave: `no_endpoint`.)
     NoEgress = 51,
+    /// Plaintext VXLAN claiming the VNI of an encrypted network: an encrypted network's frames
+    /// cross the underlay only protected, so this one was forged or sent by a host that would
+    /// not encrypt (docs/encryption.md).
+    PlaintextEncrypted = 52,
+    /// A frame of an encrypted network for another host, on a host with no cipher path: it is
+    /// dropped rather than sent in the clear (fail closed; docs/encryption.md says what the
+    /// kernel lacks).
+    NoCipher = 53,
 }
 
 impl DropReason {
     /// Every reason, in code order.
-    pub const ALL: [Self; 36] = [
+    pub const ALL: [Self; 38] = [
         Self::UnknownIface,
         Self::Spoofed,
         Self::Unsupported,
@@ -172,6 +180,8 @@ impl DropReason {
         Self::DnsCompression,
         Self::DnsAnswerFailed,
         Self::NoEgress,
+        Self::PlaintextEncrypted,
+        Self::NoCipher,
     ];
 
     /// The reason's counter code: its index in `STATS`.
@@ -228,6 +238,8 @@ impl DropReason {
             Self::DnsCompression => "dns_compression",
             Self::DnsAnswerFailed => "dns_answer_failed",
             Self::NoEgress => "no_egress",
+            Self::PlaintextEncrypted => "plaintext_encrypted",
+            Self::NoCipher => "no_cipher",
         }
     }
 
@@ -283,7 +295,7 @@ const _: () = {
         assert!(DropReason::ALL[i].code() == DROP_BASE + i as u32);
         i += 1;
     }
-    assert!(DropReason::DnsAnswerFailed.code() < STATS_LEN);
+    assert!(DropReason::NoCipher.code() < STATS_LEN);
     assert!(DNS_ANSWER < DROP_BASE);
 };
 
@@ -319,7 +331,7 @@ mod tests {
             assert!(names.insert(name(code).expect("named")));
         }
         assert_eq!(DropReason::from_code(DROP_BASE - 1), None);
-        assert_eq!(DropReason::from_code(DropReason::NoEgress.code() + 1), None);
+        assert_eq!(DropReason::from_code(DropReason::NoCipher.code() + 1), None);
         assert_eq!(name(STATS_LEN - 1), None);
     }
 }

@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use overlay_common::{
     VXLAN_OVERHEAD, VXLAN_PORT,
-    maps::{Config, ENDPOINT_LOCAL, EndpointKey, PeerKey},
+    maps::{Config, ENDPOINT_LOCAL, EndpointKey, NETWORK_ENCRYPTED, PeerKey},
     stats::{self, DropReason},
     wire::{
         ECN_CE, ECN_MASK, ECN_NOT_ECT, ETH_P_IP, EthHdr, INNER_ETH_OFF, INNER_IP_OFF, IpProto, Ipv4Hdr,
@@ -128,9 +128,15 @@ fn check(pkt: Packet, wire_len: usize, gso: bool, cfg: &Config) -> Result<Option
         return Err(DropReason::BadFlags);
     }
     let vni = vxlan.vni();
-    // SAFETY: only tested for presence.
-    if unsafe { NETWORKS.get(vni) }.is_none() {
+    // SAFETY: copied out at once.
+    let Some(net) = (unsafe { NETWORKS.get(vni) }).copied() else {
         return Err(DropReason::UnknownVni);
+    };
+    // Frames of an encrypted network cross the underlay only protected: plaintext VXLAN claiming
+    // its VNI is forged (VXLAN has no authentication; anyone on the underlay can send it with a
+    // peer's address) or from a host that would not encrypt. The uplink never takes it.
+    if net.flags & NETWORK_ENCRYPTED != 0 {
+        return Err(DropReason::PlaintextEncrypted);
     }
     let inner_eth: EthHdr = pkt.read(INNER_ETH_OFF).ok_or(truncated)?;
     if ether_type(&inner_eth) != ETH_P_IP {

@@ -11,7 +11,7 @@
 use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use overlay_common::{
     dns::DNS_PORT,
-    maps::{ENDPOINT_LOCAL, Endpoint, EndpointKey, NETWORK_EGRESS, NETWORK_RESOLVER},
+    maps::{ENDPOINT_LOCAL, Endpoint, EndpointKey, NETWORK_EGRESS, NETWORK_ENCRYPTED, NETWORK_RESOLVER},
     monitor::HOOK_FROM_CONTAINER,
     stats::{self, DropReason},
     wire::{ArpHdr, ETH_P_ARP, ETH_P_IP, EthHdr, IpProto, Ipv4Hdr, UdpHdr, ether_type, is_fragment},
@@ -108,6 +108,14 @@ pub fn process(ctx: &TcContext) -> Result<i32, DropReason> {
     if ep.flags & ENDPOINT_LOCAL != 0 {
         monitor::flow(ctx, HOOK_FROM_CONTAINER, stats::TX_LOCAL, iface.vni, 0);
         return to_local(ctx, &ep);
+    }
+    // An encrypted network's frames leave this host only protected, and this kernel has no
+    // cipher for them (no ESP, no AEAD: docs/encryption.md): fail closed, never in the clear.
+    // SAFETY: copied out at once.
+    if let Some(net) = unsafe { NETWORKS.get(iface.vni) }
+        && net.flags & NETWORK_ENCRYPTED != 0
+    {
+        return Err(DropReason::NoCipher);
     }
     let cfg = config().ok_or(DropReason::NoConfig)?;
     encap::to_remote(ctx, cfg, iface.vni, &ep, eth, ip.tos)

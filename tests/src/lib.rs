@@ -516,3 +516,19 @@ pub fn processes_mentioning(needle: &str) -> Vec<i32> {
     }
     found
 }
+
+/// The MAC of `dev` in namespace `ns`.
+pub fn mac_of(ns: &str, dev: &str) -> [u8; 6] {
+    let text = sh(&mut in_ns(ns, &["cat", &format!("/sys/class/net/{dev}/address")]));
+    let bytes: Vec<u8> = text.trim().split(':').map(|b| u8::from_str_radix(b, 16).expect("MAC")).collect();
+    bytes.try_into().expect("6 bytes")
+}
+
+/// `bytes` as hex digits, for `overlay-probe frame`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}

@@ -1,6 +1,41 @@
 //! Just enough of the pcap format to check what crossed the underlay: a capture taken with
 //! `tcpdump -w` is read back and each frame classified.
 
+use std::{
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::Stdio,
+    time::Duration,
+};
+
+use crate::{Proc, in_ns};
+
+/// Starts tcpdump on `dev` in namespace `ns`, writing to `file` (frames up to 256 bytes) what
+/// `filter` matches, and returns once it captures: frames sent before would be missed.
+/// Terminate it (SIGTERM) to have it flush and close the file.
+pub fn capture(ns: &str, dev: &str, file: &Path, filter: &[&str]) -> Proc {
+    let mut proc = Proc::spawn(
+        "tcpdump",
+        in_ns(ns, &["tcpdump", "-i", dev, "-U", "-s", "256", "-w"])
+            .arg(file)
+            .args(filter)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    );
+    let stderr = proc.child.as_mut().and_then(|c| c.stderr.take()).expect("tcpdump stderr");
+    let (listening_tx, listening) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Keep reading to the end, so tcpdump never blocks or dies writing its exit summary.
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("listening on") {
+                let _ = listening_tx.send(());
+            }
+        }
+    });
+    listening.recv_timeout(Duration::from_secs(10)).expect("tcpdump did not start capturing");
+    proc
+}
+
 /// A frame in a capture.
 pub struct Frame {
     pub data: Vec<u8>,

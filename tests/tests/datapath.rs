@@ -6,7 +6,6 @@
 
 use std::{
     collections::BTreeSet,
-    fmt::Write as _,
     io::{BufRead, BufReader, Read},
     net::Ipv4Addr,
     process::{Child, Command, Stdio},
@@ -18,9 +17,9 @@ use overlay_tests::{
     Proc,
     agent::Source,
     frames::{self, IPPROTO_UDP, Ipv4, Tunnel, ethernet, udp},
-    in_ns, pcap,
+    in_ns, mac_of, pcap,
     scenario::{self, Scenario, network},
-    sh, skip_unless_privileged,
+    sh, skip_unless_privileged, to_hex,
     topology::{Host, Topology},
     try_sh, wait_for,
 };
@@ -59,21 +58,6 @@ fn build(tag: &str) -> (Topology, Scenario, std::path::PathBuf) {
 }
 
 /// The namespace of a placed container.
-/// The MAC of `dev` in namespace `ns`.
-fn mac_of(ns: &str, dev: &str) -> [u8; 6] {
-    let text = sh(&mut in_ns(ns, &["cat", &format!("/sys/class/net/{dev}/address")]));
-    let bytes: Vec<u8> = text.trim().split(':').map(|b| u8::from_str_radix(b, 16).expect("MAC")).collect();
-    bytes.try_into().expect("6 bytes")
-}
-
-/// `bytes` as hex digits, for `overlay-probe frame`.
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
 fn ns_of(topo: &Topology, container: &str) -> String {
     let (_, host, _, _) = PLACEMENT.iter().find(|p| p.0 == container).expect("placed");
     topo.host(host).container_ns(container)
@@ -147,32 +131,6 @@ fn pairs(filter: impl Fn(&str, &str) -> bool) -> Vec<(&'static str, &'static str
     out
 }
 
-/// Starts tcpdump on `dev` in namespace `ns`, writing to `file` (frames up to 256 bytes) what
-/// `filter` matches, and returns once it captures: frames sent before would be missed.
-/// Terminate it (SIGTERM) to have it flush and close the file.
-fn capture(ns: &str, dev: &str, file: &std::path::Path, filter: &[&str]) -> Proc {
-    let mut proc = Proc::spawn(
-        "tcpdump",
-        in_ns(ns, &["tcpdump", "-i", dev, "-U", "-s", "256", "-w"])
-            .arg(file)
-            .args(filter)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped()),
-    );
-    let stderr = proc.child.as_mut().and_then(|c| c.stderr.take()).expect("tcpdump stderr");
-    let (listening_tx, listening) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        // Keep reading to the end, so tcpdump never blocks or dies writing its exit summary.
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("listening on") {
-                let _ = listening_tx.send(());
-            }
-        }
-    });
-    listening.recv_timeout(Duration::from_secs(10)).expect("tcpdump did not start capturing");
-    proc
-}
-
 /// UDP from container `src` to container `dst` (port 7000, `payload`), as an Ethernet frame
 /// with the inner IPv4 TOS `tos`.
 fn container_udp(topo: &Topology, src: &str, dst: &str, tos: u8, payload: &[u8]) -> Vec<u8> {
@@ -241,7 +199,7 @@ fn containers_reach_their_network_and_nothing_else() {
 
     start_servers(&mut topo);
     let capture_file = topo.run.path("underlay.pcap");
-    let mut capture = capture(&topo.underlay, "br0", &capture_file, &[]);
+    let mut capture = pcap::capture(&topo.underlay, "br0", &capture_file, &[]);
     let before: Vec<u64> = topo.hosts.iter().map(|h| h.counter("drop/no_endpoint")).collect();
 
     // Same network: everything reaches everything, across hosts and on one host.
@@ -360,7 +318,7 @@ fn congestion_marks_and_oversized_frames_end_to_end() {
     let (mut topo, _scenario, _state) = build("ecn");
     wait_ready(&topo);
     let underlay_file = topo.run.path("underlay.pcap");
-    let mut underlay = capture(&topo.underlay, "br0", &underlay_file, &[]);
+    let mut underlay = pcap::capture(&topo.underlay, "br0", &underlay_file, &[]);
     let (ect0, ce) = (0b10, 0b11);
 
     // (peer, receiving host, sender, receiver): h1 decapsulates in TC, h2 in XDP.

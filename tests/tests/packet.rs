@@ -34,8 +34,8 @@ use overlay_agent::{
 use overlay_common::{
     dns::{NAME_ADDRS, NameAddrs, name_key},
     maps::{
-        Config, ENDPOINT_LOCAL, Endpoint, EndpointKey, Iface, NETWORK_EGRESS, NETWORK_RESOLVER, Network,
-        Peer, PeerKey, XDP_META_MAGIC,
+        Config, ENDPOINT_LOCAL, Endpoint, EndpointKey, Iface, NETWORK_EGRESS, NETWORK_ENCRYPTED,
+        NETWORK_RESOLVER, Network, Peer, PeerKey, XDP_META_MAGIC,
     },
     monitor::{MONITOR_DROPS, MONITOR_FLOWS, MonitorCtl},
     stats::{self, *},
@@ -722,6 +722,67 @@ fn uplink_drops_unknown_vni() {
     let h = Host::new("pkvni");
     let frame = vxlan(&from_peer2(0x00_99_99), &udp_frame(R, A, 7000, 64));
     check_uplink_drop(&h, "VNI of no network here", &frame, DropReason::UnknownVni);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encrypted networks (docs/encryption.md): never in the clear on the underlay, either way.
+// ---------------------------------------------------------------------------------------------
+
+/// Marks blue encrypted, as the agent does for a network created `-o encrypted`.
+fn encrypt_blue(h: &mut Host) {
+    let net = Network {
+        gateway: BLUE_GATEWAY,
+        gateway_mac: BLUE_GATEWAY_MAC,
+        flags: NETWORK_ENCRYPTED,
+        prefix_len: 0,
+    };
+    h.dp.maps.networks.insert(BLUE, net, 0).expect("NETWORKS");
+}
+
+#[test]
+fn plaintext_vxlan_claiming_an_encrypted_vni_is_dropped_and_counted() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let mut h = Host::new("pkencrx");
+    encrypt_blue(&mut h);
+    // Everything about it is right, the way a rogue host on the underlay would forge it: a
+    // known peer's source address, an inner source that peer owns, a local destination.
+    for inner in inner_frames() {
+        let frame = vxlan(&from_peer2(BLUE), &inner);
+        check_uplink_drop(&h, "plaintext for encrypted blue", &frame, DropReason::PlaintextEncrypted);
+    }
+    // Red, beside it, is plaintext and still takes VXLAN as before.
+    let frame = vxlan(&from_peer2(RED), &udp_frame(Q, X, 7000, 64));
+    let (out, counts) = h.counting(|h| h.uplink_tc(&frame));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "red is delivered");
+    let inner_len = frame.len() - 50;
+    assert_eq!(counts, one_each(&[(RX_DECAP, inner_len), (RX_DELIVER, inner_len)]));
+}
+
+#[test]
+fn an_encrypted_network_sends_nothing_in_the_clear_and_delivers_on_its_host() {
+    if skip_unless_privileged() {
+        return;
+    }
+    let mut h = Host::new("pkenctx");
+    encrypt_blue(&mut h);
+    // To another host: no cipher on this kernel, so dropped here, never encapsulated in the clear.
+    for to in [R, S] {
+        let frame = udp_frame(A, to, 7000, 64);
+        let (out, counts) = h.counting(|h| h.from_container("veth-a", &frame));
+        assert_eq!(out.verdict, TC_ACT_SHOT, "to {:?}", to.ip);
+        assert_eq!(counts, one_each(&[(DropReason::NoCipher.code(), frame.len())]));
+    }
+    // On this host nothing crosses the underlay: delivered as on any network.
+    let frame = udp_frame(A, B, 7000, 64);
+    let (out, counts) = h.counting(|h| h.from_container("veth-a", &frame));
+    assert_eq!((out.verdict, counts), (TC_ACT_REDIRECT, one_each(&[(TX_LOCAL, frame.len())])));
+    // A plaintext network keeps today's path: red's X to Q behind PEER2 is VXLAN.
+    let frame = udp_frame(X, Q, 7000, 64);
+    let (out, counts) = h.counting(|h| h.from_container("veth-x", &frame));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(counts, one_each(&[(TX_ENCAP, frame.len() + 50)]));
 }
 
 #[test]

@@ -278,8 +278,16 @@ async fn bad_inputs_are_refused_and_write_nothing() {
     refused(
         &s,
         &before,
+        create(NetworkSpec { options: vec!["secure=1".into()], ..net("x", "10.9.0.0/24") }).await,
+        "invalid option \"secure\": unknown (known: mtu, vni, encrypted)",
+    )
+    .await;
+    // `encrypted` takes no value; one that might mean "no" is refused rather than guessed.
+    refused(
+        &s,
+        &before,
         create(NetworkSpec { options: vec!["encrypted=1".into()], ..net("x", "10.9.0.0/24") }).await,
-        "invalid option \"encrypted\": unknown (known: mtu, vni)",
+        "invalid option \"encrypted=1\": encrypted takes no value (or true)",
     )
     .await;
     // Subnets whose addresses the kernel gives a meaning of their own, and a range left empty.

@@ -270,6 +270,7 @@ mod tests {
             labels: BTreeMap::new(),
             created: "2024-01-01T00:00:00.000000000Z".into(),
             internal: false,
+            encrypted: false,
         };
         let ip = "10.0.9.2".parse().unwrap();
         let e = Endpoint {

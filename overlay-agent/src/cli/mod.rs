@@ -132,7 +132,7 @@ pub struct NetworkCreate {
     /// Auxiliary address the network must never hand out (name=ip; repeatable).
     #[arg(long = "aux-address")]
     aux_address: Vec<String>,
-    /// Driver option: mtu=N, vni=N (repeatable).
+    /// Driver option: mtu=N, vni=N, encrypted (repeatable).
     #[arg(short = 'o', long = "opt")]
     opt: Vec<String>,
     /// Label key=value (repeatable).

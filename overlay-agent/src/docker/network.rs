@@ -38,6 +38,9 @@ const INTERNAL: &str = "com.docker.network.internal";
 const OPT_NAME: &str = "name";
 const OPT_MTU: [&str; 2] = ["mtu", crate::store::network::OPTION_MTU];
 const OPT_VNI: [&str; 2] = ["vni", crate::store::network::OPTION_VNI];
+/// `docker network create --opt encrypted`: the key's presence, whatever its value, as Docker's
+/// overlay driver takes it.
+const OPT_ENCRYPTED: &str = crate::store::network::OPTION_ENCRYPTED;
 
 /// What one engine's CreateNetwork asks for, checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +59,8 @@ pub struct Wanted {
     pub mtu: Option<u32>,
     /// `--internal`: no way out, no published ports.
     pub internal: bool,
+    /// `--opt encrypted` (docs/encryption.md).
+    pub encrypted: bool,
 }
 
 impl Wanted {
@@ -75,6 +80,9 @@ impl Wanted {
         }
         if let Some(mtu) = self.mtu {
             options.push(format!("mtu={mtu}"));
+        }
+        if self.encrypted {
+            options.push(OPT_ENCRYPTED.to_owned());
         }
         NetworkSpec {
             name: self.overlay_name(),
@@ -116,6 +124,12 @@ impl Wanted {
         }
         if self.internal != n.internal {
             diff.push(if n.internal { "--internal".to_owned() } else { "no --internal".to_owned() });
+        }
+        // Joining a plaintext network from an engine that asked for encryption would quietly
+        // send in the clear. Left out, it is taken from the network as the rest is: an engine
+        // that did not ask joins an encrypted network, which only gives it more.
+        if self.encrypted && !n.encrypted {
+            diff.push("not encrypted (not --opt encrypted)".to_owned());
         }
         if let Some(name) = self.name.as_ref().filter(|name| **name != n.name) {
             diff.push(format!("name {:?} (not {name:?})", n.name));
@@ -164,6 +178,7 @@ pub fn parse_create(req: &CreateNetwork) -> Result<Wanted, String> {
         vni: None,
         mtu: None,
         internal: req.options.get(INTERNAL).and_then(serde_json::Value::as_bool) == Some(true),
+        encrypted: false,
     };
     let generic = match req.options.get(GENERIC) {
         None | Some(serde_json::Value::Null) => serde_json::Map::new(),
@@ -186,8 +201,10 @@ pub fn parse_create(req: &CreateNetwork) -> Result<Wanted, String> {
             w.vni = Some(number(crate::model::VNI_MIN, crate::model::VNI_MAX)?);
         } else if OPT_MTU.contains(&key.as_str()) {
             w.mtu = Some(number(68, 65535)?);
+        } else if key == OPT_ENCRYPTED {
+            w.encrypted = true;
         } else {
-            return Err(format!("unknown option {key:?} (known: name, mtu, vni)"));
+            return Err(format!("unknown option {key:?} (known: name, mtu, vni, encrypted)"));
         }
     }
     Ok(w)
@@ -361,6 +378,24 @@ mod tests {
             let err = parse_create(&body(&json)).expect_err(&json);
             assert!(err.contains(want), "{json}: {err:?} does not say {want:?}");
         }
+    }
+
+    #[test]
+    fn opt_encrypted_is_taken_as_docker_takes_it_and_must_agree() {
+        // `docker network create -d overlay --opt encrypted`: the key, with an empty value.
+        let w = parse_create(&body(&create(r#"{"encrypted": "", "vni": "4242"}"#))).unwrap();
+        assert!(w.encrypted);
+        assert_eq!(w.spec().options, vec!["vni=4242", "encrypted"]);
+        assert!(!parse_create(&body(&create("{}"))).unwrap().encrypted);
+        // Joining a plaintext network when encryption was asked for (or the other way) is refused.
+        let err = w.agrees_with(&existing()).unwrap_err();
+        assert!(err.contains("not encrypted"), "{err}");
+        let mut secret = existing();
+        secret.encrypted = true;
+        assert_eq!(w.agrees_with(&secret), Ok(()));
+        // Left out, it is taken from the network, as everything else is.
+        let plain = parse_create(&body(&create("{}"))).unwrap();
+        assert_eq!(plain.agrees_with(&secret), Ok(()));
     }
 
     fn existing() -> Network {

@@ -6,7 +6,7 @@ use std::{
     path::PathBuf,
 };
 
-use overlay_common::{VXLAN_OVERHEAD, maps::Iface};
+use overlay_common::{ESP_OVERHEAD, VXLAN_OVERHEAD, maps::Iface};
 use tracing::{info, warn};
 
 use super::{Outcome, mirror::Mirror, plan::Here};
@@ -230,7 +230,7 @@ impl Locals {
         if !c.handover && !netns::exists(&netns) {
             anyhow::bail!("the namespace of container {} ({}) does not exist", c.name, netns.display());
         }
-        let mtu = endpoint_mtu(dp.uplink.mtu, n.mtu);
+        let mtu = endpoint_mtu(dp.uplink.mtu, n.mtu, n.encrypted);
         if let Some(requested) = n.mtu.filter(|&m| m > mtu) {
             // `network create` refuses this for the hosts registered then; a host that came
             // later with a smaller uplink ends up here, and inspect still shows `requested`.
@@ -241,6 +241,16 @@ impl Locals {
                 used = mtu,
                 uplink_mtu = dp.uplink.mtu,
                 "the network's MTU is more than this host's uplink carries with VXLAN; clamped"
+            );
+        }
+        if n.encrypted {
+            // Said where the endpoint is made, so the operator sees it next to the container.
+            warn!(
+                network = %n.name,
+                container = %c.name,
+                "the network is encrypted and this kernel has no cipher path (no ESP/AEAD, \
+                 docs/encryption.md): its traffic to other hosts is dropped (no_cipher), \
+                 never sent in the clear"
             );
         }
         let spec = veth::Spec {
@@ -421,10 +431,11 @@ impl Locals {
     }
 }
 
-/// A container's MTU: what fits the uplink once VXLAN's 50 bytes are added, or less if the
-/// network asks for less.
-pub fn endpoint_mtu(uplink_mtu: u32, network_mtu: Option<u32>) -> u32 {
-    let fits = uplink_mtu.saturating_sub(VXLAN_OVERHEAD);
+/// A container's MTU: what fits the uplink once VXLAN's 50 bytes are added (and ESP's on an
+/// encrypted network), or less if the network asks for less.
+pub fn endpoint_mtu(uplink_mtu: u32, network_mtu: Option<u32>, encrypted: bool) -> u32 {
+    let esp = if encrypted { ESP_OVERHEAD } else { 0 };
+    let fits = uplink_mtu.saturating_sub(VXLAN_OVERHEAD + esp);
     network_mtu.map_or(fits, |m| m.min(fits))
 }
 
@@ -434,10 +445,18 @@ mod tests {
 
     #[test]
     fn mtu_leaves_room_for_vxlan() {
-        assert_eq!(endpoint_mtu(1500, None), 1450);
-        assert_eq!(endpoint_mtu(9000, None), 8950);
-        assert_eq!(endpoint_mtu(1500, Some(1400)), 1400);
+        assert_eq!(endpoint_mtu(1500, None, false), 1450);
+        assert_eq!(endpoint_mtu(9000, None, false), 8950);
+        assert_eq!(endpoint_mtu(1500, Some(1400), false), 1400);
         // A network cannot ask for more than the uplink carries.
-        assert_eq!(endpoint_mtu(1500, Some(9000)), 1450);
+        assert_eq!(endpoint_mtu(1500, Some(9000), false), 1450);
+    }
+
+    #[test]
+    fn an_encrypted_network_leaves_room_for_esp_as_well() {
+        // 1500 - 50 (VXLAN) - 57 (ESP tunnel mode with AES-GCM, its largest padding).
+        assert_eq!(endpoint_mtu(1500, None, true), 1393);
+        assert_eq!(endpoint_mtu(1500, Some(1400), true), 1393);
+        assert_eq!(endpoint_mtu(1500, Some(1300), true), 1300);
     }
 }

@@ -14,8 +14,8 @@ use std::{
 use overlay_common::{
     dns::{NAME_LEN, NameAddrs, NameKey},
     maps::{
-        ENDPOINT_LOCAL, Endpoint as MapEndpoint, EndpointKey, Iface, NETWORK_EGRESS, NETWORK_RESOLVER,
-        Network as MapNetwork,
+        ENDPOINT_LOCAL, Endpoint as MapEndpoint, EndpointKey, Iface, NETWORK_EGRESS, NETWORK_ENCRYPTED,
+        NETWORK_RESOLVER, Network as MapNetwork,
     },
 };
 use tracing::warn;
@@ -490,8 +490,8 @@ impl Mirror {
 }
 
 /// The `NETWORKS` value of network `n`: its gateway and subnet, whether the resolver serves it
-/// here (its gateway among the `served` addresses), and whether it has a way out (among
-/// `egress`).
+/// here (its gateway among the `served` addresses), whether it has a way out (among
+/// `egress`), and whether it is encrypted.
 fn network_value(
     n: &crate::model::Network,
     served: &BTreeSet<Ipv4Addr>,
@@ -503,6 +503,9 @@ fn network_value(
     }
     if egress.contains(&n.id) {
         flags |= NETWORK_EGRESS;
+    }
+    if n.encrypted {
+        flags |= NETWORK_ENCRYPTED;
     }
     MapNetwork {
         gateway: n.gateway.octets(),
@@ -517,7 +520,8 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use overlay_common::maps::{
-        ENDPOINT_LOCAL, Endpoint as MapEndpoint, EndpointKey, NETWORK_EGRESS, NETWORK_RESOLVER,
+        ENDPOINT_LOCAL, Endpoint as MapEndpoint, EndpointKey, NETWORK_EGRESS, NETWORK_ENCRYPTED,
+        NETWORK_RESOLVER,
     };
 
     use super::Mirror;
@@ -610,6 +614,20 @@ mod tests {
         pass.egress.clear();
         pass.run(Dirty::default());
         assert_eq!(entry(&pass).flags, 0);
+    }
+
+    #[test]
+    fn an_encrypted_network_carries_the_encrypted_flag_and_a_plain_one_does_not() {
+        let mut s = three_hosts();
+        add_network(&mut s, "n2", 200, 2);
+        add_endpoint(&mut s, "d", "n2", "cd", "h1", Ipv4Addr::new(10, 0, 2, 4));
+        for n in s.networks.values_mut().filter(|n| n.vni == 100) {
+            n.encrypted = true;
+        }
+        let mut pass = Pass::new();
+        pass.snapshot(s, true);
+        assert_eq!(pass.kernel.networks[&100].flags, NETWORK_ENCRYPTED);
+        assert_eq!(pass.kernel.networks[&200].flags, 0);
     }
 
     #[test]

@@ -317,6 +317,7 @@ mod tests {
             labels: BTreeMap::new(),
             created: String::new(),
             internal: false,
+            encrypted: false,
         }
     }
 

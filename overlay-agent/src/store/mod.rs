@@ -90,10 +90,9 @@ pub enum StoreError {
     #[error("subnet {subnet} overlaps network {network:?} ({other})")]
     SubnetOverlap { subnet: ipnet::Ipv4Net, network: String, other: ipnet::Ipv4Net },
     #[error(
-        "MTU {mtu} is more than host {host:?} can carry: its uplink's MTU {uplink} leaves {limit} once VXLAN adds its {overhead} bytes",
-        overhead = overlay_common::VXLAN_OVERHEAD
+        "MTU {mtu} is more than host {host:?} can carry: its uplink's MTU {uplink} leaves {limit} once {tunnel} adds its {overhead} bytes"
     )]
-    MtuTooLarge { mtu: u32, host: String, uplink: u32, limit: u32 },
+    MtuTooLarge { mtu: u32, host: String, uplink: u32, limit: u32, tunnel: &'static str, overhead: u32 },
     #[error("VNI {vni} is already used by network {network:?}")]
     VniTaken { vni: u32, network: String },
     #[error("no free VNI left")]

@@ -21,6 +21,9 @@ pub const AUTO_VNI_START: u32 = 4096;
 const OPT_MTU: [&str; 2] = ["mtu", OPTION_MTU];
 const OPT_VNI: [&str; 2] = ["vni", OPTION_VNI];
 pub const OPTION_MTU: &str = "com.docker.network.driver.mtu";
+/// `-o encrypted`, under the name Docker's overlay driver gives it (`--opt encrypted`), with an
+/// empty value as Docker stores it.
+pub const OPTION_ENCRYPTED: &str = "encrypted";
 pub const OPTION_VNI: &str = "com.docker.network.driver.overlay.vxlanid_list";
 
 /// `network create`'s arguments, as the user typed them: the store parses and checks them, so
@@ -36,7 +39,7 @@ pub struct NetworkSpec {
     pub ip_range: Option<String>,
     /// `name=ip`
     pub aux_addresses: Vec<String>,
-    /// `key=value`: mtu, vni.
+    /// `key=value`: mtu, vni; or `encrypted` (bare, or `=true`).
     pub options: Vec<String>,
     /// `key=value` (or `key`, for an empty value).
     pub labels: Vec<String>,
@@ -81,6 +84,7 @@ struct Parsed {
     aux: BTreeMap<String, Ipv4Addr>,
     mtu: Option<u32>,
     vni: Option<u32>,
+    encrypted: bool,
     options: BTreeMap<String, String>,
     labels: BTreeMap<String, String>,
 }
@@ -120,9 +124,12 @@ impl NetworkSpec {
                 }
             }
         }
-        let given = pairs("option", &self.options, false)?;
+        // Bare keys are allowed for `encrypted`, as Docker's `--opt encrypted`; mtu and vni then
+        // fail their number check with their own message.
+        let given = pairs("option", &self.options, true)?;
         let mut mtu = None;
         let mut vni = None;
+        let mut encrypted = false;
         // Stored under Docker's names, whichever the user typed, so inspect shows what Docker's would.
         let mut options = BTreeMap::new();
         for (key, value) in &given {
@@ -143,16 +150,28 @@ impl NetworkSpec {
                 let n = number(VNI_MIN, VNI_MAX)?;
                 vni = Some(n);
                 options.insert(OPT_VNI[1].to_owned(), n.to_string());
+            } else if key == OPTION_ENCRYPTED {
+                // Docker takes the key's presence for yes; a value that says otherwise is more
+                // likely a mistake than a wish for plaintext, so only "" and "true" are taken.
+                if !(value.is_empty() || value == "true") {
+                    return Err(StoreError::Invalid {
+                        what: "option",
+                        value: format!("{key}={value}"),
+                        reason: "encrypted takes no value (or true)".into(),
+                    });
+                }
+                encrypted = true;
+                options.insert(OPTION_ENCRYPTED.to_owned(), String::new());
             } else {
                 return Err(StoreError::Invalid {
                     what: "option",
                     value: key.clone(),
-                    reason: "unknown (known: mtu, vni)".into(),
+                    reason: "unknown (known: mtu, vni, encrypted)".into(),
                 });
             }
         }
         let labels = pairs("label", &self.labels, true)?;
-        Ok(Parsed { subnet, gateway, ip_range, aux, mtu, vni, options, labels })
+        Ok(Parsed { subnet, gateway, ip_range, aux, mtu, vni, encrypted, options, labels })
     }
 }
 
@@ -189,14 +208,21 @@ pub(crate) fn resolve<'a>(
     Err(StoreError::NetworkNotFound(query.to_owned()))
 }
 
-/// The registered host whose uplink cannot carry frames of `mtu` once VXLAN is added (the one
-/// with the smallest limit, so the message names the tightest bound), and that limit.
-fn mtu_too_large(hosts: &[Host], mtu: u32) -> Option<(&Host, u32, u32)> {
+/// Bytes the tunnel adds to a container's packet on the underlay: VXLAN's, and ESP's on an
+/// encrypted network.
+pub fn tunnel_overhead(encrypted: bool) -> u32 {
+    overlay_common::VXLAN_OVERHEAD + if encrypted { overlay_common::ESP_OVERHEAD } else { 0 }
+}
+
+/// The registered host whose uplink cannot carry frames of `mtu` once the tunnel's `overhead`
+/// is added (the one with the smallest limit, so the message names the tightest bound), and
+/// that limit.
+fn mtu_too_large(hosts: &[Host], mtu: u32, overhead: u32) -> Option<(&Host, u32, u32)> {
     hosts
         .iter()
         .filter_map(|h| {
             let uplink = h.uplink_mtu?;
-            Some((h, uplink, uplink.saturating_sub(overlay_common::VXLAN_OVERHEAD)))
+            Some((h, uplink, uplink.saturating_sub(overhead)))
         })
         .filter(|(_, _, limit)| mtu > *limit)
         .min_by(|a, b| a.2.cmp(&b.2).then_with(|| a.0.name.cmp(&b.0.name)))
@@ -229,8 +255,16 @@ impl Store {
             // registers later with a smaller uplink clamps, and its agent says so.
             if let Some(mtu) = p.mtu {
                 let hosts: Vec<Host> = view.prefix(1).iter().filter_map(decode_or_skip).collect();
-                if let Some((host, uplink, limit)) = mtu_too_large(&hosts, mtu) {
-                    return Err(StoreError::MtuTooLarge { mtu, host: host.name.clone(), uplink, limit });
+                let overhead = tunnel_overhead(p.encrypted);
+                if let Some((host, uplink, limit)) = mtu_too_large(&hosts, mtu, overhead) {
+                    return Err(StoreError::MtuTooLarge {
+                        mtu,
+                        host: host.name.clone(),
+                        uplink,
+                        limit,
+                        tunnel: if p.encrypted { "encrypted VXLAN (ESP)" } else { "VXLAN" },
+                        overhead,
+                    });
                 }
             }
             // Ruling out an overlap needs every network's subnet: here a value that does not
@@ -284,6 +318,7 @@ impl Store {
                 labels: p.labels.clone(),
                 created: now_rfc3339(),
                 internal: spec.internal,
+                encrypted: p.encrypted,
             };
             // Any network created (or changed) since the read could collide on name, VNI or
             // subnet; the name and VNI keys say the same thing once more, key by key.
@@ -371,8 +406,45 @@ impl Store {
 mod tests {
     use std::net::Ipv4Addr;
 
-    use super::mtu_too_large;
+    use super::{NetworkSpec, OPTION_ENCRYPTED, StoreError, mtu_too_large, tunnel_overhead};
     use crate::model::Host;
+
+    fn with_options(options: &[&str]) -> NetworkSpec {
+        NetworkSpec {
+            name: "secret".into(),
+            options: options.iter().map(|o| (*o).to_owned()).collect(),
+            ..NetworkSpec::default()
+        }
+    }
+
+    #[test]
+    fn encrypted_is_a_bare_option_as_dockers_and_is_stored_under_its_name() {
+        for given in ["encrypted", "encrypted=", "encrypted=true"] {
+            let p = with_options(&[given, "mtu=1300"]).parse().unwrap();
+            assert!(p.encrypted, "{given}");
+            assert_eq!(p.options.get(OPTION_ENCRYPTED).map(String::as_str), Some(""), "{given}");
+        }
+        let plain = with_options(&["mtu=1300"]).parse().unwrap();
+        assert!(!plain.encrypted && !plain.options.contains_key(OPTION_ENCRYPTED));
+    }
+
+    #[test]
+    fn encrypted_with_a_value_that_is_not_yes_and_bare_numbers_are_refused() {
+        for given in ["encrypted=false", "encrypted=0", "mtu", "vni"] {
+            let err = with_options(&[given]).parse().err().unwrap_or_else(|| panic!("{given} accepted"));
+            assert!(matches!(err, StoreError::Invalid { what: "option", .. }), "{given}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_encrypted_network_leaves_room_for_esp_on_every_uplink() {
+        let hosts = [host("a", Some(1500))];
+        assert_eq!(tunnel_overhead(false), 50);
+        assert_eq!(tunnel_overhead(true), 107);
+        assert!(mtu_too_large(&hosts, 1393, tunnel_overhead(true)).is_none());
+        let (_, _, limit) = mtu_too_large(&hosts, 1394, tunnel_overhead(true)).unwrap();
+        assert_eq!(limit, 1393);
+    }
 
     fn host(name: &str, uplink_mtu: Option<u32>) -> Host {
         Host { uplink_mtu, ..Host::new(name, Ipv4Addr::LOCALHOST) }
@@ -381,10 +453,10 @@ mod tests {
     #[test]
     fn the_tightest_uplink_bounds_the_mtu() {
         let hosts = [host("a", Some(9000)), host("b", Some(1500)), host("c", None), host("d", Some(1500))];
-        assert!(mtu_too_large(&hosts, 1450).is_none(), "1500 - 50 fits");
-        let (h, uplink, limit) = mtu_too_large(&hosts, 1451).unwrap();
+        assert!(mtu_too_large(&hosts, 1450, 50).is_none(), "1500 - 50 fits");
+        let (h, uplink, limit) = mtu_too_large(&hosts, 1451, 50).unwrap();
         assert_eq!((h.name.as_str(), uplink, limit), ("b", 1500, 1450));
-        assert!(mtu_too_large(&[host("c", None)], 65535).is_none(), "an unknown uplink bounds nothing");
-        assert!(mtu_too_large(&[], 65535).is_none());
+        assert!(mtu_too_large(&[host("c", None)], 65535, 50).is_none(), "an unknown uplink bounds nothing");
+        assert!(mtu_too_large(&[], 65535, 50).is_none());
     }
 }
