@@ -35,7 +35,7 @@ use crate::{
     store::{
         Store, StoreError, check_name,
         cni::{CniAttach, endpoint_id},
-        ports::PortRequest,
+        ports::{self, PortRequest},
     },
 };
 
@@ -345,14 +345,10 @@ fn port_requests(conf: &NetConf) -> Result<Vec<PortRequest>, CniError> {
                 ),
             )
         };
-        let host_ip = match p.host_ip.as_str() {
-            "" => None,
-            ip => match ip.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V4(ip)) if ip.is_unspecified() => None,
-                Ok(std::net::IpAddr::V4(ip)) => Some(ip),
-                Ok(std::net::IpAddr::V6(_)) => continue,
-                Err(_) => return Err(bad(&format!("hostIP {ip:?} is not an address"))),
-            },
+        let Some(host_ip) = ports::host_ip(&p.host_ip)
+            .map_err(|_| bad(&format!("hostIP {:?} is not an address", p.host_ip)))?
+        else {
+            continue;
         };
         let proto = match p.protocol.to_ascii_lowercase().as_str() {
             "" | "tcp" => Proto::Tcp,

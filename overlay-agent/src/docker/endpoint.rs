@@ -38,7 +38,7 @@ use crate::{
     netlink::veth,
     store::{
         ReservedJoin, Store, ipam,
-        ports::{ANY_HOST_PORT, PortRequest},
+        ports::{self, ANY_HOST_PORT, PortRequest},
         reservation,
     },
 };
@@ -126,13 +126,8 @@ pub async fn create(
     }
     let ports = port_map(req.options.get(PORT_MAP))?;
     let network = overlay_network(store, networks, &req.network_id).await?;
-    if !ports.is_empty() && !network.has_egress() {
-        return Err(format!(
-            "network {:?} has no way out ({}): publish ports (-p) on a network with one",
-            network.name,
-            if network.internal { "--internal" } else { "no gateway" }
-        ));
-    }
+    // Checked again at Join, in the transaction; here so that nothing is set up first.
+    ports::check_network("port map", &network, &ports).map_err(|e| e.to_string())?;
     let address = req.interface.address.as_str();
     if address.is_empty() {
         return Err(
@@ -197,14 +192,11 @@ fn port_map(value: Option<&serde_json::Value>) -> Result<Vec<PortRequest>, Strin
                 ));
             }
         };
-        let host_ip = match b.host_ip.as_deref().unwrap_or_default() {
-            "" => None,
-            ip => match ip.parse::<std::net::IpAddr>() {
-                Ok(std::net::IpAddr::V4(ip)) if ip.is_unspecified() => None,
-                Ok(std::net::IpAddr::V4(ip)) => Some(ip),
-                Ok(std::net::IpAddr::V6(_)) => continue,
-                Err(_) => return Err(format!("host address {ip:?} of a published port is not an address")),
-            },
+        let text = b.host_ip.as_deref().unwrap_or_default();
+        let Some(host_ip) = ports::host_ip(text)
+            .map_err(|_| format!("host address {text:?} of a published port is not an address"))?
+        else {
+            continue;
         };
         let host_ports = match (b.host_port, b.host_port_end) {
             (0, _) => ANY_HOST_PORT,

@@ -57,6 +57,21 @@ impl PortRequest {
     }
 }
 
+/// A runtime's host address for a published port, as CNI's `hostIP` and Docker's `HostIP` give
+/// it: "" and 0.0.0.0 are every address of the host (`Some(None)`), an IPv4 address that one;
+/// an IPv6 one is `None`, to be left out (the overlay carries IPv4; runtimes send `::` beside
+/// `0.0.0.0` where the host has IPv6). Anything else is not an address.
+pub fn host_ip(text: &str) -> std::result::Result<Option<Option<Ipv4Addr>>, std::net::AddrParseError> {
+    if text.is_empty() {
+        return Ok(Some(None));
+    }
+    Ok(match text.parse::<std::net::IpAddr>()? {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => Some(None),
+        std::net::IpAddr::V4(ip) => Some(Some(ip)),
+        std::net::IpAddr::V6(_) => None,
+    })
+}
+
 /// The key that holds published port `p` on `host`.
 fn key(k: &Keys, host: &str, proto: Proto, port: u16) -> String {
     k.port(host, proto.as_str(), port)
@@ -106,7 +121,7 @@ pub(super) fn check(what: &'static str, requests: &[PortRequest]) -> Result<()> 
 
 /// Refuses ports on a network with no way out: a published port leads through the host, which
 /// an `--internal` network (or one without a gateway) does not have.
-pub(super) fn check_network(what: &'static str, net: &Network, requests: &[PortRequest]) -> Result<()> {
+pub fn check_network(what: &'static str, net: &Network, requests: &[PortRequest]) -> Result<()> {
     if requests.is_empty() || net.has_egress() {
         return Ok(());
     }
