@@ -164,6 +164,14 @@ fn containers_reach_the_outside_through_their_host_and_published_ports_lead_to_t
     assert_eq!(ask(&out_ns, "198.18.0.2:5300", "udp"), None, "5300/udp is published on h1 only");
     // And from the hosts' own processes, on their address.
     assert_eq!(ask(&h2, "198.18.0.1:8080", "tcp").as_deref(), Some("a1 198.18.0.2"));
+    // And from containers (hairpin): on another host (leaving as h2), on h1 itself, on another
+    // network of h1, the container behind the port calling its own: each call is answered by
+    // the port it called, and a caller on h1 is seen as h1.
+    assert_eq!(ask(&ns("h2", "a2"), "198.18.0.1:8080", "tcp").as_deref(), Some("a1 198.18.0.2"));
+    assert_eq!(ask(&ns("h1", "d1"), "198.18.0.1:8080", "tcp").as_deref(), Some("a1 198.18.0.1"));
+    assert_eq!(ask(&ns("h1", "a1"), "198.18.0.1:8080", "tcp").as_deref(), Some("a1 198.18.0.1"));
+    assert_eq!(ask(&ns("h1", "a1"), "198.18.0.1:5300", "udp").as_deref(), Some("a1 198.18.0.1"));
+    assert!(nft_counter(&h1, "containers calling a port").unwrap_or(0) >= 3, "hairpin rule unused");
 
     // Nothing else reaches a container through its host: not the outside routing to the
     // container's address, not a container of another network on the same host.

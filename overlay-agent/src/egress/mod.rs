@@ -43,6 +43,9 @@ pub struct Exit {
 pub struct Want {
     pub exits: BTreeMap<Ipv4Addr, Exit>,
     pub published: BTreeSet<Published>,
+    /// This host's address (its VTEP): what a container calling a port published here is
+    /// seen as (`nft::Ruleset::host`).
+    pub host: Option<Ipv4Addr>,
 }
 
 pub struct Egress {
@@ -104,6 +107,7 @@ impl Egress {
         let rules = Ruleset {
             subnets: want.exits.values().map(|e| e.subnet).collect(),
             published: want.published.clone(),
+            host: want.host,
         };
         let table_ok = if full || self.applied.as_ref() != Some(&rules) {
             match nft::apply(&rules).await {

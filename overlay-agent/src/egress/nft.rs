@@ -50,6 +50,11 @@ pub struct Published {
 pub struct Ruleset {
     pub subnets: BTreeSet<Ipv4Net>,
     pub published: BTreeSet<Published>,
+    /// The host's own address, the source of a container's connection to a port published on
+    /// this host (hairpin): without it, the container behind the port would answer the caller's
+    /// overlay address straight over the overlay, past the translation, and the caller would
+    /// drop a reply from an address it never called. None: no hairpin rule.
+    pub host: Option<Ipv4Addr>,
 }
 
 impl Ruleset {
@@ -57,6 +62,22 @@ impl Ruleset {
     /// containers with a way out keeps nothing of ours.
     pub fn is_empty(&self) -> bool {
         self.subnets.is_empty() && self.published.is_empty()
+    }
+
+    /// `ip saddr { <subnets> }`: the packet is a container's (for postrouting, which knows no
+    /// input device).
+    fn containers_source(&self) -> Statement<'static> {
+        let set = self
+            .subnets
+            .iter()
+            .map(|n| {
+                nftables::expr::SetItem::Element(Expression::Named(NamedExpression::Prefix(Prefix {
+                    addr: Box::new(Expression::String(n.network().to_string().into())),
+                    len: u32::from(n.prefix_len()),
+                })))
+            })
+            .collect();
+        matches(payload("ip", "saddr"), Expression::Named(NamedExpression::Set(set)), Operator::EQ)
     }
 
     /// The batch that replaces the table with this ruleset (or removes it, when empty).
@@ -138,29 +159,36 @@ impl Ruleset {
         // postrouting: the host's address on what leaves for elsewhere. (The input device is
         // unknown in postrouting, so the source subnets say the packet is a container's.)
         if !self.subnets.is_empty() {
-            let set = self
-                .subnets
-                .iter()
-                .map(|n| {
-                    nftables::expr::SetItem::Element(Expression::Named(NamedExpression::Prefix(Prefix {
-                        addr: Box::new(Expression::String(n.network().to_string().into())),
-                        len: u32::from(n.prefix_len()),
-                    })))
-                })
-                .collect();
             b.add(rule(
                 "postrouting",
                 vec![
-                    matches(
-                        payload("ip", "saddr"),
-                        Expression::Named(NamedExpression::Set(set)),
-                        Operator::EQ,
-                    ),
+                    self.containers_source(),
                     oifgroup(Operator::NEQ),
                     counter(),
                     Statement::Masquerade(None),
                 ],
                 Some("containers going out".into()),
+            ));
+        }
+        // A container calling a port published on this host (its own, or another container's
+        // on any network here): the call goes out as the host, so that the reply comes back
+        // up the host's stack, where conntrack turns it into an answer from the port.
+        if let (Some(host), false) = (self.host, self.subnets.is_empty() || self.published.is_empty()) {
+            b.add(rule(
+                "postrouting",
+                vec![
+                    self.containers_source(),
+                    oifgroup(Operator::EQ),
+                    ct("status", Expression::String("dnat".into())),
+                    counter(),
+                    Statement::SNAT(Some(NAT {
+                        addr: Some(Expression::String(host.to_string().into())),
+                        family: Some(NATFamily::IP),
+                        port: None,
+                        flags: None,
+                    })),
+                ],
+                Some("containers calling a port published here".into()),
             ));
         }
 
@@ -306,6 +334,7 @@ mod tests {
                 container: "web".into(),
             }]
             .into(),
+            host: Some("198.18.0.1".parse().unwrap()),
         };
         let text = serde_json::to_string(&rules.batch().to_nftables()).unwrap();
         assert_eq!(
@@ -315,6 +344,7 @@ mod tests {
         );
         assert!(text.contains(r#""protocol":"udp","field":"dport""#), "{text}");
         assert!(text.contains(r#""masquerade""#), "{text}");
+        assert!(text.contains(r#""snat":{"addr":"198.18.0.1","family":"ip"}"#), "{text}");
         assert!(text.contains("198.18.0.1:8080:80/udp of container web"), "{text}");
         assert_eq!(rules.published.first().unwrap().port.proto, Proto::Udp);
     }

@@ -182,7 +182,8 @@ impl Reconciler {
     /// and its published ports their rules. Returns the networks whose containers may now send
     /// out.
     async fn egress_step(&mut self, desired: &Desired, plan: &Plan, out: &mut Outcome) -> BTreeSet<String> {
-        let mut want = egress::Want::default();
+        let mut want =
+            egress::Want { host: desired.host(&self.here.me).map(|h| h.vtep), ..egress::Want::default() };
         // Per container, its endpoints with a way out, by network name: a published port leads
         // to the first (a container has one network, as a rule).
         let mut by_container: BTreeMap<&str, BTreeMap<&str, Ipv4Addr>> = BTreeMap::new();
