@@ -369,7 +369,7 @@ fn measure(sides: &Sides, exe: &Path, plan: &EgressPlan) -> anyhow::Result<Egres
         ] {
             for side in Side::ALL {
                 let meter = CpuMeter::start(&[sides.iperf_pid()])?;
-                let (bytes, bps) = iperf(sides.ns(side), plan.stream_secs, extra)?;
+                let (bytes, bps, retransmits) = iperf(sides.ns(side), plan.stream_secs, extra)?;
                 let cpu = meter.finish()?;
                 add(side, figure, bps / 1e9);
                 let mut line = format!("{:.2} Gbit/s", bps / 1e9);
@@ -378,6 +378,8 @@ fn measure(sides: &Sides, exe: &Path, plan: &EgressPlan) -> anyhow::Result<Egres
                     add(side, Figure::CpuPerGb, per_gb);
                     line = format!("{line}, {per_gb:.3} CPU-s/GB");
                 }
+                // Not a figure, but what tells a lossy path from a slow one.
+                line = format!("{line}, {retransmits} retransmits");
                 progress(round, plan, side, &format!("iperf3 {}", extra.join(" ")), &line);
             }
         }
@@ -409,8 +411,8 @@ fn rr(ns: &str, exe: &Path, proto: &str, plan: &EgressPlan) -> anyhow::Result<Ve
 }
 
 /// iperf3 from `ns` to the outside's server with `extra` flags: (bytes, bits/s) as the
-/// receiver counted them.
-fn iperf(ns: &str, secs: u32, extra: &[&str]) -> anyhow::Result<(u64, f64)> {
+/// receiver counted them, and the sender's retransmissions.
+fn iperf(ns: &str, secs: u32, extra: &[&str]) -> anyhow::Result<(u64, f64, u64)> {
     let mut last_error = String::new();
     // The server may still be finishing the previous test (iperf3 serves one at a time).
     for _ in 0..30 {
@@ -434,7 +436,8 @@ fn iperf(ns: &str, secs: u32, extra: &[&str]) -> anyhow::Result<(u64, f64)> {
         if bytes == 0 {
             bail!("iperf3 from {ns} moved nothing");
         }
-        return Ok((bytes, bps));
+        let retransmits = v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
+        return Ok((bytes, bps, retransmits));
     }
     bail!("iperf3 could not run: {last_error}")
 }
