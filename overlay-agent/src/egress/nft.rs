@@ -67,6 +67,15 @@ impl Ruleset {
     /// `ip saddr { <subnets> }`: the packet is a container's (for postrouting, which knows no
     /// input device).
     fn containers_source(&self) -> Statement<'static> {
+        matches(payload("ip", "saddr"), self.subnet_set(), Operator::EQ)
+    }
+
+    /// `ip daddr != { <subnets> }`: the packet is not for an address of the overlay.
+    fn containers_dest(&self) -> Statement<'static> {
+        matches(payload("ip", "daddr"), self.subnet_set(), Operator::NEQ)
+    }
+
+    fn subnet_set(&self) -> Expression<'static> {
         let set = self
             .subnets
             .iter()
@@ -77,7 +86,7 @@ impl Ruleset {
                 })))
             })
             .collect();
-        matches(payload("ip", "saddr"), Expression::Named(NamedExpression::Set(set)), Operator::EQ)
+        Expression::Named(NamedExpression::Set(set))
     }
 
     /// The batch that replaces the table with this ruleset (or removes it, when empty).
@@ -196,21 +205,27 @@ impl Ruleset {
         // processes): published ports to their containers.
         for p in &self.published {
             for chain in ["prerouting", "output"] {
-                let mut expr = Vec::new();
-                match p.port.host_ip {
-                    Some(ip) => expr.push(matches(
+                // Only to an address of this host: a host address given with the port that is
+                // not (or no longer) the host's must not catch what the host forwards to it.
+                let mut expr = vec![matches(
+                    Expression::Named(NamedExpression::Fib(Fib {
+                        result: FibResult::Type,
+                        flags: [FibFlag::Daddr].into(),
+                    })),
+                    Expression::String("local".into()),
+                    Operator::EQ,
+                )];
+                if let Some(ip) = p.port.host_ip {
+                    expr.push(matches(
                         payload("ip", "daddr"),
                         Expression::String(ip.to_string().into()),
                         Operator::EQ,
-                    )),
-                    None => expr.push(matches(
-                        Expression::Named(NamedExpression::Fib(Fib {
-                            result: FibResult::Type,
-                            flags: [FibFlag::Daddr].into(),
-                        })),
-                        Expression::String("local".into()),
-                        Operator::EQ,
-                    )),
+                    ));
+                }
+                // Nor to the networks' gateways, which are local too (the resolver's addresses,
+                // docs/names.md): `-p 53:53/udp` must not take the containers' name service.
+                if !self.subnets.is_empty() {
+                    expr.push(self.containers_dest());
                 }
                 if chain == "output" {
                     // Loopback addresses cannot be forwarded to another device: Docker needs a
@@ -343,6 +358,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#""protocol":"udp","field":"dport""#), "{text}");
+        // Even with a host address given: only to an address of this host, never a gateway's.
+        assert_eq!(text.matches(r#""fib""#).count(), 2, "{text}");
+        assert_eq!(
+            text.matches(r#""op":"!=","left":{"payload":{"protocol":"ip","field":"daddr"}}"#).count(),
+            2,
+            "{text}"
+        );
         assert!(text.contains(r#""masquerade""#), "{text}");
         assert!(text.contains(r#""snat":{"addr":"198.18.0.1","family":"ip"}"#), "{text}");
         assert!(text.contains("198.18.0.1:8080:80/udp of container web"), "{text}");

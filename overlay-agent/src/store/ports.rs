@@ -15,6 +15,7 @@ use std::{
 };
 
 use etcd_client::{Compare, KeyValue, TxnOp};
+use overlay_common::VXLAN_PORT;
 
 use super::{
     Result, StoreError,
@@ -108,6 +109,13 @@ pub(super) fn check(what: &'static str, requests: &[PortRequest]) -> Result<()> 
                 reason: "ports are 1-65535, and a range's start is not above its end".into(),
             });
         }
+        if r.proto == Proto::Udp && r.host_ports == (VXLAN_PORT..=VXLAN_PORT) {
+            return Err(StoreError::Invalid {
+                what,
+                value: r.shown(),
+                reason: format!("UDP {VXLAN_PORT} is the overlay's own (VXLAN between the hosts)"),
+            });
+        }
         if r.host_ports.start() == r.host_ports.end() && !fixed.insert((r.proto, *r.host_ports.start())) {
             return Err(StoreError::Invalid {
                 what,
@@ -154,7 +162,11 @@ pub(super) fn claim(
         |key: &str| taken.get(key).cloned().unwrap_or_else(|| "another port of this request".to_owned());
     let (mut ports, mut compares, mut ops) = (Vec::new(), Vec::new(), Vec::new());
     for r in requests {
-        let free = r.host_ports.clone().find(|&p| !held.contains(&key(k, host, r.proto, p)));
+        let free = r
+            .host_ports
+            .clone()
+            .filter(|&p| !(r.proto == Proto::Udp && p == VXLAN_PORT))
+            .find(|&p| !held.contains(&key(k, host, r.proto, p)));
         let Some(port) = free else {
             let first = key(k, host, r.proto, *r.host_ports.start());
             return Err(if r.host_ports.start() == r.host_ports.end() {
@@ -192,6 +204,17 @@ mod tests {
 
     fn req(ports: RangeInclusive<u16>) -> PortRequest {
         PortRequest { proto: Proto::Tcp, host_ip: None, host_ports: ports, container_port: 80 }
+    }
+
+    #[test]
+    fn the_vxlan_port_is_never_published() {
+        let udp = |ports| PortRequest { proto: Proto::Udp, ..req(ports) };
+        let err = check("-p", &[udp(4789..=4789)]).unwrap_err().to_string();
+        assert!(err.contains("VXLAN"), "{err}");
+        assert!(check("-p", &[req(4789..=4789)]).is_ok(), "TCP 4789 is anybody's");
+        let k = Keys::new("/t");
+        let (ports, ..) = claim(&k, "h1", "c", &[udp(4789..=4790)], &BTreeMap::new(), 0).unwrap();
+        assert_eq!(ports[0].host_port, 4790, "a range skips UDP 4789");
     }
 
     #[test]
