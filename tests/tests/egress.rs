@@ -185,6 +185,36 @@ fn containers_reach_the_outside_through_their_host_and_published_ports_lead_to_t
     assert_eq!(ask(&ns("h1", "a1"), "198.18.0.1:53", "udp").as_deref(), Some("a1 198.18.0.1"));
     assert!(nft_counter(&h1, "containers calling a port").unwrap_or(0) >= 3, "hairpin rule unused");
 
+    // A port a server of the host listens on stays the server's (Docker's -p fails there): not
+    // published, and the agent says why; the container's other port is published.
+    let _h1_server = serve(&h1, "h1 server", &["peer", "9999", "h1"]);
+    assert_eq!(reached("198.18.0.1:9999", "tcp").as_deref(), Some("h1 198.19.0.2"));
+    c.ok(&[
+        "container",
+        "create",
+        "--host",
+        "h1",
+        "--network",
+        "pub",
+        "-p",
+        "9999:80",
+        "-p",
+        "9998:80",
+        "a5",
+    ]);
+    let _a5_peer = serve(&ns("h1", "a5"), "a5 peer", &["peer", "80", "a5"]);
+    assert_eq!(reached("198.18.0.1:9998", "tcp").as_deref(), Some("a5 198.19.0.2"));
+    assert_eq!(
+        ask(&out_ns, "198.18.0.1:9999", "tcp").as_deref(),
+        Some("h1 198.19.0.2"),
+        "a5 took h1's server's port"
+    );
+    let log = std::fs::read_to_string(&c.topo.host("h1").log).unwrap_or_default();
+    assert!(
+        log.lines().any(|l| l.contains("not publishing the port") && l.contains("a5") && l.contains("9999")),
+        "the agent did not say why 9999 was not published"
+    );
+
     // Nothing else reaches a container through its host: not the outside routing to the
     // container's address, not a container of another network on the same host.
     ip_in(&c.topo.underlay, &["route", "add", "10.71.0.0/24", "via", "198.18.0.1"]).expect("route");
@@ -249,7 +279,7 @@ fn containers_reach_the_outside_through_their_host_and_published_ports_lead_to_t
     assert_eq!(ask(&out_ns, "198.18.0.1:8080", "tcp"), None, "h1's port 8080 still leads somewhere");
     // The port is free again.
     c.ok(&["container", "create", "--host", "h1", "--network", "pub", "-p", "8080:80", "a4"]);
-    c.ok(&["container", "rm", "a4", "i1", "d1"]);
+    c.ok(&["container", "rm", "a4", "a5", "i1", "d1"]);
     let gone = wait_for(Duration::from_secs(10), || {
         (!table_exists(&h1) && egress_rules(&h1) == 0 && egress_routes(&h1).trim().is_empty()).then_some(())
     });

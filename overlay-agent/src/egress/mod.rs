@@ -13,6 +13,7 @@
 //! this is in place for them.
 
 pub mod conntrack;
+pub mod listeners;
 pub mod nft;
 
 use std::{
@@ -60,6 +61,9 @@ pub struct Egress {
     /// The addresses that had a way out after the last pass: those that lose it get their
     /// conntrack entries removed. None before the first pass, which sweeps instead.
     known: Option<BTreeSet<Ipv4Addr>>,
+    /// Published ports left out because a server of the host holds them (`listeners`), as
+    /// last warned about.
+    refused: BTreeSet<Published>,
 }
 
 impl Egress {
@@ -71,6 +75,7 @@ impl Egress {
             applied: None,
             forwarding: false,
             known: None,
+            refused: BTreeSet::new(),
         }
     }
 
@@ -104,11 +109,9 @@ impl Egress {
                 }
             }
         }
-        let rules = Ruleset {
-            subnets: want.exits.values().map(|e| e.subnet).collect(),
-            published: want.published.clone(),
-            host: want.host,
-        };
+        let published = self.not_the_hosts(&want.published, subnets);
+        let rules =
+            Ruleset { subnets: want.exits.values().map(|e| e.subnet).collect(), published, host: want.host };
         let table_ok = if full || self.applied.as_ref() != Some(&rules) {
             match nft::apply(&rules).await {
                 Ok(()) => {
@@ -168,6 +171,44 @@ impl Egress {
         }
         ready.retain(|id| !not_ready.contains(id.as_str()));
         (ready, failed)
+    }
+
+    /// `published` less the ports a server of the host holds (`listeners`): Docker's `-p` fails
+    /// on those; a rule would take the port from the server. Each is warned about once, and
+    /// published once the server lets go of it (each pass reads the sockets again, the
+    /// periodic full pass at the latest).
+    fn not_the_hosts(
+        &mut self,
+        published: &BTreeSet<Published>,
+        subnets: &[ipnet::Ipv4Net],
+    ) -> BTreeSet<Published> {
+        if published.is_empty() {
+            self.refused.clear();
+            return BTreeSet::new();
+        }
+        let held = listeners::read();
+        let ours = |ip: Ipv4Addr| subnets.iter().any(|n| n.contains(&ip));
+        let (mut kept, mut refused) = (BTreeSet::new(), BTreeSet::new());
+        for p in published {
+            match listeners::conflict(&held, p.port.proto, p.port.host_ip, p.port.host_port, ours) {
+                None => {
+                    kept.insert(p.clone());
+                }
+                Some(l) => {
+                    if !self.refused.contains(p) {
+                        warn!(
+                            container = p.container,
+                            port = %p.port,
+                            server = format!("{}:{}/{}", l.addr, l.port, l.proto.as_str()),
+                            "not publishing the port: a server of this host listens on it"
+                        );
+                    }
+                    refused.insert(p.clone());
+                }
+            }
+        }
+        self.refused = refused;
+        kept
     }
 
     /// Forwarding on the uplink and on the devices of the default routes: where the replies to
