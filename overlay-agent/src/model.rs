@@ -207,40 +207,6 @@ impl fmt::Display for PortMapping {
     }
 }
 
-impl FromStr for PortMapping {
-    type Err = String;
-
-    /// Docker's `-p` syntax, one port (no ranges): `8080:80`, `8080:80/udp`,
-    /// `198.18.0.1:8080:80/tcp`. Port 0 is refused (no random host port).
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (ports, proto) = match s.rsplit_once('/') {
-            Some((p, "tcp")) => (p, Proto::Tcp),
-            Some((p, "udp")) => (p, Proto::Udp),
-            Some((_, other)) => return Err(format!("protocol {other:?} is neither tcp nor udp")),
-            None => (s, Proto::Tcp),
-        };
-        let parts: Vec<&str> = ports.split(':').collect();
-        let (host_ip, host_port, container_port) = match parts.as_slice() {
-            [h, c] => (None, *h, *c),
-            [ip, h, c] => {
-                let ip: Ipv4Addr = ip.parse().map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
-                if ip.is_unspecified() { (None, *h, *c) } else { (Some(ip), *h, *c) }
-            }
-            _ => return Err("expected [HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]".into()),
-        };
-        let port = |what: &str, p: &str| match p.parse::<u16>() {
-            Ok(0) | Err(_) => Err(format!("{what} {p:?} is not a port (1-65535)")),
-            Ok(n) => Ok(n),
-        };
-        Ok(Self {
-            proto,
-            host_ip,
-            host_port: port("host port", host_port)?,
-            container_port: port("container port", container_port)?,
-        })
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Host {
     pub name: String,

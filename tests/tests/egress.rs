@@ -185,6 +185,27 @@ fn containers_reach_the_outside_through_their_host_and_published_ports_lead_to_t
     assert_eq!(ask(&ns("h1", "a1"), "198.18.0.1:53", "udp").as_deref(), Some("a1 198.18.0.1"));
     assert!(nft_counter(&h1, "containers calling a port").unwrap_or(0) >= 3, "hairpin rule unused");
 
+    // Docker's other -p forms: a host range takes its first free port (8080 is a2's on h2).
+    let err = c.refused(&[
+        "container",
+        "create",
+        "--host",
+        "h2",
+        "--network",
+        "pub",
+        "-p",
+        "8000-8001:80-82",
+        "a6",
+    ]);
+    assert!(err.contains("not ranges of one length"), "{err}");
+    c.ok(&["container", "create", "--host", "h2", "--network", "pub", "-p", "8080-8082:80", "a6"]);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&c.ok(&["container", "inspect", "a6"])).expect("JSON");
+    assert_eq!(inspect[0]["NetworkSettings"]["Ports"]["80/tcp"][0]["HostPort"], "8081", "{inspect}");
+    let _a6_peer = serve(&ns("h2", "a6"), "a6 peer", &["peer", "80", "a6"]);
+    assert_eq!(reached("198.18.0.2:8081", "tcp").as_deref(), Some("a6 198.19.0.2"));
+    c.ok(&["container", "rm", "a6"]);
+
     // A port a server of the host listens on stays the server's (Docker's -p fails there): not
     // published, and the agent says why; the container's other port is published.
     let _h1_server = serve(&h1, "h1 server", &["peer", "9999", "h1"]);

@@ -22,13 +22,24 @@ use tokio::time::Instant;
 
 use self::output::say;
 use crate::{
-    model::PortMapping,
     sandbox::{self, Forbidden},
     store::{
         ContainerSpec, EtcdArgs, NetworkSpec, Store, StoreError,
+        ports::{PortRequest, parse_publish},
         service::{Names, parse_service_ref},
     },
 };
+
+/// One `-p` as given: the ports it asks for (a container range asks for several).
+#[derive(Clone, Debug)]
+pub struct Publish(Vec<PortRequest>);
+
+impl std::str::FromStr for Publish {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_publish(s).map(Self)
+    }
+}
 
 #[derive(Parser)]
 #[command(name = "overlay", version, about = "Multi-host overlay networks and their containers")]
@@ -166,10 +177,12 @@ pub enum ContainerCommand {
         /// (implies --network NETWORK).
         #[arg(long, value_name = "NAME.NETWORK")]
         publish_service: Option<String>,
-        /// Publish a port on the host's addresses: [HOST_IP:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]
-        /// (repeatable; needs --network, one with a way out).
-        #[arg(short = 'p', long = "publish", value_name = "[HOST_IP:]HOST_PORT:CONTAINER_PORT[/PROTO]")]
-        publish: Vec<PortMapping>,
+        /// Publish a port on the host's addresses, as Docker's -p:
+        /// [HOST_IP:][HOST_PORT[-END]:]CONTAINER_PORT[-END][/tcp|/udp]. No host port takes a free
+        /// one of 49153-60999, a host range its first free port (repeatable; needs --network, one
+        /// with a way out).
+        #[arg(short = 'p', long = "publish", value_name = "[HOST_IP:][HOST_PORT:]CONTAINER_PORT[/PROTO]")]
+        publish: Vec<Publish>,
         /// Use this existing network namespace (a path on that host, e.g. /run/netns/x) instead
         /// of having the agent make one. It must be a network namespace of its own: the host's
         /// (or another host's) namespace, or the machine's initial one, is refused.
@@ -424,7 +437,7 @@ impl Ctx {
                     network: network.clone(),
                     ip,
                     names,
-                    ports: publish,
+                    ports: publish.into_iter().flat_map(|p| p.0).collect(),
                 };
                 let created = store.create_container(&spec).await?;
                 if let Some(deadline) = self.deadline() {

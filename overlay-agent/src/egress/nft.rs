@@ -344,7 +344,12 @@ mod tests {
         let rules = Ruleset {
             subnets: ["10.0.9.0/24".parse().unwrap()].into(),
             published: [Published {
-                port: "198.18.0.1:8080:80/udp".parse().unwrap(),
+                port: PortMapping {
+                    proto: Proto::Udp,
+                    host_ip: Some("198.18.0.1".parse().unwrap()),
+                    host_port: 8080,
+                    container_port: 80,
+                },
                 target: "10.0.9.2".parse().unwrap(),
                 container: "web".into(),
             }]
@@ -361,7 +366,7 @@ mod tests {
         // Even with a host address given: only to an address of this host, never a gateway's.
         assert_eq!(text.matches(r#""fib""#).count(), 2, "{text}");
         assert_eq!(
-            text.matches(r#""op":"!=","left":{"payload":{"protocol":"ip","field":"daddr"}}"#).count(),
+            text.matches(r#"{"set":[{"prefix":{"addr":"10.0.9.0","len":24}}]},"op":"!=""#).count(),
             2,
             "{text}"
         );

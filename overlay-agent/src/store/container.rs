@@ -15,7 +15,7 @@ use super::{
     ports::{self, PortRequest},
     service::Names,
 };
-use crate::model::{Container, Endpoint, PortMapping};
+use crate::model::{Container, Endpoint};
 
 #[derive(Clone, Debug, Default)]
 pub struct ContainerSpec {
@@ -28,8 +28,8 @@ pub struct ContainerSpec {
     pub ip: Option<Ipv4Addr>,
     /// Its names on that network beyond its own (`--alias`, `--publish-service`).
     pub names: Names,
-    /// Ports published on its host (`-p`), forwarded to its address on `network`.
-    pub ports: Vec<PortMapping>,
+    /// Ports to publish on its host (`-p`), forwarded to its address on `network`.
+    pub ports: Vec<PortRequest>,
 }
 
 #[derive(Clone, Debug)]
@@ -44,13 +44,13 @@ pub struct CreatedContainer {
 /// Refuses published ports that cannot work, before anything is read: without a network, port
 /// 0, the same host port twice.
 fn check_ports(spec: &ContainerSpec) -> Result<Vec<PortRequest>> {
-    let requests: Vec<PortRequest> = spec.ports.iter().copied().map(PortRequest::from).collect();
+    let requests = spec.ports.clone();
     if let Some(first) = spec.ports.first()
         && spec.network.is_none()
     {
         return Err(StoreError::Invalid {
             what: "--publish",
-            value: first.to_string(),
+            value: first.shown(),
             reason: "needs --network (the port leads to the container's address on it)".into(),
         });
     }

@@ -50,12 +50,70 @@ impl From<PortMapping> for PortRequest {
 }
 
 impl PortRequest {
-    fn shown(&self) -> String {
+    pub fn shown(&self) -> String {
         let ip = self.host_ip.map(|ip| format!("{ip}:")).unwrap_or_default();
         let (start, end) = (self.host_ports.start(), self.host_ports.end());
         let ports = if start == end { start.to_string() } else { format!("{start}-{end}") };
         format!("{ip}{ports}:{}/{}", self.container_port, self.proto.as_str())
     }
+}
+
+/// Docker's `-p` as the project's CLI takes it: `[HOST_IP:][HOST_PORT[-END]:]CONTAINER_PORT[-END][/tcp|/udp]`.
+/// No host port (`80`, `198.18.0.1::80`) takes one of [`ANY_HOST_PORT`]; a host range for one
+/// container port (`8080-8090:80`) takes its first free port; a container range takes a host
+/// range as long, port by port (`8000-8001:80-81`), or any host ports (`80-81`).
+pub fn parse_publish(text: &str) -> std::result::Result<Vec<PortRequest>, String> {
+    let (ports, proto) = match text.rsplit_once('/') {
+        Some((p, "tcp")) => (p, Proto::Tcp),
+        Some((p, "udp")) => (p, Proto::Udp),
+        Some((_, other)) => return Err(format!("protocol {other:?} is neither tcp nor udp")),
+        None => (text, Proto::Tcp),
+    };
+    let parts: Vec<&str> = ports.split(':').collect();
+    let (host_ip, host, container) = match parts.as_slice() {
+        [c] => (None, "", *c),
+        [h, c] => (None, *h, *c),
+        [ip, h, c] => {
+            let ip: Ipv4Addr = ip.parse().map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
+            ((!ip.is_unspecified()).then_some(ip), *h, *c)
+        }
+        _ => return Err("expected [HOST_IP:][HOST_PORT[-END]:]CONTAINER_PORT[-END][/tcp|/udp]".into()),
+    };
+    let range = |what: &str, p: &str| -> std::result::Result<RangeInclusive<u16>, String> {
+        let port = |n: &str| match n.parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!("{what} {p:?} is not a port or range of ports (1-65535)")),
+            Ok(n) => Ok(n),
+        };
+        let (start, end) = match p.split_once('-') {
+            Some((a, b)) => (port(a)?, port(b)?),
+            None => (port(p)?, port(p)?),
+        };
+        if start > end {
+            return Err(format!("{what} range {p:?} ends before it starts"));
+        }
+        Ok(start..=end)
+    };
+    let container = range("container port", container)?;
+    let host = if host.is_empty() { None } else { Some(range("host port", host)?) };
+    let request = |host_ports: RangeInclusive<u16>, container_port: u16| PortRequest {
+        proto,
+        host_ip,
+        host_ports,
+        container_port,
+    };
+    let (c_start, c_end) = (*container.start(), *container.end());
+    Ok(match host {
+        None => container.map(|c| request(ANY_HOST_PORT, c)).collect(),
+        Some(h) if c_start == c_end => vec![request(h, c_start)],
+        Some(h) if h.len() == container.len() => h.zip(container).map(|(h, c)| request(h..=h, c)).collect(),
+        Some(h) => {
+            return Err(format!(
+                "host ports {}-{} and container ports {c_start}-{c_end} are not ranges of one length",
+                h.start(),
+                h.end()
+            ));
+        }
+    })
 }
 
 /// A runtime's host address for a published port, as CNI's `hostIP` and Docker's `HostIP` give
@@ -204,6 +262,36 @@ mod tests {
 
     fn req(ports: RangeInclusive<u16>) -> PortRequest {
         PortRequest { proto: Proto::Tcp, host_ip: None, host_ports: ports, container_port: 80 }
+    }
+
+    #[test]
+    fn publish_takes_dockers_forms() {
+        let one = |t: &str| {
+            let mut v = parse_publish(t).unwrap();
+            assert_eq!(v.len(), 1, "{t}");
+            v.remove(0)
+        };
+        assert_eq!(one("8080:80"), req(8080..=8080));
+        assert_eq!(one("8080-8090:80"), req(8080..=8090));
+        assert_eq!(one("80"), req(ANY_HOST_PORT));
+        let r = one("198.18.0.1::53/udp");
+        assert_eq!(
+            (r.proto, r.host_ip, r.host_ports),
+            (Proto::Udp, Some("198.18.0.1".parse().unwrap()), ANY_HOST_PORT)
+        );
+        assert_eq!(one("0.0.0.0:8080:80").host_ip, None);
+        let pairs: Vec<(u16, u16)> = parse_publish("8000-8002:80-82")
+            .unwrap()
+            .iter()
+            .map(|r| (*r.host_ports.start(), r.container_port))
+            .collect();
+        assert_eq!(pairs, [(8000, 80), (8001, 81), (8002, 82)]);
+        assert_eq!(parse_publish("80-81").unwrap().len(), 2);
+        for bad in
+            ["8000-8001:80-82", "9000-8000:80", "0:80", "80:0", "a:80", "1.2.3:80:80", "80/sctp", "1:2:3:4"]
+        {
+            assert!(parse_publish(bad).is_err(), "{bad} was taken");
+        }
     }
 
     #[test]
