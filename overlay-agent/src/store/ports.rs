@@ -38,17 +38,6 @@ pub struct PortRequest {
     pub container_port: u16,
 }
 
-impl From<PortMapping> for PortRequest {
-    fn from(p: PortMapping) -> Self {
-        Self {
-            proto: p.proto,
-            host_ip: p.host_ip,
-            host_ports: p.host_port..=p.host_port,
-            container_port: p.container_port,
-        }
-    }
-}
-
 impl PortRequest {
     pub fn shown(&self) -> String {
         let ip = self.host_ip.map(|ip| format!("{ip}:")).unwrap_or_default();
