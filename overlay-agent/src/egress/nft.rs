@@ -182,7 +182,10 @@ impl Ruleset {
         // A container calling a port published on this host (its own, or another container's
         // on any network here): the call goes out as the host, so that the reply comes back
         // up the host's stack, where conntrack turns it into an answer from the port.
-        if let (Some(host), false) = (self.host, self.subnets.is_empty() || self.published.is_empty()) {
+        if let Some(host) = self.host
+            && !self.subnets.is_empty()
+            && !self.published.is_empty()
+        {
             b.add(rule(
                 "postrouting",
                 vec![
