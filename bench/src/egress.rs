@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!  outside 198.19.0.2 ── router (the underlay namespace, 198.18.0.254) ── br0 (the switch)
-//!      ├─ h1 198.18.0.1: overlay-agent (etcd), container c 10.74.0.2 on network "out", MTU 1450
+//!      ├─ h1 198.18.0.1: overlay-agent (etcd), container c 10.74.0.2 on network "out", MTU 1500
+//!      │     (its route to the overlay subnet: MTU 1450)
 //!      └─ d1 198.18.0.2: docker_gwbridge 172.18.0.1/16, container dc 172.18.0.2, MTU 1500
 //! ```
 //!
@@ -114,7 +115,7 @@ impl Side {
 
     pub fn title(self, plan: &EgressPlan) -> String {
         match self {
-            Side::Overlay => "eBPF overlay (MTU 1450)".to_owned(),
+            Side::Overlay => "eBPF overlay (MTU 1500; 1450 to the overlay)".to_owned(),
             Side::DockerDesign => format!("Docker's design (MTU {})", plan.docker_mtu),
         }
     }

@@ -149,6 +149,49 @@ pub fn in_ns(ns: &str, args: &[&str]) -> Command {
     cmd
 }
 
+/// `args` run in the network namespace `ns`: a name (`ip netns exec`) or a path (`nsenter`,
+/// for a namespace a runtime made outside /run/netns's names).
+fn in_net(ns: &str, args: &[&str]) -> Command {
+    if ns.starts_with('/') {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={ns}")).args(args);
+        cmd
+    } else {
+        in_ns(ns, args)
+    }
+}
+
+/// The MTU of interface `dev` in namespace `ns` (a name or a path).
+pub fn link_mtu(ns: &str, dev: &str) -> u32 {
+    let text = sh(&mut in_net(ns, &["ip", "-o", "link", "show", dev]));
+    let mtu = text.split_whitespace().skip_while(|w| *w != "mtu").nth(1);
+    mtu.and_then(|m| m.parse().ok()).unwrap_or_else(|| panic!("MTU of {dev} in {ns}: {text:?}"))
+}
+
+/// The route to the subnet of `dev` in `ns` (a name or a path), as the agent made it: (prefix, source, MTU).
+/// The MTU is the overlay's; the interface's own may be larger (the uplink's).
+pub fn subnet_route(ns: &str, dev: &str) -> (String, String, Option<u32>) {
+    let text = sh(&mut in_net(ns, &["ip", "-o", "-4", "route", "show", "dev", dev, "scope", "link"]));
+    let line = text.lines().next().unwrap_or_else(|| panic!("no route to {dev}'s subnet in {ns}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let after = |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1)).copied();
+    let src = after("src").unwrap_or_else(|| panic!("no source in {line:?}")).to_owned();
+    (words[0].to_owned(), src, after("mtu").and_then(|m| m.parse().ok()))
+}
+
+/// Sets the MTU of the route to `dev`'s subnet in `ns`, what a container's sockets size their
+/// overlay packets by (raising the interface's MTU first where it is lower): how a test makes a
+/// container send more than the overlay carries.
+pub fn set_overlay_mtu(ns: &str, dev: &str, mtu: u32) {
+    if link_mtu(ns, dev) < mtu {
+        ip_in(ns, &["link", "set", dev, "mtu", &mtu.to_string()]).unwrap_or_else(|e| panic!("{e:#}"));
+    }
+    let (prefix, src, _) = subnet_route(ns, dev);
+    let mtu = mtu.to_string();
+    ip_in(ns, &["route", "replace", &prefix, "dev", dev, "scope", "link", "src", &src, "mtu", &mtu])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
 /// Polls `f` until it returns Some or `timeout` passes.
 pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;

@@ -17,7 +17,7 @@ use overlay_agent::{
 };
 use overlay_tests::{
     cluster::{Cluster, HEALTH_ADDR},
-    in_ns, ip, ip_in, skip_unless_privileged, try_sh, wait_for,
+    in_ns, ip, ip_in, link_mtu, skip_unless_privileged, subnet_route, try_sh, wait_for,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_overlay-probe");
@@ -116,11 +116,11 @@ fn the_cli_drives_networks_containers_and_connections() {
     assert!(interfaces(&c, "h1", "c1").contains(&format!("{c1}/24")), "c1 has its address");
     // IPAM honours the ip-range and never hands out the auxiliary address.
     assert!(c3.octets()[3] > 128, "red hands out from 10.40.0.128/25, got {c3}");
-    // -o mtu=1400 is below what the uplink allows (1450), so the container gets 1400.
-    let mtu = try_sh(&mut in_ns(&c.container_ns("h3", "c3"), &["cat", "/sys/class/net/eth0/mtu"]));
-    let mtu = String::from_utf8_lossy(&mtu.stdout);
-    let link = try_sh(&mut in_ns(&c.container_ns("h3", "c3"), &["ip", "-o", "link", "show", "eth0"]));
-    assert!(String::from_utf8_lossy(&link.stdout).contains("mtu 1400"), "c3 eth0: {mtu}");
+    // -o mtu=1400 is below what the uplink allows (1450), so the container's overlay traffic
+    // gets 1400 (the route to its subnet); its way out through the host gets the uplink's 1500.
+    let c3_ns = c.container_ns("h3", "c3");
+    assert_eq!(subnet_route(&c3_ns, "eth0").2, Some(1400), "c3's route to red");
+    assert_eq!(link_mtu(&c3_ns, "eth0"), 1500, "c3's eth0");
 
     // `network inspect` looks like Docker's.
     let blue = c.inspect("blue");
@@ -452,9 +452,13 @@ fn an_mtu_an_uplink_cannot_carry_is_refused_or_clamped_with_a_warning() {
     ip_in(&h2.ns, &["link", "set", &h2.uplink, "mtu", "1400"]).expect("lowering h2's uplink MTU");
     c.start_agent("h2");
     c.ok(&["container", "create", "--host", "h2", "--network", "big", "a"]);
-    let link = try_sh(&mut in_ns(&c.container_ns("h2", "a"), &["ip", "-o", "link", "show", "eth0"]));
-    let link = String::from_utf8_lossy(&link.stdout);
-    assert!(link.contains("mtu 1350"), "a gets what h2's uplink carries: {link}");
+    let a_ns = c.container_ns("h2", "a");
+    assert_eq!(
+        subnet_route(&a_ns, "eth0").2,
+        Some(1350),
+        "a's overlay traffic gets what h2's uplink carries"
+    );
+    assert_eq!(link_mtu(&a_ns, "eth0"), 1400, "a's traffic out through h2 gets the uplink's MTU");
     assert!(c.topo.wait_log("h2", "clamped", Duration::from_secs(5)), "h2's agent says it clamped the MTU");
     let log = std::fs::read_to_string(&c.topo.host("h2").log).expect("h2's log");
     let line = log.lines().find(|l| l.contains("clamped")).expect("the clamp's line");

@@ -19,7 +19,7 @@ use overlay_tests::{
     frames::{self, IPPROTO_UDP, Ipv4, Tunnel, ethernet, udp},
     in_ns, mac_of, pcap,
     scenario::{self, Scenario, network},
-    sh, skip_unless_privileged, to_hex,
+    set_overlay_mtu, sh, skip_unless_privileged, to_hex,
     topology::{Host, Topology},
     try_sh, wait_for,
 };
@@ -351,12 +351,34 @@ fn congestion_marks_and_oversized_frames_end_to_end() {
         );
     }
 
-    // b2 (h1) raises its MTU past what the overlay carries (1450): 4 bytes more still pass its
-    // veth, whose peer takes frames up to its MTU plus an Ethernet header and a VLAN tag.
+    // The route to the overlay, not the interface (1500, for the way out), sizes b2's packets
+    // to b3: a 1426-byte datagram (a 1454-byte IPv4 packet) is fragmented by b2's stack at 1450
+    // and crosses, and b3's echo comes back the same way.
     let b2 = ns_of(&topo, "b2");
     let b3 = ns_of(&topo, "b3");
+    let echo = Proc::spawn("echo server in b3", in_ns(&b3, &[PROBE, "serve", "7002"]).stdout(Stdio::null()));
+    topo.run.procs.push(echo);
+    let to = format!("{}:7002", ip_of("b3"));
+    let crossed = wait_for(Duration::from_secs(5), || {
+        try_sh(&mut in_ns(&b2, &[PROBE, "datagram", &to, "1426", "want"])).status.success().then_some(())
+    });
+    assert!(
+        crossed.is_some(),
+        "a datagram larger than the overlay's MTU, fragmented by the route's, did not cross"
+    );
+    // The same datagram from a socket that sizes its packets by the interface and sets DF
+    // (IP_PMTUDISC_PROBE, as tracepath and QUIC stacks probing the path do): one 1454-byte
+    // packet, too big for the overlay: dropped on h1 and counted.
+    let before = topo.host("h1").counter("drop/too_big");
+    let probed = try_sh(&mut in_ns(&b2, &[PROBE, "datagram", &to, "1426", "probe"]));
+    assert!(!probed.status.success(), "a 1454-byte packet with DF crossed an overlay that carries 1450");
+    let counted = topo.host("h1").counter("drop/too_big") - before;
+    assert!(counted >= 1, "the DF datagram sized by the interface was not counted too_big");
+
+    // b2 (h1) raises the MTU of its route to the overlay past what the overlay carries (1450),
+    // as a container that rewrites its own routes could.
     for ns in [&b2, &b3] {
-        sh(&mut in_ns(ns, &["ip", "link", "set", "eth0", "mtu", "1454"]));
+        set_overlay_mtu(ns, "eth0", 1454);
     }
     let h1 = topo.host("h1");
     let before = h1.counter("drop/too_big");

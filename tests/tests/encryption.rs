@@ -11,7 +11,7 @@ use overlay_tests::{
     binary,
     cluster::Cluster,
     frames::{self, IPPROTO_UDP, Ipv4, Tunnel, ethernet, udp},
-    in_ns, mac_of, pcap, sh, skip_unless_privileged, to_hex, try_sh, wait_for,
+    in_ns, link_mtu, mac_of, pcap, sh, skip_unless_privileged, subnet_route, to_hex, try_sh, wait_for,
 };
 
 /// What the containers send through the encrypted network and through the plaintext one: ping
@@ -34,8 +34,9 @@ fn ping_marked(ns: &str, ip: Ipv4Addr) -> bool {
         .success()
 }
 
+/// The MTU a container's overlay traffic is sized by: its route to the network's subnet.
 fn mtu_of(ns: &str) -> u32 {
-    sh(&mut in_ns(ns, &["cat", "/sys/class/net/eth0/mtu"])).trim().parse().expect("MTU")
+    subnet_route(ns, "eth0").2.unwrap_or_else(|| panic!("no MTU on the subnet route in {ns}"))
 }
 
 #[test]
@@ -76,6 +77,8 @@ fn an_encrypted_network_never_crosses_the_underlay_in_the_clear() {
     assert_eq!(mtu_of(&ns("h1", "s1")), 1500 - 50 - 57);
     assert_eq!(mtu_of(&ns("h2", "s2")), 1500 - 50 - 57);
     assert_eq!(mtu_of(&ns("h1", "p1")), 1500 - 50);
+    // Traffic out through the host is not encapsulated: the interface has the uplink's MTU.
+    assert_eq!(link_mtu(&ns("h1", "s1"), "eth0"), 1500);
     // NETWORKS on h1 carries the encrypted flag (4) for sec only.
     let networks = c.topo.host("h1").map("NETWORKS");
     let flags_of = |vni: u32| {

@@ -245,13 +245,12 @@ fn monitor_shows_each_drop_with_its_fields_and_each_flow_once() {
     );
     assert_eq!((ip(&d, "src"), ip(&d, "dst"), &d["sport"]), (Some(b), Some(a), &5555.into()), "{d}");
 
-    // MTU: a raises its MTU past what the overlay carries (see datapath.rs).
-    sh(&mut in_ns(&a_ns, &["ip", "link", "set", "eth0", "mtu", "1454"]));
-    let _ =
-        try_sh(&mut in_ns(&a_ns, &["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1426", &b.to_string()]));
+    // MTU: a socket that sizes its packets by the interface (1500, for the way out) rather than
+    // by the route to the overlay (1450): IP_PMTUDISC_PROBE, as tracepath does.
+    let _ = try_sh(&mut in_ns(&a_ns, &[PROBE, "datagram", &format!("{b}:9"), "1426", "probe"]));
     let d = mon.wait("too big", |v| is_drop(v, "too_big"));
     assert_eq!((ip(&d, "src"), ip(&d, "dst"), &d["len"]), (Some(a), Some(b), &1468.into()), "{d}");
-    sh(&mut in_ns(&a_ns, &["ip", "link", "set", "eth0", "mtu", "1450"]));
+    assert_eq!(d["proto"], "udp", "{d}");
 
     let all = mon.stop();
     // Each ping of three was one flow.
@@ -345,14 +344,16 @@ fn the_runbook_on_a_wrong_network_an_mtu_and_a_dead_host() {
     assert!(metric.contains("reason=\"no_endpoint\""), "{metric}");
     show("/metrics drops on h1", &metric);
 
-    // MTU.
-    sh(&mut in_ns(&a_ns, &["ip", "link", "set", "eth0", "mtu", "1454"]));
-    let _ =
-        try_sh(&mut in_ns(&a_ns, &["ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1426", &b.to_string()]));
+    // MTU: a packet sized by the interface (1500) instead of the route to the overlay (1450).
+    let _ = try_sh(&mut in_ns(&a_ns, &[PROBE, "datagram", &format!("{b}:9"), "1426", "probe"]));
     let line = mon.wait_line("too big", |l| l.contains(" drop too_big"));
-    assert!(line.contains(&format!("icmp {a} -> {b}")) && line.ends_with("len 1468"), "{line}");
-    show("ip link in a", &sh(&mut in_ns(&a_ns, &["ip", "link", "show", "eth0"])));
-    sh(&mut in_ns(&a_ns, &["ip", "link", "set", "eth0", "mtu", "1450"]));
+    assert!(
+        line.contains(&format!("udp {a}:"))
+            && line.contains(&format!(" -> {b}:9 "))
+            && line.ends_with("len 1468"),
+        "{line}"
+    );
+    show("ip route get in a", &sh(&mut in_ns(&a_ns, &["ip", "route", "get", &b.to_string()])));
 
     // Dead host.
     c.kill_agent("h2");

@@ -11,7 +11,7 @@ use overlay_tests::{
     cni, docker, in_ns,
     peer::ask,
     podman::{self, IMAGE, Podman},
-    sh, skip, skip_unless_privileged, try_sh, wait_for,
+    sh, skip, skip_unless_privileged, subnet_route, try_sh, wait_for,
 };
 
 const NET: &str = "pods";
@@ -140,7 +140,10 @@ fn podman_suite() {
     let route = env.ok("h1", &["exec", "pa", "ip", "route"]);
     assert!(route.contains("default via 10.0.31.1 dev eth0"), "{route}");
     let link = env.ok("h1", &["exec", "pa", "ip", "link", "show", "eth0"]);
-    assert!(link.contains("mtu 1450"), "{link}");
+    assert!(link.contains("mtu 1500"), "the uplink's MTU, for the way out: {link}");
+    // busybox's `ip route` leaves metrics out: the route's MTU read from the host.
+    let sandbox = env.ok("h1", &["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", "pa"]);
+    assert_eq!(subnet_route(sandbox.trim(), "eth0").2, Some(1450), "the overlay's MTU, on the route to it");
     // A CLI container on h2 reaches the podman container on h1, and back.
     env.cluster.ok(&["container", "create", "--host", "h2", "--network", NET, "cli"]);
     let cli = env.cluster.address(NET, "cli");

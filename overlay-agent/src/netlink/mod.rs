@@ -12,9 +12,14 @@ pub mod veth;
 use std::{net::Ipv4Addr, path::Path};
 
 use futures::TryStreamExt as _;
+use ipnet::Ipv4Net;
 use rtnetlink::{
     Handle, LinkUnspec, RouteMessageBuilder,
-    packet_route::link::{LinkAttribute, LinkInfo, LinkMessage, LinkXdp, XdpAttached},
+    packet_route::{
+        address::{AddressAttribute, AddressFlags},
+        link::{LinkAttribute, LinkInfo, LinkMessage, LinkXdp, XdpAttached},
+        route::{RouteAttribute, RouteMetric, RouteScope},
+    },
 };
 
 use self::netns::NetnsGuard;
@@ -211,18 +216,40 @@ impl Netlink {
         }
     }
 
-    pub async fn add_address(&self, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<(), Error> {
-        match self
-            .handle
-            .address()
-            .add(index, ip.into(), prefix)
+    /// Adds `ip/prefix` on `index`, with the route to its subnet at `route_mtu` instead of the
+    /// kernel's own prefix route, which cannot carry an MTU: the address goes in without one
+    /// (IFA_F_NOPREFIXROUTE) and the route is added as the kernel would add it (scope link,
+    /// source `ip`), plus the MTU. The link must be up, or the kernel refuses the route.
+    pub async fn add_address(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        prefix: u8,
+        route_mtu: u32,
+    ) -> Result<(), Error> {
+        let mut add = self.handle.address().add(index, ip.into(), prefix);
+        add.message_mut().attributes.push(AddressAttribute::Flags(AddressFlags::Noprefixroute));
+        match add.execute().await.map_err(nl(format!("adding {ip}/{prefix}"))) {
+            Err(e) if e.errno() == Some(libc::EEXIST) => {}
+            other => other?,
+        }
+        let subnet = Ipv4Net::new(ip, prefix).map_err(|e| Error::Io {
+            context: format!("the subnet of {ip}/{prefix}"),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        })?;
+        let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(subnet.network(), prefix)
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .pref_source(ip)
+            .build();
+        route.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(route_mtu)]));
+        self.handle
+            .route()
+            .add(route)
             .execute()
             .await
-            .map_err(nl(format!("adding {ip}/{prefix}")))
-        {
-            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
-            other => other,
-        }
+            .map_err(nl(format!("adding the route to {}/{prefix} (mtu {route_mtu})", subnet.network())))
     }
 
     /// Adds a default route via `gateway` on `index`, unless the namespace already has one.

@@ -58,7 +58,14 @@ pub struct Spec<'a> {
     pub prefix_len: u8,
     /// Default route for the container, if it has none yet.
     pub gateway: Option<Ipv4Addr>,
+    /// The interface's MTU: the uplink's where the container has a way out through its host
+    /// (that traffic is not encapsulated), the overlay's where it has none.
     pub mtu: u32,
+    /// The MTU of the route to the network's subnet: what the overlay carries once VXLAN's
+    /// header is added. Sockets size their packets by the route, so overlay traffic fits the
+    /// tunnel while traffic out through the host uses the interface's larger MTU, as a Docker
+    /// container's does through docker_gwbridge.
+    pub overlay_mtu: u32,
     /// The container side's name (a CNI runtime's `CNI_IFNAME`); the lowest free `ethN` when
     /// absent. A name the container already has is an error, as CNI wants.
     pub ifname: Option<&'a str>,
@@ -196,8 +203,8 @@ async fn configure(host: &Netlink, spec: &Spec<'_>, name: &str, tmp: &str) -> Re
     // No IPv6 on the overlay: the datapath carries IPv4 and would only count router
     // solicitations and MLD reports as drops.
     in_namespace(spec.netns, &format!("net/ipv6/conf/{ifname}/disable_ipv6"), "1").await?;
-    container.add_address(peer.index, spec.ip, spec.prefix_len).await?;
     container.set_up(peer.index, "bringing up the container interface").await?;
+    container.add_address(peer.index, spec.ip, spec.prefix_len, spec.overlay_mtu).await?;
     if let Some(lo) = container.link("lo").await? {
         container.set_up(lo.index, "bringing up lo").await?;
     }

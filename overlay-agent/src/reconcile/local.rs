@@ -253,6 +253,11 @@ impl Locals {
                  never sent in the clear"
             );
         }
+        // A network with a way out: the interface gets the uplink's MTU for that traffic, which
+        // leaves unencapsulated, and the route to the subnet keeps overlay traffic at `mtu`. A
+        // runtime that moves the interface in itself (Docker) makes the routes, so its interface
+        // stays at `mtu`: Docker's remote API has no route MTU.
+        let device_mtu = if n.has_egress() && !c.handover { dp.uplink.mtu } else { mtu };
         let spec = veth::Spec {
             endpoint_id: &e.id,
             netns: &netns,
@@ -260,7 +265,8 @@ impl Locals {
             ip: e.ipv4,
             prefix_len: n.subnet.prefix_len(),
             gateway: Some(n.gateway),
-            mtu,
+            mtu: device_mtu,
+            overlay_mtu: mtu,
             ifname: e.ifname.as_deref(),
         };
         let created = if c.handover {
@@ -285,7 +291,7 @@ impl Locals {
             ifindex,
             Iface { vni: n.vni, ip: e.ipv4.octets(), mac: e.mac.0, _pad: [0; 2] },
         )?;
-        info!(endpoint = %e.id, container = %c.name, ip = %e.ipv4, ifname = %created.ifname, veth = %created.host.name, mtu, "endpoint up");
+        info!(endpoint = %e.id, container = %c.name, ip = %e.ipv4, ifname = %created.ifname, veth = %created.host.name, mtu, device_mtu, "endpoint up");
         Ok(())
     }
 

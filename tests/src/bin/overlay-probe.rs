@@ -19,6 +19,10 @@
 //! - `peer PORT LABEL`: answer every TCP connection and UDP datagram on PORT with
 //!   "LABEL <the peer's address>" (who is there, and whom it sees); `ask IP:PORT tcp|udp`:
 //!   print that answer.
+//! - `datagram IP:PORT BYTES want|probe`: `udp` with a BYTES-long datagram, sent by a socket
+//!   whose IP_MTU_DISCOVER is IP_PMTUDISC_WANT (the default: sized by the route, fragmented
+//!   where larger) or IP_PMTUDISC_PROBE (DF, sized by the interface only, as tracepath and QUIC
+//!   stacks probing the path send); exit 0 iff the same bytes came back.
 //! - `dns-serve`, `dns-query`, `dns-raw`: an upstream DNS server and a DNS client; `dns-bench`,
 //!   `dns-wait`: the name benchmark's clients (probe/dns.rs).
 
@@ -43,6 +47,9 @@ fn main() -> ExitCode {
         ["serve", port] => serve(port.parse().expect("port")),
         ["tcp", to] => tcp(to.parse().expect("address")),
         ["udp", to] => udp(to.parse().expect("address")),
+        ["datagram", to, bytes, mode] => {
+            datagram(to.parse().expect("address"), bytes.parse().expect("bytes"), mode)
+        }
         ["sink", port] => sink(port.parse().expect("port")),
         ["send", to, bytes] => send(to.parse().expect("address"), bytes.parse().expect("bytes")),
         ["session", to, secs] => session(to.parse().expect("address"), secs.parse().expect("seconds")),
@@ -129,6 +136,43 @@ fn udp(to: SocketAddr) -> Result {
         }
     }
     Err(format!("no UDP echo from {to}"))
+}
+
+fn datagram(to: SocketAddr, bytes: usize, mode: &str) -> Result {
+    use std::os::fd::AsRawFd;
+    let discover = match mode {
+        "want" => libc::IP_PMTUDISC_WANT,
+        "probe" => libc::IP_PMTUDISC_PROBE,
+        _ => return Err(format!("mode {mode:?}: want or probe")),
+    };
+    let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    // SAFETY: setsockopt on a socket we own, with a c_int of the size passed.
+    let set = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&raw const discover).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(format!("IP_MTU_DISCOVER: {}", std::io::Error::last_os_error()));
+    }
+    sock.set_read_timeout(Some(Duration::from_millis(300))).map_err(|e| e.to_string())?;
+    let payload: Vec<u8> = (0..bytes).map(|i| i as u8).collect();
+    let mut buf = vec![0u8; 65536];
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        sock.send_to(&payload, to).map_err(|e| format!("sending {bytes} bytes: {e}"))?;
+        if let Ok((n, from)) = sock.recv_from(&mut buf)
+            && from == to
+            && buf[..n] == payload[..]
+        {
+            return Ok(());
+        }
+    }
+    Err(format!("no echo of {bytes} bytes from {to}"))
 }
 
 fn sink(port: u16) -> Result {
