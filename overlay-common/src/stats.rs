@@ -28,6 +28,9 @@ pub const TO_HOST: u32 = 8;
 /// Events for `overlay-agent monitor` that found its ring buffer full and were lost (the
 /// packets themselves went on as ever).
 pub const MONITOR_LOST: u32 = 9;
+/// ICMP "fragmentation needed" sent back to containers for packets too big for the overlay
+/// that said Don't Fragment (each also counted as a `too_big` drop).
+pub const FRAG_NEEDED: u32 = 10;
 
 /// The first code of a drop reason: codes from here to [`STATS_LEN`] belong to [`DropReason`].
 pub const DROP_BASE: u32 = 16;
@@ -276,6 +279,7 @@ pub const fn name(code: u32) -> Option<&'static str> {
         TO_RESOLVER => "to_resolver",
         TO_HOST => "to_host",
         MONITOR_LOST => "monitor_lost",
+        FRAG_NEEDED => "frag_needed",
         _ => match DropReason::from_code(code) {
             Some(reason) => reason.name(),
             None => return None,

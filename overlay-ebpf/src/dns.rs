@@ -32,6 +32,7 @@ use overlay_common::{
 };
 
 use crate::{
+    csum::{fold, words},
     maps::{NAME_SCRATCH, NAMES},
     skb::redirected,
 };
@@ -396,24 +397,4 @@ fn first(answers: usize) -> usize {
     // SAFETY: plain helper call.
     let r = unsafe { bpf_get_prandom_u32() };
     r as usize % answers
-}
-
-/// The 16-bit big-endian words of `bytes` (an even number of them), summed.
-#[inline(always)]
-fn words<const N: usize>(bytes: &[u8; N]) -> u32 {
-    let mut sum = 0;
-    let mut i = 0;
-    while i + 1 < N {
-        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
-        i += 2;
-    }
-    sum
-}
-
-/// Folds a one's-complement sum into 16 bits.
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
 }

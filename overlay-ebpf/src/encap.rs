@@ -53,7 +53,9 @@ pub fn to_remote(
     // SAFETY: reading fields of the context the kernel gave us.
     let gso = unsafe { (*skb).gso_size } != 0;
     // A frame that would not fit the uplink once encapsulated would be dropped silently by the
-    // device; drop it here where it is counted. (Only possible if a container raised its MTU.)
+    // device; drop it here where it is counted. (Only from a socket that sizes its packets by
+    // the interface, which has the uplink's MTU for the way out, not by the route to the
+    // overlay, or from a container that changed its routes or MTU: pmtu.rs.)
     // A GSO packet is judged by the segments it will become: its segment size plus the inner
     // IPv4 and TCP/UDP headers each segment repeats (a sender that set its own gso_size, e.g.
     // through PACKET_VNET_HDR, can ask for more than fits).
@@ -64,6 +66,11 @@ pub fn to_remote(
         len - EthHdr::LEN as u32
     };
     if ip_len + VXLAN_OVERHEAD > cfg.uplink_mtu {
+        // One packet that asked not to be fragmented hears back the MTU (pmtu.rs); a GSO
+        // packet's sender set its own segment size and gets the drop alone.
+        if !gso {
+            return Ok(crate::pmtu::too_big(ctx, inner_eth, cfg.uplink_mtu - VXLAN_OVERHEAD));
+        }
         return Err(DropReason::TooBig);
     }
     // Past the last check of the packet, before its headers change: the monitor sees the

@@ -13,6 +13,7 @@
 #![no_main]
 
 mod arp;
+mod csum;
 mod decap;
 mod dns;
 mod encap;
@@ -21,6 +22,7 @@ mod ipv4;
 mod maps;
 mod monitor;
 mod packet;
+mod pmtu;
 mod skb;
 mod stats;
 mod uplink;
@@ -84,7 +86,7 @@ pub fn uplink_tc(ctx: TcContext) -> i32 {
 /// not with the packet. Every other drop is logged only when the operator switched drop logging
 /// on, so the fast path carries no log call by default.
 #[inline(always)]
-fn dropped<C: aya_ebpf::EbpfContext>(ctx: &C, drop: DropReason, len: u32) {
+pub(crate) fn dropped<C: aya_ebpf::EbpfContext>(ctx: &C, drop: DropReason, len: u32) {
     // The programs log the code; the agent prints it as the reason's name (DropReason::name).
     count(drop.code(), len);
     if drop.is_fault() {

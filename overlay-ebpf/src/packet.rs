@@ -33,6 +33,17 @@ impl Packet {
 
     /// A copy of the header of type `T` at `offset`, if the packet is long enough to hold it.
     /// `T` is a wire header: plain bytes, for which every pattern is a valid value.
+    /// The address of `len` bytes at `offset`, all within the packet: for helpers that read
+    /// packet memory themselves (bpf_csum_diff).
+    #[inline(always)]
+    pub fn slice(&self, offset: usize, len: usize) -> Option<*mut u8> {
+        let at = self.start + offset;
+        if at + len > self.end {
+            return None;
+        }
+        Some(at as *mut u8)
+    }
+
     #[inline(always)]
     pub fn read<T: Copy>(&self, offset: usize) -> Option<T> {
         let at = self.header::<T>(offset)?;

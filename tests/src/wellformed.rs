@@ -186,6 +186,54 @@ pub fn arp_reply(frame: &[u8], requester: ([u8; 6], [u8; 4]), target: [u8; 4]) -
     Ok(sha)
 }
 
+/// Checks the answer to a frame too big for the overlay, `sent` (RFC 792 and 1191 as a Linux
+/// sender takes them): Ethernet back from the MAC `sent` was addressed to; IPv4 without
+/// options, unfragmented, ICMP, from `sent`'s destination to its source, with a correct
+/// checksum and the length carried; ICMP type 3 code 4 with a correct checksum, `mtu` as the
+/// next hop's MTU, and then `sent`'s IPv4 header and at least the 8 bytes after it, unchanged.
+/// Only a packet that said Don't Fragment, without options and not itself an ICMP error, may
+/// be answered.
+pub fn frag_needed(frame: &[u8], sent: &[u8], mtu: u16) -> Result<(), String> {
+    container_ipv4(frame, false)?;
+    let (ip, orig) = (&frame[ETH_LEN..], &sent[ETH_LEN..]);
+    if be16(orig, 6) & 0x4000 == 0 {
+        return Err("answered a packet without DF".into());
+    }
+    if orig[0] != 0x45 || be16(orig, 6) & 0x3fff != 0 {
+        return Err("answered a packet with options or a fragment".into());
+    }
+    if orig[9] == 1 && [3, 4, 5, 11, 12].contains(&orig[20]) {
+        return Err(format!("answered an ICMP error (type {}) with one", orig[20]));
+    }
+    if frame[..6] != sent[6..12] || frame[6..12] != sent[..6] {
+        return Err("Ethernet addresses are not the sent frame's, swapped".into());
+    }
+    if ip[0] != 0x45 || ip[9] != 1 || be16(ip, 6) & 0x3fff != 0 || ip[8] == 0 {
+        return Err(format!("IPv4 header {:02x?}: not option-less unfragmented ICMP", &ip[..20]));
+    }
+    if !ipv4_checksum_ok(&ip[..20]) {
+        return Err("IPv4 header checksum".into());
+    }
+    if ip[12..16] != orig[16..20] || ip[16..20] != orig[12..16] {
+        return Err("IPv4 addresses are not the sent packet's, swapped".into());
+    }
+    let icmp = &ip[20..usize::from(be16(ip, 2))];
+    if icmp.len() < 8 + 28 {
+        return Err(format!("ICMP message of {} bytes quotes less than a header and 8 bytes", icmp.len()));
+    }
+    if (icmp[0], icmp[1], be16(icmp, 6)) != (3, 4, mtu) {
+        return Err(format!("ICMP type {} code {} MTU {}, not 3/4/{mtu}", icmp[0], icmp[1], be16(icmp, 6)));
+    }
+    if ones_sum(icmp) != 0xffff {
+        return Err("ICMP checksum".into());
+    }
+    let quote = &icmp[8..];
+    if quote.len() > orig.len() || quote != &orig[..quote.len()] {
+        return Err("the quote is not the start of the sent packet".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,8 +41,8 @@ use overlay_common::{
         Config, Counter, ENDPOINT_LOCAL, Endpoint, EndpointKey, Iface, Network, Peer, PeerKey, XDP_META_MAGIC,
     },
     stats::{
-        self, ARP_REPLY, DROP_BASE, DropReason, RX_DECAP, RX_DELIVER, STATS_LEN, TX_ENCAP, TX_LOCAL,
-        UPLINK_PASS,
+        self, ARP_REPLY, DROP_BASE, DropReason, FRAG_NEEDED, RX_DECAP, RX_DELIVER, STATS_LEN, TX_ENCAP,
+        TX_LOCAL, UPLINK_PASS,
     },
 };
 use overlay_tests::{
@@ -384,6 +384,18 @@ impl Fuzz {
                 return Err(format!("{} bytes do not fit the uplink's MTU", out.len() - 14));
             }
             return Ok(Expect::code(TX_ENCAP, inp.len() + VXLAN_OVERHEAD));
+        }
+        if !gso && out.len() < inp.len() && inp.len() - 14 + VXLAN_OVERHEAD > UPLINK_MTU as usize {
+            // Too big for the overlay, with DF: answered with ICMP fragmentation needed.
+            self.check_own(me, inp, gso)?;
+            fuzz::endpoint(me.vni, ip4(inp, 30))
+                .filter(|e| matches!(e.home, Home::Remote(_)))
+                .ok_or("answered too big a frame that was not for another host")?;
+            let mtu = (UPLINK_MTU as usize - VXLAN_OVERHEAD) as u16;
+            wellformed::frag_needed(out, inp, mtu).map_err(|e| format!("fragmentation needed: {e}"))?;
+            let mut e = Expect::drop(inp.len(), false);
+            e.add_code(FRAG_NEEDED, out.len());
+            return Ok(e);
         }
         if out == &inp[..] {
             self.check_own(me, inp, gso)?;

@@ -514,11 +514,41 @@ fn encap_drops_what_would_not_fit_the_uplink() {
     // A 1450-byte IPv4 packet makes a 1500-byte outer packet: the uplink's MTU exactly.
     let fits = udp_frame(A, R, 53, 1450 - 28);
     check_encap(&h, &fits, PEER2);
-    // One byte more would be dropped by the uplink without a trace; the program counts it.
+    // One byte more would be dropped by the uplink without a trace; the program counts it, and
+    // as it says Don't Fragment, answers it with ICMP fragmentation needed, MTU 1450, sent back
+    // out of the veth it came from.
     let too_big = udp_frame(A, R, 53, 1451 - 28);
     let (out, counts) = h.counting(|h| h.from_container("veth-a", &too_big));
-    assert_eq!(out.verdict, TC_ACT_SHOT);
-    assert_eq!(counts, one_each(&[(DropReason::TooBig.code(), too_big.len())]));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    overlay_tests::wellformed::frag_needed(&out.frame, &too_big, 1450).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.frame.len(), 14 + 20 + 8 + 40, "the IPv4 header and 20 bytes quoted");
+    assert_eq!(
+        counts,
+        one_each(&[(DropReason::TooBig.code(), too_big.len()), (stats::FRAG_NEEDED, out.frame.len())])
+    );
+    // Without DF (a socket with IP_PMTUDISC_OMIT) nobody is told, and neither is the sender of
+    // an ICMP error (RFC 1122) or of a packet with IPv4 options: dropped and counted, no more.
+    let no_df = ip_frame(
+        A,
+        R,
+        Ipv4 { frag_off: 0, ..Ipv4::new(A.ip, R.ip, IPPROTO_UDP) },
+        &udp(A.ip, R.ip, 40000, 53, &payload(1451 - 28)),
+    );
+    let mut unreachable = vec![3, 1, 0, 0, 0, 0, 0, 0];
+    unreachable.resize(1451 - 20, 0);
+    let icmp_error = ip_frame(A, R, Ipv4::new(A.ip, R.ip, IPPROTO_ICMP), &unreachable);
+    // Four no-operation options after the header.
+    let mut options = [&too_big[..34], &[1, 1, 1, 1], &too_big[34..]].concat();
+    edit::<Ipv4Hdr>(&mut options, 14, |ip| {
+        ip.vihl = 0x46;
+        ip.tot_len = (u16::from_be_bytes(ip.tot_len) + 4).to_be_bytes();
+    });
+    reseal_ipv4(&mut options, 14);
+    for (what, frame) in [("no DF", &no_df), ("an ICMP error", &icmp_error), ("IPv4 options", &options)] {
+        let (out, counts) = h.counting(|h| h.from_container("veth-a", frame));
+        assert_eq!(out.verdict, TC_ACT_SHOT, "{what}");
+        assert_eq!(counts, one_each(&[(DropReason::TooBig.code(), frame.len())]), "{what}");
+    }
     // A GSO packet is judged by its segments: segment size plus the inner IPv4 and TCP headers
     // each one repeats (20 + 20 here) plus VXLAN's 50 must fit the uplink's 1500.
     let tcp = tcp_frame(A, R, 1400);

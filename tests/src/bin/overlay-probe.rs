@@ -19,10 +19,12 @@
 //! - `peer PORT LABEL`: answer every TCP connection and UDP datagram on PORT with
 //!   "LABEL <the peer's address>" (who is there, and whom it sees); `ask IP:PORT tcp|udp`:
 //!   print that answer.
-//! - `datagram IP:PORT BYTES want|probe`: `udp` with a BYTES-long datagram, sent by a socket
-//!   whose IP_MTU_DISCOVER is IP_PMTUDISC_WANT (the default: sized by the route, fragmented
-//!   where larger) or IP_PMTUDISC_PROBE (DF, sized by the interface only, as tracepath and QUIC
-//!   stacks probing the path send); exit 0 iff the same bytes came back.
+//! - `datagram IP:PORT BYTES want|probe|omit`: `udp` with a BYTES-long datagram, sent by a
+//!   socket whose IP_MTU_DISCOVER is IP_PMTUDISC_WANT (the default: sized by the route,
+//!   fragmented where larger), IP_PMTUDISC_PROBE (DF, sized by the interface only, as tracepath
+//!   and QUIC stacks probing the path send) or IP_PMTUDISC_OMIT (no DF, sized by the interface,
+//!   as DNS servers send); exit 0 iff the same bytes came back, 1 with the socket's error
+//!   (an ICMP error the kernel took for it) or with none.
 //! - `dns-serve`, `dns-query`, `dns-raw`: an upstream DNS server and a DNS client; `dns-bench`,
 //!   `dns-wait`: the name benchmark's clients (probe/dns.rs).
 
@@ -143,7 +145,8 @@ fn datagram(to: SocketAddr, bytes: usize, mode: &str) -> Result {
     let discover = match mode {
         "want" => libc::IP_PMTUDISC_WANT,
         "probe" => libc::IP_PMTUDISC_PROBE,
-        _ => return Err(format!("mode {mode:?}: want or probe")),
+        "omit" => libc::IP_PMTUDISC_OMIT,
+        _ => return Err(format!("mode {mode:?}: want, probe or omit")),
     };
     let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
     // SAFETY: setsockopt on a socket we own, with a c_int of the size passed.
@@ -159,17 +162,21 @@ fn datagram(to: SocketAddr, bytes: usize, mode: &str) -> Result {
     if set != 0 {
         return Err(format!("IP_MTU_DISCOVER: {}", std::io::Error::last_os_error()));
     }
+    // Connected, as an application that wants to hear of ICMP errors without IP_RECVERR.
+    sock.connect(to).map_err(|e| format!("connect {to}: {e}"))?;
     sock.set_read_timeout(Some(Duration::from_millis(300))).map_err(|e| e.to_string())?;
     let payload: Vec<u8> = (0..bytes).map(|i| i as u8).collect();
     let mut buf = vec![0u8; 65536];
     let deadline = Instant::now() + TIMEOUT;
     while Instant::now() < deadline {
-        sock.send_to(&payload, to).map_err(|e| format!("sending {bytes} bytes: {e}"))?;
-        if let Ok((n, from)) = sock.recv_from(&mut buf)
-            && from == to
-            && buf[..n] == payload[..]
-        {
-            return Ok(());
+        sock.send(&payload).map_err(|e| format!("sending {bytes} bytes: {e}"))?;
+        match sock.recv(&mut buf) {
+            Ok(n) if buf[..n] == payload[..] => return Ok(()),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            // An ICMP error the kernel took for this socket (EMSGSIZE for "fragmentation
+            // needed"): what the application hears.
+            Err(e) => return Err(format!("after sending {bytes} bytes: {e}")),
         }
     }
     Err(format!("no echo of {bytes} bytes from {to}"))
