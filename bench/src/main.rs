@@ -324,6 +324,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let load_repeats = args.load_repeats.unwrap_or(if quick { 1 } else { 3 }).max(1);
     let (started_utc, stamp) = report::utc_now();
     let out_dir = args.out.clone().unwrap_or_else(|| Path::new("bench-results").join(&stamp));
+    report::settle(args.quick);
     let mut machine = Machine::probe();
 
     // Everything the run makes is named after its id and goes when it drops, or on a signal.
@@ -612,6 +613,7 @@ fn run_pods(args: &RunArgs) -> anyhow::Result<()> {
     let out_dir =
         args.out.clone().unwrap_or_else(|| Path::new("bench-results").join(format!("{stamp}-pods")));
     overlay_tests::cleanup_on_signal().context("installing the signal handler")?;
+    report::settle(args.quick);
     let mut machine = Machine::probe();
     eprintln!("overlay-bench: pods stage ({} pods), writing to {}", plan.count, out_dir.display());
     let figures = pods::run(&plan, &exe)?;
@@ -662,6 +664,7 @@ fn run_egress(args: &RunArgs) -> anyhow::Result<()> {
     let out_dir =
         args.out.clone().unwrap_or_else(|| Path::new("bench-results").join(format!("{stamp}-egress")));
     overlay_tests::cleanup_on_signal().context("installing the signal handler")?;
+    report::settle(args.quick);
     let mut machine = Machine::probe();
     eprintln!("overlay-bench: egress stage ({} rounds), writing to {}", plan.rounds, out_dir.display());
     let figures = egress::run(&plan, &exe)?;

@@ -79,6 +79,28 @@ impl Machine {
     }
 }
 
+/// Waits (at most `MAX_SETTLE`) until the machine is quiet: the 1-minute load average below
+/// half its CPUs. `cargo xtask bench` builds right before the run, and on two cores the build's
+/// load would otherwise still weigh on the first rounds. Not for a quick (smoke) run.
+pub fn settle(quick: bool) {
+    const MAX_SETTLE: std::time::Duration = std::time::Duration::from_mins(3);
+    if quick {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let quiet = cpus as f64 / 2.0;
+    let started = std::time::Instant::now();
+    let first = loadavg();
+    if first < quiet {
+        return;
+    }
+    eprintln!("overlay-bench: load average {first:.2}; waiting for it to fall below {quiet:.1}");
+    while loadavg() >= quiet && started.elapsed() < MAX_SETTLE {
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+    eprintln!("overlay-bench: load average {:.2} after {:.0} s", loadavg(), started.elapsed().as_secs_f64());
+}
+
 pub fn loadavg() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()

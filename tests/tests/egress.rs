@@ -14,11 +14,12 @@ use overlay_tests::{
     in_ns, ip_in,
     outside::{self, OUTSIDE},
     peer::{ask, probe, serve},
-    sh, skip_unless_privileged, try_sh, wait_for,
+    sh, skip_unless_privileged, subnet_route, try_sh, wait_for,
 };
 
-/// The MTU of the link between the router and the outside: less than the containers' 1450, so
-/// what they send at full size needs path MTU discovery through the host's NAT.
+/// The MTU of the link between the router and the outside: less than the containers' 1500 (the
+/// uplink's, for the way out), so what they send at full size needs path MTU discovery through
+/// the host's NAT.
 const OUTSIDE_MTU: u32 = 1400;
 
 /// The packet count of the rule of the agent's nftables table in `ns` whose comment starts
@@ -135,6 +136,20 @@ fn containers_reach_the_outside_through_their_host_and_published_ports_lead_to_t
     let given = lines.next().and_then(Result::ok).expect("give's digest");
     assert_eq!(String::from_utf8_lossy(&fetched.stdout).trim(), given);
     assert!(given.starts_with("104857600 "), "{given}");
+
+    // The way out is not encapsulated: the container sends at the uplink's 1500 toward it (a
+    // 1500-byte packet with DF reaches the router and its answer comes back), while its route
+    // to the overlay's subnet stays at what VXLAN leaves (1450).
+    let full = try_sh(&mut in_ns(
+        &ns("h1", "a1"),
+        &["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1472", &outside::ROUTER.to_string()],
+    ));
+    assert!(
+        full.status.success(),
+        "a 1500-byte packet did not go out: {}",
+        String::from_utf8_lossy(&full.stderr)
+    );
+    assert_eq!(subnet_route(&ns("h1", "a1"), "eth0").2, Some(1450), "a1's route to its overlay subnet");
 
     // Path MTU: a full-size packet with DF set meets the router's smaller link; its
     // "fragmentation needed" comes back through the host's NAT to the container.
