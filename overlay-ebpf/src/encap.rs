@@ -69,7 +69,7 @@ pub fn to_remote(
         // One packet that asked not to be fragmented hears back the MTU (pmtu.rs); a GSO
         // packet's sender set its own segment size and gets the drop alone.
         if !gso {
-            return Ok(crate::pmtu::too_big(ctx, inner_eth, cfg.uplink_mtu - VXLAN_OVERHEAD));
+            return Ok(crate::pmtu::too_big(ctx, inner_eth, ep.mac, cfg.uplink_mtu - VXLAN_OVERHEAD));
         }
         return Err(DropReason::TooBig);
     }

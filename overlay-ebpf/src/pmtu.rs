@@ -60,20 +60,22 @@ impl IcmpFragNeeded {
 /// ICMP message types that are errors: no error is ever sent about one (RFC 1122 3.2.2).
 const ICMP_ERRORS: [u8; 5] = [3, 4, 5, 11, 12];
 
-/// Drops the frame from a container (`len` bytes) that would not fit the uplink once
-/// encapsulated, counted `too_big`, and answers it with ICMP fragmentation needed, giving `mtu`,
-/// when it asked for that (DF). Always a verdict: the drop is counted here.
+/// Drops the frame from a container that would not fit the uplink once encapsulated, counted
+/// `too_big`, and answers it with ICMP fragmentation needed, giving `mtu`, when it asked for
+/// that (DF). `eth` is the frame's Ethernet header, `dst_mac` the destination endpoint's MAC,
+/// which the answer comes from (not whatever the container addressed). Always a verdict: the
+/// drop is counted here.
 #[inline(always)]
-pub fn too_big(ctx: &TcContext, eth: EthHdr, mtu: u32) -> i32 {
+pub fn too_big(ctx: &TcContext, eth: EthHdr, dst_mac: [u8; 6], mtu: u32) -> i32 {
     let len = ctx.len();
     // Counted and shown as sent, before the frame becomes the answer.
     crate::dropped(ctx, DropReason::TooBig, len);
     monitor::drop_tc(ctx, HOOK_FROM_CONTAINER, DropReason::TooBig.code(), len);
-    answer(ctx, eth, mtu).unwrap_or(TC_ACT_SHOT)
+    answer(ctx, eth, dst_mac, mtu).unwrap_or(TC_ACT_SHOT)
 }
 
 #[inline(always)]
-fn answer(ctx: &TcContext, eth: EthHdr, mtu: u32) -> Option<i32> {
+fn answer(ctx: &TcContext, eth: EthHdr, dst_mac: [u8; 6], mtu: u32) -> Option<i32> {
     let len = ctx.len();
     let pkt = linear(ctx, (EthHdr::LEN + QUOTE) as u32, len, DropReason::TooBig).ok()?;
     let ip: Ipv4Hdr = pkt.read(EthHdr::LEN)?;
@@ -114,7 +116,7 @@ fn answer(ctx: &TcContext, eth: EthHdr, mtu: u32) -> Option<i32> {
         dst_addr: ip.src_addr,
     };
     reply_ip.check = ipv4_header_sum(&reply_ip).to_be_bytes();
-    let reply_eth = EthHdr { dst_addr: eth.src_addr, src_addr: eth.dst_addr, ether_type: eth.ether_type };
+    let reply_eth = EthHdr { dst_addr: eth.src_addr, src_addr: dst_mac, ether_type: eth.ether_type };
 
     // Cut after the quote, then open room for the new headers between Ethernet and the quote.
     // SAFETY: plain helper call on our skb.

@@ -187,13 +187,14 @@ pub fn arp_reply(frame: &[u8], requester: ([u8; 6], [u8; 4]), target: [u8; 4]) -
 }
 
 /// Checks the answer to a frame too big for the overlay, `sent` (RFC 792 and 1191 as a Linux
-/// sender takes them): Ethernet back from the MAC `sent` was addressed to; IPv4 without
+/// sender takes them): Ethernet from `owner` (the MAC of the destination's endpoint, whatever
+/// `sent` was addressed to) to `sent`'s source; IPv4 without
 /// options, unfragmented, ICMP, from `sent`'s destination to its source, with a correct
 /// checksum and the length carried; ICMP type 3 code 4 with a correct checksum, `mtu` as the
 /// next hop's MTU, and then `sent`'s IPv4 header and at least the 8 bytes after it, unchanged.
 /// Only a packet that said Don't Fragment, without options and not itself an ICMP error, may
 /// be answered.
-pub fn frag_needed(frame: &[u8], sent: &[u8], mtu: u16) -> Result<(), String> {
+pub fn frag_needed(frame: &[u8], sent: &[u8], owner: [u8; 6], mtu: u16) -> Result<(), String> {
     container_ipv4(frame, false)?;
     let (ip, orig) = (&frame[ETH_LEN..], &sent[ETH_LEN..]);
     if be16(orig, 6) & 0x4000 == 0 {
@@ -205,8 +206,8 @@ pub fn frag_needed(frame: &[u8], sent: &[u8], mtu: u16) -> Result<(), String> {
     if orig[9] == 1 && [3, 4, 5, 11, 12].contains(&orig[20]) {
         return Err(format!("answered an ICMP error (type {}) with one", orig[20]));
     }
-    if frame[..6] != sent[6..12] || frame[6..12] != sent[..6] {
-        return Err("Ethernet addresses are not the sent frame's, swapped".into());
+    if frame[..6] != sent[6..12] || frame[6..12] != owner {
+        return Err("Ethernet addresses are not the destination's owner -> the sender".into());
     }
     if ip[0] != 0x45 || ip[9] != 1 || be16(ip, 6) & 0x3fff != 0 || ip[8] == 0 {
         return Err(format!("IPv4 header {:02x?}: not option-less unfragmented ICMP", &ip[..20]));

@@ -388,11 +388,12 @@ impl Fuzz {
         if !gso && out.len() < inp.len() && inp.len() - 14 + VXLAN_OVERHEAD > UPLINK_MTU as usize {
             // Too big for the overlay, with DF: answered with ICMP fragmentation needed.
             self.check_own(me, inp, gso)?;
-            fuzz::endpoint(me.vni, ip4(inp, 30))
+            let dst = fuzz::endpoint(me.vni, ip4(inp, 30))
                 .filter(|e| matches!(e.home, Home::Remote(_)))
                 .ok_or("answered too big a frame that was not for another host")?;
             let mtu = (UPLINK_MTU as usize - VXLAN_OVERHEAD) as u16;
-            wellformed::frag_needed(out, inp, mtu).map_err(|e| format!("fragmentation needed: {e}"))?;
+            wellformed::frag_needed(out, inp, dst.mac, mtu)
+                .map_err(|e| format!("fragmentation needed: {e}"))?;
             let mut e = Expect::drop(inp.len(), false);
             e.add_code(FRAG_NEEDED, out.len());
             return Ok(e);

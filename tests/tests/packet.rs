@@ -520,12 +520,20 @@ fn encap_drops_what_would_not_fit_the_uplink() {
     let too_big = udp_frame(A, R, 53, 1451 - 28);
     let (out, counts) = h.counting(|h| h.from_container("veth-a", &too_big));
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
-    overlay_tests::wellformed::frag_needed(&out.frame, &too_big, 1450).unwrap_or_else(|e| panic!("{e}"));
+    overlay_tests::wellformed::frag_needed(&out.frame, &too_big, R.mac, 1450)
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.frame.len(), 14 + 20 + 8 + 40, "the IPv4 header and 20 bytes quoted");
     assert_eq!(
         counts,
         one_each(&[(DropReason::TooBig.code(), too_big.len()), (stats::FRAG_NEEDED, out.frame.len())])
     );
+    // From R's MAC even when the container addressed the frame elsewhere (here: broadcast).
+    let mut misaddressed = too_big.clone();
+    misaddressed[..6].copy_from_slice(&[0xff; 6]);
+    let out = h.from_container("veth-a", &misaddressed);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    overlay_tests::wellformed::frag_needed(&out.frame, &misaddressed, R.mac, 1450)
+        .unwrap_or_else(|e| panic!("{e}"));
     // Without DF (a socket with IP_PMTUDISC_OMIT) nobody is told, and neither is the sender of
     // an ICMP error (RFC 1122) or of a packet with IPv4 options: dropped and counted, no more.
     let no_df = ip_frame(
