@@ -46,9 +46,7 @@ pub fn from_container(ctx: TcContext) -> i32 {
     match from_container::process(&ctx) {
         Ok(verdict) => verdict,
         Err(drop) => {
-            let len = ctx.len();
-            dropped(&ctx, drop, len);
-            monitor::drop_tc(&ctx, HOOK_FROM_CONTAINER, drop.code(), len);
+            tc_dropped(&ctx, HOOK_FROM_CONTAINER, drop);
             TC_ACT_SHOT
         }
     }
@@ -72,9 +70,7 @@ pub fn uplink_tc(ctx: TcContext) -> i32 {
     match uplink::tc(&ctx) {
         Ok(verdict) => verdict,
         Err(drop) => {
-            let len = ctx.len();
-            dropped(&ctx, drop, len);
-            monitor::drop_tc(&ctx, HOOK_UPLINK_TC, drop.code(), len);
+            tc_dropped(&ctx, HOOK_UPLINK_TC, drop);
             TC_ACT_SHOT
         }
     }
@@ -85,8 +81,17 @@ pub fn uplink_tc(ctx: TcContext) -> i32 {
 /// frame; no configuration yet) are always logged: they mean something is wrong with the host,
 /// not with the packet. Every other drop is logged only when the operator switched drop logging
 /// on, so the fast path carries no log call by default.
+/// Counts a TC program's drop of the frame in `ctx` and shows it to the monitor, at the
+/// frame's length as it is now.
 #[inline(always)]
-pub(crate) fn dropped<C: aya_ebpf::EbpfContext>(ctx: &C, drop: DropReason, len: u32) {
+pub(crate) fn tc_dropped(ctx: &TcContext, hook: u8, drop: DropReason) {
+    let len = ctx.len();
+    dropped(ctx, drop, len);
+    monitor::drop_tc(ctx, hook, drop.code(), len);
+}
+
+#[inline(always)]
+fn dropped<C: aya_ebpf::EbpfContext>(ctx: &C, drop: DropReason, len: u32) {
     // The programs log the code; the agent prints it as the reason's name (DropReason::name).
     count(drop.code(), len);
     if drop.is_fault() {

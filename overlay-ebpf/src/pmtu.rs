@@ -28,7 +28,6 @@ use overlay_common::{
 
 use crate::{
     csum::{fold, words},
-    monitor,
     skb::{linear, packet, redirected},
 };
 
@@ -67,10 +66,8 @@ const ICMP_ERRORS: [u8; 5] = [3, 4, 5, 11, 12];
 /// drop is counted here.
 #[inline(always)]
 pub fn too_big(ctx: &TcContext, eth: EthHdr, dst_mac: [u8; 6], mtu: u32) -> i32 {
-    let len = ctx.len();
     // Counted and shown as sent, before the frame becomes the answer.
-    crate::dropped(ctx, DropReason::TooBig, len);
-    monitor::drop_tc(ctx, HOOK_FROM_CONTAINER, DropReason::TooBig.code(), len);
+    crate::tc_dropped(ctx, HOOK_FROM_CONTAINER, DropReason::TooBig);
     answer(ctx, eth, dst_mac, mtu).unwrap_or(TC_ACT_SHOT)
 }
 

@@ -151,7 +151,7 @@ pub fn in_ns(ns: &str, args: &[&str]) -> Command {
 
 /// `args` run in the network namespace `ns`: a name (`ip netns exec`) or a path (`nsenter`,
 /// for a namespace a runtime made outside /run/netns's names).
-fn in_net(ns: &str, args: &[&str]) -> Command {
+pub fn in_net(ns: &str, args: &[&str]) -> Command {
     if ns.starts_with('/') {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={ns}")).args(args);
@@ -179,17 +179,19 @@ pub fn subnet_route(ns: &str, dev: &str) -> (String, String, Option<u32>) {
     (words[0].to_owned(), src, after("mtu").and_then(|m| m.parse().ok()))
 }
 
-/// Sets the MTU of the route to `dev`'s subnet in `ns`, what a container's sockets size their
+/// Sets the MTU of the route to `dev`'s subnet in `ns` (a name or a path), what a container's sockets size their
 /// overlay packets by (raising the interface's MTU first where it is lower): how a test makes a
 /// container send more than the overlay carries.
 pub fn set_overlay_mtu(ns: &str, dev: &str, mtu: u32) {
     if link_mtu(ns, dev) < mtu {
-        ip_in(ns, &["link", "set", dev, "mtu", &mtu.to_string()]).unwrap_or_else(|e| panic!("{e:#}"));
+        sh(&mut in_net(ns, &["ip", "link", "set", dev, "mtu", &mtu.to_string()]));
     }
     let (prefix, src, _) = subnet_route(ns, dev);
     let mtu = mtu.to_string();
-    ip_in(ns, &["route", "replace", &prefix, "dev", dev, "scope", "link", "src", &src, "mtu", &mtu])
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    sh(&mut in_net(
+        ns,
+        &["ip", "route", "replace", &prefix, "dev", dev, "scope", "link", "src", &src, "mtu", &mtu],
+    ));
 }
 
 /// Polls `f` until it returns Some or `timeout` passes.

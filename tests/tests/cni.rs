@@ -10,7 +10,7 @@ use overlay_agent::{cni::types::SUPPORTED_VERSIONS, model::MacAddr};
 use overlay_tests::{
     cluster::Cluster,
     cni::{self, Call, Outcome},
-    in_ns, ip,
+    in_net, in_ns, ip,
     peer::{ask, serve},
     sh, skip_unless_privileged, subnet_route, try_sh, wait_for,
 };
@@ -103,22 +103,13 @@ impl Env {
 
 /// `ip -j <args>` inside the namespace at `netns` (a path).
 fn ip_json(netns: &str, args: &[&str]) -> Value {
-    let out = sh(Command::new("nsenter").arg(format!("--net={netns}")).args(["ip", "-j"]).args(args));
+    let out = sh(in_net(netns, &["ip", "-j"]).args(args));
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip -j {args:?} in {netns}: {out}: {e}"))
 }
 
 /// One ping from the namespace at `netns` to `to`.
 fn pings(netns: &str, to: Ipv4Addr) -> bool {
-    try_sh(Command::new("nsenter").arg(format!("--net={netns}")).args([
-        "ping",
-        "-c",
-        "1",
-        "-W",
-        "1",
-        &to.to_string(),
-    ]))
-    .status
-    .success()
+    try_sh(&mut in_net(netns, &["ping", "-c", "1", "-W", "1", &to.to_string()])).status.success()
 }
 
 fn comes_to_ping(netns: &str, to: Ipv4Addr) -> bool {
@@ -290,7 +281,7 @@ fn add_again_answers_the_same(env: &Env) {
     let out = env.invoke("h1", &unknown, &env.conf("h1", "1.0.0", &json!({})));
     assert_eq!(out.code(), 3, "CHECK of an unknown container: {}", out.stdout);
     // The interface taken down behind the runtime's back: CHECK says so.
-    sh(Command::new("nsenter").arg(format!("--net={ns}")).args(["ip", "link", "set", "eth0", "down"]));
+    sh(&mut in_net(&ns, &["ip", "link", "set", "eth0", "down"]));
     let out = env.invoke("h1", &check, &env.conf("h1", "1.0.0", &json!({})));
     assert!(!out.ok && out.msg().contains("is down"), "CHECK of a downed interface: {}", out.stdout);
     let old = Call { container_id: "ctr-again", ..check };
@@ -461,9 +452,7 @@ fn ns_name(netns: &str) -> String {
 fn a_failed_add_leaves_nothing(env: &Env) {
     let ns = env.pod_ns("taken");
     // Its own eth0 (a veth pair inside the pod: this kernel has no dummy interfaces).
-    sh(Command::new("nsenter")
-        .arg(format!("--net={ns}"))
-        .args(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "mine"]));
+    sh(&mut in_net(&ns, &["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "mine"]));
     let links = || -> Vec<(String, String)> {
         ip_json(&ns, &["link", "show"])
             .as_array()
@@ -590,9 +579,7 @@ fn libcni_adds_checks_and_deletes(env: &Env) {
     assert_eq!(env.cluster.address(NET, "cnitool.tools"), ip);
     let out = libcni("check");
     assert!(out.status.success(), "libcni CHECK: {}", String::from_utf8_lossy(&out.stderr));
-    let set = |state: &str| {
-        sh(Command::new("nsenter").arg(format!("--net={ns}")).args(["ip", "link", "set", "eth0", state]))
-    };
+    let set = |state: &str| sh(&mut in_net(&ns, &["ip", "link", "set", "eth0", state]));
     set("down");
     let out = libcni("check");
     let err = String::from_utf8_lossy(&out.stderr);
