@@ -66,12 +66,11 @@ pub fn to_remote(
         len - EthHdr::LEN as u32
     };
     if ip_len + VXLAN_OVERHEAD > cfg.uplink_mtu {
-        // One packet that asked not to be fragmented hears back the MTU (pmtu.rs); a GSO
-        // packet's sender set its own segment size and gets the drop alone.
-        if !gso {
-            return Ok(crate::pmtu::too_big(ctx, inner_eth, ep.mac, cfg.uplink_mtu - VXLAN_OVERHEAD));
-        }
-        return Err(DropReason::TooBig);
+        // A packet that asked not to be fragmented hears back the MTU (pmtu.rs). A GSO packet
+        // too: it is a TCP stack's burst of segments sized by a path MTU it believes, which
+        // the answer corrects (its retransmission then fits), as the kernel's VXLAN device
+        // answers one; dropped alone, the connection would stall.
+        return Ok(crate::pmtu::too_big(ctx, inner_eth, ep.mac, cfg.uplink_mtu - VXLAN_OVERHEAD));
     }
     // Past the last check of the packet, before its headers change: the monitor sees the
     // container's packet as sent.

@@ -13,7 +13,10 @@
 //!
 //! The answer is the packet itself, cut and rewritten in place: its headers stay as the quote,
 //! 28 bytes of new IPv4 and ICMP headers go in front of them, and it goes back out of the veth
-//! it came in on.
+//! it came in on. A GSO packet (segments too large for the overlay, from a TCP stack whose
+//! route to the overlay was given a larger MTU) is answered the same way: cutting it makes it
+//! one plain packet (bpf_skb_change_tail linearises it and clears GSO), a copy of up to 64 KiB
+//! each time a sender still has to learn the MTU.
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC},

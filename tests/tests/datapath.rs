@@ -309,7 +309,8 @@ fn containers_reach_their_network_and_nothing_else() {
 /// peer with an outer CE reaches the container as CE when the inner packet is ECN-capable and
 /// is dropped and counted when it is not (RFC 6040), on a TC-only uplink (h1) and a native XDP
 /// one (h2); a frame or GSO packet from a container that raised its MTU is counted too_big on
-/// its host and nothing of it appears on the underlay.
+/// its host, answered with the overlay's MTU (TCP then completes), and nothing of it appears
+/// on the underlay.
 #[test]
 fn congestion_marks_and_oversized_frames_end_to_end() {
     if skip_unless_privileged() {
@@ -411,20 +412,33 @@ fn congestion_marks_and_oversized_frames_end_to_end() {
     assert!(pings >= 1, "the oversized ping was not counted too_big");
     assert!(said.contains("mtu = 1450") || said.contains("mtu=1450"), "ping did not hear of the MTU: {said}");
     // TCP with both ends at 1454: segments of 1414 bytes, sent by b2's stack as GSO packets,
-    // judged by the segments they become. The MTU b2 learned is forgotten first, or TCP would
-    // size its segments by it from the start.
+    // judged by the segments they become: dropped and answered, b2's TCP learns 1450 from the
+    // answer and the transfer completes, intact. The MTU b2 learned from the ping is forgotten
+    // first, or TCP would size its segments by it from the start.
     sh(&mut in_ns(&b2, &["ip", "route", "flush", "cache"]));
-    let sink = Proc::spawn("sink in b3", in_ns(&b3, &[PROBE, "sink", "7001"]).stdout(Stdio::null()));
+    let mut sink = Proc::spawn("sink in b3", in_ns(&b3, &[PROBE, "sink", "7001"]).stdout(Stdio::piped()));
+    let mut sunk = BufReader::new(sink.take_stdout().expect("stdout")).lines();
+    assert_eq!(sunk.next().and_then(Result::ok).as_deref(), Some("listening"), "the sink in b3");
     topo.run.procs.push(sink);
-    std::thread::sleep(Duration::from_millis(300));
     let to = format!("{}:7001", ip_of("b3"));
     let too_big = |h: &Host| {
         let c = &h.counters()["drop/too_big"];
         (c["packets"].as_u64().unwrap_or(0), c["bytes"].as_u64().unwrap_or(0))
     };
-    let before = too_big(topo.host("h1"));
-    let _ = try_sh(&mut in_ns(&b2, &["timeout", "3", PROBE, "send", &to, "1000000"]));
-    let after = too_big(topo.host("h1"));
+    let h1 = topo.host("h1");
+    let (before, frag_needed) = (too_big(h1), h1.counter("frag_needed"));
+    let sent = try_sh(&mut in_ns(&b2, &["timeout", "10", PROBE, "send", &to, "1000000"]));
+    assert!(
+        sent.status.success(),
+        "TCP stalled on segments too big for the overlay: {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    assert_eq!(
+        sunk.next().and_then(Result::ok),
+        Some(String::from_utf8_lossy(&sent.stdout).trim().to_owned()),
+        "b3 did not get the bytes b2 sent"
+    );
+    let after = too_big(h1);
     let (packets, bytes) = (after.0 - before.0, after.1 - before.1);
     assert!(packets > 0, "oversized TCP segments were not counted too_big");
     // A frame is at most 1468 bytes here (the veth's limit); more per drop on average means
@@ -433,6 +447,9 @@ fn congestion_marks_and_oversized_frames_end_to_end() {
         bytes > packets * 1468,
         "too_big counted {packets} frames of {bytes} bytes: no GSO packet among them"
     );
+    assert!(h1.counter("frag_needed") > frag_needed, "the GSO packet was not answered");
+    let learned = sh(&mut in_ns(&b2, &["ip", "route", "get", &ip_of("b3").to_string()]));
+    assert!(learned.contains("mtu 1450"), "b2's TCP did not learn the MTU: {learned}");
 
     std::thread::sleep(Duration::from_millis(300));
     underlay.terminate(Duration::from_secs(5));
