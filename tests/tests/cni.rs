@@ -137,6 +137,8 @@ fn cni_suite() {
     add_again_answers_the_same(&env);
     del_is_idempotent(&env);
     assert_eq!(env.state(), empty, "the DEL case left keys behind");
+    add_beside_another_route_to_the_subnet(&env);
+    assert_eq!(env.state(), empty, "the second-route case left keys behind");
     errors_are_cni_errors(&env);
     assert_eq!(env.state(), empty, "a refused call wrote keys");
     port_mappings_publish_the_pods_ports(&env);
@@ -289,6 +291,24 @@ fn add_again_answers_the_same(env: &Env) {
     assert_eq!(out.code(), 1, "CHECK at 0.3.1: {}", out.stdout);
 
     env.del("h1", "ctr-again", &ns, None);
+}
+
+/// A pod whose namespace already routes the network's subnet by another interface (another
+/// plugin's, in a chain): ADD puts the overlay's route beside it, as the kernel adds an
+/// address's own prefix route, instead of failing on the existing one.
+fn add_beside_another_route_to_the_subnet(env: &Env) {
+    let ns = env.pod_ns("beside");
+    sh(&mut in_net(&ns, &["ip", "link", "add", "other0", "type", "veth", "peer", "name", "other1"]));
+    sh(&mut in_net(&ns, &["ip", "addr", "add", "10.0.30.250/24", "dev", "other0"]));
+    sh(&mut in_net(&ns, &["ip", "link", "set", "other0", "up"]));
+    sh(&mut in_net(&ns, &["ip", "link", "set", "other1", "up"]));
+    assert_eq!(subnet_route(&ns, "other0").0, SUBNET, "the other interface's route");
+    let result = env.add("h1", "ctr-beside", &ns, "");
+    let (prefix, src, mtu) = subnet_route(&ns, "eth0");
+    assert_eq!((prefix.as_str(), mtu), (SUBNET, Some(1450)));
+    assert_eq!(src, address(&result).to_string());
+    assert_eq!(subnet_route(&ns, "other0").0, SUBNET, "the other interface's route is still there");
+    env.del("h1", "ctr-beside", &ns, Some(&result));
 }
 
 /// DEL twice, with and without prevResult, with an empty CNI_NETNS after the namespace is gone,

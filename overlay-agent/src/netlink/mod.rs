@@ -244,12 +244,41 @@ impl Netlink {
             .pref_source(ip)
             .build();
         route.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(route_mtu)]));
-        self.handle
-            .route()
-            .add(route)
-            .execute()
-            .await
-            .map_err(nl(format!("adding the route to {}/{prefix} (mtu {route_mtu})", subnet.network())))
+        let what = format!("adding the route to {}/{prefix} (mtu {route_mtu})", subnet.network());
+        match self.append_route(route).await.map_err(nl(what)) {
+            // This very route (device, source, MTU): an endpoint set up again.
+            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Adds `route` as the kernel adds an address's own prefix route: beside any route to the
+    /// same prefix already there (`NLM_F_APPEND`), as in a namespace where another runtime's
+    /// interface routes the same subnet. `ip route add` (and rtnetlink's `add`) ask for
+    /// `NLM_F_EXCL` instead and fail there; only a route identical to this one is EEXIST.
+    async fn append_route(
+        &self,
+        route: rtnetlink::packet_route::route::RouteMessage,
+    ) -> Result<(), rtnetlink::Error> {
+        use futures::StreamExt as _;
+        use rtnetlink::{
+            packet_core::{
+                NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+            },
+            packet_route::RouteNetlinkMessage,
+        };
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewRoute(route));
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND;
+        let mut responses = self.handle.clone().request(req)?;
+        while let Some(message) = responses.next().await {
+            // An error message without a code is the kernel's acknowledgement.
+            if let NetlinkPayload::Error(e) = message.payload
+                && e.code.is_some()
+            {
+                return Err(rtnetlink::Error::NetlinkError(e));
+            }
+        }
+        Ok(())
     }
 
     /// Adds a default route via `gateway` on `index`, unless the namespace already has one.
