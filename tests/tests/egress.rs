@@ -86,6 +86,8 @@ fn containers_reach_the_outside_through_their_host_and_published_ports_lead_to_t
         "53:53/udp",
         "-p",
         "53:53",
+        "-p",
+        "127.0.0.1:8090:80",
         "a1",
     ]);
     c.ok(&["container", "create", "--host", "h2", "--network", "pub", "-p", "8080:80", "a2"]);
@@ -191,6 +193,37 @@ fn containers_reach_the_outside_through_their_host_and_published_ports_lead_to_t
     assert_eq!(dig(&["-x", &a2.to_string()]), "a2.pub.", "the resolver over UDP, with 53/udp published");
     // And from the hosts' own processes, on their address.
     assert_eq!(ask(&h2, "198.18.0.1:8080", "tcp").as_deref(), Some("a1 198.18.0.2"));
+    // And on loopback, as Docker's proxy serves them there: 8080 (every address) and 8090
+    // (published on 127.0.0.1 alone) from h1's own processes, which call as h1; 8090 from
+    // nowhere else.
+    assert_eq!(ask(&h1, "127.0.0.1:8080", "tcp").as_deref(), Some("a1 198.18.0.1"));
+    assert_eq!(ask(&h1, "127.0.0.1:8090", "tcp").as_deref(), Some("a1 198.18.0.1"));
+    assert!(nft_counter(&h1, "the host calling a port published here on loopback").unwrap_or(0) >= 2);
+    assert_eq!(ask(&out_ns, "198.18.0.1:8090", "tcp"), None, "8090 is published on 127.0.0.1 only");
+    assert_eq!(ask(&h2, "198.18.0.1:8090", "tcp"), None, "8090 is published on 127.0.0.1 only");
+    // Nor does a neighbour on the underlay reach it by addressing h1's loopback: h2 rewrites
+    // what it sends to h1:8090 into 127.0.0.1:8090 on its way out (and the answer, if any, back
+    // on its way in), so its packets reach h1 addressed to 127.0.0.1, which h1 must drop as
+    // martians instead of translating them to a1.
+    let spoof = "table netdev spoof {
+           chain out { type filter hook egress device \"eth0\" priority 0;
+             ip daddr 198.18.0.1 tcp dport 8090 counter ip daddr set 127.0.0.1; }
+           chain in { type filter hook ingress device \"eth0\" priority 0;
+             ip saddr 127.0.0.1 tcp sport 8090 counter ip saddr set 198.18.0.1; }
+         }";
+    let file = std::env::temp_dir().join(format!("{h2}-spoof.nft"));
+    std::fs::write(&file, spoof).expect("writing the spoofing table");
+    let loaded = try_sh(&mut in_ns(&h2, &["nft", "-f", file.to_str().expect("path")]));
+    let _ = std::fs::remove_file(&file);
+    assert!(loaded.status.success(), "nft: {}", String::from_utf8_lossy(&loaded.stderr));
+    let reached_by_spoof = ask(&h2, "198.18.0.1:8090", "tcp");
+    let sent = sh(&mut in_ns(&h2, &["nft", "list", "chain", "netdev", "spoof", "out"]));
+    sh(&mut in_ns(&h2, &["nft", "delete", "table", "netdev", "spoof"]));
+    assert!(
+        sent.contains("counter packets") && !sent.contains("counter packets 0 "),
+        "nothing spoofed: {sent}"
+    );
+    assert_eq!(reached_by_spoof, None, "a neighbour reached a port published on 127.0.0.1 only");
     // And from containers (hairpin): on another host (leaving as h2), on h1 itself, on another
     // network of h1, the container behind the port calling its own: each call is answered by
     // the port it called, and a caller on h1 is seen as h1.
@@ -271,10 +304,39 @@ fn containers_reach_the_outside_through_their_host_and_published_ports_lead_to_t
         "a1 -> d1 was not dropped in the datapath"
     );
     assert_eq!(nft_counter(&h1, "networks meet"), Some(0), "a1 -> d1 reached the host's stack");
-    assert!(
-        nft_counter(&h1, "nothing else reaches").unwrap_or(0) > 0,
-        "the direct access was not dropped by the table"
-    );
+    let dropped = nft_counter(&h1, "nothing else reaches").unwrap_or(0);
+    assert!(dropped > 0, "the direct access was not dropped by the table");
+    // The agent's periodic full pass leaves an intact table alone, counters and all; a rule
+    // someone deleted is back after the next one.
+    let h1_log = c.topo.host("h1").log.clone();
+    let full_passes =
+        || std::fs::read_to_string(&h1_log).unwrap_or_default().matches("full reconcile done").count();
+    let next_pass = |what: &str| {
+        let n = full_passes();
+        assert!(wait_for(Duration::from_secs(20), || (full_passes() > n).then_some(())).is_some(), "{what}");
+    };
+    next_pass("h1 never made a full pass");
+    assert_eq!(nft_counter(&h1, "nothing else reaches"), Some(dropped), "a full pass zeroed the counters");
+    let listing: serde_json::Value = serde_json::from_str(&sh(&mut in_ns(
+        &h1,
+        &["nft", "-j", "-a", "list", "chain", "ip", "overlay", "forward"],
+    )))
+    .expect("nft JSON");
+    let handle = listing["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.get("rule"))
+        .find(|r| r["comment"].as_str().is_some_and(|c| c.starts_with("nothing else reaches")))
+        .and_then(|r| r["handle"].as_u64())
+        .expect("the rule's handle");
+    sh(&mut in_ns(
+        &h1,
+        &["nft", "delete", "rule", "ip", "overlay", "forward", "handle", &handle.to_string()],
+    ));
+    assert_eq!(nft_counter(&h1, "nothing else reaches"), None);
+    next_pass("h1 never made a full pass");
+    assert_eq!(nft_counter(&h1, "nothing else reaches"), Some(0), "the deleted rule was not put back");
     // Nor a container of an internal network, which has no route through its host at all.
     ip_in(&c.topo.underlay, &["route", "add", "10.72.0.0/24", "via", "198.18.0.1"]).expect("route");
     assert_eq!(ask(&out_ns, &format!("{i1}:80"), "tcp"), None);

@@ -5,9 +5,11 @@
 //! a DNAT rule, which would silently take the host's sshd away from everyone but the host's own
 //! processes. So before writing the rules the agent reads which ports the host's sockets hold
 //! (TCP listening, UDP bound) and leaves out a published port that one of them serves on an
-//! address the rule would catch: any address of the host but loopback (the rule never sees
-//! 127.0.0.0/8) and the overlay's own (the gateways, where the agent's resolver listens and the
-//! rule does not apply).
+//! address the rule would catch: any address of the host, loopback included (the host's own
+//! processes reach published ports on 127.0.0.1 too, as Docker's proxy serves them there), but
+//! the overlay's own (the gateways, where the agent's resolver listens and the rule does not
+//! apply). So `-p 53:53/udp` on a host whose stub resolver holds 127.0.0.53:53 is left out, as
+//! Docker's fails there, instead of taking the host's own name lookups.
 //!
 //! Read from `/proc/net/tcp` and `/proc/net/udp` of the agent's namespace (the host's): a fixed
 //! format the kernel has kept since 2.2, two columns of it used; a sock_diag client would bring
@@ -84,7 +86,7 @@ fn v4(hex: &str) -> Option<Ipv4Addr> {
 }
 
 /// The listener of the host that a rule publishing `port`/`proto` on `host_ip` (None: every
-/// address of the host) would take traffic from, if any. Loopback and the overlay's own
+/// address of the host, loopback included) would take traffic from, if any. The overlay's own
 /// addresses (`ours`) are not caught by the rule.
 pub fn conflict(
     listeners: &BTreeSet<Listener>,
@@ -96,7 +98,6 @@ pub fn conflict(
     listeners.iter().copied().find(|l| {
         l.proto == proto
             && l.port == port
-            && !l.addr.is_loopback()
             && !ours(l.addr)
             && match host_ip {
                 None => true,
@@ -131,7 +132,13 @@ mod tests {
         let none = |_| false;
         assert_eq!(conflict(&listeners, Proto::Tcp, None, 22, none).map(|l| l.port), Some(22));
         assert!(conflict(&listeners, Proto::Udp, None, 22, none).is_none(), "UDP 22 is free");
-        assert!(conflict(&listeners, Proto::Tcp, None, 8080, none).is_none(), "loopback only");
+        // A server on loopback only: the host's own processes would reach the container instead.
+        assert_eq!(
+            conflict(&listeners, Proto::Tcp, None, 8080, none).map(|l| l.addr),
+            Some(Ipv4Addr::LOCALHOST)
+        );
+        assert!(conflict(&listeners, Proto::Tcp, Some(Ipv4Addr::LOCALHOST), 8080, none).is_some());
+        assert!(conflict(&listeners, Proto::Tcp, Some("198.18.0.1".parse().unwrap()), 8080, none).is_none());
         assert!(conflict(&listeners, Proto::Tcp, None, 80, none).is_some());
         assert!(conflict(&listeners, Proto::Tcp, Some("198.18.0.1".parse().unwrap()), 80, none).is_none());
         let gateway = |a: Ipv4Addr| a == Ipv4Addr::new(198, 71, 0, 1);

@@ -112,7 +112,10 @@ impl Egress {
         let published = self.not_the_hosts(&want.published, subnets);
         let rules =
             Ruleset { subnets: want.exits.values().map(|e| e.subnet).collect(), published, host: want.host };
-        let table_ok = if full || self.applied.as_ref() != Some(&rules) {
+        // A full pass writes the table again only if it is not as written (nft::intact): a
+        // rewrite would zero the counters the rules keep.
+        let rewrite = self.applied.as_ref() != Some(&rules) || (full && !nft::intact(&rules).await);
+        let table_ok = if rewrite {
             match nft::apply(&rules).await {
                 Ok(()) => {
                     if self.applied.as_ref().map(|a| &a.published) != Some(&rules.published) {

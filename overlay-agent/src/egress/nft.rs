@@ -24,7 +24,7 @@ use nftables::{
         CT, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload, PayloadField,
         Prefix,
     },
-    helper::{NftablesError, apply_ruleset_async},
+    helper::{NftablesError, apply_ruleset_async, get_current_ruleset_raw_async},
     schema::{Chain, NfListObject, Rule, Table},
     stmt::{Counter, Match, NAT, NATFamily, Operator, Statement},
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
@@ -203,6 +203,32 @@ impl Ruleset {
                 Some("containers calling a port published here".into()),
             ));
         }
+        // The host's own processes calling a published port on a loopback address (127.0.0.1:8080
+        // for `-p 8080:80` or `-p 127.0.0.1:8080:80`): the call keeps its loopback source up to
+        // here, which the container could not answer (the datapath drops what it sends to
+        // 127.0.0.0/8), so it leaves as the host. This is how Docker publishes on loopback
+        // without its userland proxy (route_localnet on the bridge, masquerade from local
+        // sources); our veths have route_localnet for it (`netlink::egress_path`).
+        if let Some(host) = self.host
+            && !self.published.is_empty()
+        {
+            b.add(rule(
+                "postrouting",
+                vec![
+                    matches(payload("ip", "saddr"), loopback(), Operator::EQ),
+                    oifgroup(Operator::EQ),
+                    ct("status", Expression::String("dnat".into())),
+                    counter(),
+                    Statement::SNAT(Some(NAT {
+                        addr: Some(Expression::String(host.to_string().into())),
+                        family: Some(NATFamily::IP),
+                        port: None,
+                        flags: None,
+                    })),
+                ],
+                Some("the host calling a port published here on loopback".into()),
+            ));
+        }
 
         // prerouting (from elsewhere, and from containers) and output (from the host's own
         // processes): published ports to their containers.
@@ -230,18 +256,17 @@ impl Ruleset {
                 if !self.subnets.is_empty() {
                     expr.push(self.containers_dest());
                 }
-                if chain == "output" {
-                    // Loopback addresses cannot be forwarded to another device: Docker needs a
-                    // userland proxy for those; ports here are reached on the host's other
-                    // addresses.
-                    expr.push(matches(
-                        payload("ip", "daddr"),
-                        Expression::Named(NamedExpression::Prefix(Prefix {
-                            addr: Box::new(Expression::String("127.0.0.0".into())),
-                            len: 8,
-                        })),
-                        Operator::NEQ,
-                    ));
+                if chain == "prerouting" {
+                    // A loopback destination never comes in from a device legitimately (the
+                    // kernel drops it as a martian, but only when routing it, after this
+                    // hook): translated here, a neighbour on the underlay sending to
+                    // 127.0.0.1:8080 would reach a port published for the host alone (`-p
+                    // 127.0.0.1:8080:80`), the hole kube-proxy's route_localnet opened
+                    // (CVE-2020-8558). Loopback is the host's own processes' (`output`).
+                    if p.port.host_ip.is_some_and(|ip| ip.is_loopback()) {
+                        continue;
+                    }
+                    expr.push(matches(payload("ip", "daddr"), loopback(), Operator::NEQ));
                 }
                 expr.push(matches(
                     payload(p.port.proto.as_str(), "dport"),
@@ -265,6 +290,41 @@ impl Ruleset {
 /// Replaces the table with `rules` (removes it when empty), in one `nft` transaction.
 pub async fn apply(rules: &Ruleset) -> Result<(), NftablesError> {
     apply_ruleset_async(&rules.batch().to_nftables()).await
+}
+
+/// Whether the kernel's table still holds `rules` as `apply` wrote them: the same chains and
+/// the same rules, told apart by their comments (each of ours has one), and nothing more; for
+/// an empty ruleset, that there is no table. A periodic full pass rewrites the table only when
+/// it is not, so the rules' counters keep counting between passes (`nft list table ip
+/// overlay` is how an operator sees what the rules matched) while a table someone flushed, or
+/// a rule someone deleted or added, is still put right.
+pub async fn intact(rules: &Ruleset) -> bool {
+    let listing = get_current_ruleset_raw_async(None::<&str>, ["list", "table", "ip", TABLE]).await;
+    let Ok(text) = listing else {
+        return rules.is_empty();
+    };
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return false;
+    };
+    let have = shape(json["nftables"].as_array().into_iter().flatten());
+    let written = serde_json::to_value(rules.batch().to_nftables()).unwrap_or_default();
+    // The batch deletes and re-adds the table; what it adds is what the table should hold.
+    let want = shape(written["nftables"].as_array().into_iter().flatten().filter_map(|c| c.get("add")));
+    !rules.is_empty() && have == want
+}
+
+/// The chains (by name) and rules (by chain and comment) among nft JSON objects.
+fn shape<'a>(objects: impl Iterator<Item = &'a serde_json::Value>) -> Vec<(String, String)> {
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    let mut out: Vec<(String, String)> = objects
+        .filter_map(|o| match (o.get("chain"), o.get("rule")) {
+            (Some(c), _) => Some((text(&c["name"]), String::new())),
+            (_, Some(r)) => Some((text(&r["chain"]), text(&r["comment"]))),
+            _ => None,
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// Removes the table. For `overlay-agent reset`: without `nft` installed there is nothing of
@@ -321,6 +381,14 @@ fn ct(key: &'static str, right: Expression<'static>) -> Statement<'static> {
     )
 }
 
+/// 127.0.0.0/8.
+fn loopback() -> Expression<'static> {
+    Expression::Named(NamedExpression::Prefix(Prefix {
+        addr: Box::new(Expression::String("127.0.0.0".into())),
+        len: 8,
+    }))
+}
+
 fn counter() -> Statement<'static> {
     Statement::Counter(Counter::Anonymous(None))
 }
@@ -340,6 +408,26 @@ mod tests {
         let cmds = json["nftables"].as_array().unwrap();
         assert_eq!(cmds.len(), 2, "{json}");
         assert!(cmds[0]["add"]["table"].is_object() && cmds[1]["delete"]["table"].is_object(), "{json}");
+    }
+
+    #[test]
+    fn a_table_is_intact_when_its_chains_and_rules_are_the_ones_written() {
+        let rules = Ruleset { subnets: ["10.0.9.0/24".parse().unwrap()].into(), ..Ruleset::default() };
+        let written = serde_json::to_value(rules.batch().to_nftables()).unwrap();
+        let adds: Vec<&serde_json::Value> =
+            written["nftables"].as_array().unwrap().iter().filter_map(|c| c.get("add")).collect();
+        let want = shape(adds.iter().copied());
+        assert!(
+            want.contains(&("forward".into(), "nothing else reaches a container through the host".into()))
+        );
+        assert!(want.contains(&("postrouting".into(), String::new())), "chains count too: {want:?}");
+        // A listing has the objects without "add", counters filled in, in its own order.
+        let mut listed: Vec<serde_json::Value> = adds.iter().rev().map(|o| (*o).clone()).collect();
+        assert_eq!(shape(listed.iter()), want);
+        // One rule gone: not intact.
+        let gone = listed.iter().position(|o| o.get("rule").is_some()).unwrap();
+        listed.remove(gone);
+        assert_ne!(shape(listed.iter()), want);
     }
 
     #[test]
@@ -376,6 +464,16 @@ mod tests {
         assert!(text.contains(r#""masquerade""#), "{text}");
         assert!(text.contains(r#""snat":{"addr":"198.18.0.1","family":"ip"}"#), "{text}");
         assert!(text.contains("198.18.0.1:8080:80/udp of container web"), "{text}");
+        // Loopback: never translated as it comes in from a device (prerouting), translated for
+        // the host's own processes (output), which then call as the host.
+        let loopback = r#"{"match":{"left":{"payload":{"protocol":"ip","field":"daddr"}},"right":{"prefix":{"addr":"127.0.0.0","len":8}},"op":"!="}}"#;
+        assert_eq!(text.matches(loopback).count(), 1, "{text}");
+        let prerouting = text.find(r#""chain":"prerouting","expr""#).unwrap();
+        assert!(
+            text[prerouting..].find(loopback).unwrap() < text[prerouting..].find(r#""dnat""#).unwrap(),
+            "{text}"
+        );
+        assert!(text.contains("the host calling a port published here on loopback"), "{text}");
         assert_eq!(rules.published.first().unwrap().port.proto, Proto::Udp);
     }
 }

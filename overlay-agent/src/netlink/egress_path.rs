@@ -119,7 +119,7 @@ impl EgressPath {
     }
 
     async fn put_route(&self, ip: Ipv4Addr, route: Route) -> Result<(), Error> {
-        forwarding_on_ifindex(&self.nl, route.ifindex).await?;
+        veth_conf(&self.nl, route.ifindex).await?;
         self.nl
             .set_link(
                 rtnetlink::LinkUnspec::new_with_index(route.ifindex)
@@ -213,26 +213,38 @@ pub async fn remove_all(host: &Netlink) -> Result<(), Error> {
     flush_table(host, TABLE).await
 }
 
-/// Turns IPv4 forwarding on for one device (by index), in the agent's namespace.
-async fn forwarding_on_ifindex(host: &Netlink, ifindex: u32) -> Result<(), Error> {
+/// What the host side of a container's veth with a way out needs (by index), in the agent's
+/// namespace: forwarding (below), and `route_localnet`, for the host's own processes calling a
+/// port published on 127.0.0.1: translated in `output`, such a call leaves by this veth still
+/// from 127.0.0.1 (postrouting makes it the host's) and its answer comes back in by it to
+/// 127.0.0.1, both of which the kernel refuses as martian on a device without it. The
+/// container cannot use it to reach the host's loopback: the datapath drops what it sends to
+/// 127.0.0.0/8, and whatever it sends from an address not its own.
+async fn veth_conf(host: &Netlink, ifindex: u32) -> Result<(), Error> {
     let name = host
         .link_by_index(ifindex)
         .await?
         .ok_or_else(|| Error::NoSuchLink(format!("with index {ifindex}")))?
         .name;
-    forwarding_on(&name)
+    forwarding_on(&name)?;
+    conf_on(&name, "route_localnet")
 }
 
 /// Turns IPv4 forwarding on for device `name`: `net.ipv4.conf.<name>.forwarding`, which is what
 /// lets the kernel forward what comes in on it (the input device decides).
 pub fn forwarding_on(name: &str) -> Result<(), Error> {
-    let path = format!("/proc/sys/net/ipv4/conf/{name}/forwarding");
+    conf_on(name, "forwarding")
+}
+
+/// Sets `net.ipv4.conf.<name>.<key>` to 1.
+fn conf_on(name: &str, key: &str) -> Result<(), Error> {
+    let path = format!("/proc/sys/net/ipv4/conf/{name}/{key}");
     match std::fs::read_to_string(&path) {
         Ok(v) if v.trim() == "1" => return Ok(()),
         _ => {}
     }
     std::fs::write(&path, "1")
-        .map_err(|source| Error::Io { context: format!("turning forwarding on for {name} ({path})"), source })
+        .map_err(|source| Error::Io { context: format!("turning {key} on for {name} ({path})"), source })
 }
 
 /// The devices of the main table's default routes: where replies to masqueraded packets come
