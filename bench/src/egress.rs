@@ -24,7 +24,9 @@
 //!
 //! The same router, the same outside with one echo server (the harness's worker) and one
 //! iperf3 server; the underlay routes neither container subnet, so traffic that works at all
-//! was masqueraded. Rounds alternate the two sides test by test (overlay first).
+//! was masqueraded. Rounds alternate the two sides test by test, overlay first in even rounds
+//! and Docker's design first in odd ones (`order`); request/response runs in blocks that take
+//! turns A B B A within a round (`RR_BLOCKS`), so drift over a round weighs on both sides alike.
 
 use std::{
     io::Write as _,
@@ -336,17 +338,40 @@ fn start_servers(sides: &mut Sides, out_ns: &str, exe: &Path) -> anyhow::Result<
     Ok(())
 }
 
+/// Request/response blocks per side and round, taking turns A B B A (A: the round's first
+/// side). One long run per side let whatever changed over a few seconds (the other CPU's
+/// work, the previous test's tail, frequency) land on one side only: per-round TCP p50 ratios
+/// spread 0.85-1.24 that way, more than the difference being measured.
+const RR_BLOCKS: usize = 4;
+
+/// The order of the two sides in `round`: the first side of a round measures right after the
+/// previous round's heaviest test (4 iperf3 streams), so it alternates.
+fn order(round: usize) -> [Side; 2] {
+    if round.is_multiple_of(2) { Side::ALL } else { [Side::DockerDesign, Side::Overlay] }
+}
+
+/// Which side runs each request/response block of `round`: A B B A, repeated.
+fn rr_turns(round: usize) -> impl Iterator<Item = Side> {
+    let [a, b] = order(round);
+    (0..RR_BLOCKS * 2).map(move |i| if matches!(i % 4, 0 | 3) { a } else { b })
+}
+
 fn measure(sides: &Sides, exe: &Path, plan: &EgressPlan) -> anyhow::Result<Egress> {
     let mut samples = Vec::new();
+    let block = plan.rr_count.div_ceil(RR_BLOCKS).max(1);
     for round in 0..plan.rounds {
         let mut add = |side: Side, figure: Figure, value: f64| {
             samples.push(Sample { round, side, figure, value });
         };
         for proto in ["tcp", "udp"] {
-            for side in Side::ALL {
-                let mut rtt = rr(sides.ns(side), exe, proto, plan)?;
+            let mut rtts: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
+            for side in rr_turns(round) {
+                rtts[side as usize].extend(rr(sides.ns(side), exe, proto, plan, block)?);
+            }
+            for side in order(round) {
+                let rtt = &mut rtts[side as usize];
                 rtt.sort_unstable();
-                let (p50, p99) = (percentile(&rtt, 0.5) / 1e3, percentile(&rtt, 0.99) / 1e3);
+                let (p50, p99) = (percentile(rtt, 0.5) / 1e3, percentile(rtt, 0.99) / 1e3);
                 let (f50, f99) = if proto == "tcp" {
                     (Figure::TcpRrP50, Figure::TcpRrP99)
                 } else {
@@ -368,7 +393,7 @@ fn measure(sides: &Sides, exe: &Path, plan: &EgressPlan) -> anyhow::Result<Egres
             (Figure::StreamIn, &["-R"][..]),
             (Figure::StreamOut4, &["-P", "4"][..]),
         ] {
-            for side in Side::ALL {
+            for side in order(round) {
                 let meter = CpuMeter::start(&[sides.iperf_pid()])?;
                 let (bytes, bps, retransmits) = iperf(sides.ns(side), plan.stream_secs, extra)?;
                 let cpu = meter.finish()?;
@@ -394,15 +419,15 @@ fn progress(round: usize, plan: &EgressPlan, side: Side, test: &str, what: &str)
 
 /// The harness's request/response client in `ns`, to the outside's echo server: the round
 /// trips, ns (a UDP request lost is left out, as in the main stages).
-fn rr(ns: &str, exe: &Path, proto: &str, plan: &EgressPlan) -> anyhow::Result<Vec<u64>> {
+fn rr(ns: &str, exe: &Path, proto: &str, plan: &EgressPlan, count: usize) -> anyhow::Result<Vec<u64>> {
     let to = SocketAddr::from((OUTSIDE, ECHO_PORT));
     let mut cmd = worker_in(ns, exe);
     cmd.args(["rr", "--proto", proto, "--to", &to.to_string()])
-        .args(["--size", &plan.rr_size.to_string(), "--count", &plan.rr_count.to_string()])
+        .args(["--size", &plan.rr_size.to_string(), "--count", &count.to_string()])
         .args(["--warmup", &plan.rr_warmup.to_string(), "--timeout-ms", "1000"])
         .stdout(Stdio::piped());
     let mut client = Proc::try_spawn(&format!("{proto} rr client"), &mut cmd)?;
-    let limit = Duration::from_mins(1) + Duration::from_millis(plan.rr_count as u64 / 10);
+    let limit = Duration::from_mins(1) + Duration::from_millis(count as u64 / 10);
     let out = client.wait_output(limit)?;
     let r: RrResult = serde_json::from_str(out.trim()).context("parsing the rr client's result")?;
     if r.rtt_ns.is_empty() {
@@ -458,7 +483,7 @@ pub fn markdown(e: &Egress, cmd: &str) -> String {
     let p = &e.plan;
     let _ = writeln!(
         out,
-        "Egress (`{cmd}`): a container to a server in the outside namespace (behind the underlay's router), through its host, masqueraded. Rounds: {}, the two sides alternating test by test. Each cell: median over rounds (min–max); ratio: median of the per-round ratios (min–max). Request/response: the harness's client and echo server, {} requests of {} bytes after {} warm-up, one at a time. Throughput: iperf3, {} s per test, the receiver's count. CPU: run time of iperf3 (both ends) and the ksoftirqd threads per GB received.\n",
+        "Egress (`{cmd}`): a container to a server in the outside namespace (behind the underlay's router), through its host, masqueraded. Rounds: {}, the two sides alternating test by test (each side first in every other round). Each cell: median over rounds (min–max); ratio: median of the per-round ratios (min–max). Request/response: the harness's client and echo server, {} requests of {} bytes per side and round, one at a time, in {RR_BLOCKS} blocks per side taking turns A B B A (each after {} warm-up). Throughput: iperf3, {} s per test, the receiver's count. CPU: run time of iperf3 (both ends) and the ksoftirqd threads per GB received.\n",
         p.rounds, p.rr_count, p.rr_size, p.rr_warmup, p.stream_secs
     );
     let _ = writeln!(
@@ -499,6 +524,17 @@ mod tests {
 
     fn sample(round: usize, side: Side, figure: Figure, value: f64) -> Sample {
         Sample { round, side, figure, value }
+    }
+
+    #[test]
+    fn each_side_goes_first_in_every_other_round_and_blocks_take_turns_abba() {
+        assert_eq!(order(0), [Side::Overlay, Side::DockerDesign]);
+        assert_eq!(order(1), [Side::DockerDesign, Side::Overlay]);
+        let (o, d) = (Side::Overlay, Side::DockerDesign);
+        assert_eq!(rr_turns(0).collect::<Vec<_>>(), [o, d, d, o, o, d, d, o]);
+        assert_eq!(rr_turns(3).collect::<Vec<_>>(), [d, o, o, d, d, o, o, d]);
+        // Every side runs RR_BLOCKS blocks in every round.
+        assert_eq!(rr_turns(5).filter(|&s| s == o).count(), RR_BLOCKS);
     }
 
     #[test]
