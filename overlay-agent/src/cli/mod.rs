@@ -180,7 +180,7 @@ pub enum ContainerCommand {
         /// Publish a port on the host's addresses, as Docker's -p:
         /// [HOST_IP:][HOST_PORT[-END]:]CONTAINER_PORT[-END][/tcp|/udp]. No host port takes a free
         /// one of 49153-60999, a host range its first free port (repeatable; needs --network, one
-        /// with a way out).
+        /// with a way out; at most 100 ports per container).
         #[arg(short = 'p', long = "publish", value_name = "[HOST_IP:][HOST_PORT:]CONTAINER_PORT[/PROTO]")]
         publish: Vec<Publish>,
         /// Use this existing network namespace (a path on that host, e.g. /run/netns/x) instead

@@ -173,6 +173,12 @@ impl Store {
 fn describe(error: &etcd_client::Error) -> String {
     let etcd_client::Error::GRpcStatus(status) = error else { return error.to_string() };
     let mut text = format!("{:?}: {}", status.code(), status.message());
+    if status.message().contains("too many operations in txn request") {
+        // The one change that must be atomic is larger than etcd's --max-txn-ops allows.
+        text.push_str(
+            " (the change is more writes than this etcd takes in one transaction: its --max-txn-ops)",
+        );
+    }
     let mut cause = std::error::Error::source(status);
     let mut innermost = None;
     while let Some(c) = cause {

@@ -25,6 +25,12 @@ use super::{
 };
 use crate::model::{Container, Network, PortMapping, Proto};
 
+/// Most ports one container publishes. Each is a key written in the one etcd transaction that
+/// makes the container, and etcd refuses a transaction of more than 128 writes (its
+/// `--max-txn-ops` default); the container's own keys need the rest. Refused up front with
+/// this reason, rather than by etcd with "too many operations".
+pub const MAX_PER_CONTAINER: usize = 100;
+
 /// Where Docker's `-p 80` (no host port) takes one from: dockerd's own default range.
 pub const ANY_HOST_PORT: RangeInclusive<u16> = 49153..=60999;
 
@@ -145,8 +151,20 @@ pub(super) fn deletes(k: &Keys, c: &Container) -> Vec<TxnOp> {
 }
 
 /// Refuses requests that cannot work, before anything is read: port 0, an empty range, the
-/// same host port asked for twice. `what` names the option in the error.
+/// same host port asked for twice, more ports than [`MAX_PER_CONTAINER`]. `what` names the option
+/// in the error.
 pub(super) fn check(what: &'static str, requests: &[PortRequest]) -> Result<()> {
+    if requests.len() > MAX_PER_CONTAINER {
+        let (first, last) = (&requests[0], &requests[requests.len() - 1]);
+        return Err(StoreError::Invalid {
+            what,
+            value: format!("{} ... {}", first.shown(), last.shown()),
+            reason: format!(
+                "{} ports: a container publishes at most {MAX_PER_CONTAINER} (each is a key written with the container in one etcd transaction)",
+                requests.len()
+            ),
+        });
+    }
     let mut fixed = BTreeSet::new();
     for r in requests {
         if r.container_port == 0 || *r.host_ports.start() == 0 || r.host_ports.is_empty() {
@@ -335,5 +353,9 @@ mod tests {
         let backwards = req(9000..=8000);
         assert!(check("-p", &[backwards]).is_err());
         assert!(check("-p", &[PortRequest { container_port: 0, ..req(80..=80) }]).is_err());
+        let many = |n: u16| parse_publish(&format!("10000-{}:10000-{}", 9999 + n, 9999 + n)).unwrap();
+        assert!(check("-p", &many(MAX_PER_CONTAINER as u16)).is_ok());
+        let err = check("-p", &many(MAX_PER_CONTAINER as u16 + 1)).unwrap_err().to_string();
+        assert!(err.contains("101 ports") && err.contains("at most 100"), "{err}");
     }
 }
