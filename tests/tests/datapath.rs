@@ -67,7 +67,10 @@ fn ip_of(container: &str) -> Ipv4Addr {
     Ipv4Addr::from(PLACEMENT.iter().find(|p| p.0 == container).expect("placed").3)
 }
 
-/// Waits until every container has its address (the agents finished setting up).
+/// Waits until the agents finished setting up: every container has its address, and every
+/// host's endpoint map holds every endpoint. An agent addresses its containers before it fills
+/// the maps (local entries need the veths), so a container can send before its host knows the
+/// others: its first ARP would go unanswered (and be counted as a drop).
 fn wait_ready(topo: &Topology) {
     for (c, _, _, ip) in PLACEMENT {
         let ns = ns_of(topo, c);
@@ -77,6 +80,12 @@ fn wait_ready(topo: &Topology) {
             String::from_utf8_lossy(&out.stdout).contains(&ip).then_some(())
         });
         assert!(ok.is_some(), "container {c} never got {ip}");
+    }
+    for h in &topo.hosts {
+        let ok = wait_for(Duration::from_secs(20), || {
+            (h.map("ENDPOINTS").as_array().map_or(0, Vec::len) == PLACEMENT.len()).then_some(())
+        });
+        assert!(ok.is_some(), "{}: the endpoint map never held all {} endpoints", h.name, PLACEMENT.len());
     }
 }
 
