@@ -236,6 +236,9 @@ impl Health {
             Report::EndpointReady { id, .. } | Report::EndpointGone { id } => {
                 self.failures.retain(|f| f.endpoint.as_ref() != Some(id));
             }
+            // A port a server of the host holds is the server's, as Docker's -p fails there:
+            // the container runs, so the agent is not failing (the status and log say why).
+            Report::PortsWithheld { .. } => {}
         }
     }
 }

@@ -256,7 +256,7 @@ fn containers_reach_the_outside_through_their_host_and_published_ports_lead_to_t
 
     // A port a server of the host listens on stays the server's (Docker's -p fails there): not
     // published, and the agent says why; the container's other port is published.
-    let _h1_server = serve(&h1, "h1 server", &["peer", "9999", "h1"]);
+    let h1_server = serve(&h1, "h1 server", &["peer", "9999", "h1"]);
     assert_eq!(reached("198.18.0.1:9999", "tcp").as_deref(), Some("h1 198.19.0.2"));
     c.ok(&[
         "container",
@@ -282,6 +282,28 @@ fn containers_reach_the_outside_through_their_host_and_published_ports_lead_to_t
     assert!(
         log.lines().any(|l| l.contains("not publishing the port") && l.contains("a5") && l.contains("9999")),
         "the agent did not say why 9999 was not published"
+    );
+    // `container inspect` says so too, naming the server; once the server lets go of the
+    // port, a pass publishes it, and the status goes.
+    let withheld = || {
+        let inspect: serde_json::Value =
+            serde_json::from_str(&c.ok(&["container", "inspect", "a5"])).expect("JSON");
+        inspect[0]["PortsWithheld"].clone()
+    };
+    let shown = wait_for(Duration::from_secs(10), || Some(withheld()).filter(|w| !w.is_null()));
+    let shown = shown.expect("container inspect does not show a5's withheld port");
+    assert_eq!(shown.as_array().map(Vec::len), Some(1), "{shown}");
+    assert_eq!(shown[0]["Port"], "9999:80/tcp", "{shown}");
+    assert!(shown[0]["Server"].as_str().is_some_and(|s| s.ends_with(":9999/tcp")), "{shown}");
+    drop(h1_server);
+    assert_eq!(
+        wait_for(Duration::from_secs(20), || ask(&out_ns, "198.18.0.1:9999", "tcp")).as_deref(),
+        Some("a5 198.19.0.2"),
+        "9999 was not published once h1's server went"
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || withheld().is_null().then_some(())).is_some(),
+        "a5's withheld-port status stayed after its port was published"
     );
 
     // Nothing else reaches a container through its host: not the outside routing to the

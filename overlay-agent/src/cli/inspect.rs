@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::{
     model::{Container, Endpoint, Host, Network, State},
-    store::network::OPTION_VNI,
+    store::{PortsStatus, network::OPTION_VNI},
 };
 
 #[derive(Serialize)]
@@ -46,6 +46,18 @@ pub struct ContainerInspect {
     pub host: String,
     pub created: String,
     pub network_settings: NetworkSettings,
+    /// Published ports its host leaves out, and the host's server that holds each (not
+    /// Docker's: its `-p` fails where a server listens; here the container runs, and this says
+    /// why the port does not answer).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ports_withheld: Vec<PortWithheld>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct PortWithheld {
+    pub port: String,
+    pub server: String,
 }
 
 #[derive(Serialize)]
@@ -89,7 +101,9 @@ pub struct EndpointSettings {
 }
 
 impl ContainerInspect {
-    pub fn new(c: &Container, state: &State) -> Self {
+    /// `withheld`: the container's ports status, if any (`store::PortsStatus`); one written by
+    /// another host than the container's is about an earlier container of that name.
+    pub fn new(c: &Container, state: &State, withheld: Option<&PortsStatus>) -> Self {
         let mut networks = BTreeMap::new();
         for e in state.endpoints.values().filter(|e| e.container == c.name) {
             let Some(n) = state.networks.get(&e.network_id) else { continue };
@@ -129,6 +143,15 @@ impl ContainerInspect {
                     ports
                 }),
             },
+            ports_withheld: withheld
+                .filter(|s| s.host == c.host)
+                .map(|s| {
+                    s.withheld
+                        .iter()
+                        .map(|w| PortWithheld { port: w.port.clone(), server: w.server.clone() })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }

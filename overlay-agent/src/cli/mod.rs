@@ -512,11 +512,12 @@ impl Ctx {
             }
             ContainerCommand::Inspect { containers } => {
                 let (state, _) = store.load().await?;
+                let withheld = store.port_statuses().await?;
                 let mut out = Vec::new();
                 let mut failed = false;
                 for name in &containers {
                     if let Some(c) = state.containers.get(name) {
-                        out.push(inspect::ContainerInspect::new(c, &state));
+                        out.push(inspect::ContainerInspect::new(c, &state, withheld.get(name)));
                     } else {
                         eprintln!("Error: {}", StoreError::ContainerNotFound(name.clone()));
                         failed = true;

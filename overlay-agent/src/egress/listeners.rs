@@ -27,6 +27,13 @@ pub struct Listener {
     pub port: u16,
 }
 
+/// As `ss` shows a socket: `0.0.0.0:22/tcp`.
+impl std::fmt::Display for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{}", self.addr, self.port, self.proto.as_str())
+    }
+}
+
 /// TCP sockets in LISTEN and UDP sockets not connected to a peer: what serves a port.
 const TCP_LISTEN: &str = "0A";
 const UDP_UNCONNECTED: &str = "07";

@@ -23,11 +23,17 @@ use std::{
 
 use tracing::{info, warn};
 
-use self::nft::{Published, Ruleset};
-use crate::netlink::{
-    Netlink,
-    egress_path::{self, EgressPath},
-    resolver_path::Route,
+use self::{
+    listeners::Listener,
+    nft::{Published, Ruleset},
+};
+use crate::{
+    netlink::{
+        Netlink,
+        egress_path::{self, EgressPath},
+        resolver_path::Route,
+    },
+    store::WithheldPort,
 };
 
 /// A local endpoint whose network has a way out.
@@ -61,9 +67,9 @@ pub struct Egress {
     /// The addresses that had a way out after the last pass: those that lose it get their
     /// conntrack entries removed. None before the first pass, which sweeps instead.
     known: Option<BTreeSet<Ipv4Addr>>,
-    /// Published ports left out because a server of the host holds them (`listeners`), as
-    /// last warned about.
-    refused: BTreeSet<Published>,
+    /// Published ports left out because a server of the host holds them (`listeners`), and
+    /// the server, as last warned about.
+    refused: BTreeMap<Published, Listener>,
 }
 
 impl Egress {
@@ -75,7 +81,7 @@ impl Egress {
             applied: None,
             forwarding: false,
             known: None,
-            refused: BTreeSet::new(),
+            refused: BTreeMap::new(),
         }
     }
 
@@ -191,27 +197,40 @@ impl Egress {
         }
         let held = listeners::read();
         let ours = |ip: Ipv4Addr| subnets.iter().any(|n| n.contains(&ip));
-        let (mut kept, mut refused) = (BTreeSet::new(), BTreeSet::new());
+        let (mut kept, mut refused) = (BTreeSet::new(), BTreeMap::new());
         for p in published {
             match listeners::conflict(&held, p.port.proto, p.port.host_ip, p.port.host_port, ours) {
                 None => {
                     kept.insert(p.clone());
                 }
                 Some(l) => {
-                    if !self.refused.contains(p) {
+                    if !self.refused.contains_key(p) {
                         warn!(
                             container = p.container,
                             port = %p.port,
-                            server = format!("{}:{}/{}", l.addr, l.port, l.proto.as_str()),
+                            server = %l,
                             "not publishing the port: a server of this host listens on it"
                         );
                     }
-                    refused.insert(p.clone());
+                    refused.insert(p.clone(), l);
                 }
             }
         }
         self.refused = refused;
         kept
+    }
+
+    /// The published ports the last pass left out (a server of the host holds them), by
+    /// container: what the agent reports to the store (`store::PortsStatus`).
+    pub fn withheld(&self) -> BTreeMap<String, Vec<WithheldPort>> {
+        let mut by_container: BTreeMap<String, Vec<WithheldPort>> = BTreeMap::new();
+        for (p, l) in &self.refused {
+            by_container
+                .entry(p.container.clone())
+                .or_default()
+                .push(WithheldPort { port: p.port.to_string(), server: l.to_string() });
+        }
+        by_container
     }
 
     /// Forwarding on the uplink and on the devices of the default routes: where the replies to

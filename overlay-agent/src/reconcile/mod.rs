@@ -53,6 +53,7 @@ use crate::{
     resolver::{Resolver, zone::Zone},
     sandbox::Sandboxes,
     source::Report,
+    store::WithheldPort,
 };
 
 /// What a pass did that others need to know, and what it could not do yet.
@@ -71,6 +72,8 @@ pub struct Reconciler {
     path: ResolverPath,
     resolver: Resolver,
     egress: Egress,
+    /// Whether the containers' withheld ports were reported since the agent started.
+    withheld_reported: bool,
 }
 
 impl Reconciler {
@@ -100,6 +103,7 @@ impl Reconciler {
             locals: Locals::new(host, sandboxes),
             mirror: Mirror::new(found),
             resolver,
+            withheld_reported: false,
         })
     }
 
@@ -211,11 +215,33 @@ impl Reconciler {
             }
         }
         let subnets: Vec<ipnet::Ipv4Net> = desired.networks().map(|n| n.subnet).collect();
+        let before = self.egress.withheld();
         let (ready, failed) = self.egress.sync_with(&want, plan.full, &subnets).await;
         if failed {
             out.retry.full = true;
         }
+        self.report_withheld(&before, out);
         ready
+    }
+
+    /// Reports the containers whose withheld ports (published ports a server of the host
+    /// holds) changed in this pass, so `container inspect` says why such a port does not
+    /// answer. The first pass reports every container of the host: the store may still hold
+    /// what an earlier agent said about a server that has gone since.
+    fn report_withheld(&mut self, before: &BTreeMap<String, Vec<WithheldPort>>, out: &mut Outcome) {
+        let now = self.egress.withheld();
+        let first = !self.withheld_reported;
+        let mut names: BTreeSet<String> = before.keys().chain(now.keys()).cloned().collect();
+        if first {
+            names.extend(self.containers());
+        }
+        for name in names {
+            if first || before.get(&name) != now.get(&name) {
+                let withheld = now.get(&name).cloned().unwrap_or_default();
+                out.status.push(Report::PortsWithheld { container: name, withheld });
+            }
+        }
+        self.withheld_reported = true;
     }
 
     /// Gives the resolver its path (a gateway address and rule per network with a local

@@ -23,7 +23,7 @@ use std::{future::Future, path::PathBuf};
 
 use tokio::sync::mpsc;
 
-use crate::model::Update;
+use crate::{model::Update, store::WithheldPort};
 
 pub use self::{
     etcd::EtcdSource,
@@ -67,6 +67,12 @@ pub enum Report {
     },
     ContainerGone {
         name: String,
+    },
+    /// Ports published for a local container that the host leaves out (a server of the host
+    /// listens on them); empty when it publishes them all (the status goes).
+    PortsWithheld {
+        container: String,
+        withheld: Vec<WithheldPort>,
     },
 }
 

@@ -20,7 +20,7 @@ use super::Report;
 use crate::{
     backoff::Backoff,
     store::{
-        ContainerStatus, EndpointStatus, Result, Store,
+        ContainerStatus, EndpointStatus, PortsStatus, Result, Store,
         endpoint::put_leased,
         etcd::{key_str, unchanged},
         status::parse,
@@ -136,6 +136,13 @@ impl Publisher {
                 (k.container_status(&name), Some(serde_json::to_vec(&status).expect("serializes")))
             }
             Report::ContainerGone { name } => (k.container_status(&name), None),
+            Report::PortsWithheld { container, withheld } => {
+                let value = (!withheld.is_empty()).then(|| {
+                    let status = PortsStatus { host: self.host.clone(), withheld };
+                    serde_json::to_vec(&status).expect("serializes")
+                });
+                (k.port_status(&container), value)
+            }
         };
         self.wanted.insert(key.clone(), value);
         self.dirty.insert(key);
@@ -194,9 +201,11 @@ impl Publisher {
 
     async fn prune(&self, live: &Live) -> Result<()> {
         let k = self.store.keys();
-        for (prefix, names) in
-            [(k.endpoint_statuses(), &live.endpoints), (k.container_statuses(), &live.containers)]
-        {
+        for (prefix, names) in [
+            (k.endpoint_statuses(), &live.endpoints),
+            (k.container_statuses(), &live.containers),
+            (k.port_statuses(), &live.containers),
+        ] {
             for kv in self.store.list("prune status", &prefix).await? {
                 let key = key_str(&kv);
                 let Some(name) = key.strip_prefix(&prefix) else { continue };

@@ -140,6 +140,15 @@ impl Keys {
         format!("{}{name}", self.container_statuses())
     }
 
+    /// Published ports of containers that their host leaves out (`store::status::PortsStatus`).
+    pub fn port_statuses(&self) -> String {
+        format!("{}/status/ports/", self.prefix)
+    }
+
+    pub fn port_status(&self, name: &str) -> String {
+        format!("{}{name}", self.port_statuses())
+    }
+
     /// `<prefix>/services/`: every network's services.
     pub fn all_services(&self) -> String {
         format!("{}/services/", self.prefix)
@@ -201,6 +210,7 @@ mod tests {
             k.attachment("c1", "n"),
             k.endpoint_status("e"),
             k.container_status("c1"),
+            k.port_status("c1"),
             k.host("h1"),
             "/overlay/v10/networks/x".to_owned(),
             "/other/networks/x".to_owned(),

@@ -40,7 +40,7 @@ pub use etcd_client;
 pub use keys::Keys;
 pub use network::NetworkSpec;
 pub use reservation::ReservedJoin;
-pub use status::{ContainerStatus, EndpointStatus};
+pub use status::{ContainerStatus, EndpointStatus, PortsStatus, WithheldPort};
 
 use self::ipam::IpamError;
 

@@ -45,6 +45,25 @@ pub struct ContainerStatus {
     pub error: Option<String>,
 }
 
+/// `<prefix>/status/ports/<name>`: ports published for the container that its host leaves out,
+/// because a server of the host listens on them (a rule would take the port from the server:
+/// egress/listeners.rs). The store cannot know a host's sockets, so `container create` succeeds
+/// and this says why a port does not answer; absent when the host publishes every port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortsStatus {
+    pub host: String,
+    pub withheld: Vec<WithheldPort>,
+}
+
+/// A published port its host leaves out, and the host's server that holds it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct WithheldPort {
+    /// As published: `8080:80/tcp`.
+    pub port: String,
+    /// The server's socket: `0.0.0.0:8080/tcp`.
+    pub server: String,
+}
+
 /// What a status of container `name` answers a wait for the container created at `revision`
 /// (0: whichever): None while it is about another container of that name, else the sandbox, or
 /// the host's error.
@@ -100,6 +119,17 @@ impl Store {
             by_key(eps, &ep_prefix).into_iter().filter_map(|(k, kv)| Some((k, parse(&kv)?))).collect(),
             by_key(ctrs, &ctr_prefix).into_iter().filter_map(|(k, kv)| Some((k, parse(&kv)?))).collect(),
         ))
+    }
+
+    /// Every container's ports its host leaves out, by container name.
+    pub async fn port_statuses(&self) -> Result<BTreeMap<String, PortsStatus>> {
+        let prefix = self.keys.port_statuses();
+        Ok(self
+            .list("status", &prefix)
+            .await?
+            .iter()
+            .filter_map(|kv| Some((key_str(kv).strip_prefix(&prefix)?.to_owned(), parse(kv)?)))
+            .collect())
     }
 
     /// Waits until `check` accepts the key's value (None: the key is absent), or `deadline`.
