@@ -206,7 +206,9 @@ pub async fn run(cfg: Config, mut source: impl Source) -> anyhow::Result<()> {
             Some(pins) = detached.recv() => {
                 for pin in pins {
                     match rec.reattach(&pin) {
-                        Ok(()) => {
+                        // Mended already, for an earlier report of the same detach.
+                        Ok(false) => {}
+                        Ok(true) => {
                             warn!(pin = %pin.display(), "attachment detached behind the agent's back; attached again");
                             if let Ok(mut h) = health.lock() {
                                 h.datapath.reattached += 1;

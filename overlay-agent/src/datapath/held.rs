@@ -29,6 +29,14 @@ struct Object {
     link: bool,
 }
 
+impl Object {
+    /// An attachment that no longer holds an interface. An error reading the link's
+    /// information says nothing about its interface.
+    fn detached(&self) -> bool {
+        self.link && link_ifindex(self.fd.as_fd()).is_ok_and(|ifindex| ifindex == 0)
+    }
+}
+
 /// Open descriptors of the pinned objects, by pin path; shared with the task that re-pins.
 #[derive(Clone, Default)]
 pub struct Held {
@@ -75,12 +83,40 @@ impl Held {
             if !pin.exists() {
                 out.missing.push(pin.clone());
             }
-            // An error reading the link's information says nothing about its interface.
-            if object.link && link_ifindex(object.fd.as_fd()).is_ok_and(|ifindex| ifindex == 0) {
+            if object.detached() {
                 out.detached.push(pin.clone());
             }
         }
         out
+    }
+
+    /// Replaces the attachment held for `pin` if it is detached from its interface: lets go
+    /// of it and removes its pin, then `make` attaches anew and pins there (returning whether
+    /// it pinned anything), and holds what it pinned. Returns whether it replaced anything:
+    /// not for an attachment mended already (the check reports a detached one every second
+    /// until then, and reports can queue up behind a busy pass) or let go of. All under the
+    /// lock, so a check meanwhile waits, rather than find no attachment held at `pin` and the
+    /// datapath whole while nothing is attached there.
+    pub fn remake_detached(
+        &self,
+        pin: &Path,
+        make: impl FnOnce() -> Result<bool, super::Error>,
+    ) -> Result<bool, super::Error> {
+        let failed = |e: io::Error| super::Error::Pin(pin.display().to_string(), e);
+        let mut held = self.lock();
+        if !held.get(pin).is_some_and(Object::detached) {
+            return Ok(false);
+        }
+        held.remove(pin);
+        match std::fs::remove_file(pin) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(failed(e)),
+            _ => {}
+        }
+        if make()? {
+            let fd = obj_get(pin).map_err(failed)?;
+            held.insert(pin.to_owned(), Object { fd, link: true });
+        }
+        Ok(true)
     }
 
     /// Lets go of the object pinned at `pin` and removes the pin: the object goes away with its

@@ -215,30 +215,33 @@ impl Datapath {
     /// Attaches anew what the attachment pinned at `pin` attached (the uplink's TC or XDP
     /// program, or an endpoint's), after someone detached it by hand: the detached link keeps
     /// its pin but can be neither updated nor attached again, so it is let go of first.
-    pub fn reattach(&mut self, pin: &Path) -> Result<(), Error> {
+    /// Returns false, doing nothing, when that attachment is not detached (any more): attaching
+    /// again for a second report of it would tear down the mended one (`Held::remake_detached`).
+    pub fn reattach(&mut self, pin: &Path) -> Result<bool, Error> {
         let failed = |e: io::Error| Error::Pin(pin.display().to_string(), e);
-        self.held.unpin(pin).map_err(failed)?;
-        if pin == self.pins.uplink_tc() {
-            let prog: &mut SchedClassifier = program(&mut self.ebpf, PROG_UPLINK_TC)?;
-            attach::tc_ingress(prog, &self.uplink.name, pin)?;
-        } else if pin == self.pins.uplink_xdp() {
-            let prog: &mut Xdp = program(&mut self.ebpf, PROG_UPLINK_XDP)?;
-            let (name, kind) = (&self.uplink.name, self.uplink.kind.as_deref());
-            self.xdp = attach::uplink_xdp(prog, name, kind, pin, self.xdp_preference)?;
-            if !self.xdp {
-                return Ok(());
+        let (pins, uplink, ebpf, xdp, preference) =
+            (&self.pins, &self.uplink, &mut self.ebpf, &mut self.xdp, self.xdp_preference);
+        self.held.remake_detached(pin, || {
+            if pin == pins.uplink_tc() {
+                let prog: &mut SchedClassifier = program(ebpf, PROG_UPLINK_TC)?;
+                attach::tc_ingress(prog, &uplink.name, pin)?;
+                Ok(true)
+            } else if pin == pins.uplink_xdp() {
+                let prog: &mut Xdp = program(ebpf, PROG_UPLINK_XDP)?;
+                *xdp = attach::uplink_xdp(prog, &uplink.name, uplink.kind.as_deref(), pin, preference)?;
+                Ok(*xdp)
+            } else if let Some(ifindex) = pins.endpoint_ifindex(pin) {
+                let name = nix::net::if_::if_indextoname(ifindex)
+                    .map_err(|e| failed(io::Error::from(e)))?
+                    .to_string_lossy()
+                    .into_owned();
+                let prog: &mut SchedClassifier = program(ebpf, PROG_FROM_CONTAINER)?;
+                attach::tc_ingress(prog, &name, pin)?;
+                Ok(true)
+            } else {
+                Err(failed(io::Error::other("not an attachment of this datapath")))
             }
-        } else if let Some(ifindex) = self.pins.endpoint_ifindex(pin) {
-            let name = nix::net::if_::if_indextoname(ifindex)
-                .map_err(|e| failed(io::Error::from(e)))?
-                .to_string_lossy()
-                .into_owned();
-            let prog: &mut SchedClassifier = program(&mut self.ebpf, PROG_FROM_CONTAINER)?;
-            attach::tc_ingress(prog, &name, pin)?;
-        } else {
-            return Err(failed(io::Error::other("not an attachment of this datapath")));
-        }
-        hold_link(&self.held, pin)
+        })
     }
 
     /// Drops the attachment of a veth that is going away (the agent's hold on it, and its pin).

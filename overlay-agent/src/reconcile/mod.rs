@@ -113,7 +113,7 @@ impl Reconciler {
     }
 
     /// Attaches again what was detached by hand (datapath::Datapath::reattach).
-    pub fn reattach(&mut self, pin: &std::path::Path) -> Result<(), crate::datapath::Error> {
+    pub fn reattach(&mut self, pin: &std::path::Path) -> Result<bool, crate::datapath::Error> {
         self.dp.reattach(pin)
     }
 
