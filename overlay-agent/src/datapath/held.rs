@@ -68,9 +68,7 @@ impl Held {
     /// Opens the attachment pinned at `pin` and keeps it open; `check` says whether it still
     /// holds its interface.
     pub fn hold_link(&self, pin: &Path) -> io::Result<()> {
-        let fd = obj_get(pin)?;
-        self.lock().insert(pin.to_owned(), Object { fd, link: true });
-        Ok(())
+        hold_link_in(&mut self.lock(), pin)
     }
 
     /// Re-pins what is missing, then says what is still wrong: pins that could not be made,
@@ -107,14 +105,9 @@ impl Held {
         if !held.get(pin).is_some_and(Object::detached) {
             return Ok(false);
         }
-        held.remove(pin);
-        match std::fs::remove_file(pin) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(failed(e)),
-            _ => {}
-        }
+        unpin_in(&mut held, pin).map_err(failed)?;
         if make()? {
-            let fd = obj_get(pin).map_err(failed)?;
-            held.insert(pin.to_owned(), Object { fd, link: true });
+            hold_link_in(&mut held, pin).map_err(failed)?;
         }
         Ok(true)
     }
@@ -123,12 +116,7 @@ impl Held {
     /// last reference (for an attachment, it detaches). Both under the lock, so the re-pinning
     /// task cannot put back a pin being removed.
     pub fn unpin(&self, pin: &Path) -> io::Result<()> {
-        let mut held = self.lock();
-        held.remove(pin);
-        match std::fs::remove_file(pin) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        unpin_in(&mut self.lock(), pin)
     }
 
     /// Pins again every held object whose pin is gone; returns the pins it made.
@@ -176,6 +164,22 @@ impl Held {
             }
         });
     }
+}
+
+/// `Held::unpin` on the locked objects.
+fn unpin_in(held: &mut BTreeMap<PathBuf, Object>, pin: &Path) -> io::Result<()> {
+    held.remove(pin);
+    match std::fs::remove_file(pin) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// `Held::hold_link` on the locked objects.
+fn hold_link_in(held: &mut BTreeMap<PathBuf, Object>, pin: &Path) -> io::Result<()> {
+    let fd = obj_get(pin)?;
+    held.insert(pin.to_owned(), Object { fd, link: true });
+    Ok(())
 }
 
 // The two bpf(2) commands on pins. aya pins and opens objects through its own types, but has

@@ -106,30 +106,25 @@ impl Store {
     pub async fn statuses(
         &self,
     ) -> Result<(BTreeMap<String, EndpointStatus>, BTreeMap<String, ContainerStatus>)> {
-        let eps = self.list("status", &self.keys.endpoint_statuses()).await?;
-        let ctrs = self.list("status", &self.keys.container_statuses()).await?;
-        let ep_prefix = self.keys.endpoint_statuses();
-        let ctr_prefix = self.keys.container_statuses();
-        let by_key = |kvs: Vec<KeyValue>, prefix: &str| {
-            kvs.iter()
-                .filter_map(|kv| Some((key_str(kv).strip_prefix(prefix)?.to_owned(), kv.clone())))
-                .collect::<Vec<_>>()
-        };
         Ok((
-            by_key(eps, &ep_prefix).into_iter().filter_map(|(k, kv)| Some((k, parse(&kv)?))).collect(),
-            by_key(ctrs, &ctr_prefix).into_iter().filter_map(|(k, kv)| Some((k, parse(&kv)?))).collect(),
+            self.statuses_under(&self.keys.endpoint_statuses()).await?,
+            self.statuses_under(&self.keys.container_statuses()).await?,
         ))
+    }
+
+    /// The statuses under `prefix` that parse, by the rest of their key (an id or a name).
+    async fn statuses_under<T: DeserializeOwned>(&self, prefix: &str) -> Result<BTreeMap<String, T>> {
+        Ok(self
+            .list("status", prefix)
+            .await?
+            .iter()
+            .filter_map(|kv| Some((key_str(kv).strip_prefix(prefix)?.to_owned(), parse(kv)?)))
+            .collect())
     }
 
     /// Every container's ports its host leaves out, by container name.
     pub async fn port_statuses(&self) -> Result<BTreeMap<String, PortsStatus>> {
-        let prefix = self.keys.port_statuses();
-        Ok(self
-            .list("status", &prefix)
-            .await?
-            .iter()
-            .filter_map(|kv| Some((key_str(kv).strip_prefix(&prefix)?.to_owned(), parse(kv)?)))
-            .collect())
+        self.statuses_under(&self.keys.port_statuses()).await
     }
 
     /// Waits until `check` accepts the key's value (None: the key is absent), or `deadline`.
